@@ -1,0 +1,96 @@
+"""`KVPackCache`: a transformers `Cache` whose layers store keys and values packed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import PretrainedConfig
+from transformers.cache_utils import Cache, DummyLayer
+
+from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
+from kvpack.config import CacheConfig, as_config
+from kvpack.errors import UnsupportedModelError
+
+# Layer types whose cache is plain per-head keys/values, and how kvpack stores them.
+_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
+_NO_CACHE_TYPES = ("dummy", "moe", "mlp")
+# Config fields of architectures whose cache is not plain per-head K/V.
+_LATENT_ATTENTION_FIELDS = ("kv_lora_rank",)
+
+
+def _layer_plan(config: PretrainedConfig) -> list[tuple[str, int | None]]:
+    """(layer type, sliding window or None) for each decoder layer, as transformers' DynamicCache builds it."""
+    text = config.get_text_config(decoder=True)
+    model_type = getattr(text, "model_type", type(text).__name__)
+    for field in _LATENT_ATTENTION_FIELDS:
+        if getattr(text, field, None):
+            raise UnsupportedModelError(
+                f"{model_type}: multi-head latent attention caches a compressed latent, not per-head keys/values; "
+                "kvpack does not support this architecture."
+            )
+    n_layers = text.num_hidden_layers
+    layer_types = getattr(text, "layer_types", None)
+    if layer_types is None:
+        sliding = getattr(text, "sliding_window", None)
+        chunk = getattr(text, "attention_chunk_size", None)
+        default = "sliding_attention" if sliding else "chunked_attention" if chunk else "full_attention"
+        layer_types = [default] * n_layers
+    plan: list[tuple[str, int | None]] = []
+    for layer_type in layer_types:
+        if layer_type == "full_attention":
+            plan.append((layer_type, None))
+        elif layer_type in _SLIDING_TYPES:
+            window = text.sliding_window if layer_type == "sliding_attention" else text.attention_chunk_size
+            plan.append((layer_type, int(window)))
+        elif layer_type in _NO_CACHE_TYPES:
+            plan.append(("dummy", None))
+        else:
+            raise UnsupportedModelError(
+                f"{model_type}: layer type {layer_type!r} does not cache plain per-head keys/values (linear, hybrid, "
+                "indexed or compressed attention); kvpack refuses it rather than half-support it."
+            )
+    if getattr(text, "kv_sharing_modes", None) is not None:
+        plan = [
+            ("dummy", None) if mode == "reuse" else entry
+            for entry, mode in zip(plan, text.kv_sharing_modes, strict=True)
+        ]
+    return plan
+
+
+class KVPackCache(Cache):
+    """A packed, quantized KV cache for Hugging Face `transformers` generation.
+
+    >>> cache = KVPackCache(model.config, "k4v4")            # or a CacheConfig
+    >>> out = model.generate(**inputs, past_key_values=cache)
+    >>> cache.nbytes(), cache.fp16_nbytes()
+
+    One `PackedLayer` per full-attention layer and one `PackedSlidingLayer` per sliding-window layer, so
+    models such as Gemma 3 keep transformers' windowed behaviour. Models whose cache is not plain
+    per-head keys/values raise `UnsupportedModelError`.
+    """
+
+    def __init__(self, config: PretrainedConfig, cache_config: CacheConfig | str = "k4v4"):
+        self.cache_config = as_config(cache_config)
+        layers: list[Any] = []
+        for idx, (layer_type, window) in enumerate(_layer_plan(config)):
+            if layer_type == "dummy":
+                layers.append(DummyLayer())
+            elif window is not None:
+                layers.append(PackedSlidingLayer(self.cache_config, sliding_window=window, layer_idx=idx))
+            else:
+                layers.append(PackedLayer(self.cache_config, layer_idx=idx))
+        super().__init__(layers=layers)
+
+    def __repr__(self) -> str:
+        return f"KVPackCache({self.cache_config.spec}, layers={len(self.layers)}, tokens={self.get_seq_length()})"
+
+    def _packed_layers(self) -> list[PackedLayer]:
+        return [layer for layer in self.layers if isinstance(layer, PackedLayer)]
+
+    def nbytes(self) -> int:
+        """Exact bytes the cache holds: codes, scales, zeros, sinks, residual buffers and unused capacity."""
+        return sum(layer.nbytes() for layer in self._packed_layers())
+
+    def fp16_nbytes(self) -> int:
+        """Bytes a float16 `DynamicCache` would hold for the same tokens (for compression ratios)."""
+        return sum(layer.fp16_nbytes() for layer in self._packed_layers())

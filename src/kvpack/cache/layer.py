@@ -1,0 +1,324 @@
+"""One layer's packed KV cache: full-precision sinks + packed blocks + full-precision residual window."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from kvpack.cache.storage import PackedBuffer
+from kvpack.config import CacheConfig
+from kvpack.errors import DtypeDeviceError, ShapeError, UnsupportedOperationError
+from kvpack.quant.tensor import PackedTensor
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class PackedLayer(CacheLayerMixin):
+    """The cache of one full-attention layer, for tensors `[batch, kv_heads, tokens, head_dim]`.
+
+    Tokens arrive in order and go, in this order, to:
+      1. the sinks: the first `config.sinks` tokens, kept exactly;
+      2. the residual window: the newest tokens, kept exactly in the model's dtype, in a fixed buffer of
+         `residual + block_tokens` tokens;
+      3. the packed buffers: whenever the residual holds at least `residual + block_tokens` tokens, its
+         oldest whole blocks are quantized, once, and appended. The newest `residual` tokens are never
+         quantized, at prefill too.
+
+    `update` returns dense keys/values (the reference path: packed tokens dequantized, concatenated with
+    sinks and residual), which the model's own attention consumes.
+    """
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, config: CacheConfig, layer_idx: int = 0):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self._init_state()
+
+    def _init_state(self) -> None:
+        self.is_initialized = False
+        self.seen_tokens = 0
+        self.sink_len = 0
+        self.residual_len = 0
+        self.sink_keys = self.sink_values = torch.empty(0)
+        self.residual_keys = self.residual_values = torch.empty(0)
+        self.packed_keys: PackedBuffer | None = None
+        self.packed_values: PackedBuffer | None = None
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config.spec}, tokens={self.seen_tokens})"
+
+    # -- transformers' layer protocol -------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        if key_states.dim() != 4 or value_states.dim() != 4:
+            raise ShapeError(
+                f"layer {self.layer_idx}: keys/values must be [batch, kv_heads, tokens, head_dim], got "
+                f"{tuple(key_states.shape)} and {tuple(value_states.shape)}."
+            )
+        if key_states.shape[:3] != value_states.shape[:3]:
+            raise ShapeError(
+                f"layer {self.layer_idx}: keys {tuple(key_states.shape)} and values {tuple(value_states.shape)} "
+                "disagree on batch, heads or tokens."
+            )
+        if key_states.dtype not in FLOAT_DTYPES or value_states.dtype != key_states.dtype:
+            raise DtypeDeviceError(
+                f"layer {self.layer_idx}: keys/values must share one of {FLOAT_DTYPES}, got {key_states.dtype} "
+                f"and {value_states.dtype}; load the model in float32, float16 or bfloat16."
+            )
+        batch, heads, _, key_dim = key_states.shape
+        value_dim = value_states.shape[-1]
+        for name, spec, dim in (("key", self.config.key, key_dim), ("value", self.config.value, value_dim)):
+            if spec.axis == "token" and dim % spec.group_size:
+                raise ShapeError(
+                    f"layer {self.layer_idx}: {name} head_dim {dim} is not divisible by the {name} group size "
+                    f"{spec.group_size}; choose a group size that divides {dim} (e.g. '-g{_largest_divisor(dim)}')."
+                )
+        self.dtype, self.device = key_states.dtype, key_states.device
+        window = self.config.residual + self.config.block_tokens
+        self.sink_keys = key_states.new_empty((batch, heads, self.config.sinks, key_dim))
+        self.sink_values = value_states.new_empty((batch, heads, self.config.sinks, value_dim))
+        self.residual_keys = key_states.new_empty((batch, heads, window, key_dim))
+        self.residual_values = value_states.new_empty((batch, heads, window, value_dim))
+        self.packed_keys = PackedBuffer(self.config.key, batch, heads, key_dim, self.device)
+        self.packed_values = PackedBuffer(self.config.value, batch, heads, value_dim, self.device)
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens and return the dense keys/values of the whole sequence (reference path)."""
+        self.append(key_states, value_states)
+        return self.dense()
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen_tokens + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.seen_tokens
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._init_state()
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest `-tokens_to_remove` tokens (a positive value is the length to keep).
+
+        Only full-precision tokens can be removed exactly (the residual window, and the sinks while nothing
+        is packed); reaching into packed tokens raises `UnsupportedOperationError`.
+        """
+        remove = -tokens_to_remove if tokens_to_remove <= 0 else max(self.seen_tokens - tokens_to_remove, 0)
+        if remove == 0 or not self.is_initialized:
+            return
+        packed = self.packed_length
+        removable = self.residual_len + (self.sink_len if packed == 0 else 0)
+        if remove > removable:
+            raise UnsupportedOperationError(
+                f"crop: cannot remove {remove} tokens from layer {self.layer_idx}: only the newest {removable} are "
+                "held in full precision, the rest are quantized and cannot be restored exactly. Use a residual "
+                f"window at least as long as the rollback you need (e.g. '-r{max(remove, 128)}' for assisted "
+                "decoding with that many candidate tokens)."
+            )
+        from_residual = min(remove, self.residual_len)
+        self.residual_len -= from_residual
+        self.sink_len -= remove - from_residual
+        self.seen_tokens -= remove
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            idx = beam_idx.to(self.device)
+            self._map_batch(lambda t: t.index_select(0, idx))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            idx = indices.to(self.device) if isinstance(indices, torch.Tensor) else indices
+            self._map_batch(lambda t: t[idx])
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def offload(self) -> None:
+        raise UnsupportedOperationError(
+            "cache offloading is not supported by kvpack's packed cache; the packed cache is already 3-8x smaller "
+            "than the full-precision one, so leave `offloading` off."
+        )
+
+    def prefetch(self) -> None:
+        self.offload()
+
+    # -- kvpack ------------------------------------------------------------------------------------
+
+    @property
+    def packed_length(self) -> int:
+        return self.packed_keys.length if self.packed_keys is not None else 0
+
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store new tokens `[batch, kv_heads, n, head_dim]`; quantizes whatever leaves the residual window.
+
+        The update is atomic: if quantization refuses a value (`NonFiniteError`), the cache is unchanged.
+        """
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self._check_input(key_states, value_states)
+        n_sink = min(self.config.sinks - self.sink_len, key_states.shape[2])
+        keys, values = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
+        n = keys.shape[2]
+        stored = self.residual_len + n
+        block = self.config.block_tokens
+        flush = (stored - self.config.residual) // block * block if stored >= self.config.residual + block else 0
+        if flush:
+            # Quantize before touching any state, so a refused value leaves the cache as it was.
+            all_keys = torch.cat([self.residual_keys[:, :, : self.residual_len], keys], dim=2)
+            all_values = torch.cat([self.residual_values[:, :, : self.residual_len], values], dim=2)
+            packed_keys = PackedTensor.quantize(all_keys[:, :, :flush], self.config.key)
+            packed_values = PackedTensor.quantize(all_values[:, :, :flush], self.config.value)
+        if n_sink:
+            end = self.sink_len + n_sink
+            self.sink_keys[:, :, self.sink_len : end] = key_states[:, :, :n_sink]
+            self.sink_values[:, :, self.sink_len : end] = value_states[:, :, :n_sink]
+            self.sink_len = end
+        if flush:
+            assert self.packed_keys is not None and self.packed_values is not None
+            self.packed_keys.append(packed_keys)
+            self.packed_values.append(packed_values)
+            keep = stored - flush
+            self.residual_keys[:, :, :keep] = all_keys[:, :, flush:]
+            self.residual_values[:, :, :keep] = all_values[:, :, flush:]
+            self.residual_len = keep
+        elif n:
+            self.residual_keys[:, :, self.residual_len : stored] = keys
+            self.residual_values[:, :, self.residual_len : stored] = values
+            self.residual_len = stored
+        self.seen_tokens += key_states.shape[2]
+
+    def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """All stored keys and values `[batch, kv_heads, tokens, head_dim]` in the model dtype, oldest first."""
+        keys = [self.sink_keys[:, :, : self.sink_len]]
+        values = [self.sink_values[:, :, : self.sink_len]]
+        if self.packed_length:
+            assert self.packed_keys is not None and self.packed_values is not None
+            keys.append(self.packed_keys.view().dequantize(self.dtype))
+            values.append(self.packed_values.view().dequantize(self.dtype))
+        keys.append(self.residual_keys[:, :, : self.residual_len])
+        values.append(self.residual_values[:, :, : self.residual_len])
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+    def stored_tokens(self) -> int:
+        """Tokens physically held (sinks + packed + residual)."""
+        return self.sink_len + self.packed_length + self.residual_len
+
+    def nbytes(self) -> int:
+        """Exact bytes held by this layer, preallocated capacity included."""
+        if not self.is_initialized:
+            return 0
+        assert self.packed_keys is not None and self.packed_values is not None
+        dense = (self.sink_keys, self.sink_values, self.residual_keys, self.residual_values)
+        return (
+            sum(t.numel() * t.element_size() for t in dense) + self.packed_keys.nbytes() + self.packed_values.nbytes()
+        )
+
+    def fp16_nbytes(self) -> int:
+        """Bytes a float16 `DynamicCache` layer would hold for the same tokens."""
+        if not self.is_initialized:
+            return 0
+        batch, heads = self.residual_keys.shape[:2]
+        dims = self.residual_keys.shape[-1] + self.residual_values.shape[-1]
+        return batch * heads * self._dynamic_cache_tokens() * dims * 2
+
+    def _dynamic_cache_tokens(self) -> int:
+        return self.seen_tokens
+
+    def _check_input(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        for name, t, ref in (("keys", key_states, self.residual_keys), ("values", value_states, self.residual_values)):
+            if t.dtype != self.dtype or t.device != self.device:
+                raise DtypeDeviceError(
+                    f"layer {self.layer_idx}: new {name} are {t.dtype} on {t.device}, but this cache holds "
+                    f"{self.dtype} on {self.device}; keep the model's dtype/device fixed, or call cache.reset()."
+                )
+            if t.dim() != 4 or t.shape[0] != ref.shape[0] or t.shape[1] != ref.shape[1] or t.shape[3] != ref.shape[3]:
+                raise ShapeError(
+                    f"layer {self.layer_idx}: new {name} have shape {tuple(t.shape)}, but this cache holds "
+                    f"[batch={ref.shape[0]}, heads={ref.shape[1]}, tokens, head_dim={ref.shape[3]}]; use a new cache "
+                    "(or cache.reset()) for a different batch or model."
+                )
+        if key_states.shape[2] != value_states.shape[2]:
+            raise ShapeError(
+                f"layer {self.layer_idx}: {key_states.shape[2]} new keys but {value_states.shape[2]} values."
+            )
+
+    def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
+        self.residual_keys, self.residual_values = fn(self.residual_keys), fn(self.residual_values)
+        assert self.packed_keys is not None and self.packed_values is not None
+        self.packed_keys.map_batch(fn)
+        self.packed_values.map_batch(fn)
+
+
+class PackedSlidingLayer(PackedLayer):
+    """The cache of a sliding-window layer (e.g. Gemma 3's local layers).
+
+    Behaves like transformers' `DynamicSlidingWindowLayer`: attention sees at most the last
+    `sliding_window - 1` past tokens plus the new ones, and the mask sizes are the same. Packed blocks
+    wholly older than that window (plus a margin that keeps `crop` of the residual window exact) are
+    dropped. Sinks are not used: the window moves past them.
+    """
+
+    is_sliding = True
+
+    def __init__(self, config: CacheConfig, sliding_window: int, layer_idx: int = 0):
+        super().__init__(replace(config, sinks=0), layer_idx)
+        self.sliding_window = sliding_window
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        visible = min(self.seen_tokens, self.sliding_window - 1) + key_states.shape[2]
+        self.append(key_states, value_states)
+        keys, values = self.dense()
+        self._forget_outside_window()
+        return keys[:, :, -visible:], values[:, :, -visible:]
+
+    def _forget_outside_window(self) -> None:
+        margin = self.config.residual + self.config.block_tokens
+        excess = self.stored_tokens() - (self.sliding_window - 1 + margin)
+        block = self.config.block_tokens
+        drop = min(max(excess, 0) // block * block, self.packed_length)
+        if drop:
+            assert self.packed_keys is not None and self.packed_values is not None
+            self.packed_keys.drop_oldest(drop)
+            self.packed_values.drop_oldest(drop)
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        offset = max(self.seen_tokens - self.sliding_window + 1, 0)
+        if self.seen_tokens >= self.sliding_window:
+            return self.sliding_window - 1 + query_length, offset
+        return self.seen_tokens + query_length, offset
+
+    def get_max_length(self) -> int:
+        return self.sliding_window
+
+    def activate_past_recording(self) -> None:
+        """Nothing to do: the margin kept beyond the window already makes `crop` of the residual exact."""
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise UnsupportedOperationError(
+                "crop: a sliding-window layer can only be cropped by a negative count of tokens to remove."
+            )
+        super().crop(tokens_to_remove)
+
+    def _dynamic_cache_tokens(self) -> int:
+        return min(self.seen_tokens, self.sliding_window - 1)
+
+
+def _largest_divisor(dim: int) -> int:
+    return max((g for g in (16, 32, 64, 128) if dim % g == 0), default=16)

@@ -1,0 +1,109 @@
+"""`PackedBuffer`: the growable, preallocated packed storage of one layer's keys or values."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from kvpack.config import QuantSpec
+from kvpack.quant.packing import packed_row_bytes
+from kvpack.quant.tensor import PackedTensor
+
+# Capacity grows by at least this many tokens (or by an eighth of the current capacity, if larger), so a
+# decode step appends in place and the whole buffer is copied only once every such chunk.
+GROWTH_TOKENS = 256
+
+
+class PackedBuffer:
+    """Packed tokens of one tensor `[batch, heads, tokens, head_dim]`, appended in whole groups.
+
+    Storage is laid out as in `PackedTensor` with the token (or token-block) dimension at index 2 and a
+    capacity beyond the valid length, so appending writes in place. Data once written is never
+    re-quantized; `view()` returns the valid part as a `PackedTensor` without copying.
+    """
+
+    def __init__(self, spec: QuantSpec, batch: int, heads: int, head_dim: int, device: torch.device):
+        self.spec = spec
+        self.head_dim = head_dim
+        self.length = 0  # valid tokens
+        # One storage unit along dim 2: a token (per-token groups) or a block of group_size tokens.
+        self.unit_tokens = spec.group_size if spec.axis == "channel" else 1
+        if spec.axis == "channel":
+            row_shape: tuple[int, ...] = (head_dim, packed_row_bytes(spec.group_size, spec.bits))
+            param_shape: tuple[int, ...] = (head_dim,)
+        else:
+            row_shape = (packed_row_bytes(head_dim, spec.bits),)
+            param_shape = (head_dim // spec.group_size,)
+        self.codes = torch.empty((batch, heads, 0, *row_shape), dtype=torch.uint8, device=device)
+        self.scale = torch.empty((batch, heads, 0, *param_shape), dtype=torch.float16, device=device)
+        self.zero = torch.empty_like(self.scale)
+
+    @property
+    def capacity_units(self) -> int:
+        return self.codes.shape[2]
+
+    @property
+    def length_units(self) -> int:
+        return self.length // self.unit_tokens
+
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.codes, self.scale, self.zero
+
+    def _reserve(self, units: int) -> None:
+        if units <= self.capacity_units:
+            return
+        growth = max(GROWTH_TOKENS // self.unit_tokens, self.capacity_units // 8, 1)
+        new_capacity = max(units, self.capacity_units + growth)
+        grown = []
+        for t in self._tensors():
+            fresh = t.new_empty((t.shape[0], t.shape[1], new_capacity, *t.shape[3:]))
+            fresh[:, :, : self.length_units] = t[:, :, : self.length_units]
+            grown.append(fresh)
+        self.codes, self.scale, self.zero = grown
+
+    def append(self, packed: PackedTensor) -> None:
+        """Append already-quantized tokens (`PackedTensor.quantize` of `[batch, heads, n, head_dim]`)."""
+        start = self.length_units
+        end = start + packed.codes.shape[2]
+        if self.capacity_units == 0:
+            # First fill (typically the prefill): allocate exactly, growth comes later.
+            self.codes = packed.codes.contiguous()
+            self.scale = packed.scale.contiguous()
+            self.zero = packed.zero.contiguous()
+        else:
+            self._reserve(end)
+            self.codes[:, :, start:end] = packed.codes
+            self.scale[:, :, start:end] = packed.scale
+            self.zero[:, :, start:end] = packed.zero
+        self.length += packed.shape[2]
+
+    def view(self) -> PackedTensor:
+        """The valid tokens as a `PackedTensor` (views into the storage, no copy)."""
+        n = self.length_units
+        batch, heads = self.codes.shape[:2]
+        return PackedTensor(
+            codes=self.codes[:, :, :n],
+            scale=self.scale[:, :, :n],
+            zero=self.zero[:, :, :n],
+            shape=torch.Size((batch, heads, self.length, self.head_dim)),
+            spec=self.spec,
+        )
+
+    def drop_oldest(self, tokens: int) -> None:
+        """Forget the oldest `tokens` (a multiple of the storage unit), keeping the capacity."""
+        units = tokens // self.unit_tokens
+        if units <= 0:
+            return
+        keep = self.length_units - units
+        for t in self._tensors():
+            t[:, :, :keep] = t[:, :, units : units + keep].clone()
+        self.length -= units * self.unit_tokens
+
+    def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Apply a batch-dimension operation (index_select, repeat_interleave...) to every tensor."""
+        self.codes, self.scale, self.zero = (fn(t) for t in self._tensors())
+
+    def nbytes(self) -> int:
+        """Exact bytes held, unused capacity included."""
+        return sum(t.numel() * t.element_size() for t in self._tensors())

@@ -1,0 +1,190 @@
+"""Frozen, validated configuration of a packed KV cache, and its compact spec strings.
+
+A spec string is the short form used on the command line and in result tables:
+
+    k4v2                  4-bit keys, 2-bit values, defaults for the rest
+    k8v8-g64-r128         groups of 64, a full-precision residual window of 128 tokens
+    k4v4-g32-r64-s4       ... and 4 full-precision "sink" tokens at the start
+
+`parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The same fields build the
+Python API (`CacheConfig(...)`), the CLI and the JSON form (`to_dict` / `from_dict`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Literal
+
+from kvpack.errors import ConfigError
+
+SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
+SCHEMA_VERSION = 1
+
+Axis = Literal["channel", "token"]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one tensor (keys or values) is quantized.
+
+    bits: code width, one of 2, 3, 4, 8.
+    group_size: number of consecutive elements that share one scale and zero point.
+    axis: "channel" quantizes each channel separately over groups of `group_size` consecutive tokens
+        (KIVI's choice for keys, whose outliers live in fixed channels); "token" quantizes each token over
+        groups of `group_size` consecutive channels (KIVI's choice for values).
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    axis: Axis = "token"
+
+    def __post_init__(self) -> None:
+        if self.bits not in SUPPORTED_BITS:
+            raise ConfigError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}.")
+        if self.group_size not in SUPPORTED_GROUP_SIZES:
+            raise ConfigError(f"group_size={self.group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
+        if self.axis not in ("channel", "token"):
+            raise ConfigError(f"axis={self.axis!r} is not supported; use 'channel' or 'token'.")
+
+    @property
+    def bits_per_value(self) -> float:
+        """Stored bits per quantized element, fp16 scale and zero included."""
+        return self.bits + 32 / self.group_size
+
+
+def _key_spec() -> QuantSpec:
+    return QuantSpec(bits=4, group_size=64, axis="channel")
+
+
+def _value_spec() -> QuantSpec:
+    return QuantSpec(bits=4, group_size=64, axis="token")
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """Configuration of a `KVPackCache`.
+
+    key, value: the quantization of keys (default: per channel) and values (default: per token).
+    residual: the newest tokens kept exactly, in the model's dtype (default 128). The tail of the prompt is
+        protected too: at any time the last `residual` tokens are never quantized.
+    sinks: the first tokens of the sequence kept exactly (default 0). Not used by sliding-window layers,
+        whose window moves past them.
+    """
+
+    key: QuantSpec = field(default_factory=_key_spec)
+    value: QuantSpec = field(default_factory=_value_spec)
+    residual: int = 128
+    sinks: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, QuantSpec) or not isinstance(self.value, QuantSpec):
+            raise ConfigError("key and value must be QuantSpec instances.")
+        for name in ("residual", "sinks"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name}={value!r} must be a non-negative integer.")
+
+    @property
+    def block_tokens(self) -> int:
+        """Tokens quantized together: whole groups of every spec that groups along tokens."""
+        sizes = [s.group_size for s in (self.key, self.value) if s.axis == "channel"]
+        block = 1
+        for size in sizes:  # group sizes are powers of two, so the largest is their lcm
+            block = max(block, size)
+        return block
+
+    @property
+    def spec(self) -> str:
+        """The canonical spec string of this configuration."""
+        parts = [f"k{self.key.bits}v{self.value.bits}"]
+        if self.key.group_size == self.value.group_size:
+            parts.append(f"g{self.key.group_size}")
+        else:
+            parts += [f"gk{self.key.group_size}", f"gv{self.value.group_size}"]
+        parts.append(f"r{self.residual}")
+        if self.sinks:
+            parts.append(f"s{self.sinks}")
+        if self.key.axis != "channel":
+            parts.append("kt")
+        if self.value.axis != "token":
+            parts.append("vc")
+        return "-".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, with the schema version."""
+        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CacheConfig:
+        """Inverse of `to_dict`; raises `ConfigError` on an unknown schema version or fields."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a cache config must be a JSON object, got {type(data).__name__}.")
+        data = dict(data)
+        version = data.pop("schema_version", None)
+        if version != SCHEMA_VERSION:
+            raise ConfigError(
+                f"cache config schema_version {version!r} is not supported by this kvpack "
+                f"(it reads version {SCHEMA_VERSION}); re-create the config with this version."
+            )
+        try:
+            key = QuantSpec(**data.pop("key"))
+            value = QuantSpec(**data.pop("value"))
+            return cls(key=key, value=value, **data)
+        except (TypeError, KeyError) as exc:
+            raise ConfigError(f"malformed cache config {data!r}: {exc}") from exc
+
+
+_HEAD = re.compile(r"^k(\d+)v(\d+)$")
+_OPTION = re.compile(r"^(gk|gv|g|r|s)(\d+)$")
+
+
+def parse_spec(spec: str) -> CacheConfig:
+    """Parse a compact spec string (see the module docstring) into a `CacheConfig`.
+
+    Raises ConfigError with the accepted grammar when the string does not parse.
+    """
+    grammar = (
+        "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc], "
+        "e.g. 'k4v2' or 'k8v8-g64-r128'"
+    )
+    if not isinstance(spec, str) or not spec.strip():
+        raise ConfigError(f"empty cache spec; {grammar}.")
+    head, *options = spec.strip().lower().split("-")
+    match = _HEAD.match(head)
+    if match is None:
+        raise ConfigError(f"cannot parse cache spec {spec!r}; {grammar}.")
+    defaults = CacheConfig()
+    key = replace(defaults.key, bits=int(match.group(1)))
+    value = replace(defaults.value, bits=int(match.group(2)))
+    residual, sinks = defaults.residual, defaults.sinks
+    for option in options:
+        if option == "kt":
+            key = replace(key, axis="token")
+            continue
+        if option == "vc":
+            value = replace(value, axis="channel")
+            continue
+        opt = _OPTION.match(option)
+        if opt is None:
+            raise ConfigError(f"unknown option {option!r} in cache spec {spec!r}; {grammar}.")
+        name, number = opt.group(1), int(opt.group(2))
+        if name in ("g", "gk"):
+            key = replace(key, group_size=number)
+        if name in ("g", "gv"):
+            value = replace(value, group_size=number)
+        if name == "r":
+            residual = number
+        if name == "s":
+            sinks = number
+    return CacheConfig(key=key, value=value, residual=residual, sinks=sinks)
+
+
+def as_config(config: CacheConfig | str) -> CacheConfig:
+    """Accept either a `CacheConfig` or a spec string."""
+    if isinstance(config, CacheConfig):
+        return config
+    if isinstance(config, str):
+        return parse_spec(config)
+    raise ConfigError(f"expected a CacheConfig or a spec string like 'k4v4', got {type(config).__name__}.")

@@ -1,0 +1,106 @@
+"""Group-wise asymmetric affine quantization: the pure-torch reference every kernel is tested against.
+
+A group of values `x` is stored as integer codes `c` in `[0, 2**bits - 1]` with one float16 `scale`
+and one float16 `zero` (the group's minimum, rounded down):
+
+    x ~= c * scale + zero
+
+Scales and zeros are float16 whatever the model dtype: 2 bytes each (the convention of KIVI and of
+transformers' quantized cache), enough range for keys and values (|x| <= 65504), and 11 bits of
+precision, which bfloat16 (8 bits) would not give. The codes are computed from the *rounded* float16
+scale and zero, with the zero rounded down and the scale rounded up, so that every element is within
+half a step (`scale / 2`) of its reconstruction: no clamping ever happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpack.config import Axis
+from kvpack.errors import NonFiniteError, ShapeError
+
+FP16_MAX = 65504.0
+
+
+@dataclass
+class AffineGroups:
+    """Unpacked codes of groups laid out along the last dimension.
+
+    codes: uint8 `[..., n_groups_dims..., group_size]`, values in `[0, 2**bits)`.
+    scale, zero: float16 `[..., n_groups_dims...]` (the codes' shape without the last dimension).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+
+
+def _round_fp16(x: torch.Tensor, toward: float) -> torch.Tensor:
+    """Round float32 `x` to float16, moving one ulp toward `toward` (±inf) where rounding went the other way."""
+    rounded = x.to(torch.float16)
+    wrong_way = rounded.float() > x if toward < 0 else rounded.float() < x
+    stepped = torch.nextafter(rounded, torch.full_like(rounded, toward))
+    return torch.where(wrong_way, stepped, rounded)
+
+
+def quantize_groups(groups: torch.Tensor, bits: int) -> AffineGroups:
+    """Quantize each group along the last dimension of `groups` to `bits`-bit codes.
+
+    Raises NonFiniteError when a value is NaN/Inf or outside the float16 range (|x| > 65504): such values
+    have no faithful float16 scale/zero, and kvpack never silently stores a wrong number.
+    """
+    x = groups.float()
+    low = x.amin(dim=-1)
+    high = x.amax(dim=-1)
+    extreme = torch.maximum(low.abs(), high.abs()).max() if low.numel() else torch.tensor(0.0)
+    if not bool(torch.isfinite(extreme)) or float(extreme) > FP16_MAX:
+        raise NonFiniteError(
+            f"cannot quantize keys/values containing NaN/Inf or values beyond ±{FP16_MAX:g} "
+            f"(largest magnitude seen: {float(extreme)}). kvpack's policy is to refuse them rather than store a "
+            "wrong number: check the model's numerics (e.g. run it in float32 or bfloat16), or keep such layers in "
+            "full precision."
+        )
+    qmax = (1 << bits) - 1
+    zero = _round_fp16(low, toward=float("-inf"))
+    scale = _round_fp16((high - zero.float()) / qmax, toward=float("inf"))
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # constant group: any scale gives code 0
+    codes = torch.round((x - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1))
+    codes = codes.clamp_(0, qmax).to(torch.uint8)
+    return AffineGroups(codes=codes, scale=scale, zero=zero)
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`codes * scale + zero` in float32, cast to `dtype`; scale/zero broadcast over the last dimension."""
+    values = codes.float() * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+    return values.to(dtype)
+
+
+def to_groups(x: torch.Tensor, group_size: int, axis: Axis) -> torch.Tensor:
+    """View `[..., tokens, channels]` as groups along the last dimension.
+
+    axis="token": `[..., tokens, channels / g, g]` (groups of channels of one token).
+    axis="channel": `[..., tokens / g, channels, g]` (groups of tokens of one channel).
+    """
+    tokens, channels = x.shape[-2], x.shape[-1]
+    if axis == "token":
+        if channels % group_size:
+            raise ShapeError(
+                f"per-token groups of {group_size} need a head_dim divisible by {group_size}, got {channels}; "
+                "pick a group size that divides head_dim."
+            )
+        return x.reshape(*x.shape[:-1], channels // group_size, group_size)
+    if tokens % group_size:
+        raise ShapeError(
+            f"per-channel groups of {group_size} tokens need a multiple of {group_size} tokens, got {tokens}."
+        )
+    return x.reshape(*x.shape[:-2], tokens // group_size, group_size, channels).transpose(-1, -2)
+
+
+def from_groups(groups: torch.Tensor, axis: Axis) -> torch.Tensor:
+    """Inverse of `to_groups`: back to `[..., tokens, channels]`."""
+    if axis == "token":
+        return groups.reshape(*groups.shape[:-2], groups.shape[-2] * groups.shape[-1])
+    blocks, channels, group_size = groups.shape[-3:]
+    return groups.transpose(-1, -2).reshape(*groups.shape[:-3], blocks * group_size, channels)

@@ -1,0 +1,63 @@
+"""`PackedTensor`: keys or values of shape `[..., tokens, channels]` in packed group-wise form."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvpack.config import QuantSpec
+from kvpack.quant.affine import dequantize_groups, from_groups, quantize_groups, to_groups
+from kvpack.quant.packing import pack, unpack
+
+
+@dataclass
+class PackedTensor:
+    """A quantized `[..., tokens, channels]` tensor.
+
+    spec.axis == "token" (values by default), one row per token:
+        codes: uint8 `[..., tokens, channels * bits / 8]`
+        scale, zero: float16 `[..., tokens, channels / group_size]`
+    spec.axis == "channel" (keys by default), one row per (block of `group_size` tokens, channel):
+        codes: uint8 `[..., tokens / group_size, channels, group_size * bits / 8]`
+        scale, zero: float16 `[..., tokens / group_size, channels]`
+    shape: the logical (dequantized) shape.
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    shape: torch.Size
+    spec: QuantSpec
+
+    @classmethod
+    def quantize(cls, x: torch.Tensor, spec: QuantSpec) -> PackedTensor:
+        """Quantize `x` `[..., tokens, channels]` (any float dtype, any strides) with `spec`."""
+        grouped = quantize_groups(to_groups(x, spec.group_size, spec.axis), spec.bits)
+        codes = grouped.codes
+        if spec.axis == "token":
+            codes = from_groups(codes, "token")  # one row of all channels per token
+        return cls(
+            codes=pack(codes, spec.bits),
+            scale=grouped.scale,
+            zero=grouped.zero,
+            shape=x.shape,
+            spec=spec,
+        )
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The reconstructed `[..., tokens, channels]` tensor in `dtype`."""
+        tokens, channels = self.shape[-2], self.shape[-1]
+        g = self.spec.group_size
+        if self.spec.axis == "token":
+            codes = unpack(self.codes, self.spec.bits, channels)
+            groups = codes.reshape(*codes.shape[:-1], channels // g, g)
+        else:
+            groups = unpack(self.codes, self.spec.bits, g)
+        values = dequantize_groups(groups, self.scale, self.zero, dtype)
+        return from_groups(values, self.spec.axis).reshape(*self.shape[:-2], tokens, channels)
+
+    @property
+    def nbytes(self) -> int:
+        """Exact bytes held: codes, scales and zeros."""
+        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
