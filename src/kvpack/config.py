@@ -41,9 +41,9 @@ class QuantSpec:
     axis: Axis = "token"
 
     def __post_init__(self) -> None:
-        if self.bits not in SUPPORTED_BITS:
+        if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
             raise ConfigError(f"bits={self.bits} is not supported; use one of {SUPPORTED_BITS}.")
-        if self.group_size not in SUPPORTED_GROUP_SIZES:
+        if type(self.group_size) is not int or self.group_size not in SUPPORTED_GROUP_SIZES:
             raise ConfigError(f"group_size={self.group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
         if self.axis not in ("channel", "token"):
             raise ConfigError(f"axis={self.axis!r} is not supported; use 'channel' or 'token'.")
@@ -149,7 +149,9 @@ def parse_spec(spec: str) -> CacheConfig:
         "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc], "
         "e.g. 'k4v2' or 'k8v8-g64-r128'"
     )
-    if not isinstance(spec, str) or not spec.strip():
+    if not isinstance(spec, str):
+        raise ConfigError(f"a cache spec must be a string, got {type(spec).__name__}; {grammar}.")
+    if not spec.strip():
         raise ConfigError(f"empty cache spec; {grammar}.")
     head, *options = spec.strip().lower().split("-")
     match = _HEAD.match(head)

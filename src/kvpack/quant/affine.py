@@ -72,9 +72,13 @@ def quantize_groups(groups: torch.Tensor, bits: int) -> AffineGroups:
 
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`codes * scale + zero` in float32, cast to `dtype`; scale/zero broadcast over the last dimension."""
+    """`codes * scale + zero` in float32, cast to `dtype`; scale/zero broadcast over the last dimension.
+
+    Results are clamped to ±65504: inputs never exceed it (`quantize_groups` refuses them), but a
+    reconstruction may overshoot by up to half a step, which float16 would turn into inf.
+    """
     values = codes.float() * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
-    return values.to(dtype)
+    return values.clamp_(-FP16_MAX, FP16_MAX).to(dtype)
 
 
 def to_groups(x: torch.Tensor, group_size: int, axis: Axis) -> torch.Tensor:
@@ -83,6 +87,8 @@ def to_groups(x: torch.Tensor, group_size: int, axis: Axis) -> torch.Tensor:
     axis="token": `[..., tokens, channels / g, g]` (groups of channels of one token).
     axis="channel": `[..., tokens / g, channels, g]` (groups of tokens of one channel).
     """
+    if x.dim() < 2:
+        raise ShapeError(f"expected a tensor [..., tokens, channels], got shape {tuple(x.shape)}.")
     tokens, channels = x.shape[-2], x.shape[-1]
     if axis == "token":
         if channels % group_size:

@@ -29,6 +29,8 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes in `[0, 2**bits)` along the last dimension.
 
     codes: any integer tensor `[..., n]` (non-contiguous is fine). Returns uint8 `[..., ceil(n*bits/8)]`.
+    Codes must fit in `bits` (the caller's contract; `quantize_groups` guarantees it): wider codes would
+    spill into their neighbours' bits.
     """
     _check_bits(bits)
     n = codes.shape[-1]
@@ -40,7 +42,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
         pad = (-n) % per_byte
         if pad:
             codes = torch.nn.functional.pad(codes, (0, pad))
-        grouped = codes.reshape(*codes.shape[:-1], -1, per_byte)
+        grouped = codes.reshape(*codes.shape[:-1], (n + pad) // per_byte, per_byte)
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
         # Fields do not overlap, so a sum of shifted codes is their bitwise or.
         return (grouped << shifts).sum(dim=-1, dtype=torch.uint8)
@@ -50,7 +52,7 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     pad = (-(n * bits)) % 8
     if pad:
         stream = torch.nn.functional.pad(stream, (0, pad))
-    stream = stream.reshape(*codes.shape[:-1], -1, 8)
+    stream = stream.reshape(*codes.shape[:-1], (n * bits + pad) // 8, 8)
     byte_shifts = torch.arange(8, dtype=torch.uint8, device=codes.device)
     return (stream << byte_shifts).sum(dim=-1, dtype=torch.uint8)
 
@@ -71,9 +73,9 @@ def unpack(packed: torch.Tensor, bits: int, n_codes: int) -> torch.Tensor:
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
         codes = (packed.unsqueeze(-1) >> shifts) & mask
-        return codes.reshape(*packed.shape[:-1], -1)[..., :n_codes]
+        return codes.reshape(*packed.shape[:-1], packed.shape[-1] * (8 // bits))[..., :n_codes]
     byte_shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
-    stream = ((packed.unsqueeze(-1) >> byte_shifts) & 1).reshape(*packed.shape[:-1], -1)
+    stream = ((packed.unsqueeze(-1) >> byte_shifts) & 1).reshape(*packed.shape[:-1], packed.shape[-1] * 8)
     stream = stream[..., : n_codes * bits].reshape(*packed.shape[:-1], n_codes, bits)
     bit_shifts = torch.arange(bits, dtype=torch.uint8, device=packed.device)
     return (stream << bit_shifts).sum(dim=-1, dtype=torch.uint8)

@@ -1,0 +1,164 @@
+"""`kvpack <subcommand>`: the command-line entry point."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvpack.config import CacheConfig, parse_spec
+from kvpack.errors import KVPackError
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1000
+    raise AssertionError("unreachable")
+
+
+def _read_prompt(args: argparse.Namespace) -> str:
+    parts = []
+    if args.prompt_file is not None:
+        path = Path(args.prompt_file)
+        if not path.is_file():
+            raise KVPackError(f"--prompt-file {path} does not exist.")
+        parts.append(path.read_text(encoding="utf-8").strip())
+    if args.prompt:
+        parts.append(args.prompt)
+    if not parts:
+        raise KVPackError("give a prompt (a positional argument) and/or --prompt-file.")
+    return "\n\n".join(parts)
+
+
+def _encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
+    if chat and getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+    return tokenizer(prompt, return_tensors="pt")
+
+
+def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace) -> tuple[Any, float]:
+    import torch
+
+    sampling: dict[str, Any] = {"do_sample": False}
+    if args.sample:
+        torch.manual_seed(args.seed)
+        sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, **sampling)
+    return out[0, inputs["input_ids"].shape[1] :], time.perf_counter() - start
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate text with a packed cache and summarise its size and speed."""
+    import torch
+    from transformers import DynamicCache
+
+    from kvpack.cache import KVPackCache
+    from kvpack.models import load_model
+
+    config = parse_spec(args.cache)
+    prompt = _read_prompt(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
+    cache = KVPackCache(model.config, config)
+    new_tokens, seconds = _generate(model, inputs, cache, args)
+    print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
+    print()
+    n_new = int(new_tokens.numel())
+    packed, fp16 = cache.nbytes(), cache.fp16_nbytes()
+    model_dtype_bytes = fp16 * torch.finfo(model.dtype).bits // 16
+    summary = (
+        f"[{config.spec}] {n_new} new tokens in {seconds:.1f} s ({n_new / seconds:.1f} tokens/s); "
+        f"cache {_human_bytes(packed)} for {cache.get_seq_length()} tokens: "
+        f"{fp16 / packed:.2f}x smaller than a float16 cache ({_human_bytes(fp16)})"
+    )
+    if model.dtype != torch.float16:
+        summary += f", {model_dtype_bytes / packed:.2f}x smaller than this model's {str(model.dtype)[6:]} cache"
+    print(summary)
+    if args.check:
+        reference, ref_seconds = _generate(model, inputs, DynamicCache(config=model.config), args)
+        same = 0
+        for a, b in zip(new_tokens.tolist(), reference.tolist(), strict=False):
+            if a != b:
+                break
+            same += 1
+        if same == n_new == reference.numel():
+            verdict = f"identical to the full-precision cache's output ({same}/{n_new} tokens)"
+        else:
+            verdict = (
+                f"same as the full-precision cache's output for the first {same} of {reference.numel()} tokens; "
+                f"it continues: {tokenizer.decode(reference[same:], skip_special_tokens=True).strip()[:200]!r}"
+            )
+        print(f"[check] {verdict}; full-precision run {reference.numel() / ref_seconds:.1f} tokens/s")
+    return 0
+
+
+def cmd_spec(args: argparse.Namespace) -> int:
+    """Explain a cache spec string."""
+    config: CacheConfig = parse_spec(args.spec)
+    print(f"spec: {config.spec}")
+    for name, spec in (("keys", config.key), ("values", config.value)):
+        print(
+            f"  {name}: {spec.bits}-bit codes, per {spec.axis} in groups of {spec.group_size}, "
+            f"{spec.bits_per_value:g} bits per value with float16 scale and zero"
+        )
+    print(f"  residual: newest {config.residual} tokens in full precision; sinks: first {config.sinks} tokens")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kvpack",
+        description="Quantized, packed key/value caches for transformer language models.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+
+    gen = sub.add_parser(
+        "generate",
+        help="generate text with a packed cache; print its size and speed",
+        description="Generate text with a packed KV cache and print a one-line summary: new tokens, tokens/s, "
+        "cache bytes and the ratio vs a float16 cache of the same tokens.",
+    )
+    gen.add_argument("prompt", nargs="?", default="", help="the prompt (appended after --prompt-file, if given)")
+    gen.add_argument("--prompt-file", help="a text file to put before the prompt (e.g. a document to ask about)")
+    gen.add_argument("--cache", default="k4v4", help="cache spec, e.g. k4v4, k8v8-g64-r128, k2v2-s4 (default k4v4)")
+    gen.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2-135M)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    gen.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    gen.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=0.7)
+    gen.add_argument("--top-p", type=float, default=0.9)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--check", action="store_true", help="also generate with a full-precision cache and compare")
+    gen.set_defaults(func=cmd_generate)
+
+    spec = sub.add_parser("spec", help="explain a cache spec string (bits, groups, residual, sinks)")
+    spec.add_argument("spec", help="e.g. k4v2-g32-r64-s4")
+    spec.set_defaults(func=cmd_spec)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KVPackError as exc:
+        print(f"kvpack: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""Shared fixtures: the device under test and the embedded default model (loaded once per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="session")
+def device() -> torch.device:
+    """The device tests run on: CUDA when present (or KVPACK_TEST_DEVICE), else CPU."""
+    name = os.environ.get("KVPACK_TEST_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@pytest.fixture(scope="session")
+def default_model(device: torch.device):
+    """(model, tokenizer) of the embedded default model, float32, on the test device."""
+    from kvpack.models import load_model
+
+    torch.manual_seed(0)
+    return load_model(None, dtype="float32", device=device, verbose=False)
