@@ -87,6 +87,12 @@ class KVPackCache(Cache):
     def _packed_layers(self) -> list[PackedLayer]:
         return [layer for layer in self.layers if isinstance(layer, PackedLayer)]
 
+    def crop(self, tokens_to_remove: int) -> None:
+        """Remove the newest tokens from every layer, or raise before changing any (see `PackedLayer.crop`)."""
+        for layer in self._packed_layers():
+            layer.check_crop(tokens_to_remove)
+        super().crop(tokens_to_remove)
+
     def nbytes(self) -> int:
         """Exact bytes the cache holds: codes, scales, zeros, sinks, residual buffers and unused capacity."""
         return sum(layer.nbytes() for layer in self._packed_layers())

@@ -50,6 +50,11 @@ class PackedLayer(CacheLayerMixin):
         self.residual_keys = self.residual_values = torch.empty(0)
         self.packed_keys: PackedBuffer | None = None
         self.packed_values: PackedBuffer | None = None
+        # With past recording on (transformers turns it on for assisted decoding), the most recently packed
+        # block is also kept exactly, so a rollback can un-pack it and keep `residual` tokens exact.
+        self.record_past = False
+        self.shadow_len = 0
+        self.shadow_keys = self.shadow_values = torch.empty(0)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.spec}, tokens={self.seen_tokens})"
@@ -78,7 +83,7 @@ class PackedLayer(CacheLayerMixin):
             if spec.axis == "token" and dim % spec.group_size:
                 raise ShapeError(
                     f"layer {self.layer_idx}: {name} head_dim {dim} is not divisible by the {name} group size "
-                    f"{spec.group_size}; choose a group size that divides {dim} (e.g. '-g{_largest_divisor(dim)}')."
+                    f"{spec.group_size}; {_group_advice(name, dim)}"
                 )
         self.dtype, self.device = key_states.dtype, key_states.device
         window = self.config.residual + self.config.block_tokens
@@ -86,6 +91,9 @@ class PackedLayer(CacheLayerMixin):
         self.sink_values = value_states.new_empty((batch, heads, self.config.sinks, value_dim))
         self.residual_keys = key_states.new_empty((batch, heads, window, key_dim))
         self.residual_values = value_states.new_empty((batch, heads, window, value_dim))
+        block = self.config.block_tokens
+        self.shadow_keys = key_states.new_empty((batch, heads, block if self.record_past else 0, key_dim))
+        self.shadow_values = value_states.new_empty((batch, heads, block if self.record_past else 0, value_dim))
         self.packed_keys = PackedBuffer(self.config.key, batch, heads, key_dim, self.device)
         self.packed_values = PackedBuffer(self.config.value, batch, heads, value_dim, self.device)
         self.is_initialized = True
@@ -107,19 +115,51 @@ class PackedLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
+        record_past = self.record_past
         self._init_state()
+        self.record_past = record_past
+
+    def activate_past_recording(self) -> None:
+        """Keep the last packed block exactly too, so `crop` can roll back without losing exact tokens.
+
+        transformers calls this before assisted / prompt-lookup decoding. Costs one block of
+        full-precision tokens per layer (counted in `nbytes()`).
+        """
+        self.record_past = True
+        if self.is_initialized and self.shadow_keys.shape[2] == 0:
+            block = self.config.block_tokens
+            self.shadow_keys = self.residual_keys.new_empty(
+                (*self.residual_keys.shape[:2], block, self.residual_keys.shape[3])
+            )
+            self.shadow_values = self.residual_values.new_empty(
+                (*self.residual_values.shape[:2], block, self.residual_values.shape[3])
+            )
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest `-tokens_to_remove` tokens (a positive value is the length to keep).
 
         Only full-precision tokens can be removed exactly (the residual window, and the sinks while nothing
-        is packed); reaching into packed tokens raises `UnsupportedOperationError`.
+        is packed); reaching into packed tokens raises `UnsupportedOperationError` and changes nothing.
+        With past recording on, a rollback that would leave fewer than `residual` exact tokens un-packs the
+        last block (kept exactly for this), so the layer ends as if the removed tokens had never arrived.
         """
+        remove = self.check_crop(tokens_to_remove)
+        if remove == 0:
+            return
+        from_residual = min(remove, self.residual_len)
+        self.residual_len -= from_residual
+        self.sink_len -= remove - from_residual
+        self.seen_tokens -= remove
+        if self.shadow_len and self.residual_len < self.config.residual and self.packed_length >= self.shadow_len:
+            self._unpack_last_block()
+        self.shadow_len = 0  # a rollback ends the recorded step
+
+    def check_crop(self, tokens_to_remove: int) -> int:
+        """Tokens `crop(tokens_to_remove)` would remove; raises `UnsupportedOperationError` if it cannot."""
         remove = -tokens_to_remove if tokens_to_remove <= 0 else max(self.seen_tokens - tokens_to_remove, 0)
         if remove == 0 or not self.is_initialized:
-            return
-        packed = self.packed_length
-        removable = self.residual_len + (self.sink_len if packed == 0 else 0)
+            return 0
+        removable = self.residual_len + (self.sink_len if self.packed_length == 0 else 0)
         if remove > removable:
             raise UnsupportedOperationError(
                 f"crop: cannot remove {remove} tokens from layer {self.layer_idx}: only the newest {removable} are "
@@ -127,10 +167,19 @@ class PackedLayer(CacheLayerMixin):
                 f"window at least as long as the rollback you need (e.g. '-r{max(remove, 128)}' for assisted "
                 "decoding with that many candidate tokens)."
             )
-        from_residual = min(remove, self.residual_len)
-        self.residual_len -= from_residual
-        self.sink_len -= remove - from_residual
-        self.seen_tokens -= remove
+        return remove
+
+    def _unpack_last_block(self) -> None:
+        assert self.packed_keys is not None and self.packed_values is not None
+        block = self.shadow_len
+        keep = self.residual_len
+        self.residual_keys[:, :, block : block + keep] = self.residual_keys[:, :, :keep].clone()
+        self.residual_values[:, :, block : block + keep] = self.residual_values[:, :, :keep].clone()
+        self.residual_keys[:, :, :block] = self.shadow_keys[:, :, :block]
+        self.residual_values[:, :, :block] = self.shadow_values[:, :, :block]
+        self.residual_len = block + keep
+        self.packed_keys.drop_newest(block)
+        self.packed_values.drop_newest(block)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -166,8 +215,17 @@ class PackedLayer(CacheLayerMixin):
 
         The update is atomic: if quantization refuses a value (`NonFiniteError`), the cache is unchanged.
         """
-        if not self.is_initialized:
+        fresh = not self.is_initialized
+        if fresh:
             self.lazy_initialization(key_states, value_states)
+        try:
+            self._append(key_states, value_states)
+        except Exception:
+            if fresh:  # a refused first update leaves the layer as it was: uninitialised
+                self.reset()
+            raise
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self._check_input(key_states, value_states)
         n_sink = min(self.config.sinks - self.sink_len, key_states.shape[2])
         keys, values = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
@@ -191,10 +249,16 @@ class PackedLayer(CacheLayerMixin):
             self.packed_keys.append(packed_keys)
             self.packed_values.append(packed_values)
             keep = stored - flush
+            if self.record_past:
+                self.shadow_len = block
+                self.shadow_keys[:, :, :block] = all_keys[:, :, flush - block : flush]
+                self.shadow_values[:, :, :block] = all_values[:, :, flush - block : flush]
             self.residual_keys[:, :, :keep] = all_keys[:, :, flush:]
             self.residual_values[:, :, :keep] = all_values[:, :, flush:]
             self.residual_len = keep
-        elif n:
+        else:
+            self.shadow_len = 0  # the last packed block was packed by an earlier step
+        if not flush and n:
             self.residual_keys[:, :, self.residual_len : stored] = keys
             self.residual_values[:, :, self.residual_len : stored] = values
             self.residual_len = stored
@@ -221,7 +285,14 @@ class PackedLayer(CacheLayerMixin):
         if not self.is_initialized:
             return 0
         assert self.packed_keys is not None and self.packed_values is not None
-        dense = (self.sink_keys, self.sink_values, self.residual_keys, self.residual_values)
+        dense = (
+            self.sink_keys,
+            self.sink_values,
+            self.residual_keys,
+            self.residual_values,
+            self.shadow_keys,
+            self.shadow_values,
+        )
         return (
             sum(t.numel() * t.element_size() for t in dense) + self.packed_keys.nbytes() + self.packed_values.nbytes()
         )
@@ -258,6 +329,7 @@ class PackedLayer(CacheLayerMixin):
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
         self.residual_keys, self.residual_values = fn(self.residual_keys), fn(self.residual_values)
+        self.shadow_keys, self.shadow_values = fn(self.shadow_keys), fn(self.shadow_values)
         assert self.packed_keys is not None and self.packed_values is not None
         self.packed_keys.map_batch(fn)
         self.packed_values.map_batch(fn)
@@ -306,9 +378,6 @@ class PackedSlidingLayer(PackedLayer):
     def get_max_length(self) -> int:
         return self.sliding_window
 
-    def activate_past_recording(self) -> None:
-        """Nothing to do: the margin kept beyond the window already makes `crop` of the residual exact."""
-
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise UnsupportedOperationError(
@@ -320,5 +389,9 @@ class PackedSlidingLayer(PackedLayer):
         return min(self.seen_tokens, self.sliding_window - 1)
 
 
-def _largest_divisor(dim: int) -> int:
-    return max((g for g in (16, 32, 64, 128) if dim % g == 0), default=16)
+def _group_advice(name: str, dim: int) -> str:
+    fitting = [g for g in (128, 64, 32, 16) if dim % g == 0]
+    if fitting:
+        return f"choose a group size that divides {dim} (e.g. '-g{fitting[0]}')."
+    flag = "-vc" if name == "value" else "drop '-kt'"
+    return f"no supported group size divides {dim}: quantize the {name}s per channel instead ('{flag}')."

@@ -100,6 +100,10 @@ class PackedBuffer:
             t[:, :, :keep] = t[:, :, units : units + keep].clone()
         self.length -= units * self.unit_tokens
 
+    def drop_newest(self, tokens: int) -> None:
+        """Forget the newest `tokens` (a multiple of the storage unit); their storage becomes free capacity."""
+        self.length -= tokens // self.unit_tokens * self.unit_tokens
+
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-dimension operation (index_select, repeat_interleave...) to every tensor."""
         self.codes, self.scale, self.zero = (fn(t) for t in self._tensors())

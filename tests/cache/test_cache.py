@@ -1,0 +1,436 @@
+"""`KVPackCache` inside transformers generation, on tiny random-weight models built locally.
+
+Two models: a Llama (full attention only, head_dim 16) and a Gemma 3 text model whose layers mix a sliding
+window of 8 tokens with full attention (head_dim 32). Group 16 and residual 0 / 16 / 32 make packing start
+after a few dozen tokens, so every generation below runs on packed data.
+
+Random-weight models have flat next-token distributions, so two top logits can be closer than an 8-bit cache's
+error. Greedy comparisons therefore check logits against a tolerance (`LOGIT_TOL_8BIT`), and require equal
+tokens up to the first step where the full-precision top-2 margin is within twice that tolerance (a genuine
+near-tie, where either token is a correct greedy choice for a cache this accurate).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    DeepseekV3Config,
+    DynamicCache,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    PreTrainedModel,
+    Qwen3NextConfig,
+)
+from transformers.cache_utils import DynamicSlidingWindowLayer
+
+from kvpack import CacheConfig, ConfigError, KVPackCache, KVPackError, UnsupportedModelError, parse_spec
+from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
+from kvpack.errors import UnsupportedOperationError
+
+# Largest |logit difference| allowed between an 8-bit, group-16 cache and DynamicCache on these tiny models.
+# Why this number: an 8-bit code is within half a step, range / 510, of its input, i.e. ~0.2% of a group's
+# range; through two layers this moves logits (which span ~0.8 here) by at most 3.5e-3 in every measured run
+# (teacher-forced, 100 tokens, batch 2: residual 16 <= 0.9e-3, residual 0 <= 3.5e-3; CPU, torch 2.13). 5e-3
+# keeps 1.4x headroom over that worst case, and is still 14x below what a 2-bit cache does to the same logits
+# (>= 7e-2), which `test_logit_tolerance_separates_8_bit_from_2_bit` checks so that the tolerance stays
+# meaningful.
+LOGIT_TOL_8BIT = 5e-3
+SPEC_8BIT = "k8v8-g16-r16"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_intra_op_thread() -> Iterator[None]:
+    """These models are tiny: one thread is fastest, and on a busy 2-core machine a second one that is not
+    scheduled makes every op wait (measured 5 s instead of 0.3 s for one batched generate)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def llama_config(**overrides: Any) -> LlamaConfig:
+    fields: dict[str, Any] = dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        vocab_size=128,
+        head_dim=16,
+        max_position_embeddings=256,
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def gemma_config() -> Gemma3TextConfig:
+    return Gemma3TextConfig(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=128,
+        vocab_size=128,
+        head_dim=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        max_position_embeddings=256,
+    )
+
+
+@pytest.fixture(scope="module")
+def llama() -> PreTrainedModel:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(llama_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def gemma() -> PreTrainedModel:
+    torch.manual_seed(0)
+    return Gemma3ForCausalLM(gemma_config()).eval()
+
+
+@pytest.fixture(params=["llama", "gemma"])
+def model(request: pytest.FixtureRequest) -> PreTrainedModel:
+    return request.getfixturevalue(request.param)
+
+
+def prompt(batch: int = 1, tokens: int = 40, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(2, 128, (batch, tokens), generator=gen)
+
+
+def generate(model: PreTrainedModel, cache: Any, input_ids: torch.Tensor, **kwargs: Any) -> Any:
+    kwargs.setdefault("max_new_tokens", 30)
+    kwargs.setdefault("do_sample", False)
+    return model.generate(input_ids, past_key_values=cache, pad_token_id=0, **kwargs)
+
+
+def assert_same_greedy(reference: Any, packed: Any, prompt_len: int, tol: float = LOGIT_TOL_8BIT) -> None:
+    """Greedy outputs (`return_dict_in_generate`, `output_logits`) agree, allowing only near-tie divergence.
+
+    Per row: tokens equal and logits within `tol` up to the first differing token; at that step the reference's
+    top-2 margin must be within 2 * tol (so the cache's error alone can explain the other choice).
+    """
+    ref_logits, got_logits = torch.stack(reference.logits, dim=1), torch.stack(packed.logits, dim=1)
+    ref_new, got_new = reference.sequences[:, prompt_len:], packed.sequences[:, prompt_len:]
+    assert ref_new.shape == got_new.shape
+    for row in range(ref_new.shape[0]):
+        differ = (ref_new[row] != got_new[row]).nonzero()
+        agree = int(differ[0]) if len(differ) else ref_new.shape[1]
+        steps = min(agree + 1, ref_new.shape[1])  # logits of the diverging step still come from one prefix
+        err = (ref_logits[row, :steps] - got_logits[row, :steps]).abs().max().item()
+        assert err <= tol, f"row {row}: logits differ by {err:.2e} > {tol:.0e}"
+        if agree < ref_new.shape[1]:
+            top2 = ref_logits[row, agree].topk(2).values
+            margin = (top2[0] - top2[1]).item()
+            assert margin <= 2 * tol, f"row {row}: token {agree} differs, yet the top-2 margin is {margin:.2e}"
+
+
+def packed_layers(cache: KVPackCache) -> list[PackedLayer]:
+    return [layer for layer in cache.layers if isinstance(layer, PackedLayer)]
+
+
+def dynamic_fp16_nbytes(cache: DynamicCache) -> int:
+    return sum((layer.keys.numel() + layer.values.numel()) * 2 for layer in cache.layers if layer.is_initialized)
+
+
+@torch.no_grad()
+def teacher_forced_logits(model: PreTrainedModel, cache: Any, ids: torch.Tensor, prefill: int) -> torch.Tensor:
+    """Next-token logits `[batch, steps, vocab]`: one prefill, then one token per forward, as in decoding."""
+    logits = [model(ids[:, :prefill], past_key_values=cache).logits[:, -1]]
+    for i in range(prefill, ids.shape[1]):
+        logits.append(model(ids[:, i : i + 1], past_key_values=cache).logits[:, -1])
+    return torch.stack(logits, dim=1)
+
+
+# -- structure -------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        pytest.param(llama_config(), id="llama"),
+        pytest.param(gemma_config(), id="gemma3"),
+        pytest.param(
+            MistralConfig(
+                hidden_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_hidden_layers=2,
+                intermediate_size=128,
+                vocab_size=128,
+                head_dim=16,
+                sliding_window=8,
+            ),
+            id="mistral-sliding-no-layer-types",
+        ),
+    ],
+)
+def test_layers_follow_the_models_layer_types(config: Any) -> None:
+    cache = KVPackCache(config, "k4v4-g16-r16")
+    reference = DynamicCache(config=config)
+    assert len(cache.layers) == len(reference.layers) == config.num_hidden_layers
+    for idx, (layer, ref_layer) in enumerate(zip(cache.layers, reference.layers, strict=True)):
+        assert layer.layer_idx == idx
+        if isinstance(ref_layer, DynamicSlidingWindowLayer):
+            assert type(layer) is PackedSlidingLayer
+            assert layer.sliding_window == ref_layer.sliding_window
+        else:
+            assert type(layer) is PackedLayer
+    assert cache.is_sliding == reference.is_sliding
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0 and cache.fp16_nbytes() == 0
+
+
+def test_gemma_layers_are_sliding_then_full() -> None:
+    cache = KVPackCache(gemma_config(), SPEC_8BIT)
+    assert [type(layer) for layer in cache.layers] == [PackedSlidingLayer, PackedLayer]
+    assert cache.layers[0].sliding_window == 8
+
+
+def test_accepts_spec_strings_and_cache_configs() -> None:
+    config = llama_config()
+    from_string = KVPackCache(config, "k4v2-g16-r32-s4")
+    assert from_string.cache_config == parse_spec("k4v2-g16-r32-s4")
+    cache_config = CacheConfig(residual=16, sinks=2)
+    from_config = KVPackCache(config, cache_config)
+    assert from_config.cache_config is cache_config
+    assert all(layer.config == cache_config for layer in packed_layers(from_config))
+    assert KVPackCache(config).cache_config == parse_spec("k4v4")
+    assert "k4v2-g16-r32-s4" in repr(from_string)
+    # Sliding layers drop sinks (the window moves past them); full layers keep them.
+    gemma_cache = KVPackCache(gemma_config(), "k4v4-g16-r16-s4")
+    assert [layer.config.sinks for layer in packed_layers(gemma_cache)] == [0, 4]
+
+
+@pytest.mark.parametrize("bad", ["", "k5v4", "k4v4-g24", "k4v4-x3", "4bit"])
+def test_bad_spec_raises_config_error(bad: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        KVPackCache(llama_config(), bad)
+    assert isinstance(info.value, KVPackError)
+
+
+def test_bad_cache_config_type_raises_config_error() -> None:
+    with pytest.raises(ConfigError, match="spec string"):
+        KVPackCache(llama_config(), 4)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("config", "names"),
+    [
+        pytest.param(
+            DeepseekV3Config(
+                hidden_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=4,
+                num_hidden_layers=2,
+                intermediate_size=128,
+                vocab_size=128,
+                kv_lora_rank=16,
+                q_lora_rank=None,
+                qk_rope_head_dim=8,
+                qk_nope_head_dim=8,
+                v_head_dim=16,
+                moe_intermediate_size=32,
+                n_routed_experts=4,
+                num_experts_per_tok=2,
+                first_k_dense_replace=1,
+            ),
+            ["deepseek_v3", "latent"],
+            id="deepseek_v3-latent-attention",
+        ),
+        pytest.param(llama_config(kv_lora_rank=16), ["llama", "latent"], id="kv_lora_rank-field"),
+        pytest.param(
+            Qwen3NextConfig(
+                hidden_size=64,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                num_hidden_layers=4,
+                intermediate_size=128,
+                vocab_size=128,
+            ),
+            ["qwen3_next", "linear_attention"],
+            id="qwen3_next-linear-attention",
+        ),
+    ],
+)
+def test_unsupported_architectures_raise_naming_them(config: Any, names: list[str]) -> None:
+    with pytest.raises(UnsupportedModelError) as info:
+        KVPackCache(config, SPEC_8BIT)
+    assert isinstance(info.value, KVPackError)
+    for name in names:
+        assert name in str(info.value)
+
+
+# -- numerics inside the model ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["k8v8-g16-r0", "k8v8-g16-r16", "k8v8-g16-r32"])
+def test_teacher_forced_logits_match_dynamic_cache(model: PreTrainedModel, spec: str) -> None:
+    ids = prompt(batch=2, tokens=100, seed=2)
+    reference = teacher_forced_logits(model, DynamicCache(config=model.config), ids, prefill=40)
+    cache = KVPackCache(model.config, spec)
+    got = teacher_forced_logits(model, cache, ids, prefill=40)
+    assert all(layer.packed_length > 0 for layer in packed_layers(cache))
+    err = (got - reference).abs().max().item()
+    assert 0 < err <= LOGIT_TOL_8BIT
+
+
+def test_logit_tolerance_separates_8_bit_from_2_bit(model: PreTrainedModel) -> None:
+    ids = prompt(batch=2, tokens=100, seed=2)
+    reference = teacher_forced_logits(model, DynamicCache(config=model.config), ids, prefill=40)
+    got = teacher_forced_logits(model, KVPackCache(model.config, "k2v2-g16-r0"), ids, prefill=40)
+    assert (got - reference).abs().max().item() > 10 * LOGIT_TOL_8BIT
+
+
+# -- generation --------------------------------------------------------------------------------------------------
+
+
+def test_greedy_generation_matches_dynamic_cache(model: PreTrainedModel) -> None:
+    ids = prompt(tokens=40, seed=3)
+    kwargs: dict[str, Any] = dict(max_new_tokens=40, return_dict_in_generate=True, output_logits=True)
+    reference = generate(model, DynamicCache(config=model.config), ids, **kwargs)
+    cache = KVPackCache(model.config, SPEC_8BIT)
+    packed = generate(model, cache, ids, **kwargs)
+    assert_same_greedy(reference, packed, prompt_len=40)
+    assert cache.get_seq_length() == reference.past_key_values.get_seq_length() == 79
+    assert all(layer.packed_length > 0 for layer in packed_layers(cache))
+
+
+def test_nbytes_and_fp16_nbytes_are_sums_over_layers(model: PreTrainedModel) -> None:
+    ids = prompt(batch=2, tokens=50, seed=4)
+    reference = DynamicCache(config=model.config)
+    generate(model, reference, ids, max_new_tokens=20)
+    cache = KVPackCache(model.config, "k4v4-g16-r16-s2")
+    generate(model, cache, ids, max_new_tokens=20)
+    layers = packed_layers(cache)
+    assert cache.nbytes() == sum(layer.nbytes() for layer in layers) > 0
+    assert cache.fp16_nbytes() == sum(layer.fp16_nbytes() for layer in layers)
+    # What a float16 DynamicCache would hold: the same tokens (a sliding layer keeps only its window).
+    assert cache.fp16_nbytes() == dynamic_fp16_nbytes(reference)
+
+
+def test_beam_search_matches_dynamic_cache(model: PreTrainedModel) -> None:
+    ids = prompt(tokens=40, seed=5)
+    kwargs: dict[str, Any] = dict(max_new_tokens=20, num_beams=3, num_return_sequences=3)
+    reference = generate(model, DynamicCache(config=model.config), ids, **kwargs)
+    cache = KVPackCache(model.config, SPEC_8BIT)
+    reorders = []
+    original = cache.reorder_cache
+
+    def spy(beam_idx: torch.LongTensor) -> None:
+        reorders.append(all(layer.packed_length > 0 for layer in packed_layers(cache)))
+        original(beam_idx)
+
+    cache.reorder_cache = spy  # type: ignore[method-assign]
+    packed = generate(model, cache, ids, **kwargs)
+    assert reorders and all(reorders), "beam reordering must have run on packed data"
+    # Fixed seeds; checked free of near-ties of beam scores at this tolerance (see module docstring).
+    assert torch.equal(packed, reference)
+
+
+def test_sampling_runs_and_matches_dynamic_cache_under_the_same_seed(model: PreTrainedModel) -> None:
+    ids = prompt(batch=2, tokens=40, seed=6)
+    kwargs: dict[str, Any] = dict(max_new_tokens=25, do_sample=True, top_k=0, temperature=1.0)
+    torch.manual_seed(123)
+    reference = generate(model, DynamicCache(config=model.config), ids, **kwargs)
+    torch.manual_seed(123)
+    packed = generate(model, KVPackCache(model.config, SPEC_8BIT), ids, **kwargs)
+    assert packed.shape == reference.shape == (2, 65)
+    # Sampling on CPU is deterministic for a seed, and a draw only changes where the uniform sample falls within
+    # the probability moved by the cache's error (~1e-3 of a logit): with this seed none does.
+    assert torch.equal(packed, reference)
+
+
+def test_prompt_lookup_decoding_rolls_back_and_matches_greedy(model: PreTrainedModel) -> None:
+    ids = torch.arange(2, 12).repeat(5)[None]  # repeated n-grams, so lookups propose candidates
+    kwargs: dict[str, Any] = dict(max_new_tokens=30, return_dict_in_generate=True, output_logits=True)
+    reference = generate(model, DynamicCache(config=model.config), ids, **kwargs)
+    cache = KVPackCache(model.config, "k8v8-g16-r16")  # residual 16 >= prompt_lookup_num_tokens
+    crops: list[int] = []
+    original = cache.crop
+
+    def spy(tokens_to_remove: int) -> None:
+        crops.append(tokens_to_remove)
+        original(tokens_to_remove)
+
+    cache.crop = spy  # type: ignore[method-assign]
+    packed = generate(model, cache, ids, prompt_lookup_num_tokens=3, **kwargs)
+    assert any(n < 0 for n in crops), "rejected candidates must have been rolled back"
+    assert_same_greedy(reference, packed, prompt_len=ids.shape[1])
+
+
+def test_prompt_lookup_matches_prompt_lookup_with_dynamic_cache(model: PreTrainedModel) -> None:
+    ids = torch.arange(2, 12).repeat(5)[None]
+    kwargs: dict[str, Any] = dict(max_new_tokens=30, prompt_lookup_num_tokens=3)
+    reference = generate(model, DynamicCache(config=model.config), ids, **kwargs)
+    packed = generate(model, KVPackCache(model.config, "k8v8-g16-r16"), ids, **kwargs)
+    assert torch.equal(packed, reference)
+
+
+def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = prompt(batch=3, tokens=37, seed=7)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    mask[1, :17] = 0
+    ids[mask == 0] = 0
+    return ids, mask
+
+
+def test_batched_left_padded_generation_matches_dynamic_cache(model: PreTrainedModel) -> None:
+    ids, mask = left_padded_batch()
+    kwargs: dict[str, Any] = dict(
+        attention_mask=mask, max_new_tokens=25, return_dict_in_generate=True, output_logits=True
+    )
+    reference = generate(model, DynamicCache(config=model.config), ids, **kwargs)
+    cache = KVPackCache(model.config, SPEC_8BIT)
+    packed = generate(model, cache, ids, **kwargs)
+    assert_same_greedy(reference, packed, prompt_len=ids.shape[1])
+    assert all(layer.packed_length > 0 for layer in packed_layers(cache))
+
+
+def test_reset_then_reuse_with_another_batch(model: PreTrainedModel) -> None:
+    cache = KVPackCache(model.config, SPEC_8BIT)
+    generate(model, cache, prompt(tokens=45, seed=8), max_new_tokens=10)
+    assert cache.get_seq_length() > 0
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.nbytes() == 0 and cache.fp16_nbytes() == 0
+    assert all(not layer.is_initialized for layer in packed_layers(cache))
+
+    ids, mask = left_padded_batch()
+    kwargs: dict[str, Any] = dict(
+        attention_mask=mask, max_new_tokens=15, return_dict_in_generate=True, output_logits=True
+    )
+    reused = generate(model, cache, ids, **kwargs)
+    fresh = generate(model, KVPackCache(model.config, SPEC_8BIT), ids, **kwargs)
+    assert torch.equal(reused.sequences, fresh.sequences)
+    for a, b in zip(reused.logits, fresh.logits, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cache_crop_into_packed_tokens_raises_and_keeps_the_cache(llama: PreTrainedModel) -> None:
+    cache = KVPackCache(llama.config, SPEC_8BIT)
+    generate(llama, cache, prompt(tokens=60, seed=9), max_new_tokens=5)
+    length = cache.get_seq_length()
+    with pytest.raises(UnsupportedOperationError):
+        cache.crop(-40)
+    assert cache.get_seq_length() == length
+    cache.crop(-3)
+    assert cache.get_seq_length() == length - 3
+
+
+def test_cache_crop_refused_by_one_layer_leaves_every_layer_unchanged(gemma: PreTrainedModel) -> None:
+    cache = KVPackCache(gemma.config, "k8v8-g16-r16-s4")
+    with torch.no_grad():
+        gemma(prompt(tokens=74, seed=9), past_key_values=cache)
+    # The sliding layer holds no sinks, so more of its tokens are in its residual window than in the full layer's.
+    assert [layer.residual_len for layer in packed_layers(cache)] == [26, 22]
+    with pytest.raises(UnsupportedOperationError):
+        cache.crop(-24)
+    assert [layer.get_seq_length() for layer in cache.layers] == [74, 74]
