@@ -258,7 +258,6 @@ class PackedLayer(CacheLayerMixin):
             self.residual_len = keep
         else:
             self.shadow_len = 0  # the last packed block was packed by an earlier step
-        if not flush and n:
             self.residual_keys[:, :, self.residual_len : stored] = keys
             self.residual_values[:, :, self.residual_len : stored] = values
             self.residual_len = stored
