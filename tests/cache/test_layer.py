@@ -138,6 +138,15 @@ class Reference:
             torch.cat([self.q_values[:, :, :split], self.values[:, :, split:end]], dim=2),
         )
 
+    def returned(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """What `update` of tokens `[start, end)` returns: the past as stored after `start` tokens, then the new
+        tokens exactly as given (a prefill or a chunk attends to itself in full precision)."""
+        past_keys, past_values = self.dense(start)
+        return (
+            torch.cat([past_keys, self.keys[:, :, start:end]], dim=2),
+            torch.cat([past_values, self.values[:, :, start:end]], dim=2),
+        )
+
 
 def as_bits(t: torch.Tensor) -> torch.Tensor:
     """The bytes of `t` (so NaN compares equal to the same NaN, and -0.0 differs from 0.0)."""
@@ -258,12 +267,17 @@ def test_update_returns_exact_residual_and_sinks_and_reference_quantized_past(
     keys, values = make_stream(total, dtype=dtype, seed=2)
     layer = PackedLayer(config)
     reference = Reference(keys, values, config)
-    for end, _, (out_keys, out_values) in feed(layer, keys, values, split_sizes(total, how, seed=3)):
-        exp_keys, exp_values = reference.dense(end)
-        packed = reference.packed(end)
+    for end, size, (out_keys, out_values) in feed(layer, keys, values, split_sizes(total, how, seed=3)):
+        ret_keys, ret_values = reference.returned(end - size, end)
         assert out_keys.dtype == dtype and out_values.dtype == dtype
+        assert torch.equal(as_bits(out_keys), as_bits(ret_keys))
+        assert torch.equal(as_bits(out_values), as_bits(ret_values))
+        # What the layer now holds: the reference after `end` tokens.
+        out_keys, out_values = layer.dense()
+        exp_keys, exp_values = reference.dense(end)
         assert torch.equal(as_bits(out_keys), as_bits(exp_keys))
         assert torch.equal(as_bits(out_values), as_bits(exp_values))
+        packed = reference.packed(end)
         assert layer.packed_length == packed
         # The newest `residual` tokens (and the sinks) are held exactly, never quantized.
         assert layer.sink_len == min(config.sinks, end)
@@ -272,9 +286,6 @@ def test_update_returns_exact_residual_and_sinks_and_reference_quantized_past(
         assert torch.equal(out_keys[:, :, end - exact :], keys[:, :, end - exact : end])
         assert torch.equal(out_values[:, :, end - exact :], values[:, :, end - exact : end])
         assert torch.equal(out_keys[:, :, : layer.sink_len], keys[:, :, : layer.sink_len])
-        dense_keys, dense_values = layer.dense()
-        assert torch.equal(as_bits(dense_keys), as_bits(out_keys))
-        assert torch.equal(as_bits(dense_values), as_bits(out_values))
     assert layer.packed_length > 0
 
 
@@ -283,7 +294,9 @@ def test_long_prefill_keeps_last_residual_tokens_exact(residual: int) -> None:
     config = parse_spec(f"k2v2-g16-r{residual}")
     keys, values = make_stream(1000, seed=4)
     layer = PackedLayer(config)
-    out_keys, out_values = layer.update(keys, values)
+    returned_keys, returned_values = layer.update(keys, values)
+    assert torch.equal(returned_keys, keys) and torch.equal(returned_values, values)  # the prefill attends exactly
+    out_keys, out_values = layer.dense()
     assert layer.residual_len >= residual
     assert layer.packed_length == (1000 - residual) // 16 * 16
     assert torch.equal(out_keys[:, :, 1000 - residual :], keys[:, :, 1000 - residual :])
@@ -301,7 +314,8 @@ def test_packed_error_within_half_a_step_of_the_stored_scale() -> None:
     config = parse_spec("k4v4-g16-r16")
     keys, values = make_stream(100, seed=5)
     layer = PackedLayer(config)
-    out_keys, out_values = layer.update(keys, values)
+    layer.update(keys, values)
+    out_keys, out_values = layer.dense()
     assert layer.packed_keys is not None and layer.packed_values is not None
     packed = layer.packed_length
     key_scale = layer.packed_keys.view().scale.float().repeat_interleave(16, dim=2)  # [b, h, tokens, channels]
@@ -326,7 +340,10 @@ def test_chunking_does_not_change_stored_state_or_outputs(spec: str, dtype: torc
     for how, seed in (("prefill", 0), ("single", 0), ("random", 7), ("random", 8), ("prefill+single", 0)):
         layer = PackedLayer(config)
         name = f"{how}/{seed}"
-        outputs_at[name] = {end: out for end, _, out in feed(layer, keys, values, split_sizes(total, how, seed))}
+        # What the layer holds after each call (its returns differ by design: each chunk attends to itself exactly).
+        outputs_at[name] = {
+            end: layer.dense() for end, _, _ in feed(layer, keys, values, split_sizes(total, how, seed))
+        }
         # Capacity depends on the growth history, so compare the valid data and not nbytes.
         finals[name] = layer_state(layer)
     for name, state in finals.items():
@@ -459,8 +476,8 @@ def test_sliding_layer_matches_dynamic_sliding_window_layer(window: int, residua
         # What transformers asks before the next update, with the new tokens as the query.
         for query_length in (1, 3):
             assert layer.get_mask_sizes(query_length) == ref.get_mask_sizes(query_length)
-        # Exact reference of the whole stream, cut to what the window shows.
-        exp_keys, exp_values = reference.dense(end)
+        # Exact reference of the whole stream (the past as stored, the new tokens exact), cut to the window.
+        exp_keys, exp_values = reference.returned(end - size, end)
         visible = out_keys.shape[2]
         assert torch.equal(out_keys, exp_keys[:, :, end - visible :])
         assert torch.equal(out_values, exp_values[:, :, end - visible :])
@@ -597,7 +614,8 @@ def test_crop_of_the_whole_residual_removes_exactly_the_newest_tokens(remove: in
     total = _stream_with_residual(27)
     keys, values = make_stream(total + 40, seed=23)
     layer, ref = PackedLayer(config), DynamicLayer()
-    before_keys, before_values = layer.update(keys[:, :, :total], values[:, :, :total])
+    layer.update(keys[:, :, :total], values[:, :, :total])
+    before_keys, before_values = layer.dense()
     ref.update(keys[:, :, :total], values[:, :, :total])
     layer.crop(-remove)
     ref.crop(-remove)

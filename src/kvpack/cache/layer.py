@@ -101,9 +101,23 @@ class PackedLayer(CacheLayerMixin):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append the new tokens and return the dense keys/values of the whole sequence (reference path)."""
+        """Store the new tokens; return the dense keys/values of the whole sequence (reference path).
+
+        The new tokens are returned exactly as given, the past as stored before this call: a prefill (or a
+        chunk of candidate tokens) attends to itself in full precision, as in KIVI, and what a query sees
+        does not depend on how the sequence was split into calls.
+        """
+        keys, values = self._with_past(key_states, value_states)
         self.append(key_states, value_states)
-        return self.dense()
+        return keys, values
+
+    def _with_past(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored sequence followed by the given new tokens, `[batch, kv_heads, tokens, head_dim]`."""
+        if not self.is_initialized:
+            return key_states, value_states
+        self._check_input(key_states, value_states)
+        past_keys, past_values = self._stored_parts()
+        return torch.cat([*past_keys, key_states], dim=2), torch.cat([*past_values, value_states], dim=2)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0
@@ -265,6 +279,10 @@ class PackedLayer(CacheLayerMixin):
 
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored keys and values `[batch, kv_heads, tokens, head_dim]` in the model dtype, oldest first."""
+        keys, values = self._stored_parts()
+        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+
+    def _stored_parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         keys = [self.sink_keys[:, :, : self.sink_len]]
         values = [self.sink_values[:, :, : self.sink_len]]
         if self.packed_length:
@@ -273,7 +291,7 @@ class PackedLayer(CacheLayerMixin):
             values.append(self.packed_values.view().dequantize(self.dtype))
         keys.append(self.residual_keys[:, :, : self.residual_len])
         values.append(self.residual_values[:, :, : self.residual_len])
-        return torch.cat(keys, dim=2), torch.cat(values, dim=2)
+        return keys, values
 
     def stored_tokens(self) -> int:
         """Tokens physically held (sinks + packed + residual)."""
@@ -353,8 +371,8 @@ class PackedSlidingLayer(PackedLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         visible = min(self.seen_tokens, self.sliding_window - 1) + key_states.shape[2]
+        keys, values = self._with_past(key_states, value_states)
         self.append(key_states, value_states)
-        keys, values = self.dense()
         self._forget_outside_window()
         return keys[:, :, -visible:], values[:, :, -visible:]
 
