@@ -20,11 +20,11 @@ HANDBOOK = ROOT / "examples" / "handbook.txt"
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.txt"
 
 # Top-1 agreement of a k4v4 cache with the full-precision cache, teacher-forced over 512 WikiText-2 tokens.
-# Measured here: 96.1% (fed in chunks of 16 tokens, as below) and 96.9% (streamed one token at a time).
+# Measured here: 96.9% (fed in chunks of 16 tokens, as below, and also streamed one token at a time).
 # The peers' 4-bit caches reach 93-94% on this kind of text (shared/BASELINES.md), and a layout bug (e.g. keys
 # quantized per token, or re-quantization) falls well below that, so 93% separates a correct cache from a broken one.
 K4V4_MIN_TOP1 = 0.93
-# Mean KL(fp || k4v4) of the same run: measured 0.0034; the peers' 4-bit caches measure 0.012-0.019.
+# Mean KL(fp || k4v4) of the same run: measured 0.0032; the peers' 4-bit caches measure 0.012-0.019.
 K4V4_MAX_MEAN_KL = 0.01
 
 
@@ -91,9 +91,15 @@ def test_beam_search_agrees_with_full_precision(default_model, long_prompt) -> N
 
 
 def test_prompt_lookup_decoding_agrees_with_greedy_on_the_same_cache(default_model, long_prompt) -> None:
+    """Candidate chunks are attended exactly and rejected ones rolled back (crop), so 8-bit lookup equals greedy.
+
+    (At lower bits a query in a chunk may still see exact tokens that single steps would have packed, so equality
+    is not guaranteed there.)
+    """
     model, _ = default_model
-    greedy = _generate(model, long_prompt, KVPackCache(model.config, "k8v8"), max_new_tokens=40)
-    cache = KVPackCache(model.config, "k8v8")
+    spec = "k8v8"
+    greedy = _generate(model, long_prompt, KVPackCache(model.config, spec), max_new_tokens=40)
+    cache = KVPackCache(model.config, spec)
     lookup = _generate(model, long_prompt, cache, max_new_tokens=40, prompt_lookup_num_tokens=5)
     assert torch.equal(lookup, greedy)
     assert cache.get_seq_length() == long_prompt["input_ids"].shape[1] + lookup.shape[1] - 1

@@ -69,7 +69,10 @@ class KVPackCache(Cache):
     per-head keys/values raise `UnsupportedModelError`.
     """
 
-    def __init__(self, config: PretrainedConfig, cache_config: CacheConfig | str = "k4v4"):
+    def __init__(self, config: PretrainedConfig | Any, cache_config: CacheConfig | str = "k4v4"):
+        """config: the model's config (or the model itself); cache_config: a `CacheConfig` or a spec string."""
+        if not isinstance(config, PretrainedConfig) and isinstance(getattr(config, "config", None), PretrainedConfig):
+            config = config.config
         self.cache_config = as_config(cache_config)
         layers: list[Any] = []
         for idx, (layer_type, window) in enumerate(_layer_plan(config)):

@@ -104,8 +104,9 @@ class PackedLayer(CacheLayerMixin):
         """Store the new tokens; return the dense keys/values of the whole sequence (reference path).
 
         The new tokens are returned exactly as given, the past as stored before this call: a prefill (or a
-        chunk of candidate tokens) attends to itself in full precision, as in KIVI, and what a query sees
-        does not depend on how the sequence was split into calls.
+        chunk of candidate tokens) attends to itself in full precision, as in KIVI. What is *stored* does
+        not depend on how the sequence was split into calls; what a query of a chunk sees may (tokens that
+        single steps would already have packed can still be exact at the start of a chunk).
         """
         keys, values = self._with_past(key_states, value_states)
         self.append(key_states, value_states)
