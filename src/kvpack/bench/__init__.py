@@ -1,0 +1,1 @@
+"""Benchmarks: memory tables, decode speed, peers side by side, reports."""

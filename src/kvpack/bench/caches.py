@@ -1,0 +1,159 @@
+"""One name space for every cache a benchmark compares: kvpack specs, the full-precision cache, and peers.
+
+    fp                           transformers' DynamicCache (the model's dtype)
+    k4v4, k8v8-g64-r128, ...     kvpack (see kvpack.config)
+    quanto-int4, quanto-int2     transformers' QuantizedCache, optimum-quanto backend
+    hqq-int8, hqq-int4-axis1     transformers' QuantizedCache, HQQ backend (axis 0 by default, as transformers)
+    ...[-g<group>][-r<residual>] group size (default 64) and residual length (default 128) of the peers
+
+Peers need their packages (the `peers` extra); asking for one that is missing says which to install.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kvpack.config import parse_spec
+from kvpack.errors import ConfigError, KVPackError
+
+_PEER = re.compile(r"^(quanto|hqq)-int(\d)((?:-(?:g\d+|r\d+|axis[01]))*)$")
+_PEER_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
+
+
+@dataclass
+class CacheSpec:
+    """A parsed cache name: what to build, and the caveats a fair report must state."""
+
+    name: str
+    kind: str  # "fp", "kvpack" or "peer"
+    notes: list[str] = field(default_factory=list)
+    peer: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def feed_first_tokens_together(self) -> int:
+        """Tokens to feed in the first call of a streamed run (a workaround some peers need)."""
+        return 2 if self.peer.get("backend") == "hqq" else 1
+
+    def bits_per_value(self) -> float | None:
+        """Nominal stored bits per cached value (codes + metadata), when defined."""
+        if self.kind == "kvpack":
+            config = parse_spec(self.name)
+            return (config.key.bits_per_value + config.value.bits_per_value) / 2
+        if self.kind == "peer":
+            # HF's quantized caches store one scale and one shift per group, in the model's float32 here
+            # (quanto) or in float32 metadata (HQQ); counted by cache_nbytes, not assumed here.
+            return None
+        return None
+
+
+def parse_cache_name(name: str) -> CacheSpec:
+    """Parse `fp`, a kvpack spec or a peer name; raises ConfigError listing the accepted forms."""
+    name = name.strip()
+    if name == "fp":
+        return CacheSpec(name="fp", kind="fp")
+    peer = _PEER.match(name)
+    if peer:
+        backend, bits = peer.group(1), int(peer.group(2))
+        options = dict(re.findall(r"-(g|r|axis)(\d+)", peer.group(3)))
+        axis = int(options.get("axis", 0))
+        spec = CacheSpec(
+            name=name,
+            kind="peer",
+            peer={
+                "backend": backend,
+                "nbits": bits,
+                "q_group_size": int(options.get("g", 64)),
+                "residual_length": int(options.get("r", 128)),
+                "axis_key": axis,
+                "axis_value": axis,
+            },
+        )
+        if backend == "hqq":
+            spec.notes.append(
+                "first two tokens fed in one call: transformers' HQQ cache crashes on one token with an odd number "
+                "of KV heads (shared/BASELINES.md)"
+            )
+        return spec
+    try:
+        config = parse_spec(name)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"unknown cache {name!r}: use 'fp', a kvpack spec (e.g. k4v4) or a peer "
+            f"(quanto-int4, quanto-int2, hqq-int8, hqq-int4-axis1, ...[-g64][-r128]). ({exc})"
+        ) from exc
+    return CacheSpec(name=config.spec, kind="kvpack")
+
+
+def make_cache(spec: CacheSpec, model_config: Any) -> Any:
+    """A fresh, empty cache of kind `spec` for a model with `model_config`."""
+    from transformers import DynamicCache
+
+    if spec.kind == "fp":
+        return DynamicCache(config=model_config)
+    if spec.kind == "kvpack":
+        from kvpack.cache import KVPackCache
+
+        return KVPackCache(model_config, spec.name)
+    require_packages(spec)
+    from transformers import QuantizedCache
+
+    return QuantizedCache(config=model_config, **spec.peer)
+
+
+def require_packages(spec: CacheSpec) -> None:
+    """Raise KVPackError naming what to install if the cache `spec` needs a package that is missing."""
+    if spec.kind != "peer":
+        return
+    module, package = _PEER_PACKAGES[spec.peer["backend"]]
+    top = importlib.util.find_spec(module.split(".")[0])
+    if top is None or importlib.util.find_spec(module) is None:
+        raise KVPackError(
+            f"the peer cache {spec.name!r} needs {package}: pip install '{package}' (or pip install 'kvpack[peers]')."
+        )
+
+
+def cache_nbytes(cache: Any) -> int:
+    """Bytes of every tensor a cache holds, found by walking its layers (shared storage counted once).
+
+    kvpack caches report their own exact count; for other caches this walks tensor attributes, containers
+    and tensor subclasses (quanto's packed tensors expose their inner tensors through `__tensor_flatten__`).
+    """
+    if hasattr(cache, "nbytes") and callable(cache.nbytes):
+        return int(cache.nbytes())
+    seen: set[tuple[int, int]] = set()
+    total = 0
+
+    def visit(obj: Any, depth: int) -> None:
+        nonlocal total
+        if depth > 8:
+            return
+        if isinstance(obj, torch.Tensor):
+            flatten = getattr(type(obj), "__tensor_flatten__", None)
+            if flatten is not None and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
+                inner_names, _ = obj.__tensor_flatten__()
+                for inner in inner_names:
+                    visit(getattr(obj, inner), depth + 1)
+                return
+            key = (obj.untyped_storage().data_ptr(), obj.untyped_storage().nbytes())
+            if key not in seen and obj.untyped_storage().nbytes() > 0:
+                seen.add(key)
+                total += obj.untyped_storage().nbytes()
+            return
+        if isinstance(obj, dict):
+            for value in obj.values():
+                visit(value, depth + 1)
+        elif isinstance(obj, list | tuple):
+            for value in obj:
+                visit(value, depth + 1)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for value in vars(obj).values():
+                visit(value, depth + 1)
+
+    for layer in cache.layers:
+        visit(layer, 0)
+    return total

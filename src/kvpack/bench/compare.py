@@ -1,0 +1,129 @@
+"""`kvpack compare`: quality, memory and decode speed of several caches, side by side, in one run.
+
+JSON is the source of truth (model, data hash, machine, versions, date, command); `kvpack report` turns it
+into Markdown and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+import time
+from typing import Any
+
+import torch
+
+from kvpack.bench.caches import CacheSpec, cache_nbytes, make_cache, parse_cache_name, require_packages
+
+DEFAULT_CACHES = "fp,k8v8,k4v4,k4v2,k2v2,quanto-int4,quanto-int2,hqq-int8,hqq-int4-axis1"
+
+
+def _prefill(model: Any, ids: torch.Tensor, spec: CacheSpec, cache: Any) -> None:
+    first = spec.feed_first_tokens_together
+    with torch.inference_mode():
+        model(ids[:, :first], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        if ids.shape[1] > first:
+            model(ids[:, first:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+
+
+def decode_speed(
+    model: Any, specs: list[CacheSpec], context: int, steps: int, warmup: int = 2, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """Single-token decode steps once each cache holds `context` tokens, interleaved across caches.
+
+    Every cache is prefilled with the same random tokens; then, round after round, each cache takes one
+    timed step (the order rotates each round), so drift in machine speed affects all caches alike.
+    Returns, per cache: tokens/s, prefill seconds and the cache's bytes after the prefill.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(100, model.config.vocab_size - 100, (1, context), generator=generator).to(model.device)
+    caches, out = {}, {}
+    for spec in specs:
+        cache = make_cache(spec, model.config)
+        start = time.perf_counter()
+        _prefill(model, ids, spec, cache)
+        out[spec.name] = {"prefill_s": time.perf_counter() - start, "cache_bytes": float(cache_nbytes(cache))}
+        caches[spec.name] = cache
+    token = ids[:, -1:]
+    elapsed = dict.fromkeys(caches, 0.0)
+    names = list(caches)
+    with torch.inference_mode():
+        for step in range(warmup + steps):
+            order = names[step % len(names) :] + names[: step % len(names)]
+            for name in order:
+                start = time.perf_counter()
+                model(token, past_key_values=caches[name], use_cache=True)
+                if step >= warmup:
+                    elapsed[name] += time.perf_counter() - start
+    for name in names:
+        out[name]["tokens_per_s"] = steps / elapsed[name]
+    return out
+
+
+def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything `kvpack compare` measures, as the JSON-ready result."""
+    import transformers
+
+    import kvpack
+    from kvpack.eval.perplexity import load_tokens, stream
+    from kvpack.models import DEFAULT_MODEL, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [parse_cache_name(name) for name in args.caches.split(",")]
+    if specs[0].kind != "fp":
+        specs.insert(0, parse_cache_name("fp"))  # the reference for ΔPPL, KL and top-1
+    for spec in specs:
+        require_packages(spec)  # before the model loads: a missing peer fails in seconds, not minutes
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    ids, data_sha256 = load_tokens(args.data, tokenizer, args.tokens)
+
+    print(f"Streaming {args.tokens} tokens through each of {len(specs)} caches ...", file=sys.stderr)
+    reference, ref_logprobs = stream(model, ids, specs[0], keep_logprobs=True)
+    results = [reference]
+    for spec in specs[1:]:
+        result, _ = stream(model, ids, spec, reference_logprobs=ref_logprobs)
+        results.append(result)
+        print(f"  {spec.name}: PPL {result.perplexity:.3f}", file=sys.stderr)
+    del ref_logprobs
+    rows = [r.summary(reference) for r in results]
+
+    contexts = [int(c) for c in args.contexts.split(",") if c]
+    speed: dict[int, dict[str, dict[str, float]]] = {}
+    for context in contexts:
+        print(f"Decode speed at {context} tokens ({args.steps} interleaved steps) ...", file=sys.stderr)
+        speed[context] = decode_speed(model, specs, context, args.steps)
+    element_size = torch.finfo(model.dtype).bits // 8
+    for row in rows:
+        for context, by_cache in speed.items():
+            measured = by_cache[row["cache"]]
+            fp = by_cache["fp"]
+            fp16_bytes = fp["cache_bytes"] * 2 / element_size
+            row[f"tokens_per_s@{context}"] = measured["tokens_per_s"]
+            row[f"speed_vs_fp@{context}"] = measured["tokens_per_s"] / fp["tokens_per_s"]
+            row[f"prefill_s@{context}"] = measured["prefill_s"]
+            row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
+            row[f"vs_fp16@{context}"] = fp16_bytes / measured["cache_bytes"]
+    return {
+        "benchmark": "compare",
+        "command": "kvpack " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(model.device),
+        },
+        "versions": {
+            "kvpack": kvpack.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "model": args.model or DEFAULT_MODEL,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "data": {"path": str(args.data), "sha256": data_sha256, "tokens": args.tokens, "mode": "streamed"},
+        "contexts": contexts,
+        "rows": rows,
+    }

@@ -1,0 +1,95 @@
+"""`kvpack report results.json`: Markdown tables and PNG plots made from a compare result."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _fmt(value: Any, pattern: str) -> str:
+    return "" if value is None else format(value, pattern)
+
+
+def markdown(result: dict[str, Any]) -> str:
+    """The compare result as a Markdown page: setup, then one table."""
+    contexts = result.get("contexts", [])
+    lines = [
+        f"# kvpack compare: {result['model']} ({result['dtype']})",
+        "",
+        f"- date: {result['date']}; machine: {result['machine']['platform']}, "
+        f"{result['machine']['torch_threads']} torch threads, {result['machine']['device']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"- data: {Path(result['data']['path']).name} (sha256 {result['data']['sha256'][:12]}…), first "
+        f"{result['data']['tokens']} tokens, {result['data']['mode']} one token at a time",
+        f"- command: `{result['command']}`",
+        "",
+    ]
+    header = ["cache", "PPL", "ΔPPL", "mean KL", "top-1", "worst KL (pos)"]
+    for context in contexts:
+        header += [f"bytes @{context}", f"vs fp16 @{context}", f"tok/s @{context}", f"vs fp @{context}"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result["rows"]:
+        cells = [
+            row["cache"],
+            _fmt(row["ppl"], ".3f"),
+            "—" if row["cache"] == "fp" else f"{row['delta_ppl_pct']:+.2f}%",
+            _fmt(row.get("mean_kl"), ".5f"),
+            "" if row.get("top1_agreement") is None else f"{row['top1_agreement']:.2%}",
+            "" if row.get("max_kl") is None else f"{row['max_kl']:.3f} ({row['worst_position']})",
+        ]
+        for context in contexts:
+            cells += [
+                f"{row[f'cache_bytes@{context}']:,}",
+                f"{row[f'vs_fp16@{context}']:.2f}x",
+                f"{row[f'tokens_per_s@{context}']:.2f}",
+                f"{row[f'speed_vs_fp@{context}']:.2f}x",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = [(row["cache"], note) for row in result["rows"] for note in row.get("notes", [])]
+    if notes:
+        lines += ["", "Notes:"] + [f"- {cache}: {note}" for cache, note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Two panels: quality (mean KL) vs bits per cached value, and decode tokens/s vs context."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = result.get("contexts", [])
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    fp_row = next(row for row in result["rows"] if row["cache"] == "fp")
+    element_bits = 32 if result["dtype"] == "float32" else 16
+    last = contexts[-1] if contexts else None
+    for row in result["rows"]:
+        if row["cache"] == "fp" or last is None or row.get("mean_kl") is None:
+            continue
+        bits = element_bits * row[f"cache_bytes@{last}"] / fp_row[f"cache_bytes@{last}"]
+        left.scatter(bits, max(row["mean_kl"], 1e-6))
+        left.annotate(row["cache"], (bits, max(row["mean_kl"], 1e-6)), fontsize=8)
+    left.set_xlabel(f"bits per cached value at {last} tokens (all bytes held)")
+    left.set_ylabel("mean KL vs full-precision cache")
+    left.set_yscale("log")
+    left.grid(alpha=0.3)
+    for row in result["rows"]:
+        right.plot(contexts, [row[f"tokens_per_s@{c}"] for c in contexts], marker="o", label=row["cache"])
+    right.set_xlabel("context (tokens)")
+    right.set_ylabel("decode tokens/s")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    fig.suptitle(f"{result['model']}: {result['data']['tokens']} streamed tokens, {result['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(json_path: Path) -> tuple[Path, Path]:
+    """Write `<name>.md` and `<name>.png` next to `json_path`; returns their paths."""
+    result = json.loads(Path(json_path).read_text())
+    md_path, png_path = Path(json_path).with_suffix(".md"), Path(json_path).with_suffix(".png")
+    md_path.write_text(markdown(result))
+    plot(result, png_path)
+    return md_path, png_path

@@ -1,0 +1,1 @@
+"""Evaluation: streamed perplexity and agreement with the full-precision cache, passkey retrieval."""

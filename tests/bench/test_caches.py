@@ -1,0 +1,89 @@
+"""Cache names for benchmarks: parsing, construction, byte counting (peers included)."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+from transformers import DynamicCache, LlamaConfig
+
+from kvpack import ConfigError, KVPackCache, KVPackError
+from kvpack.bench import caches
+from kvpack.bench.caches import cache_nbytes, make_cache, parse_cache_name
+
+
+def tiny_config() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=128, vocab_size=128, head_dim=16,
+    )  # fmt: skip
+
+
+def test_names_parse_to_kinds_and_peer_options() -> None:
+    assert parse_cache_name("fp").kind == "fp"
+    assert parse_cache_name("k4v4").name == "k4v4-g64-r128"
+    quanto = parse_cache_name("quanto-int2-g32-r0")
+    assert quanto.kind == "peer"
+    assert quanto.peer == {
+        "backend": "quanto", "nbits": 2, "q_group_size": 32, "residual_length": 0, "axis_key": 0, "axis_value": 0,
+    }  # fmt: skip
+    hqq = parse_cache_name("hqq-int4-axis1")
+    assert hqq.peer["axis_key"] == hqq.peer["axis_value"] == 1
+    assert hqq.feed_first_tokens_together == 2 and hqq.notes  # the workaround is stated in the results
+    assert quanto.feed_first_tokens_together == 1 and not quanto.notes
+
+
+@pytest.mark.parametrize("bad", ["quanto", "hqq-int4-axis2", "k5v4", "fp16x", ""])
+def test_unknown_names_list_the_accepted_forms(bad: str) -> None:
+    with pytest.raises(ConfigError, match="quanto-int4"):
+        parse_cache_name(bad)
+
+
+def test_missing_peer_package_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(caches.importlib.util, "find_spec", lambda name: None if "quanto" in name else real(name))
+    with pytest.raises(KVPackError, match="pip install 'optimum-quanto'"):
+        make_cache(parse_cache_name("quanto-int4"), tiny_config())
+
+
+def test_make_cache_builds_each_kind() -> None:
+    config = tiny_config()
+    assert isinstance(make_cache(parse_cache_name("fp"), config), DynamicCache)
+    assert isinstance(make_cache(parse_cache_name("k8v8-g16-r16"), config), KVPackCache)
+
+
+def _fill(cache, config: LlamaConfig, tokens: int, first: int = 1) -> None:
+    generator = torch.Generator().manual_seed(0)
+    for layer_idx in range(config.num_hidden_layers):
+        shape = (1, config.num_key_value_heads, tokens, config.head_dim)
+        keys, values = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+        cache.update(keys[:, :, :first], values[:, :, :first], layer_idx)
+        cache.update(keys[:, :, first:], values[:, :, first:], layer_idx)
+
+
+def test_cache_nbytes_of_dynamic_cache_is_its_keys_and_values() -> None:
+    config = tiny_config()
+    cache = DynamicCache(config=config)
+    _fill(cache, config, 100)
+    expected = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert cache_nbytes(cache) == expected == 2 * 2 * 100 * 2 * 16 * 4
+
+
+def test_cache_nbytes_of_kvpack_is_its_exact_count() -> None:
+    config = tiny_config()
+    cache = KVPackCache(config, "k4v4-g16-r16")
+    _fill(cache, config, 100)
+    assert cache_nbytes(cache) == cache.nbytes() > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="optimum-quanto is not installed")
+def test_cache_nbytes_of_quanto_counts_codes_scales_shifts_and_residual() -> None:
+    config = tiny_config()
+    cache = make_cache(parse_cache_name("quanto-int4-g16-r16"), config)
+    _fill(cache, config, 100)
+    # 2 layers x (keys + values) of [1, 2, 100, 16] quantized at once by the prefill: 3200 values each, 4-bit
+    # codes (1600 bytes), one float32 scale and shift per group of 16 (200 groups, 800 + 800 bytes); the
+    # residual is empty right after a flush.
+    per_tensor = 1600 + 800 + 800
+    assert cache_nbytes(cache) == 2 * 2 * per_tensor
