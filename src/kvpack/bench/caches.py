@@ -135,7 +135,7 @@ def cache_nbytes(cache: Any) -> int:
         if isinstance(obj, torch.Tensor):
             flatten = getattr(type(obj), "__tensor_flatten__", None)
             if flatten is not None and type(obj) is not torch.Tensor and not isinstance(obj, torch.nn.Parameter):
-                inner_names, _ = obj.__tensor_flatten__()
+                inner_names, _ = flatten(obj)
                 for inner in inner_names:
                     visit(getattr(obj, inner), depth + 1)
                 return
