@@ -1,0 +1,62 @@
+"""`kvpack compare` end to end on a tiny local model (random weights, the default model's tokenizer)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kvpack.bench.compare import run_compare
+from kvpack.bench.report import markdown, write_report
+from kvpack.models import default_model_file
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    gguf = default_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=128, vocab_size=len(tokenizer), head_dim=16, max_position_embeddings=512,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_compare_writes_a_complete_result(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    caches = "k8v8-g16-r16,k2v2-g16-r0"
+    if __import__("importlib").util.find_spec("optimum") is not None:
+        caches += ",quanto-int4-g16-r16"
+    args = argparse.Namespace(
+        caches=caches, tokens=48, data=str(data), model=str(tiny_model_dir), dtype="float32",
+        device="cpu", threads=1, contexts="32,64", steps=2,
+    )  # fmt: skip
+    result = run_compare(args)
+    names = [row["cache"] for row in result["rows"]]
+    assert names[0] == "fp" and len(names) == len(caches.split(",")) + 1  # fp added as the reference
+    assert result["data"]["tokens"] == 48 and len(result["data"]["sha256"]) == 64
+    for row in result["rows"]:
+        assert row["predictions"] == 47
+        for context in (32, 64):
+            assert row[f"tokens_per_s@{context}"] > 0 and row[f"cache_bytes@{context}"] > 0
+    fp, two_bit = result["rows"][0], result["rows"][names.index("k2v2-g16-r0")]
+    assert fp["speed_vs_fp@64"] == 1.0 and fp["delta_ppl_pct"] == 0.0
+    assert two_bit["mean_kl"] > 0 and 0 <= two_bit["top1_agreement"] <= 1
+    assert fp["vs_fp16@64"] == pytest.approx(0.5)  # a float32 cache is twice a float16 one
+
+    path = tmp_path / "compare.json"
+    path.write_text(json.dumps(result))
+    md_path, png_path = write_report(path)
+    page = md_path.read_text()
+    assert all(name in page for name in names) and "tok/s @64" in page
+    assert png_path.stat().st_size > 10_000
+    assert markdown(result) == page
