@@ -91,13 +91,16 @@ class PackedBuffer:
         )
 
     def drop_oldest(self, tokens: int) -> None:
-        """Forget the oldest `tokens` (a multiple of the storage unit), keeping the capacity."""
+        """Forget the oldest `tokens` (a multiple of the storage unit) and release their storage.
+
+        Sliding-window layers call this at most once per packed block, on a window's worth of data, so
+        reallocating to exactly what is kept costs little and keeps `nbytes()` to the window.
+        """
         units = tokens // self.unit_tokens
         if units <= 0:
             return
         keep = self.length_units - units
-        for t in self._tensors():
-            t[:, :, :keep] = t[:, :, units : units + keep].clone()
+        self.codes, self.scale, self.zero = (t[:, :, units : units + keep].clone() for t in self._tensors())
         self.length -= units * self.unit_tokens
 
     def drop_newest(self, tokens: int) -> None:

@@ -1,0 +1,1126 @@
+"""`kvpack memory`: exact KV-cache memory by batch size x sequence length for any model config, and a check of it.
+
+The bytes a cache holds after a prefill of N tokens at batch B follow from the model config alone:
+
+- `fp16`, `bf16`, `fp32`: transformers' `DynamicCache` in that dtype: keys and values of every token, per
+  layer `B x kv_heads x tokens x head_dim x 2 x element size`; a sliding-window layer keeps the last
+  `sliding_window - 1` tokens.
+- a kvpack spec (`k4v4`, `k8v8-g64-r128-s4`, ...): `KVPackCache.nbytes()` after the prefill, computed from
+  the layout of `kvpack.cache`: the sinks buffer (`sinks` tokens) and the residual buffer (`residual +
+  block_tokens` tokens) in the model dtype, plus the packed blocks the prefill quantized (`PackedBuffer`
+  allocates them exactly at the first fill): per-channel codes `head_dim x group x bits / 8` bytes per block
+  of `group` tokens, per-token codes `head_dim x bits / 8` bytes per token, float16 scales and zeros.
+  Layers that cache nothing (`DummyLayer`) hold 0 bytes.
+
+The formula is exact (tests compare it with `nbytes()` of filled caches); `--measure` fills real caches for a
+few cells and checks it against `nbytes()` and against the memory the process or device actually gained.
+
+    kvpack memory                                     # the embedded default model's config, default grid
+    kvpack memory --model benchmarks/configs/llama-2-7b.json --weights fp16,int8,int4 --budget-gib 24 --measure
+
+`memory_table` returns the JSON-ready table, `measure_cells` the measurements, `to_markdown` renders both.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import datetime
+import gc
+import json
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvpack.config import CacheConfig, QuantSpec, parse_spec
+from kvpack.errors import ConfigError, KVPackError, ModelNotFoundError, ShapeError, UnsupportedModelError
+from kvpack.quant.packing import packed_row_bytes
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+DEFAULT_CACHES = "fp16,k8v8,k4v4,k4v2,k2v2"
+DEFAULT_BATCHES = "1,4,16,64"
+DEFAULT_LENGTHS = "512,1024,2048,4096,8192,16384,32768,65536,131072"
+DEFAULT_DTYPE = "float16"
+FP_CACHES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+WEIGHT_FORMATS = ("fp16", "int8", "int4")
+INT4_GROUP = 64
+GIB = 1 << 30
+MIB = 1 << 20
+# PackedBuffer stores every scale and zero point as float16.
+PARAM_BYTES = torch.float16.itemsize
+# The tokens used to read off the marginal bytes per token: a multiple of every block size, far past any window.
+_MARGINAL_TOKENS = 1 << 20
+# Binary search for the max context stops here and calls the cache unbounded (e.g. an fp cache of window layers).
+_MAX_SEARCH_TOKENS = 1 << 40
+
+# --measure: the sample of cells, the cap on their size, and the process/device memory check.
+MEASURE_BATCHES = (1, 4)
+MEASURE_LENGTHS = (512, 2048, 8192)
+MEASURE_MAX_GIB = 2.0
+MEASURE_TOLERANCE = 0.02
+# Below this, page rounding and allocator headers of each tensor (hundreds per cache, ~1-2 KiB each) approach the
+# tolerance: measured here, +3-6% on 6-30 MiB caches of the default model, +0.2-0.4% from 128 MiB.
+MEASURE_MIN_CHECKED_BYTES = 64 * MIB
+
+# Model types whose parameters follow the Llama layout; the values say which optional tensors they have.
+_LLAMA_LIKE = {
+    # model_type: (q/k/v biases always, o and q/k/v biases from `attention_bias`, per-head q/k norms)
+    "llama": (False, True, False),
+    "mistral": (False, False, False),
+    "qwen2": (True, False, False),
+    "qwen3": (False, True, True),
+}
+
+WEIGHTS_METHOD = (
+    "Parameters counted from the config for the Llama layout (Llama, Mistral, Qwen2, Qwen3): token embeddings; per "
+    "layer the q/k/v/o attention projections, the gate/up/down MLP projections, two RMSNorms, and the biases and "
+    "q/k norms the architecture has; the final norm; lm_head unless tied to the embeddings. fp16: 2 bytes per "
+    f"parameter. int8: the decoder layers' projection matrices at 1 byte per weight plus one float16 scale per "
+    f"output channel. int4: 0.5 byte per weight plus a float16 scale and zero per group of {INT4_GROUP} input "
+    "channels. Embeddings, lm_head, norms and biases stay float16 in every format (as GPTQ, AWQ and bitsandbytes "
+    "checkpoints keep them). Activations, workspace and framework overhead are not counted."
+)
+
+
+# -- what the cache size depends on ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The fields of a model config that its KV cache size depends on.
+
+    layers: per decoder layer, (layer type, sliding window or None) exactly as `KVPackCache` builds its layers
+        (`kvpack.cache.cache._layer_plan`); "dummy" layers cache nothing.
+    kv_heads, head_dim: of the keys and values (`num_key_value_heads`, default `num_attention_heads`;
+        `head_dim`, default `hidden_size // num_attention_heads`), read from the text decoder's config.
+    """
+
+    model_type: str
+    kv_heads: int
+    head_dim: int
+    layers: tuple[tuple[str, int | None], ...]
+    max_position_embeddings: int | None
+
+    @classmethod
+    def from_config(cls, config: PretrainedConfig) -> ModelShape:
+        """Read a (possibly multimodal) transformers config; raises `UnsupportedModelError` like `KVPackCache`."""
+        from kvpack.cache.cache import _layer_plan
+
+        text = config.get_text_config(decoder=True)
+        heads = int(text.num_attention_heads)
+        kv_heads = getattr(text, "num_key_value_heads", None) or heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        max_positions = getattr(text, "max_position_embeddings", None)
+        return cls(
+            model_type=str(getattr(text, "model_type", type(text).__name__)),
+            kv_heads=int(kv_heads),
+            head_dim=int(head_dim),
+            layers=tuple(_layer_plan(config)),
+            max_position_embeddings=int(max_positions) if max_positions else None,
+        )
+
+    def summary(self) -> dict[str, Any]:
+        """JSON-ready description: layer counts by type and window, heads, head_dim, max context."""
+        counts: dict[str, int] = {}
+        for layer_type, window in self.layers:
+            key = layer_type if window is None else f"{layer_type} (window {window})"
+            counts[key] = counts.get(key, 0) + 1
+        return {
+            "model_type": self.model_type,
+            "layers": len(self.layers),
+            "layer_types": counts,
+            "kv_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+        }
+
+
+@dataclass(frozen=True)
+class CacheKind:
+    """One column of the table: transformers' `DynamicCache` in `dtype`, or a kvpack cache with `config`."""
+
+    name: str  # "fp16", "bf16", "fp32", or the canonical kvpack spec
+    dtype: torch.dtype | None = None
+    config: CacheConfig | None = None
+
+    @property
+    def is_kvpack(self) -> bool:
+        return self.config is not None
+
+    def describe(self, model_dtype: torch.dtype) -> str:
+        """One line: what the cache stores."""
+        if self.config is None:
+            return f"transformers DynamicCache, keys and values in {_dtype_name(self.dtype)}"
+        c = self.config
+        parts = [
+            f"keys {c.key.bits}-bit per {c.key.axis} (groups of {c.key.group_size})",
+            f"values {c.value.bits}-bit per {c.value.axis} (groups of {c.value.group_size})",
+            f"residual buffer {c.residual} + {c.block_tokens} tokens in {_dtype_name(model_dtype)}",
+        ]
+        if c.sinks:
+            parts.append(f"{c.sinks} sink tokens in {_dtype_name(model_dtype)}")
+        return ", ".join(parts)
+
+
+def parse_cache(name: str | CacheConfig) -> CacheKind:
+    """`fp16`, `bf16`, `fp32` (a `DynamicCache` in that dtype) or a kvpack spec / `CacheConfig`."""
+    if isinstance(name, CacheConfig):
+        return CacheKind(name=name.spec, config=name)
+    key = name.strip().lower()
+    if key in FP_CACHES:
+        return CacheKind(name=key, dtype=FP_CACHES[key])
+    try:
+        config = parse_spec(key)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"unknown cache {name!r}: use fp16, bf16, fp32 or a kvpack spec such as k4v4 ({exc})"
+        ) from exc
+    return CacheKind(name=config.spec, config=config)
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in MODEL_DTYPES.values():
+            raise ConfigError(f"model dtype {dtype} is not supported; use one of {sorted(MODEL_DTYPES)}.")
+        return dtype
+    if dtype not in MODEL_DTYPES:
+        raise ConfigError(f"model dtype {dtype!r} is not supported; use one of {sorted(MODEL_DTYPES)}.")
+    return MODEL_DTYPES[dtype]
+
+
+# -- the exact formula ----------------------------------------------------------------------------------------
+
+
+def _packed_bytes(spec: QuantSpec, tokens: int, head_dim: int) -> int:
+    """Bytes of one (batch, head) row of a `PackedBuffer` holding exactly `tokens` tokens (codes, scales, zeros)."""
+    if spec.axis == "channel":  # one row of `group_size` codes per channel per block of tokens
+        units, code_bytes, params = (
+            tokens // spec.group_size,
+            head_dim * packed_row_bytes(spec.group_size, spec.bits),
+            head_dim,
+        )
+    else:  # one row of `head_dim` codes per token
+        units, code_bytes, params = tokens, packed_row_bytes(head_dim, spec.bits), head_dim // spec.group_size
+    return units * (code_bytes + 2 * params * PARAM_BYTES)
+
+
+def _check_fits(config: CacheConfig, head_dim: int) -> None:
+    """Raise the `ShapeError` that `PackedLayer.lazy_initialization` would raise for this head_dim."""
+    for name, spec in (("key", config.key), ("value", config.value)):
+        if spec.axis == "token" and head_dim % spec.group_size:
+            raise ShapeError(
+                f"{config.spec}: the {name} head_dim {head_dim} is not divisible by the {name} group size "
+                f"{spec.group_size}, so this cache cannot hold this model; choose a group size that divides {head_dim}."
+            )
+
+
+def _kvpack_row_bytes(config: CacheConfig, window: int | None, length: int, head_dim: int, element_size: int) -> int:
+    """Bytes one (batch, kv head) row of a kvpack layer holds after a prefill of `length` tokens."""
+    if window is not None:
+        config = replace(config, sinks=0)  # as PackedSlidingLayer: the window moves past the sinks
+    block = config.block_tokens
+    # PackedLayer._append: the first `sinks` tokens go to the sinks; of the rest, whole blocks leave the residual
+    # once it holds `residual + block` tokens, keeping at least `residual` tokens exact.
+    stored = length - min(config.sinks, length)
+    flush = (stored - config.residual) // block * block if stored >= config.residual + block else 0
+    if window is not None:
+        # PackedSlidingLayer._forget_outside_window: packed blocks older than the window (plus a margin of
+        # residual + block tokens, so a rollback stays exact) are dropped, and after a prefill the storage is
+        # reallocated to what is kept (`PackedBuffer.drop_oldest`).
+        excess = flush + (stored - flush) - (window - 1 + config.residual + block)
+        flush -= min(max(excess, 0) // block * block, flush)
+    # The record-past shadow block is empty (only assisted decoding turns it on).
+    dense_tokens = config.sinks + config.residual + block  # the sinks and residual buffers, preallocated
+    packed = _packed_bytes(config.key, flush, head_dim) + _packed_bytes(config.value, flush, head_dim)
+    return 2 * dense_tokens * head_dim * element_size + packed
+
+
+def _dynamic_row_tokens(window: int | None, length: int) -> int:
+    """Tokens a `DynamicLayer` / `DynamicSlidingWindowLayer` keeps (`states[:, :, -window + 1:]`)."""
+    if window is None or window - 1 <= 0:
+        return length
+    return min(length, window - 1)
+
+
+def cache_bytes(shape: ModelShape, kind: CacheKind, batch: int, length: int, dtype: torch.dtype | str) -> int:
+    """Exact bytes `kind` holds after a single prefill of `length` tokens at batch size `batch`.
+
+    For kvpack caches this equals `KVPackCache(config, spec).nbytes()` after each layer's `update` with keys and
+    values `[batch, kv_heads, length, head_dim]` in `dtype` (the model dtype: residual and sink tokens use it).
+    For fp caches, the bytes of the keys/values a `DynamicCache` in the cache's own dtype keeps. Non-decreasing
+    in `length`. Raises `ShapeError` when the model's head_dim does not fit the spec's groups.
+    """
+    if batch < 1 or length < 0:
+        raise ConfigError(f"batch {batch} and length {length} must be >= 1 and >= 0.")
+    element_size = _as_dtype(dtype).itemsize
+    rows = batch * shape.kv_heads
+    total = 0
+    if kind.config is not None:
+        _check_fits(kind.config, shape.head_dim)
+        for layer_type, window in shape.layers:
+            if layer_type != "dummy":
+                total += rows * _kvpack_row_bytes(kind.config, window, length, shape.head_dim, element_size)
+        return total
+    assert kind.dtype is not None
+    for layer_type, window in shape.layers:
+        if layer_type != "dummy":
+            total += rows * _dynamic_row_tokens(window, length) * 2 * shape.head_dim * kind.dtype.itemsize
+    return total
+
+
+def bytes_per_token(shape: ModelShape, kind: CacheKind, dtype: torch.dtype | str) -> float:
+    """Marginal bytes per additional cached token at batch 1, for long contexts (past every window and block)."""
+    n = _MARGINAL_TOKENS
+    return (cache_bytes(shape, kind, 1, 2 * n, dtype) - cache_bytes(shape, kind, 1, n, dtype)) / n
+
+
+def max_context(
+    shape: ModelShape,
+    kind: CacheKind,
+    batch: int,
+    dtype: torch.dtype | str,
+    budget_bytes: int,
+    fixed_bytes: int = 0,
+) -> int | None:
+    """Largest N with `fixed_bytes + cache_bytes(N) <= budget_bytes`, by binary search on the exact formula.
+
+    fixed_bytes: memory that does not grow with the context (the weights). Returns 0 when not even one token
+    fits, None when every length up to 2**40 tokens fits (a cache that stops growing, e.g. fp window layers).
+    """
+
+    def fits(n: int) -> bool:
+        return fixed_bytes + cache_bytes(shape, kind, batch, n, dtype) <= budget_bytes
+
+    if not fits(1):
+        return 0
+    low, high = 1, 2
+    while fits(high):  # the formula grows with N: double until it does not fit, then bisect
+        low, high = high, high * 2
+        if high > _MAX_SEARCH_TOKENS:
+            return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        if fits(mid):
+            low = mid
+        else:
+            high = mid
+    # Sliding-window layers release a packed block at block boundaries, so the bytes dip by up to one block
+    # per window layer every `block` tokens: look past the bisection point for the last length that fits.
+    block = kind.config.block_tokens if kind.config is not None else 1
+    return max((n for n in range(low + 1, low + 2 * block + 2) if fits(n)), default=low)
+
+
+# -- weights --------------------------------------------------------------------------------------------------
+
+
+def weight_shapes(config: PretrainedConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the model's parameters, as `named_parameters()` of its `*ForCausalLM` lists them.
+
+    Derived from the config for the Llama layout only (model types llama, mistral, qwen2, qwen3); any other
+    architecture raises `UnsupportedModelError` rather than guessing its parameters.
+    """
+    text = config.get_text_config(decoder=True)
+    model_type = getattr(text, "model_type", type(text).__name__)
+    if model_type not in _LLAMA_LIKE:
+        raise UnsupportedModelError(
+            f"the parameter count of a {model_type!r} model cannot be derived from its config by kvpack (it knows "
+            f"the layouts of {', '.join(sorted(_LLAMA_LIKE))}); weights are left out."
+        )
+    qkv_bias_always, bias_from_config, qk_norm = _LLAMA_LIKE[model_type]
+    attention_bias = bool(getattr(text, "attention_bias", False)) and bias_from_config
+    mlp_bias = bool(getattr(text, "mlp_bias", False))
+    hidden, inter, vocab = int(text.hidden_size), int(text.intermediate_size), int(text.vocab_size)
+    heads = int(text.num_attention_heads)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+
+    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
+    for i in range(int(text.num_hidden_layers)):
+        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        for proj, out in (
+            ("q_proj", heads * head_dim),
+            ("k_proj", kv_heads * head_dim),
+            ("v_proj", kv_heads * head_dim),
+        ):
+            shapes.append((f"{attn}.{proj}.weight", (out, hidden)))
+            if qkv_bias_always or attention_bias:
+                shapes.append((f"{attn}.{proj}.bias", (out,)))
+        shapes.append((f"{attn}.o_proj.weight", (hidden, heads * head_dim)))
+        if attention_bias:
+            shapes.append((f"{attn}.o_proj.bias", (hidden,)))
+        if qk_norm:
+            shapes += [(f"{attn}.q_norm.weight", (head_dim,)), (f"{attn}.k_norm.weight", (head_dim,))]
+        for proj, (out, inp) in (
+            ("gate_proj", (inter, hidden)),
+            ("up_proj", (inter, hidden)),
+            ("down_proj", (hidden, inter)),
+        ):
+            shapes.append((f"{mlp}.{proj}.weight", (out, inp)))
+            if mlp_bias:
+                shapes.append((f"{mlp}.{proj}.bias", (out,)))
+        shapes += [
+            (f"model.layers.{i}.input_layernorm.weight", (hidden,)),
+            (f"model.layers.{i}.post_attention_layernorm.weight", (hidden,)),
+        ]
+    shapes.append(("model.norm.weight", (hidden,)))
+    if not tied:
+        shapes.append(("lm_head.weight", (vocab, hidden)))
+    return shapes
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for size in shape:
+        n *= size
+    return n
+
+
+def weight_bytes(shapes: Sequence[tuple[str, tuple[int, ...]]], fmt: str) -> int:
+    """Bytes of the weights in `fmt` (fp16, int8, int4), as `WEIGHTS_METHOD` describes."""
+    if fmt not in WEIGHT_FORMATS:
+        raise ConfigError(f"unknown weight format {fmt!r}; use one of {', '.join(WEIGHT_FORMATS)}.")
+    total = 0
+    for name, shape in shapes:
+        quantized = fmt != "fp16" and name.startswith("model.layers.") and len(shape) == 2
+        if not quantized:
+            total += _numel(shape) * 2
+            continue
+        out, inp = shape
+        if fmt == "int8":
+            total += out * inp + out * 2  # codes + one float16 scale per output channel
+        else:
+            groups = -(-inp // INT4_GROUP)
+            total += out * packed_row_bytes(inp, 4) + out * groups * 2 * 2  # codes + float16 scale and zero per group
+    return total
+
+
+def _weights_section(config: PretrainedConfig, formats: Sequence[str]) -> dict[str, Any]:
+    for fmt in formats:
+        if fmt not in WEIGHT_FORMATS:
+            raise ConfigError(f"unknown weight format {fmt!r}; use one of {', '.join(WEIGHT_FORMATS)}.")
+    try:
+        shapes = weight_shapes(config)
+    except UnsupportedModelError as exc:
+        return {"formats": list(formats), "error": str(exc)}
+    return {
+        "formats": list(formats),
+        "method": WEIGHTS_METHOD,
+        "parameters": sum(_numel(shape) for _, shape in shapes),
+        "bytes": {fmt: weight_bytes(shapes, fmt) for fmt in formats},
+    }
+
+
+# -- the table ------------------------------------------------------------------------------------------------
+
+
+def memory_table(
+    config: PretrainedConfig,
+    cache_specs: Sequence[str | CacheConfig],
+    batch_sizes: Sequence[int],
+    lengths: Sequence[int],
+    dtype: torch.dtype | str = DEFAULT_DTYPE,
+    weights: Sequence[str] | None = None,
+    budget_gib: float | None = None,
+) -> dict[str, Any]:
+    """The JSON-ready memory table of a model config (no weights loaded).
+
+    cache_specs: fp16 / bf16 / fp32 and kvpack specs; dtype: the model dtype (kvpack's residual and sink tokens).
+    weights: formats among fp16, int8, int4 to add the model's weight bytes (and totals); budget_gib: also find
+    the max context that fits in that many GiB, for each cache and batch size, with and without each weight format.
+    Returns `{"model", "dtype", "caches", "batch_sizes", "lengths", "cells", "weights"?, "max_context"?}`; each
+    cell has the exact cache bytes and the ratio vs a float16 `DynamicCache` of the same tokens.
+    """
+    model_dtype = _as_dtype(dtype)
+    kinds = [parse_cache(spec) for spec in cache_specs]
+    if not kinds:
+        raise ConfigError("give at least one cache (e.g. fp16,k4v4).")
+    batches, token_counts = list(batch_sizes), list(lengths)
+    if not batches or not token_counts or min(batches) < 1 or min(token_counts) < 1:
+        raise ConfigError(f"batch sizes {batches} and lengths {token_counts} must be non-empty and >= 1.")
+    shape = ModelShape.from_config(config)
+    fp16 = parse_cache("fp16")
+    fp16_per_token = bytes_per_token(shape, fp16, model_dtype)
+    caches = []
+    for kind in kinds:
+        per_token = bytes_per_token(shape, kind, model_dtype)
+        caches.append(
+            {
+                "name": kind.name,
+                "kind": "kvpack" if kind.is_kvpack else "dynamic",
+                "dtype": _dtype_name(model_dtype if kind.is_kvpack else kind.dtype),
+                "config": kind.config.to_dict() if kind.config is not None else None,
+                "description": kind.describe(model_dtype),
+                "bytes_per_token": per_token,
+                "vs_fp16_per_token": fp16_per_token / per_token if per_token else None,
+            }
+        )
+    result: dict[str, Any] = {
+        "model": shape.summary(),
+        "dtype": _dtype_name(model_dtype),
+        "caches": caches,
+        "batch_sizes": batches,
+        "lengths": token_counts,
+    }
+    weights_info = _weights_section(config, weights) if weights else None
+    weight_sizes: dict[str, int] = weights_info.get("bytes", {}) if weights_info else {}
+    cells = []
+    for batch in batches:
+        for length in token_counts:
+            reference = cache_bytes(shape, fp16, batch, length, model_dtype)
+            for kind in kinds:
+                held = cache_bytes(shape, kind, batch, length, model_dtype)
+                cell: dict[str, Any] = {
+                    "cache": kind.name,
+                    "batch": batch,
+                    "length": length,
+                    "bytes": held,
+                    "vs_fp16": reference / held if held else None,
+                }
+                if weight_sizes:
+                    cell["total_bytes"] = {fmt: size + held for fmt, size in weight_sizes.items()}
+                cells.append(cell)
+    result["cells"] = cells
+    if weights_info is not None:
+        result["weights"] = weights_info
+    if budget_gib is not None:
+        if budget_gib <= 0:
+            raise ConfigError(f"--budget-gib {budget_gib} must be positive.")
+        budget = int(budget_gib * GIB)
+        options: list[str | None] = [None, *weight_sizes]
+        rows = []
+        for kind in kinds:
+            for fmt in options:
+                for batch in batches:
+                    fixed = weight_sizes[fmt] if fmt is not None else 0
+                    tokens = max_context(shape, kind, batch, model_dtype, budget, fixed)
+                    limit = shape.max_position_embeddings
+                    rows.append(
+                        {
+                            "cache": kind.name,
+                            "weights": fmt,
+                            "batch": batch,
+                            "max_length": tokens,
+                            "beyond_max_position": limit is not None and (tokens is None or tokens > limit),
+                        }
+                    )
+        result["max_context"] = {"budget_gib": budget_gib, "budget_bytes": budget, "rows": rows}
+    return result
+
+
+# -- measurement ----------------------------------------------------------------------------------------------
+
+
+def default_measure_cells(batch_sizes: Sequence[int], lengths: Sequence[int]) -> list[tuple[int, int]]:
+    """The sample `--measure` fills: batch 1 and 4 x 512, 2048 and 8192 tokens, where the table has them."""
+    batches = [b for b in MEASURE_BATCHES if b in batch_sizes] or [min(batch_sizes)]
+    tokens = [n for n in MEASURE_LENGTHS if n in lengths] or sorted(lengths)[:2]
+    return [(b, n) for b in batches for n in tokens]
+
+
+def _libc() -> Any | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def _release_freed_memory(device: torch.device) -> None:
+    """Return freed memory to the OS, so that RSS counts live allocations only (glibc keeps freed heap pages)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        return
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+def _rss_bytes() -> int | None:
+    """Resident set size of this process: psutil if installed, else /proc/self/statm; None if neither works."""
+    try:
+        import psutil
+    except ImportError:
+        statm = Path("/proc/self/statm")
+        if not statm.is_file():
+            return None
+        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return int(psutil.Process().memory_info().rss)
+
+
+def _held_storages(cache: Any, kvpack: bool) -> list[torch.UntypedStorage]:
+    """The distinct non-empty storages of a cache's tensors: every tensor of a kvpack layer (attributes and one
+    level below), the keys and values of a DynamicCache layer."""
+    found: dict[int, torch.UntypedStorage] = {}
+
+    def visit(obj: Any, depth: int) -> None:
+        if isinstance(obj, torch.Tensor):
+            storage = obj.untyped_storage()
+            if storage.nbytes():
+                found.setdefault(storage.data_ptr(), storage)
+        elif depth < 2 and hasattr(obj, "__dict__") and not isinstance(obj, type):
+            for value in vars(obj).values():
+                visit(value, depth + 1)
+
+    for layer in cache.layers:
+        if kvpack:
+            visit(layer, 0)
+        else:
+            visit(getattr(layer, "keys", None), 0)
+            visit(getattr(layer, "values", None), 0)
+    return list(found.values())
+
+
+def _touch(storages: Sequence[torch.UntypedStorage]) -> None:
+    """Write every byte of each CPU storage with itself (no data changes) so all its pages are resident.
+
+    A cache preallocates buffers it has not written yet (the free slots of the residual buffer); their pages do
+    not count in RSS until first written. Touching them makes RSS measure what was allocated.
+    """
+    for storage in storages:
+        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).bitwise_or_(0)
+
+
+def _fill(config: PretrainedConfig, kind: CacheKind, x: torch.Tensor) -> Any:
+    """A fresh cache of `kind`, every caching layer's `update` called once with `x` as keys and values."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DummyLayer
+
+    from kvpack.cache import KVPackCache
+
+    cache = KVPackCache(config, kind.config) if kind.config is not None else DynamicCache(config=config)
+    layer: Any
+    for layer in cache.layers:
+        if not isinstance(layer, DummyLayer):
+            layer.update(x, x)
+    return cache
+
+
+def _logical_bytes(cache: Any, kvpack: bool) -> int:
+    """`nbytes()` of a kvpack cache; the bytes of a DynamicCache's keys and values tensors."""
+    if kvpack:
+        return int(cache.nbytes())
+    total = 0
+    for layer in cache.layers:
+        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(t, torch.Tensor):
+                total += t.numel() * t.element_size()
+    return total
+
+
+def measure_cells(
+    config: PretrainedConfig,
+    cache_specs: Sequence[str | CacheConfig],
+    cells: Sequence[tuple[int, int]],
+    dtype: torch.dtype | str = DEFAULT_DTYPE,
+    device: str | torch.device = "cpu",
+    max_gib: float = MEASURE_MAX_GIB,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Fill real caches for `cells` (batch, length) and check the formula against them; the JSON-ready report.
+
+    Each cache is built from `config` and each caching layer's `update` is called once with random keys/values
+    `[batch, kv_heads, length, head_dim]` (the model dtype for kvpack, the cache's own dtype for fp caches): no
+    weights are needed. Per cell and cache: the formula, the cache's own count (`nbytes()`, or the keys/values
+    tensors of a DynamicCache), the bytes of the storages it holds, and the memory the process gained (RSS, on
+    CPU, after returning freed memory to the OS and touching every held page) or the device gained
+    (`torch.cuda.memory_allocated`; the peak, `max_memory_allocated`, is reported too).
+
+    Raises `KVPackError` when the count differs from the formula at all, when a kvpack cache holds storage its
+    `nbytes()` does not count, or, for cells of at least 64 MiB, when the measured growth differs from the held
+    storage by more than 2%. Cells whose largest cache would exceed `max_gib` GiB are skipped (and listed).
+    """
+    model_dtype = _as_dtype(dtype)
+    dev = torch.device(device)
+    kinds = [parse_cache(spec) for spec in cache_specs]
+    shape = ModelShape.from_config(config)
+    if dev.type == "cuda":
+        method = "torch.cuda.memory_allocated growth"
+    elif _rss_bytes() is not None:
+        method = "RSS growth" + ("" if _libc() is not None else " (no malloc_trim: freed memory may be reused)")
+    else:
+        method = "none (no psutil or /proc/self/statm): memory not measured"
+    generator = torch.Generator(device=dev).manual_seed(seed)
+
+    def sample(batch: int, length: int, kind: CacheKind) -> torch.Tensor:
+        x_dtype = model_dtype if kind.is_kvpack else kind.dtype
+        size = (batch, shape.kv_heads, length, shape.head_dim)
+        return torch.randn(size, generator=generator, device=dev, dtype=torch.float32).to(x_dtype)
+
+    for kind in kinds:  # warm up (a prefill that packs blocks): torch's first-call allocations are not the cache's
+        c = kind.config
+        _fill(config, kind, sample(1, c.sinks + c.residual + 2 * c.block_tokens if c is not None else 8, kind))
+    rows: list[dict[str, Any]] = []
+    skipped: list[dict[str, Any]] = []
+    for batch, length in cells:
+        largest = max(cache_bytes(shape, kind, batch, length, model_dtype) for kind in kinds)
+        if largest > max_gib * GIB:
+            skipped.append({"batch": batch, "length": length, "largest_bytes": largest})
+            continue
+        for kind in kinds:
+            x = sample(batch, length, kind)
+            _release_freed_memory(dev)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+                before = torch.cuda.memory_allocated(dev)
+            else:
+                before = _rss_bytes() or 0
+            cache = _fill(config, kind, x)
+            _release_freed_memory(dev)
+            storages = _held_storages(cache, kind.is_kvpack)
+            peak = None
+            if dev.type == "cuda":
+                growth: int | None = torch.cuda.memory_allocated(dev) - before
+                peak = torch.cuda.max_memory_allocated(dev) - before
+            else:
+                _touch(storages)
+                after = _rss_bytes()
+                growth = after - before if after is not None else None
+            formula = cache_bytes(shape, kind, batch, length, model_dtype)
+            counted = _logical_bytes(cache, kind.is_kvpack)
+            storage_bytes = sum(s.nbytes() for s in storages)
+            del cache, storages, x
+            row = _check_cell(kind, batch, length, formula, counted, storage_bytes, growth)
+            row["peak_growth_bytes"] = peak
+            rows.append(row)
+    _release_freed_memory(dev)
+    return {
+        "device": str(dev),
+        "method": method,
+        "tolerance": MEASURE_TOLERANCE,
+        "min_checked_bytes": MEASURE_MIN_CHECKED_BYTES,
+        "max_gib": max_gib,
+        "rows": rows,
+        "skipped": skipped,
+    }
+
+
+def _check_cell(
+    kind: CacheKind, batch: int, length: int, formula: int, counted: int, storage_bytes: int, growth: int | None
+) -> dict[str, Any]:
+    where = f"{kind.name} at batch {batch}, {length} tokens"
+    if counted != formula:
+        what = "nbytes()" if kind.is_kvpack else "the DynamicCache's keys/values"
+        raise KVPackError(
+            f"{where}: {what} = {counted:,} bytes but the formula gives {formula:,} "
+            f"({counted - formula:+,}); kvpack.bench.memory no longer matches the cache layout, fix the formula."
+        )
+    if kind.is_kvpack and storage_bytes != counted:
+        raise KVPackError(
+            f"{where}: the cache holds {storage_bytes:,} bytes of tensor storage but nbytes() counts {counted:,}; "
+            "nbytes() must count every byte the cache holds (views of larger buffers included)."
+        )
+    note = ""
+    checked = False
+    if growth is None:
+        note = "memory not measured"
+    elif storage_bytes < MEASURE_MIN_CHECKED_BYTES:
+        note = f"under {MEASURE_MIN_CHECKED_BYTES // MIB} MiB, where page rounding of each tensor is a few %"
+    else:
+        error = (growth - storage_bytes) / storage_bytes
+        if abs(error) > MEASURE_TOLERANCE:
+            raise KVPackError(
+                f"{where}: the process gained {growth:,} bytes of memory but the cache holds {storage_bytes:,} "
+                f"({error:+.2%}, tolerance ±{MEASURE_TOLERANCE:.0%}): the exact count does not describe real memory. "
+                "Rerun on an idle machine; if it persists, find what the cache allocates beyond its tensors."
+            )
+        checked = True
+    if storage_bytes != counted:  # fp sliding layers: a view of the prefill's whole keys/values until the next step
+        note = (note + "; " if note else "") + (
+            f"holds {storage_bytes:,} bytes of storage for {counted:,} bytes of keys/values (transformers keeps the "
+            "window as a view of the prefill's states until the next update)"
+        )
+    return {
+        "cache": kind.name,
+        "batch": batch,
+        "length": length,
+        "formula_bytes": formula,
+        "nbytes": counted,
+        "storage_bytes": storage_bytes,
+        "growth_bytes": growth,
+        "growth_vs_storage": growth / storage_bytes if growth is not None and storage_bytes else None,
+        "checked": checked,
+        "note": note,
+    }
+
+
+# -- Markdown -------------------------------------------------------------------------------------------------
+
+
+def human_bytes(n: float) -> str:
+    """Binary units: `512.0 KiB`, `11.3 MiB`, `1.25 GiB`."""
+    if n >= GIB:
+        return f"{n / GIB:,.2f} GiB"
+    if n >= MIB:
+        return f"{n / MIB:,.1f} MiB"
+    if n >= 1024:
+        return f"{n / 1024:,.1f} KiB"
+    return f"{n:,.0f} B"
+
+
+def _ratio(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}x"
+
+
+def _tokens(n: int | None, limit: int | None) -> str:
+    if n is None:
+        return "unbounded"
+    mark = " †" if limit and n > limit else ""
+    return f"{n:,}{mark}"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The Markdown report of a `memory_table` result (with the run's provenance and measurements if present)."""
+    model, caches = result["model"], result["caches"]
+    names = [c["name"] for c in caches]
+    limit = model.get("max_position_embeddings")
+    by_cell = {(c["batch"], c["length"], c["cache"]): c for c in result["cells"]}
+    layer_text = ", ".join(f"{count} {kind}" for kind, count in model["layer_types"].items())
+    lines = [f"# KV-cache memory: {result.get('model_name', model['model_type'])}", ""]
+    lines.append(
+        f"{model['model_type']}: {model['layers']} layers ({layer_text}), {model['kv_heads']} KV heads x head_dim "
+        f"{model['head_dim']}, max position embeddings {limit or 'unknown'}. Model dtype {result['dtype']}: kvpack's "
+        "residual and sink tokens are stored in it."
+    )
+    if "date" in result:
+        machine, versions = result["machine"], result["versions"]
+        lines += [
+            "",
+            f"Run {result['date']} on {machine['platform']} ({machine.get('cpus', '?')} CPUs, "
+            f"{machine.get('torch_threads', '?')} torch threads, device {machine.get('device', 'cpu')}); "
+            f"kvpack {versions['kvpack']}, torch {versions['torch']}, transformers {versions['transformers']}, "
+            f"Python {versions.get('python', '?')}. Command: `{result['command']}`.",
+        ]
+    lines += [
+        "",
+        "Exact bytes each cache holds after a prefill of N tokens at batch size B, computed from the config (no "
+        "weights loaded): for kvpack specs, `KVPackCache.nbytes()`: packed codes, float16 scales and zeros, the "
+        "preallocated residual buffer (residual + block tokens) and sinks in the model dtype; for fp16/bf16/fp32, "
+        "the keys and values transformers' DynamicCache keeps. The ratio is float16 DynamicCache bytes / this cache's "
+        "bytes. 1 GiB = 2^30 bytes. The cache alone: weights, activations and workspace are extra.",
+    ]
+    if any("window" in kind for kind in model["layer_types"]):
+        lines += [
+            "",
+            "Sliding-window layers: the fp caches keep the last window - 1 tokens; kvpack's sliding layers keep "
+            "the packed blocks that overlap the window plus a margin of residual + block tokens (so that a rollback "
+            "stays exact), and release the rest after a prefill.",
+        ]
+    if limit and any(n > limit for n in result["lengths"]):
+        lines += [
+            "",
+            f"† beyond the model's max position embeddings ({limit:,}): the memory it would take, not a "
+            "context the model was trained for.",
+        ]
+    lines += ["", "## Caches", ""]
+    rows = [
+        [f"`{c['name']}`", c["description"], f"{c['bytes_per_token']:,.0f}", _ratio(c["vs_fp16_per_token"])]
+        for c in caches
+    ]
+    lines += _table(["cache", "what it holds", "bytes per token (batch 1, long context)", "vs fp16"], rows)
+    for batch in result["batch_sizes"]:
+        lines += ["", f"## Batch {batch}", ""]
+        rows = []
+        for length in result["lengths"]:
+            label = _tokens(length, limit)
+            cells = [by_cell[(batch, length, name)] for name in names]
+            rows.append([label, *(f"{human_bytes(c['bytes'])} ({_ratio(c['vs_fp16'])})" for c in cells)])
+        lines += _table(["tokens", *(f"`{n}`" for n in names)], rows)
+    weights = result.get("weights")
+    if weights is not None:
+        lines += ["", "## Weights", ""]
+        if "error" in weights:
+            lines.append(f"Weights not shown: {weights['error']}")
+        else:
+            lines += [weights["method"], ""]
+            rows = [[fmt, f"{weights['parameters']:,}", human_bytes(size)] for fmt, size in weights["bytes"].items()]
+            lines += _table(["format", "parameters", "bytes"], rows)
+            for fmt, size in weights["bytes"].items():
+                lines += ["", f"### Total: {fmt} weights ({human_bytes(size)}) + cache", ""]
+                rows = []
+                for batch in result["batch_sizes"]:
+                    for length in result["lengths"]:
+                        totals = [by_cell[(batch, length, name)]["total_bytes"][fmt] for name in names]
+                        rows.append([str(batch), _tokens(length, limit), *(human_bytes(t) for t in totals)])
+                lines += _table(["batch", "tokens", *(f"`{n}`" for n in names)], rows)
+    context = result.get("max_context")
+    if context is not None:
+        budget = context["budget_gib"]
+        lines += [
+            "",
+            f"## Max context in {budget:g} GiB",
+            "",
+            f"The largest N whose cache (plus the weights, where shown) fits in {budget:g} GiB = "
+            f"{context['budget_bytes']:,} bytes: binary search on the exact formula. 0: not even one token fits.",
+        ]
+        if limit:
+            lines.append(f"† beyond the model's max position embeddings ({limit:,}).")
+        grid = {(r["cache"], r["weights"], r["batch"]): r["max_length"] for r in context["rows"]}
+        weight_options = list(dict.fromkeys(r["weights"] for r in context["rows"]))  # cache only, then as given
+        for fmt in weight_options:
+            title = "cache only" if fmt is None else f"{fmt} weights + cache"
+            lines += ["", f"### {title}", ""]
+            rows = [
+                [f"`{name}`", *(_tokens(grid[(name, fmt, b)], limit) for b in result["batch_sizes"])] for name in names
+            ]
+            lines += _table(["cache", *(f"batch {b}" for b in result["batch_sizes"])], rows)
+    measured = result.get("measurements")
+    if measured is not None:
+        lines += [
+            "",
+            "## Measured (`--measure`)",
+            "",
+            f"Real caches built from the config and filled by each layer's `update` with random keys/values on "
+            f"{measured['device']}; formula vs the cache's own count (must be equal) and the memory gained "
+            f"({measured['method']}, must be within ±{measured['tolerance']:.0%} of the storage the cache holds; "
+            f"checked from {measured['min_checked_bytes'] // MIB} MiB, smaller cells are too coarse for it). On CPU, "
+            "freed memory is returned to the OS (`malloc_trim`) and every held page touched before RSS is read, so it "
+            "counts what was allocated.",
+            "",
+        ]
+        rows = []
+        for r in measured["rows"]:
+            growth = "—" if r["growth_bytes"] is None else human_bytes(r["growth_bytes"])
+            share = "—" if r["growth_vs_storage"] is None else f"{r['growth_vs_storage']:.4f}"
+            status = "ok" if r["checked"] else "not checked"
+            if r["note"]:
+                status += f": {r['note']}"
+            rows.append(
+                [
+                    f"`{r['cache']}`",
+                    str(r["batch"]),
+                    f"{r['length']:,}",
+                    f"{r['formula_bytes']:,}",
+                    f"{r['nbytes']:,}",
+                    growth,
+                    share,
+                    status,
+                ]
+            )
+        lines += _table(
+            [
+                "cache",
+                "batch",
+                "tokens",
+                "formula (bytes)",
+                "nbytes() (bytes)",
+                "memory growth",
+                "growth / held",
+                "check",
+            ],
+            rows,
+        )
+        for s in measured["skipped"]:
+            lines.append(
+                f"\nSkipped batch {s['batch']} x {s['length']:,} tokens: its largest cache, "
+                f"{human_bytes(s['largest_bytes'])}, is over the --measure cap of {measured['max_gib']:g} GiB."
+            )
+    return "\n".join(lines) + "\n"
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+
+
+def load_config(model: str | None) -> tuple[PretrainedConfig, str]:
+    """`(config, name)` of a model, config only (no weights): the embedded default when `model` is None.
+
+    model: None (the embedded SmolLM2's GGUF), a `.json` config file, a `.gguf` file, a local model directory,
+    or a model id already in the Hugging Face cache. Raises `ModelNotFoundError` when it cannot be read offline.
+    """
+    from transformers import AutoConfig
+
+    from kvpack.models import DEFAULT_MODEL, default_model_file
+
+    try:
+        if model is None or model == DEFAULT_MODEL:
+            gguf = default_model_file()
+            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), DEFAULT_MODEL
+        path = Path(model)
+        if path.suffix == ".json" and path.is_file():
+            return _config_from_json(path), model
+        if path.suffix == ".gguf" and path.is_file():
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), model
+        return AutoConfig.from_pretrained(model, local_files_only=True), model
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(
+            f"cannot read the config of {model!r} without a download: {exc}. Pass a config .json file, a .gguf file, "
+            "a local model directory or a model already in the Hugging Face cache, or omit --model."
+        ) from exc
+
+
+def _config_from_json(path: Path) -> PretrainedConfig:
+    from transformers import CONFIG_MAPPING
+
+    data = json.loads(path.read_text(encoding="utf-8"))
+    model_type = data.get("model_type") if isinstance(data, dict) else None
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise ModelNotFoundError(
+            f'{path}: a config file needs a known "model_type" (e.g. "llama"), got {model_type!r}.'
+        )
+    config: PretrainedConfig = CONFIG_MAPPING[model_type].from_json_file(str(path))
+    return config
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError as exc:
+        raise ConfigError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,4,16.") from exc
+    if not values or min(values) < 1:
+        raise ConfigError(f"{option} {text!r}: expected positive integers, e.g. 1,4,16.")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, every setting spelled out."""
+    parts = ["kvpack memory"]
+    if args.model:
+        parts.append(f"--model {args.model}")
+    parts += [f"--caches {args.caches}", f"--batch {args.batch}", f"--lengths {args.lengths}", f"--dtype {args.dtype}"]
+    if args.weights:
+        parts.append(f"--weights {args.weights}")
+    if args.budget_gib is not None:
+        parts.append(f"--budget-gib {args.budget_gib:g}")
+    if args.measure:
+        parts += ["--measure", f"--device {args.device}", f"--threads {args.threads}"]
+        if args.measure_max_gib != MEASURE_MAX_GIB:
+            parts.append(f"--measure-max-gib {args.measure_max_gib:g}")
+    if args.json:
+        parts.append(f"--json {args.json}")
+    if args.markdown:
+        parts.append(f"--markdown {args.markdown}")
+    return " ".join(parts)
+
+
+def _provenance(args: argparse.Namespace) -> dict[str, Any]:
+    import transformers
+
+    import kvpack
+
+    device = torch.device(args.device)
+    machine: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+    }
+    if device.type == "cuda" and torch.cuda.is_available():
+        machine["device_name"] = torch.cuda.get_device_name(device)
+    return {
+        "benchmark": "memory",
+        "command": _command(args),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": machine,
+        "versions": {
+            "kvpack": kvpack.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+    }
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Build the memory table (and measurements) from parsed arguments; print the Markdown, write JSON/Markdown."""
+    caches = _names(args.caches)
+    batches = _int_list(args.batch, "--batch")
+    lengths = _int_list(args.lengths, "--lengths")
+    weights = _names(args.weights) if args.weights else None
+    for fmt in weights or ():
+        if fmt not in WEIGHT_FORMATS:
+            raise ConfigError(f"--weights {args.weights!r}: use formats among {', '.join(WEIGHT_FORMATS)}.")
+    for name in caches:
+        parse_cache(name)  # a bad spec fails before the config loads
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config, name = load_config(args.model)
+    table = memory_table(config, caches, batches, lengths, args.dtype, weights=weights, budget_gib=args.budget_gib)
+    result: dict[str, Any] = {**_provenance(args), "model_name": name, **table}
+    if args.measure:
+        cells = default_measure_cells(batches, lengths)
+        print(f"Measuring {len(cells)} cells x {len(caches)} caches on {args.device} ...", file=sys.stderr, flush=True)
+        result["measurements"] = measure_cells(
+            config, caches, cells, args.dtype, device=args.device, max_gib=args.measure_max_gib
+        )
+    markdown = to_markdown(result)
+    for path, text in ((args.json, json.dumps(result, indent=2) + "\n"), (args.markdown, markdown)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text, encoding="utf-8")
+            print(f"wrote {path}", file=sys.stderr)
+    print(markdown)
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `kvpack memory` on the CLI's subparsers (the object `add_subparsers()` returns)."""
+    parser = subparsers.add_parser(
+        "memory",
+        help="cache memory by batch × length for a model config, with --measure to check it",  # noqa: RUF001
+        description="Exact KV-cache bytes by batch size x sequence length for a model config (no weights loaded), "
+        "the ratio vs a float16 cache, optional weight memory and the max context that fits in a memory budget. "
+        "--measure fills real caches for a few cells and checks the numbers against nbytes() and process memory.",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="a config .json, a .gguf, a local model dir or a cached HF id; only the config is read "
+        "(default: the embedded SmolLM2-135M)",
+    )
+    parser.add_argument(
+        "--caches", default=DEFAULT_CACHES, help=f"fp16/bf16/fp32 and kvpack specs (default {DEFAULT_CACHES})"
+    )
+    parser.add_argument("--batch", default=DEFAULT_BATCHES, help=f"batch sizes (default {DEFAULT_BATCHES})")
+    parser.add_argument(
+        "--lengths", default=DEFAULT_LENGTHS, help=f"sequence lengths in tokens (default {DEFAULT_LENGTHS})"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(MODEL_DTYPES),
+        default=DEFAULT_DTYPE,
+        help="the model's dtype, in which kvpack keeps residual and sink tokens (default float16, as models are "
+        "usually served; fp16/bf16/fp32 caches use their own dtype)",
+    )
+    parser.add_argument("--weights", default=None, help="also count weights in these formats: fp16,int8,int4")
+    parser.add_argument("--budget-gib", type=float, default=None, help="max context that fits in this many GiB")
+    parser.add_argument("--measure", action="store_true", help="fill real caches for a few cells and check the numbers")
+    parser.add_argument("--device", default="cpu", help="device for --measure: cpu, cuda ... (default cpu)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch CPU threads for --measure (default 1: the fills are small)"
+    )
+    parser.add_argument(
+        "--measure-max-gib",
+        type=float,
+        default=MEASURE_MAX_GIB,
+        help=f"skip measured cells whose largest cache exceeds this (default {MEASURE_MAX_GIB:g})",
+    )
+    parser.add_argument("--json", default=None, help="write the result as JSON here")
+    parser.add_argument("--markdown", default=None, help="write the Markdown report here")
+    parser.set_defaults(func=cmd_memory)

@@ -1,0 +1,397 @@
+"""`kvpack memory`: the exact formula vs filled caches, max context, weights, Markdown, --measure and the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    Gemma3Config,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+from transformers.cache_utils import DummyLayer
+
+from kvpack.bench import memory
+from kvpack.bench.memory import ModelShape, cache_bytes, max_context, memory_table, parse_cache
+from kvpack.cache import KVPackCache
+from kvpack.errors import ConfigError, KVPackError, ModelNotFoundError, ShapeError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# Default residual 128 + block 64 = 192: lengths on both sides of it, block boundaries, and past the windows.
+LENGTHS = (1, 3, 40, 191, 192, 193, 256, 300, 700)
+SPECS = (
+    "k4v4",
+    "k8v8-g32-r32",
+    "k2v4-gk32-gv64-r16-s4",  # sinks, different key/value groups
+    "k4v2-kt-g32-r8-s3",  # per-token keys: block of 1 token
+    "k3v3-g16-r0",  # 3-bit rows straddle bytes, no residual
+    "k4v8-vc-gk16-gv64-r5",  # per-channel values: the block is the larger group
+)
+
+
+def llama_config(**overrides: Any) -> LlamaConfig:
+    fields: dict[str, Any] = dict(
+        hidden_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        vocab_size=100,
+        head_dim=64,
+        max_position_embeddings=512,
+    )
+    return LlamaConfig(**{**fields, **overrides})
+
+
+def gemma_config(**overrides: Any) -> Gemma3TextConfig:
+    fields: dict[str, Any] = dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=3,
+        intermediate_size=96,
+        vocab_size=100,
+        head_dim=64,
+        sliding_window=24,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        max_position_embeddings=512,
+    )
+    return Gemma3TextConfig(**{**fields, **overrides})
+
+
+CONFIGS = {
+    "llama": llama_config,
+    "gemma3-sliding": gemma_config,
+    "llama-moe-layer": lambda: llama_config(
+        num_hidden_layers=3, layer_types=["full_attention", "moe", "full_attention"]
+    ),
+}
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Any:
+    """Tiny tensors: torch's thread pool only adds overhead (and stalls on a busy machine)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def filled(cache: Any, shape: ModelShape, batch: int, length: int, dtype: torch.dtype) -> Any:
+    """Call each caching layer's `update` once: the prefill of `length` tokens."""
+    size = (batch, shape.kv_heads, length, shape.head_dim)
+    keys, values = torch.randn(size).to(dtype), torch.randn(size).to(dtype)
+    for layer in cache.layers:
+        if not isinstance(layer, DummyLayer):
+            layer.update(keys, values)
+    return cache
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_formula_equals_nbytes_of_a_filled_cache(config_name: str, spec: str, batch: int) -> None:
+    config = CONFIGS[config_name]()
+    shape = ModelShape.from_config(config)
+    kind = parse_cache(spec)
+    dtype = torch.bfloat16 if batch == 3 else torch.float32  # residual/sinks in the model dtype
+    for length in LENGTHS:
+        cache = filled(KVPackCache(config, spec), shape, batch, length, dtype)
+        assert cache_bytes(shape, kind, batch, length, dtype) == cache.nbytes(), (spec, length)
+
+
+def test_sliding_layers_release_what_falls_outside_the_window() -> None:
+    # A sliding layer forgets packed blocks older than its window (plus a rollback margin) and releases their
+    # storage, so after a long prefill it holds less than a full-attention layer.
+    config = gemma_config()
+    cache = filled(KVPackCache(config, "k4v4-g16-r16"), ModelShape.from_config(config), 1, 700, torch.float32)
+    sliding, full = cache.layers[0], cache.layers[1]
+    assert sliding.packed_length < full.packed_length
+    assert sliding.nbytes() < full.nbytes()
+
+
+@pytest.mark.parametrize("name", ["fp16", "bf16", "fp32"])
+@pytest.mark.parametrize("config_name", list(CONFIGS))
+def test_fp_formula_equals_the_dynamic_caches_keys_and_values(config_name: str, name: str) -> None:
+    config = CONFIGS[config_name]()
+    shape = ModelShape.from_config(config)
+    kind = parse_cache(name)
+    for length in LENGTHS:
+        cache = filled(DynamicCache(config=config), shape, 2, length, kind.dtype)
+        held = sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values) if t is not None
+        )
+        assert cache_bytes(shape, kind, 2, length, "float32") == held, length
+
+
+def test_shape_reads_defaults_and_text_sub_configs() -> None:
+    config = llama_config(hidden_size=256, num_attention_heads=4)
+    config.head_dim = None
+    config.num_key_value_heads = None
+    shape = ModelShape.from_config(config)
+    assert (shape.kv_heads, shape.head_dim, len(shape.layers)) == (4, 64, 2)
+
+    multimodal = Gemma3Config(text_config=gemma_config())
+    assert ModelShape.from_config(multimodal) == ModelShape.from_config(gemma_config())
+    shape = ModelShape.from_config(multimodal)
+    cache = filled(KVPackCache(multimodal, "k4v4"), shape, 1, 300, torch.float32)
+    assert cache_bytes(shape, parse_cache("k4v4"), 1, 300, torch.float32) == cache.nbytes()
+
+
+def test_a_spec_that_cannot_hold_the_model_fails_like_the_cache() -> None:
+    config = llama_config(head_dim=48)
+    shape = ModelShape.from_config(config)
+    with pytest.raises(ShapeError, match="not divisible"):
+        cache_bytes(shape, parse_cache("k4v4"), 1, 10, "float16")
+    with pytest.raises(ShapeError):
+        filled(KVPackCache(config, "k4v4"), shape, 1, 10, torch.float16)
+    cache_bytes(shape, parse_cache("k4v4-gv16"), 1, 10, "float16")  # per-channel keys need no divisibility
+    with pytest.raises(ConfigError, match="unknown cache"):
+        parse_cache("int4")
+    with pytest.raises(ConfigError):
+        memory_table(config, ["fp16"], [0], [10])
+
+
+# -- max context ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec", ["fp16", "k4v4", "k2v4-gk32-gv64-r16-s4", "k4v2-kt-g32-r8-s3"])
+def test_max_context_is_the_last_length_that_fits(spec: str) -> None:
+    shape = ModelShape.from_config(gemma_config())
+    kind = parse_cache(spec)
+
+    def total(n: int) -> int:
+        return 1000 + cache_bytes(shape, kind, 2, n, "float16")
+
+    for target in (1, 5, 191, 192, 193, 640, 1000):
+        for budget in (total(target) - 1, total(target), total(target) + 1):
+            n = max_context(shape, kind, 2, "float16", budget, fixed_bytes=1000)
+            assert n is not None
+            brute = max([0, *(m for m in range(1, 1200) if total(m) <= budget)])
+            assert n == brute, (target, budget)
+
+
+def test_max_context_edge_cases() -> None:
+    shape = ModelShape.from_config(llama_config())
+    fp16 = parse_cache("fp16")
+    exact = cache_bytes(shape, fp16, 1, 777, "float16")
+    assert max_context(shape, fp16, 1, "float16", exact) == 777
+    assert max_context(shape, fp16, 1, "float16", exact, fixed_bytes=exact + 1) == 0
+    all_sliding = ModelShape.from_config(gemma_config(layer_types=["sliding_attention"] * 3))
+    assert max_context(all_sliding, fp16, 1, "float16", 10**9) is None  # window layers stop growing
+
+
+# -- weights --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("config_class", "model_class", "overrides"),
+    [
+        (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": False}),
+        (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+        (LlamaConfig, LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True, "head_dim": 16}),
+        (MistralConfig, MistralForCausalLM, {}),
+        (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
+        (Qwen3Config, Qwen3ForCausalLM, {"attention_bias": True}),
+        (Qwen3Config, Qwen3ForCausalLM, {}),
+    ],
+)
+def test_weight_shapes_match_the_models_parameters(
+    config_class: type[PretrainedConfig], model_class: Any, overrides: dict[str, Any]
+) -> None:
+    fields = dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_hidden_layers=2,
+        intermediate_size=96,
+        vocab_size=100,
+        head_dim=32,
+    )
+    config = config_class(**{**fields, **overrides})
+    model = model_class(config)
+    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
+    shapes = memory.weight_shapes(config)
+    assert dict(shapes) == expected
+    assert len(shapes) == len(expected)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert memory.weight_bytes(shapes, "fp16") == 2 * parameters
+    result = memory_table(config, ["fp16"], [1], [8], weights=["fp16"])
+    assert result["weights"]["parameters"] == parameters
+
+
+def test_weight_bytes_per_format() -> None:
+    shapes = [
+        ("model.embed_tokens.weight", (10, 128)),
+        ("model.layers.0.mlp.up_proj.weight", (4, 128)),
+        ("model.layers.0.mlp.up_proj.bias", (4,)),
+        ("model.norm.weight", (128,)),
+    ]
+    kept = 2 * (10 * 128 + 4 + 128)  # embeddings, bias and norm stay float16
+    assert memory.weight_bytes(shapes, "fp16") == 2 * (10 * 128 + 4 * 128 + 4 + 128)
+    assert memory.weight_bytes(shapes, "int8") == kept + 4 * 128 + 4 * 2
+    assert memory.weight_bytes(shapes, "int4") == kept + 4 * 64 + 4 * 2 * (2 + 2)
+    with pytest.raises(ConfigError):
+        memory.weight_bytes(shapes, "int3")
+
+
+def test_weights_of_an_unknown_architecture_are_left_out_with_a_reason() -> None:
+    result = memory_table(gemma_config(), ["fp16", "k4v4"], [1], [64], weights=["fp16"], budget_gib=1)
+    assert "cannot be derived" in result["weights"]["error"]
+    assert all("total_bytes" not in cell for cell in result["cells"])
+    assert {row["weights"] for row in result["max_context"]["rows"]} == {None}
+    assert "Weights not shown" in memory.to_markdown(result)
+
+
+def test_llama_2_7b_config_file() -> None:
+    config, name = memory.load_config(str(ROOT / "benchmarks" / "configs" / "llama-2-7b.json"))
+    assert name.endswith("llama-2-7b.json")
+    shape = ModelShape.from_config(config)
+    assert (len(shape.layers), shape.kv_heads, shape.head_dim, shape.max_position_embeddings) == (32, 32, 128, 4096)
+    assert sum(memory._numel(s) for _, s in memory.weight_shapes(config)) == 6_738_415_616  # Llama-2-7B's count
+    fp16 = cache_bytes(shape, parse_cache("fp16"), 1, 4096, "float16")
+    assert fp16 == 4096 * 32 * 32 * 128 * 2 * 2  # 2 GiB, the well-known figure
+
+
+# -- the table and its Markdown -------------------------------------------------------------------------------
+
+
+def test_table_cells_ratios_totals_and_markdown() -> None:
+    specs = ["fp16", "bf16", "k8v8", "k4v4-s4", "k2v4-gk32-gv64-r16"]
+    result = memory_table(llama_config(), specs, [1, 4], [64, 1024], "float16", weights=["fp16", "int4"], budget_gib=1)
+    assert len(result["cells"]) == 2 * 2 * len(specs)
+    names = [c["name"] for c in result["caches"]]
+    assert names == ["fp16", "bf16", "k8v8-g64-r128", "k4v4-g64-r128-s4", "k2v4-gk32-gv64-r16"]
+    weights = result["weights"]["bytes"]
+    for cell in result["cells"]:
+        if cell["cache"] in ("fp16", "bf16"):
+            assert cell["vs_fp16"] == 1.0
+        assert cell["total_bytes"] == {fmt: size + cell["bytes"] for fmt, size in weights.items()}
+    rows = result["max_context"]["rows"]
+    assert len(rows) == len(specs) * 3 * 2  # caches x (cache only, fp16, int4) x batches
+    json.dumps(result)  # JSON-ready
+
+    markdown = memory.to_markdown(result)
+    for name in names:
+        assert f"`{name}`" in markdown
+    for heading in ("## Batch 1", "## Batch 4", "## Weights", "### Total: int4 weights", "## Max context in 1 GiB"):
+        assert heading in markdown
+    assert "lm_head unless tied" in markdown
+    assert "1,024 †" in markdown  # beyond max_position_embeddings=512
+
+
+def test_human_bytes() -> None:
+    assert memory.human_bytes(512) == "512 B"
+    assert memory.human_bytes(1536) == "1.5 KiB"
+    assert memory.human_bytes(3 * memory.MIB) == "3.0 MiB"
+    assert memory.human_bytes(1.25 * memory.GIB) == "1.25 GiB"
+
+
+# -- --measure ------------------------------------------------------------------------------------------------
+
+
+def test_measure_fills_real_caches_and_agrees() -> None:
+    specs = ["fp16", "k4v4", "k2v4-gk32-gv64-r16-s4"]
+    report = memory.measure_cells(gemma_config(), specs, [(1, 300), (2, 50)], "float32")
+    assert len(report["rows"]) == 2 * len(specs)
+    for row in report["rows"]:
+        assert row["formula_bytes"] == row["nbytes"]
+        assert not row["checked"] and "under 64 MiB" in row["note"]  # too small for a meaningful RSS check
+    fp16_long = next(r for r in report["rows"] if r["cache"] == "fp16" and r["length"] == 300)
+    assert fp16_long["storage_bytes"] > fp16_long["nbytes"]  # transformers' window: a view of the prefill
+    assert "view of the prefill" in fp16_long["note"]
+    skipped = memory.measure_cells(llama_config(), ["fp16"], [(1, 100)], max_gib=1e-6)
+    assert skipped["rows"] == [] and skipped["skipped"][0]["length"] == 100
+
+
+def test_measure_raises_when_the_formula_is_off(monkeypatch: pytest.MonkeyPatch) -> None:
+    exact = memory.cache_bytes
+    monkeypatch.setattr(memory, "cache_bytes", lambda *args: exact(*args) + 1)
+    with pytest.raises(KVPackError, match="the formula gives"):
+        memory.measure_cells(llama_config(), ["k4v4"], [(1, 300)])
+
+
+def test_measure_raises_when_memory_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "MEASURE_MIN_CHECKED_BYTES", 0)
+    monkeypatch.setattr(memory, "_rss_bytes", lambda: 10**9)  # the process "gained" nothing
+    with pytest.raises(KVPackError, match="the process gained 0 bytes"):
+        memory.measure_cells(llama_config(), ["k4v4"], [(1, 300)])
+
+
+def test_default_measure_cells() -> None:
+    assert memory.default_measure_cells([1, 4, 16], [512, 1024, 2048]) == [(1, 512), (1, 2048), (4, 512), (4, 2048)]
+    assert memory.default_measure_cells([8], [64, 128, 256]) == [(8, 64), (8, 128)]
+
+
+# -- command line ---------------------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvpack")
+    memory.add_parser(parser.add_subparsers())
+    return parser
+
+
+def test_cli_writes_json_and_markdown_with_provenance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config_path = tmp_path / "tiny.json"
+    llama_config().to_json_file(str(config_path))
+    parser = _parser()
+    assert "cache memory by batch × length for a model config" in parser.format_help()  # noqa: RUF001
+    out_json, out_md = tmp_path / "r" / "memory.json", tmp_path / "r" / "memory.md"
+    argv = ["memory", "--model", str(config_path), "--caches", "fp16,k4v4", "--batch", "1,2", "--lengths", "64,256"]
+    argv += ["--weights", "fp16,int4", "--budget-gib", "0.01", "--measure", "--json", str(out_json)]
+    argv += ["--markdown", str(out_md)]
+    args = parser.parse_args(argv)
+    assert args.func(args) == 0  # sets --threads (1); the fixture restores the previous count
+    result = json.loads(out_json.read_text())
+    assert result["command"].startswith(f"kvpack memory --model {config_path} --caches fp16,k4v4")
+    assert {"date", "machine", "versions", "measurements", "weights", "max_context"} <= result.keys()
+    assert {"kvpack", "torch", "transformers"} <= result["versions"].keys()
+    assert result["machine"]["platform"]
+    markdown = out_md.read_text()
+    assert markdown == capsys.readouterr().out.rstrip("\n") + "\n"
+    assert result["versions"]["transformers"] in markdown and result["command"] in markdown
+    assert "## Measured" in markdown
+
+
+def test_cli_rejects_bad_options_before_loading(tmp_path: Path) -> None:
+    parser = _parser()
+    for bad in (["--caches", "k5v4"], ["--batch", "1,x"], ["--weights", "int3"], ["--lengths", "0"]):
+        args = parser.parse_args(["memory", "--model", str(tmp_path / "missing.json"), *bad])
+        with pytest.raises(ConfigError):
+            args.func(args)
+
+
+def test_load_config_from_a_directory_and_clear_errors(tmp_path: Path) -> None:
+    llama_config().save_pretrained(str(tmp_path / "model"))
+    config, _ = memory.load_config(str(tmp_path / "model"))
+    assert ModelShape.from_config(config) == ModelShape.from_config(llama_config())
+    with pytest.raises(ModelNotFoundError, match="without a download"):
+        memory.load_config(str(tmp_path / "nowhere"))
+    (tmp_path / "no_type.json").write_text('{"hidden_size": 8}')
+    with pytest.raises(ModelNotFoundError, match="model_type"):
+        memory.load_config(str(tmp_path / "no_type.json"))
+
+
+@pytest.mark.slow
+def test_default_model_config_loads_without_weights() -> None:
+    config, name = memory.load_config(None)
+    shape = ModelShape.from_config(config)
+    assert name == "smollm2-135m-instruct"
+    assert (len(shape.layers), shape.kv_heads, shape.head_dim) == (30, 3, 64)
+    assert sum(memory._numel(s) for _, s in memory.weight_shapes(config)) == 134_515_008  # SmolLM2-135M, tied
