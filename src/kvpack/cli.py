@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvpack.bench.compare import DEFAULT_CACHES
 from kvpack.config import CacheConfig, parse_spec
 from kvpack.errors import KVPackError
 
@@ -141,6 +143,55 @@ def cmd_spec(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_measure_options(parser: argparse.ArgumentParser, tokens: int) -> None:
+    from kvpack.eval.perplexity import default_data_path
+
+    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens of the text to stream (default {tokens})")
+    parser.add_argument("--data", default=str(default_data_path()), help="text file (default: WikiText-2 test)")
+    parser.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Run the comparison, write JSON (+ Markdown and PNG), print the table."""
+    from kvpack.bench.compare import run_compare
+    from kvpack.bench.report import markdown, write_report
+
+    result = run_compare(args)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    if result["contexts"]:
+        md_path, png_path = write_report(out)
+        print(f"wrote {out}, {md_path}, {png_path}", file=sys.stderr)
+    print(markdown(result))
+    return 0
+
+
+def cmd_ppl(args: argparse.Namespace) -> int:
+    """Streamed perplexity of one cache, with KL and top-1 agreement vs the full-precision cache."""
+    from kvpack.bench.compare import run_compare
+    from kvpack.bench.report import markdown
+
+    args.caches, args.contexts, args.steps = args.cache, "", 0
+    result = run_compare(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    print(markdown(result))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Markdown and PNG from a compare JSON."""
+    from kvpack.bench.report import write_report
+
+    md_path, png_path = write_report(Path(args.json))
+    print(f"wrote {md_path} and {png_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvpack",
@@ -150,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser(
         "generate",
-        help="generate text with a packed cache; print its size and speed",
+        help="generate text with a packed cache; print size and speed",
         description="Generate text with a packed KV cache and print a one-line summary: new tokens, tokens/s, "
         "cache bytes and the ratio vs a float16 cache of the same tokens.",
     )
@@ -169,6 +220,36 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--check", action="store_true", help="also generate with a full-precision cache and compare")
     gen.set_defaults(func=cmd_generate)
+
+    compare = sub.add_parser(
+        "compare",
+        help="quality, memory and speed of several caches, side by side",
+        description="Stream a text through the model with each cache (PPL, ΔPPL, KL and top-1 vs the "
+        "full-precision cache), then measure cache bytes and decode tokens/s at each context, interleaved. "
+        "Writes JSON, Markdown and PNG.",
+    )
+    compare.add_argument("--caches", default=DEFAULT_CACHES, help=f"comma-separated (default {DEFAULT_CACHES})")
+    _add_measure_options(compare, tokens=2048)
+    compare.add_argument("--contexts", default="1024,4096", help="decode-speed contexts (default 1024,4096)")
+    compare.add_argument("--steps", type=int, default=16, help="timed decode steps per cache and context")
+    compare.add_argument("--out", default="benchmarks/results/compare.json", help="JSON path (.md/.png beside it)")
+    compare.set_defaults(func=cmd_compare)
+
+    ppl = sub.add_parser("ppl", help="streamed perplexity of a cache, with KL and top-1 vs fp")
+    ppl.add_argument("--cache", default="k4v4", help="cache: kvpack spec, fp, or a peer like quanto-int4")
+    _add_measure_options(ppl, tokens=2048)
+    ppl.add_argument("--json", default=None, help="also write the result as JSON")
+    ppl.set_defaults(func=cmd_ppl)
+
+    report = sub.add_parser("report", help="Markdown tables and PNG plots from a compare JSON")
+    report.add_argument("json", help="a JSON written by `kvpack compare`")
+    report.set_defaults(func=cmd_report)
+
+    from kvpack.bench import memory
+    from kvpack.eval import passkey
+
+    memory.add_parser(sub)
+    passkey.add_parser(sub)
 
     spec = sub.add_parser("spec", help="explain a cache spec string (bits, groups, residual, sinks)")
     spec.add_argument("spec", help="e.g. k4v2-g32-r64-s4")

@@ -1083,7 +1083,7 @@ def add_parser(subparsers: Any) -> None:
     """Register `kvpack memory` on the CLI's subparsers (the object `add_subparsers()` returns)."""
     parser = subparsers.add_parser(
         "memory",
-        help="cache memory by batch × length for a model config, with --measure to check it",  # noqa: RUF001
+        help="cache memory by batch × length for a model config",  # noqa: RUF001
         description="Exact KV-cache bytes by batch size x sequence length for a model config (no weights loaded), "
         "the ratio vs a float16 cache, optional weight memory and the max context that fits in a memory budget. "
         "--measure fills real caches for a few cells and checks the numbers against nbytes() and process memory.",

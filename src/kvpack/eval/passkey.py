@@ -1,0 +1,666 @@
+"""Passkey retrieval: can the model still find a number hidden deep in a long prompt when its cache is packed?
+
+The classic test of the Landmark-attention and LongLoRA papers: a random 5-digit pass key is hidden at a chosen
+depth of a haystack of repeated filler sentences, and the prompt ends by asking for it::
+
+    There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will quiz
+    you about the important information there.
+    The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. The grass ...
+    The pass key is 48213. Remember it. 48213 is the pass key.
+    ... There and back again. The grass is green.
+    What is the pass key? The pass key is
+
+The prompt is built to an exact token count with the model's own tokenizer (the total prompt, template
+included: at most the target and fewer than one filler sentence short of it), with the needle on its own line
+at the sentence boundary nearest the requested depth (depth = the fraction of the filler tokens before it).
+The model greedily generates up to `MAX_NEW_TOKENS` tokens with the cache under test passed to
+`model.generate(..., past_key_values=cache)`; a trial is correct when the first 5-digit number of the output
+is the pass key. The same keys (seeded per length, depth and trial) are asked of every cache.
+
+All but the last prompt token are run through the model once, into a full-precision cache, and each cache under
+test is handed those keys/values: exactly what its own prefill would store, since a kvpack prefill attends to its
+own tokens in full precision (KIVI) and stores the same however the tokens arrive. `generate` then feeds the last
+prompt token, which, like every answer token, attends to the cache under test. A length equal to the model's
+maximum context runs `MAX_NEW_TOKENS` tokens shorter, to leave room for the answer; a longer one is an error.
+
+The prompt is raw text by default: the embedded default model (SmolLM2-135M-Instruct) answers it better than
+the same text inside its chat template. Measured here in full precision, 3 keys at each of depths 0.1, 0.5 and
+0.9 at 1024 and 4096 tokens: raw 18/18; chat template 16/18 (at 1024 tokens and depth 0.1 it twice answered
+"the pass key. The pass key is"). `chat=True` (`--chat`) wraps the same text in the tokenizer's chat template,
+with "The pass key is" as the start of the assistant's answer.
+
+    kvpack passkey                                   # fp,k8v8,k4v4,k2v2 at 1024..8192 tokens, depths 0.1..0.9
+    kvpack passkey --caches fp,k4v2 --lengths 2048 --trials 5
+
+Results: a JSON-ready dict (`run_passkey`), a Markdown table (`to_markdown`) and a heatmap (`plot_heatmap`),
+all three written by `write_results`; the Markdown and PNG are made from the JSON form.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import random
+import re
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from kvpack.bench.caches import make_cache as build_cache
+from kvpack.bench.caches import parse_cache_name
+from kvpack.errors import ConfigError, KVPackError
+
+INTRO = (
+    "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
+    "I will quiz you about the important information there."
+)
+FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+FILLER_SENTENCES = tuple(s.strip() + "." for s in FILLER.split(".") if s.strip())
+NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+QUESTION = "What is the pass key?"
+ANSWER_PREFIX = "The pass key is"
+
+MAX_NEW_TOKENS = 8
+DEFAULT_CACHES = ("fp", "k8v8", "k4v4", "k2v2")
+DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
+DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
+DEFAULT_TRIALS = 3
+DEFAULT_RESULTS = Path("benchmarks") / "results" / "passkey"
+
+_FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")
+
+
+# -- prompts ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PasskeyPrompt:
+    """One passkey prompt, tokenized.
+
+    input_ids: the prompt's token ids (special tokens included), `n_tokens` of them.
+    text: the prompt as text (the chat template applied when built with `chat=True`).
+    passkey: the hidden 5-digit key, as a string.
+    needle_token: index in `input_ids` of the first token of the needle line.
+    haystack_tokens: filler tokens in the prompt (before plus after the needle).
+    depth: the needle's actual depth: filler tokens before it / `haystack_tokens`.
+    """
+
+    input_ids: list[int]
+    text: str
+    passkey: str
+    needle_token: int
+    haystack_tokens: int
+    depth: float
+
+    @property
+    def n_tokens(self) -> int:
+        """Total prompt tokens."""
+        return len(self.input_ids)
+
+
+def _sentence(i: int) -> str:
+    return FILLER_SENTENCES[i % len(FILLER_SENTENCES)]
+
+
+def _render(tokenizer: Any, n_sentences: int, depth: float, passkey: str, chat: bool) -> tuple[str, int, int]:
+    """(prompt text, character offset of the needle, filler sentences before it) for `n_sentences` of filler."""
+    # Tokens per filler sentence (as it appears mid-text, after a space) decide the boundary nearest the depth.
+    counts = [len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in FILLER_SENTENCES]
+    cumulative = [0]
+    for i in range(n_sentences):
+        cumulative.append(cumulative[-1] + counts[i % len(counts)])
+    target = depth * cumulative[-1]
+    before = min(range(n_sentences + 1), key=lambda k: (abs(cumulative[k] - target), k))
+    prefix = " ".join(_sentence(i) for i in range(before))
+    suffix = " ".join(_sentence(i) for i in range(before, n_sentences))
+    needle = NEEDLE.format(key=passkey)
+    head = "\n".join(part for part in (INTRO, prefix) if part) + "\n"
+    body = head + needle + "\n" + "\n".join(part for part in (suffix, QUESTION) if part)
+    if chat:
+        messages = [{"role": "user", "content": body}]
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + ANSWER_PREFIX
+    else:
+        text = body + " " + ANSWER_PREFIX
+    return text, text.index(needle), before
+
+
+def _encode(tokenizer: Any, text: str, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    # The chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones (e.g. BOS).
+    encoded = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+
+
+def build_prompt(tokenizer: Any, n_tokens: int, depth: float, passkey: str, chat: bool = False) -> PasskeyPrompt:
+    """Build a passkey prompt of at most `n_tokens` tokens, less than one filler sentence short of it.
+
+    tokenizer: a fast Hugging Face tokenizer (offsets are used to locate the needle), with a chat template when
+        `chat`. depth: 0..1, where the needle goes in the filler (at the nearest sentence boundary).
+    Raises ConfigError when `n_tokens` is too small to hold the fixed parts (instructions, needle, question)
+    or `depth` is outside [0, 1].
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ConfigError(f"depth {depth} is outside [0, 1]; give depths as fractions, e.g. 0.1,0.5,0.9.")
+
+    def length(n: int) -> int:
+        text, _, _ = _render(tokenizer, n, depth, passkey, chat)
+        return len(_encode(tokenizer, text, chat)[0])
+
+    fixed = length(0)
+    if fixed > n_tokens:
+        raise ConfigError(
+            f"a passkey prompt needs at least {fixed} tokens (instructions, needle and question); "
+            f"{n_tokens} is too short."
+        )
+    # Largest number of filler sentences that fits; prompt length grows with it, so bisect.
+    per_sentence = max(1.0, (length(len(FILLER_SENTENCES)) - fixed) / len(FILLER_SENTENCES))
+    low, high = 0, int((n_tokens - fixed) / per_sentence) + 2
+    while length(high) <= n_tokens:
+        low, high = high, high * 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if length(mid) <= n_tokens else (low, mid)
+    text, needle_at, _ = _render(tokenizer, low, depth, passkey, chat)
+    ids, offsets = _encode(tokenizer, text, chat)
+    needle_token = next(i for i, (_, end) in enumerate(offsets) if end > needle_at)
+    filler_before = _tokens_between(text, offsets, text.index(INTRO) + len(INTRO), needle_at)
+    needle_end = needle_at + len(NEEDLE.format(key=passkey))
+    filler_after = _tokens_between(text, offsets, needle_end, text.rindex(QUESTION))
+    haystack = filler_before + filler_after
+    return PasskeyPrompt(
+        input_ids=ids,
+        text=text,
+        passkey=passkey,
+        needle_token=needle_token,
+        haystack_tokens=haystack,
+        depth=filler_before / haystack if haystack else 0.0,
+    )
+
+
+def _tokens_between(text: str, offsets: list[tuple[int, int]], start: int, end: int) -> int:
+    """Tokens whose text lies inside text[start:end], line breaks and other whitespace-only tokens left out."""
+    return sum(1 for a, b in offsets if a >= start and b <= end and text[a:b].strip())
+
+
+def passkey_for(seed: int, n_tokens: int, depth: float, trial: int) -> str:
+    """The 5-digit key of one trial: fixed by (seed, length, depth, trial), the same for every cache."""
+    return str(random.Random(f"passkey/{seed}/{n_tokens}/{depth:g}/{trial}").randint(10000, 99999))
+
+
+# -- scoring ------------------------------------------------------------------------------------------------
+
+
+def extract_passkey(output: str) -> str | None:
+    """The first 5-digit number in `output` (a run of exactly five digits), or None."""
+    match = _FIVE_DIGITS.search(output)
+    return match.group(0) if match else None
+
+
+def is_correct(output: str, passkey: str) -> bool:
+    """Whether the first 5-digit number in the generated text is the pass key."""
+    return extract_passkey(output) == passkey
+
+
+# -- argument parsing ---------------------------------------------------------------------------------------
+
+
+def parse_lengths(text: str) -> list[int]:
+    """Comma-separated positive token counts, e.g. "1024,2048"; ConfigError otherwise."""
+    try:
+        lengths = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        lengths = []
+    if not lengths or any(n <= 0 for n in lengths):
+        raise ConfigError(f"--lengths {text!r}: give comma-separated positive token counts, e.g. 1024,2048,4096.")
+    return sorted(set(lengths))
+
+
+def parse_depths(text: str) -> list[float]:
+    """Comma-separated fractions in [0, 1], e.g. "0.1,0.5,0.9"; ConfigError otherwise."""
+    try:
+        depths = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        depths = []
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ConfigError(f"--depths {text!r}: give comma-separated fractions in [0, 1], e.g. 0.1,0.5,0.9.")
+    return sorted(set(depths))
+
+
+def parse_caches(text: str | Sequence[str]) -> list[str]:
+    """Cache names as `kvpack compare` takes them ("fp", kvpack specs, peers), canonicalised (k4v4 -> k4v4-g64-r128)."""
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    names: list[str] = []
+    for part in (p.strip() for p in parts):
+        if not part:
+            continue
+        name = parse_cache_name(part).name
+        if name not in names:
+            names.append(name)
+    if not names:
+        raise ConfigError("no caches given; use e.g. --caches fp,k8v8,k4v4,k2v2.")
+    return names
+
+
+def max_context(model_config: Any) -> int | None:
+    """The model's maximum context (max_position_embeddings), or None when its config does not say."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def fit_lengths(lengths: Sequence[int], context: int | None, new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+    """Prompt lengths that leave room for `new_tokens` in a `context`-token model.
+
+    A length beyond `context` raises ConfigError. A length that fits but leaves no room for the generated
+    tokens becomes `context - new_tokens` (so the default 8192 on an 8192-token model runs at 8184).
+    """
+    if context is None:
+        return list(lengths)
+    too_long = [n for n in lengths if n > context]
+    if too_long:
+        raise ConfigError(
+            f"--lengths {','.join(map(str, too_long))} exceed the model's maximum context of {context} tokens "
+            f"(max_position_embeddings); use lengths up to {context} (the largest is run at {context - new_tokens} "
+            f"to leave room for {new_tokens} generated tokens)."
+        )
+    return sorted({min(n, context - new_tokens) for n in lengths})
+
+
+# -- the run ------------------------------------------------------------------------------------------------
+
+
+def make_cache(name: str, model_config: Any) -> Any:
+    """A fresh, empty cache of the given name (see `kvpack.bench.caches`)."""
+    return build_cache(parse_cache_name(name), model_config)
+
+
+def prefill(model: Any, prompt: PasskeyPrompt) -> Any | None:
+    """All but the last prompt token, run once through the model into a full-precision `DynamicCache`.
+
+    Returns None for models with sliding-window layers, whose DynamicCache forgets tokens a kvpack cache must
+    still see arrive; each cache then runs its own prefill.
+    """
+    import torch
+    from transformers import DynamicCache
+
+    ids = torch.tensor([prompt.input_ids[:-1]], device=model.device)
+    cache = DynamicCache(config=model.config)
+    if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
+        return None
+    with torch.inference_mode():
+        model(
+            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+    return cache
+
+
+def filled_cache(name: str, model_config: Any, prefilled: Any | None) -> Any:
+    """A fresh cache `name` (see `make_cache`) holding the keys/values of `prefilled`, when given.
+
+    This is what a prefill with that cache itself would store: a prefill attends to its own tokens in full
+    precision (kvpack stores what it is given, split into calls or not), so the prompt is run through the
+    model once for every cache under test.
+    """
+    cache = make_cache(name, model_config)
+    if prefilled is not None:
+        for idx, layer in enumerate(prefilled.layers):
+            if getattr(layer, "keys", None) is not None and layer.keys.numel():
+                cache.update(layer.keys, layer.values, idx)
+    return cache
+
+
+def generate_answer(model: Any, tokenizer: Any, prompt: PasskeyPrompt, cache: Any) -> str:
+    """Greedy-generate up to `MAX_NEW_TOKENS` tokens after `prompt` with `cache`; the new text.
+
+    `cache` may be empty or already hold a prefix of the prompt (see `filled_cache`); `generate` feeds the rest.
+    """
+    import torch
+
+    ids = torch.tensor([prompt.input_ids], device=model.device)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    with torch.inference_mode():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            past_key_values=cache,
+            max_new_tokens=MAX_NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+    return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+
+
+def _versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    import kvpack
+
+    return {
+        "kvpack": kvpack.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_passkey(
+    model: Any,
+    tokenizer: Any,
+    *,
+    caches: Sequence[str] = DEFAULT_CACHES,
+    lengths: Sequence[int] = DEFAULT_LENGTHS,
+    depths: Sequence[float] = DEFAULT_DEPTHS,
+    trials: int = DEFAULT_TRIALS,
+    seed: int = 0,
+    chat: bool = False,
+    model_name: str = "",
+    command: str = "",
+    progress: bool = True,
+    shared_prefill: bool = True,
+) -> dict[str, Any]:
+    """Measure passkey accuracy per (length, depth) for each cache; the JSON-ready result.
+
+    Every (length, depth, trial) prompt is asked of every cache in turn. With `shared_prefill` (the default), all
+    but the last prompt token are run through the model once and their keys/values handed to each cache: the
+    same state that cache's own prefill would store (see `filled_cache`), at a fraction of the cost; the last
+    prompt token and the answer then attend to that cache. Lengths are total prompt tokens; one beyond the
+    model's maximum context raises ConfigError before anything runs (see `fit_lengths`).
+    The result holds the run's settings, machine and versions, `accuracy[cache][length][depth]` (string keys,
+    e.g. accuracy["fp"]["1024"]["0.5"]) and one record per generation in `runs`.
+    """
+    import torch
+    from tqdm import tqdm
+
+    cache_names = parse_caches(caches)
+    depths = parse_depths(",".join(map(str, depths)))
+    if not isinstance(trials, int) or trials < 1:
+        raise ConfigError(f"trials={trials!r}: give a positive number of trials per cell.")
+    requested = parse_lengths(",".join(map(str, lengths)))
+    context = max_context(model.config)
+    lengths = fit_lengths(requested, context)
+    notes = []
+    if context is not None and any(n > context - MAX_NEW_TOKENS for n in requested):
+        notes.append(
+            f"lengths are whole-prompt tokens; {context} is the model's maximum context, so the longest prompt is "
+            f"{context - MAX_NEW_TOKENS} tokens, leaving room for {MAX_NEW_TOKENS} generated tokens"
+        )
+
+    # Longest prompts first: a memory problem shows at once, and the ETA errs long rather than short.
+    cells = [(n, d, t) for n in reversed(lengths) for d in depths for t in range(trials)]
+    runs: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    bar = tqdm(
+        total=sum(n for n, _, _ in cells),
+        unit="tok",
+        unit_scale=True,
+        desc="passkey",
+        disable=not progress,
+        file=sys.stderr,
+    )
+    with bar:
+        for n_tokens, depth, trial in cells:
+            bar.set_postfix_str(f"{n_tokens} tokens, depth {depth:g}, trial {trial + 1}/{trials}")
+            key = passkey_for(seed, n_tokens, depth, trial)
+            prompt = build_prompt(tokenizer, n_tokens, depth, key, chat=chat)
+            prefill_start = time.perf_counter()
+            prefilled = prefill(model, prompt) if shared_prefill else None
+            prefill_s = time.perf_counter() - prefill_start
+            for name in cache_names:
+                generate_start = time.perf_counter()
+                output = generate_answer(model, tokenizer, prompt, filled_cache(name, model.config, prefilled))
+                runs.append(
+                    {
+                        "cache": name,
+                        "length": n_tokens,
+                        "depth": depth,
+                        "trial": trial,
+                        "passkey": key,
+                        "prompt_tokens": prompt.n_tokens,
+                        "needle_token": prompt.needle_token,
+                        "needle_depth": round(prompt.depth, 4),
+                        "output": output,
+                        "answer": extract_passkey(output),
+                        "correct": is_correct(output, key),
+                        "shared_prefill_s": round(prefill_s, 3) if prefilled is not None else None,
+                        "generate_s": round(time.perf_counter() - generate_start, 3),
+                    }
+                )
+            bar.update(n_tokens)
+
+    accuracy: dict[str, dict[str, dict[str, float]]] = {}
+    for name in cache_names:
+        accuracy[name] = {}
+        for n_tokens in lengths:
+            accuracy[name][str(n_tokens)] = {}
+            for depth in depths:
+                hits = [r["correct"] for r in runs if (r["cache"], r["length"], r["depth"]) == (name, n_tokens, depth)]
+                accuracy[name][str(n_tokens)][f"{depth:g}"] = sum(hits) / len(hits)
+    return {
+        "benchmark": "passkey",
+        "command": command,
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "device": str(model.device),
+            "threads": torch.get_num_threads(),
+        },
+        "versions": _versions(),
+        "model": model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__),
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "prompt": "chat" if chat else "raw",
+        "max_new_tokens": MAX_NEW_TOKENS,
+        "max_context": context,
+        "requested_lengths": requested,
+        "lengths": lengths,
+        "depths": depths,
+        "trials": trials,
+        "seed": seed,
+        "caches": cache_names,
+        "shared_prefill": any(r["shared_prefill_s"] is not None for r in runs),
+        "notes": notes,
+        "accuracy": accuracy,
+        "elapsed_s": round(time.perf_counter() - start, 1),
+        "runs": runs,
+    }
+
+
+# -- reports ------------------------------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else float("nan")
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """A Markdown report of a `run_passkey` result: one row per cache x length, one column per depth, and mean."""
+    depths = [f"{d:g}" for d in result["depths"]]
+    machine = result["machine"]
+    versions = result["versions"]
+    lines = [
+        f"# Passkey retrieval: {result['model']}, {result['date'][:10]}",
+        "",
+        f"Machine: {machine['platform']}, {machine['device']}, {machine['threads']} threads; "
+        f"kvpack {versions['kvpack']}, torch {versions['torch']}, transformers {versions['transformers']}. "
+        f"Command: `{result['command']}`.",
+        "",
+        f"A random 5-digit pass key hidden at each depth of a filler haystack ({result['prompt']} prompt, "
+        f"{result['dtype']}); length = total prompt tokens. Greedy decoding of up to {result['max_new_tokens']} "
+        f"tokens; correct when the first 5-digit number of the answer is the key. Accuracy over "
+        f"{result['trials']} keys per cell (seed {result['seed']}); the same keys for every cache. "
+        f"Run time {result['elapsed_s'] / 60:.1f} min.",
+    ]
+    if result.get("shared_prefill"):
+        lines[-1] += (
+            " Each prompt but its last token is run through the model once, in full precision, and handed to every "
+            "cache: what that cache's own prefill stores (a kvpack prefill attends to itself exactly); the last "
+            "prompt token and the answer attend to the cache under test."
+        )
+    for note in result.get("notes", []):
+        lines += ["", f"Note: {note}."]
+    if "fp" in result["caches"]:
+        missed = [
+            f"{n} tokens at depth {d}"
+            for n in result["lengths"]
+            for d in depths
+            if result["accuracy"]["fp"][str(n)][d] < 1.0
+        ]
+        if missed:
+            lines += [
+                "",
+                f"The full-precision cache itself misses some keys ({'; '.join(missed)}): there the limit is "
+                "the model's, not the quantized caches'.",
+            ]
+    lines += [
+        "",
+        "| cache | length | " + " | ".join(f"depth {d}" for d in depths) + " | mean |",
+        "|---|---:|" + "---:|" * (len(depths) + 1),
+    ]
+    for name in result["caches"]:
+        for n_tokens in result["lengths"]:
+            row = result["accuracy"][name][str(n_tokens)]
+            cells = [row[d] for d in depths]
+            lines.append(
+                f"| {name} | {n_tokens} | " + " | ".join(f"{a:.0%}" for a in cells) + f" | {_mean(cells):.0%} |"
+            )
+    lines += ["", "| cache | " + " | ".join(f"{n} tokens" for n in result["lengths"]) + " | all |"]
+    lines.append("|---|" + "---:|" * (len(result["lengths"]) + 1))
+    for name in result["caches"]:
+        per_length = [_mean(list(result["accuracy"][name][str(n)].values())) for n in result["lengths"]]
+        lines.append(f"| {name} | " + " | ".join(f"{a:.0%}" for a in per_length) + f" | {_mean(per_length):.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_heatmap(result: dict[str, Any], path: str | Path) -> None:
+    """Write a PNG heatmap of a `run_passkey` result: one panel per cache, x = depth, y = length, colour = accuracy."""
+    # matplotlib is imported here only: importing kvpack must stay light. Figure (no pyplot) needs no backend state.
+    from matplotlib.figure import Figure
+
+    caches, lengths, depths = result["caches"], result["lengths"], [f"{d:g}" for d in result["depths"]]
+    fig = Figure(figsize=(1.2 + 2.9 * len(caches), 0.9 + 0.45 * len(lengths) + 0.8), layout="constrained")
+    axes = fig.subplots(1, len(caches), squeeze=False, sharey=True)[0]
+    image = None
+    for ax, name in zip(axes, caches, strict=True):
+        grid = [[result["accuracy"][name][str(n)][d] for d in depths] for n in lengths]
+        image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+        for y, row in enumerate(grid):
+            for x, value in enumerate(row):
+                ax.text(x, y, f"{value:.0%}", ha="center", va="center", fontsize=8)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks(range(len(depths)), depths)
+        ax.set_xlabel("needle depth")
+        ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
+    axes[0].set_ylabel("prompt tokens")
+    if image is not None:
+        fig.colorbar(image, ax=list(axes), label="accuracy", shrink=0.9)
+    fig.suptitle(f"Passkey retrieval, {result['model']} ({result['trials']} keys per cell)", fontsize=11)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+
+
+def write_results(
+    result: dict[str, Any],
+    json_path: str | Path | None = None,
+    markdown_path: str | Path | None = None,
+    png_path: str | Path | None = None,
+) -> None:
+    """Write the result as JSON, then the Markdown table and the heatmap made from it (each path optional)."""
+    if json_path is not None:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
+    if markdown_path is not None:
+        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(markdown_path).write_text(to_markdown(result), encoding="utf-8")
+    if png_path is not None:
+        plot_heatmap(result, png_path)
+
+
+# -- command line -------------------------------------------------------------------------------------------
+
+
+def _command(args: argparse.Namespace) -> str:
+    """The command that reproduces this run, with every setting spelled out."""
+    parts = ["kvpack passkey"]
+    if args.model:
+        parts.append(f"--model {args.model}")
+    parts += [f"--caches {args.caches}", f"--lengths {args.lengths}", f"--depths {args.depths}"]
+    parts += [f"--trials {args.trials}", f"--seed {args.seed}", f"--dtype {args.dtype}"]
+    if args.chat:
+        parts.append("--chat")
+    if args.threads:
+        parts.append(f"--threads {args.threads}")
+    if args.device != "cpu":
+        parts.append(f"--device {args.device}")
+    return " ".join(parts)
+
+
+def cmd_passkey(args: argparse.Namespace) -> int:
+    """Run the passkey benchmark from parsed arguments and write its JSON, Markdown and PNG."""
+    import torch
+
+    from kvpack.models import DEFAULT_MODEL, load_model
+
+    caches = parse_caches(args.caches)  # fail on a bad spec, length or depth before loading the model
+    lengths = parse_lengths(args.lengths)
+    depths = parse_depths(args.depths)
+    if args.trials < 1:
+        raise KVPackError(f"--trials {args.trials}: give at least 1 trial per cell.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    result = run_passkey(
+        model,
+        tokenizer,
+        caches=caches,
+        lengths=lengths,
+        depths=depths,
+        trials=args.trials,
+        seed=args.seed,
+        chat=args.chat,
+        model_name=args.model or DEFAULT_MODEL,
+        command=_command(args),
+    )
+    write_results(result, args.json, args.markdown, args.png)
+    print(to_markdown(result))
+    print(f"Wrote {args.json}, {args.markdown}, {args.png}", file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `kvpack passkey` on the CLI's subparsers (the object `add_subparsers()` returns)."""
+    parser = subparsers.add_parser(
+        "passkey",
+        help="passkey retrieval by length and depth, fp vs quantized",
+        description="Hide a random 5-digit pass key at several depths of a filler haystack of N tokens and ask "
+        "for it back, with the full-precision cache and with kvpack caches; print the accuracy table and write "
+        "JSON, Markdown and a heatmap PNG.",
+    )
+    parser.add_argument(
+        "--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2-135M)"
+    )
+    parser.add_argument(
+        "--caches", default=",".join(DEFAULT_CACHES), help="fp and/or kvpack specs (default fp,k8v8,k4v4,k2v2)"
+    )
+    parser.add_argument(
+        "--lengths",
+        default=",".join(map(str, DEFAULT_LENGTHS)),
+        help="total prompt tokens, up to the model's max context (default 1024,2048,4096,8192)",
+    )
+    parser.add_argument(
+        "--depths", default=",".join(map(str, DEFAULT_DEPTHS)), help="needle depths in [0, 1] (default 0.1,...,0.9)"
+    )
+    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="keys per (length, depth) cell (default 3)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random keys (default 0)")
+    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--json", default=str(DEFAULT_RESULTS.with_suffix(".json")), help="JSON output path")
+    parser.add_argument("--markdown", default=str(DEFAULT_RESULTS.with_suffix(".md")), help="Markdown output path")
+    parser.add_argument("--png", default=str(DEFAULT_RESULTS.with_suffix(".png")), help="heatmap PNG output path")
+    parser.set_defaults(func=cmd_passkey)
