@@ -353,7 +353,7 @@ def test_cli_defaults_and_help() -> None:
     )
     assert not args.chat and args.func is passkey.cmd_passkey
     assert Path(args.json) == Path("benchmarks/results/passkey.json") and Path(args.png).suffix == ".png"
-    assert "passkey retrieval accuracy by context length and depth" in parser.format_help()
+    assert "passkey retrieval by length and depth" in parser.format_help()
 
 
 def test_cli_runs_and_writes(tiny_model: Any, tokenizer: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
