@@ -159,9 +159,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from kvpack.bench.compare import run_compare
     from kvpack.bench.report import markdown, write_report
 
-    result = run_compare(args)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save(partial: dict[str, Any]) -> None:
+        out.write_text(json.dumps(partial, indent=2) + "\n")
+
+    result = run_compare(args, checkpoint=save)
     out.write_text(json.dumps(result, indent=2) + "\n")
     if result["contexts"]:
         md_path, png_path = write_report(out)

@@ -40,9 +40,12 @@ def test_compare_writes_a_complete_result(tiny_model_dir: Path, tmp_path: Path) 
         caches=caches, tokens=48, data=str(data), model=str(tiny_model_dir), dtype="float32",
         device="cpu", threads=1, contexts="32,64", steps=2,
     )  # fmt: skip
-    result = run_compare(args)
+    partials: list[int] = []
+    result = run_compare(args, checkpoint=lambda partial: partials.append(len(partial["rows"])))
+    assert result["complete"] is True
     names = [row["cache"] for row in result["rows"]]
     assert names[0] == "fp" and len(names) == len(caches.split(",")) + 1  # fp added as the reference
+    assert partials == list(range(1, len(names) + 1))  # a checkpoint after each streamed cache
     assert result["data"]["tokens"] == 48 and len(result["data"]["sha256"]) == 64
     for row in result["rows"]:
         assert row["predictions"] == 47

@@ -11,6 +11,7 @@ import datetime
 import platform
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -62,8 +63,12 @@ def decode_speed(
     return out
 
 
-def run_compare(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything `kvpack compare` measures, as the JSON-ready result."""
+def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Everything `kvpack compare` measures, as the JSON-ready result.
+
+    checkpoint: called with the partial result (`"complete": False`) after each cache's streamed run, so a
+    long run can be inspected, and is not lost, before it ends.
+    """
     import transformers
 
     import kvpack
@@ -80,15 +85,41 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     ids, data_sha256 = load_tokens(args.data, tokenizer, args.tokens)
 
+    rows: list[dict[str, Any]] = []
+    result: dict[str, Any] = {
+        "benchmark": "compare",
+        "complete": False,
+        "command": "kvpack " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(model.device),
+        },
+        "versions": {
+            "kvpack": kvpack.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "model": args.model or DEFAULT_MODEL,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "data": {"path": str(args.data), "sha256": data_sha256, "tokens": args.tokens, "mode": "streamed"},
+        "contexts": [],
+        "rows": rows,
+    }
     print(f"Streaming {args.tokens} tokens through each of {len(specs)} caches ...", file=sys.stderr)
     reference, ref_logprobs = stream(model, ids, specs[0], keep_logprobs=True)
-    results = [reference]
+    rows.append(reference.summary(reference))
     for spec in specs[1:]:
-        result, _ = stream(model, ids, spec, reference_logprobs=ref_logprobs)
-        results.append(result)
-        print(f"  {spec.name}: PPL {result.perplexity:.3f}", file=sys.stderr)
+        if checkpoint is not None:
+            checkpoint(result)
+        streamed, _ = stream(model, ids, spec, reference_logprobs=ref_logprobs)
+        rows.append(streamed.summary(reference))
+        print(f"  {spec.name}: PPL {streamed.perplexity:.3f}", file=sys.stderr)
+    if checkpoint is not None:
+        checkpoint(result)
     del ref_logprobs
-    rows = [r.summary(reference) for r in results]
 
     contexts = [int(c) for c in args.contexts.split(",") if c]
     speed: dict[int, dict[str, dict[str, float]]] = {}
@@ -106,24 +137,5 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
             row[f"prefill_s@{context}"] = measured["prefill_s"]
             row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
             row[f"vs_fp16@{context}"] = fp16_bytes / measured["cache_bytes"]
-    return {
-        "benchmark": "compare",
-        "command": "kvpack " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(model.device),
-        },
-        "versions": {
-            "kvpack": kvpack.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "model": args.model or DEFAULT_MODEL,
-        "dtype": str(model.dtype).removeprefix("torch."),
-        "data": {"path": str(args.data), "sha256": data_sha256, "tokens": args.tokens, "mode": "streamed"},
-        "contexts": contexts,
-        "rows": rows,
-    }
+    result.update(contexts=contexts, complete=True)
+    return result
