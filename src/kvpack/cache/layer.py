@@ -108,17 +108,19 @@ class PackedLayer(CacheLayerMixin):
         not depend on how the sequence was split into calls; what a query of a chunk sees may (tokens that
         single steps would already have packed can still be exact at the start of a chunk).
         """
-        keys, values = self._with_past(key_states, value_states)
-        self.append(key_states, value_states)
-        return keys, values
+        return self._store(key_states, value_states)
 
-    def _with_past(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored sequence followed by the given new tokens, `[batch, kv_heads, tokens, head_dim]`."""
+    def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens; return the stored past (as before this call) followed by the new tokens."""
         if not self.is_initialized:
+            self.append(key_states, value_states)
             return key_states, value_states
         self._check_input(key_states, value_states)
         past_keys, past_values = self._stored_parts()
-        return torch.cat([*past_keys, key_states], dim=2), torch.cat([*past_values, value_states], dim=2)
+        keys = torch.cat([*past_keys, key_states], dim=2)
+        values = torch.cat([*past_values, value_states], dim=2)
+        self._append(key_states, value_states)
+        return keys, values
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen_tokens + query_length, 0
@@ -234,6 +236,7 @@ class PackedLayer(CacheLayerMixin):
         if fresh:
             self.lazy_initialization(key_states, value_states)
         try:
+            self._check_input(key_states, value_states)
             self._append(key_states, value_states)
         except Exception:
             if fresh:  # a refused first update leaves the layer as it was: uninitialised
@@ -241,7 +244,7 @@ class PackedLayer(CacheLayerMixin):
             raise
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self._check_input(key_states, value_states)
+        """`append` of checked input to an initialised layer."""
         n_sink = min(self.config.sinks - self.sink_len, key_states.shape[2])
         keys, values = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
         n = keys.shape[2]
@@ -372,8 +375,7 @@ class PackedSlidingLayer(PackedLayer):
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
     ) -> tuple[torch.Tensor, torch.Tensor]:
         visible = min(self.seen_tokens, self.sliding_window - 1) + key_states.shape[2]
-        keys, values = self._with_past(key_states, value_states)
-        self.append(key_states, value_states)
+        keys, values = self._store(key_states, value_states)
         self._forget_outside_window()
         return keys[:, :, -visible:], values[:, :, -visible:]
 
