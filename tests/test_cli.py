@@ -38,6 +38,14 @@ def test_generate_without_prompt_is_a_clear_error(capsys: pytest.CaptureFixture[
     assert "give a prompt" in capsys.readouterr().err
 
 
+def test_unknown_weight_format_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "hi", "--weights", "int3"])
+    assert "invalid choice: 'int3'" in capsys.readouterr().err
+    assert cli.main(["ppl", "--weights", "fp,int3", "--data", __file__]) == 2
+    assert "use one or more of fp, int8, int4" in capsys.readouterr().err
+
+
 def test_import_stays_light() -> None:
     heavy = "('matplotlib', 'triton', 'kvpack.cli', 'kvpack.models')"
     code = f"import sys, kvpack; print(sorted(m for m in {heavy} if m in sys.modules))"

@@ -13,6 +13,7 @@ from typing import Any
 from kvpack.bench.compare import DEFAULT_CACHES
 from kvpack.config import CacheConfig, parse_spec
 from kvpack.errors import KVPackError
+from kvpack.weights import WEIGHT_CHOICES
 
 
 def _human_bytes(n: float) -> str:
@@ -67,7 +68,7 @@ def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace) -> 
         torch.manual_seed(args.seed)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: quanto's quantized weights fail on inference tensors
         # Prefill all but the last prompt token, so that generate's own time is the decode alone.
         start = time.perf_counter()
         model(
@@ -86,12 +87,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from kvpack.cache import KVPackCache
     from kvpack.models import load_model
+    from kvpack.weights import weight_nbytes
 
     config = parse_spec(args.cache)
     prompt = _read_prompt(args)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
     cache = KVPackCache(model.config, config)
     result = _generate(model, inputs, cache, args)
@@ -110,6 +112,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     )
     if model.dtype != torch.float16:
         summary += f", {model_dtype_bytes / packed:.2f}x smaller than this model's {str(model.dtype)[6:]} cache"
+    if args.weights != "fp":
+        weight_bytes = weight_nbytes(model)
+        summary += f"; {args.weights} weights {_human_bytes(weight_bytes)}, total {_human_bytes(weight_bytes + packed)}"
     print(summary)
     if args.check:
         ref = _generate(model, inputs, DynamicCache(config=model.config), args)
@@ -152,6 +157,12 @@ def _add_measure_options(parser: argparse.ArgumentParser, tokens: int) -> None:
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument(
+        "--weights",
+        default="fp",
+        help="weight formats, comma-separated among fp,int8,int4 (optimum-quanto); every cache runs with each, "
+        "and fp weights with the fp cache stay the reference (default fp)",
+    )
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -216,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    gen.add_argument(
+        "--weights", choices=WEIGHT_CHOICES, default="fp", help="quantize the linear weights (optimum-quanto)"
+    )
     gen.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     gen.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

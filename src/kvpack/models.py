@@ -42,15 +42,22 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     device: str | torch.device = "cpu",
     verbose: bool = True,
+    weights: str = "fp",
 ) -> tuple[Any, Any]:
     """Load `(model, tokenizer)`: the embedded default when `name` is None, else a local or cached HF model.
 
     Nothing is downloaded: `name` must be a local directory or a model already in the Hugging Face cache.
     With `verbose`, progress goes to stderr (transformers shows its own bar while converting GGUF weights).
+    weights: `fp` (as loaded), `int8` or `int4` (linear layers quantized with optimum-quanto; see kvpack.weights).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from kvpack.weights import parse_weights, quantize_weights, require_quanto
+
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    parse_weights(weights)
+    if weights != "fp":
+        require_quanto()  # before the model loads: a missing package fails in seconds
     start = time.perf_counter()
     kwargs: dict[str, Any]
     if name is None or name == DEFAULT_MODEL:
@@ -70,6 +77,9 @@ def load_model(
             "the Hugging Face cache, or omit --model to use the embedded default."
         ) from exc
     model = model.to(torch.device(device)).eval()  # type: ignore[arg-type]  # transformers' wrapped `to`
+    quantize_weights(model, weights)
+    if weights != "fp":
+        label += f" with {weights} weights"
     if verbose:
         print(f"Loaded {label} in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
     return model, tokenizer

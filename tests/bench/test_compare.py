@@ -63,3 +63,24 @@ def test_compare_writes_a_complete_result(tiny_model_dir: Path, tmp_path: Path) 
     assert all(name in page for name in names) and "tok/s @64" in page
     assert png_path.stat().st_size > 10_000
     assert markdown(result) == page
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("optimum") is None, reason="needs optimum-quanto")
+def test_compare_with_quantized_weights_adds_a_row_per_weight_format(tiny_model_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = argparse.Namespace(
+        caches="fp,k8v8-g16-r16", weights="int8", tokens=24, data=str(data), model=str(tiny_model_dir),
+        dtype="float32", device="cpu", threads=1, contexts="32", steps=1,
+    )  # fmt: skip
+    result = run_compare(args)
+    keys = [(row["weights"], row["cache"]) for row in result["rows"]]
+    # fp weights come first (the reference), then each cache again with int8 weights.
+    assert keys == [("fp", "fp"), ("fp", "k8v8-g16-r16"), ("int8", "fp"), ("int8", "k8v8-g16-r16")]
+    assert result["weights"]["int8"] < result["weights"]["fp"]
+    int8_fp = result["rows"][2]
+    assert int8_fp["delta_ppl_vs_fp_weights_pct"] == pytest.approx(int8_fp["delta_ppl_pct"])  # same reference
+    assert int8_fp["mean_kl"] > 0  # the weights changed the model's output
+    assert int8_fp["total_bytes@32"] == result["weights"]["int8"] + int8_fp["cache_bytes@32"]
+    page = markdown(result)
+    assert "| weights |" in page and "ΔPPL vs fp weights" in page and "weights + cache @32" in page

@@ -23,66 +23,84 @@ DEFAULT_CACHES = "fp,k8v8,k4v4,k4v2,k2v2,quanto-int4,quanto-int2,hqq-int8,hqq-in
 
 def _prefill(model: Any, ids: torch.Tensor, spec: CacheSpec, cache: Any) -> None:
     first = spec.feed_first_tokens_together
-    with torch.inference_mode():
+    with torch.no_grad():
         model(ids[:, :first], past_key_values=cache, use_cache=True, logits_to_keep=1)
         if ids.shape[1] > first:
             model(ids[:, first:], past_key_values=cache, use_cache=True, logits_to_keep=1)
 
 
 def decode_speed(
-    model: Any, specs: list[CacheSpec], context: int, steps: int, warmup: int = 2, seed: int = 0
+    entries: list[tuple[str, Any, CacheSpec]], context: int, steps: int, warmup: int = 2, seed: int = 0
 ) -> dict[str, dict[str, float]]:
     """Single-token decode steps once each cache holds `context` tokens, interleaved across caches.
 
-    Every cache is prefilled with the same random tokens; then, round after round, each cache takes one
-    timed step (the order rotates each round), so drift in machine speed affects all caches alike.
-    Returns, per cache: tokens/s, prefill seconds and the cache's bytes after the prefill.
+    entries: `(key, model, spec)`; the models may differ (e.g. in weight format). Every cache is prefilled with
+    the same random tokens; then, round after round, each cache takes one timed step (the order rotates each
+    round), so drift in machine speed affects all caches alike.
+    Returns, per key: tokens/s, prefill seconds and the cache's bytes after the prefill.
     """
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(100, model.config.vocab_size - 100, (1, context), generator=generator).to(model.device)
+    vocab = min(model.config.vocab_size for _, model, _ in entries)
+    ids = torch.randint(100, vocab - 100, (1, context), generator=generator)
     caches, out = {}, {}
-    for spec in specs:
+    for key, model, spec in entries:
         cache = make_cache(spec, model.config)
         start = time.perf_counter()
-        _prefill(model, ids, spec, cache)
-        out[spec.name] = {"prefill_s": time.perf_counter() - start, "cache_bytes": float(cache_nbytes(cache))}
-        caches[spec.name] = cache
+        _prefill(model, ids.to(model.device), spec, cache)
+        out[key] = {"prefill_s": time.perf_counter() - start, "cache_bytes": float(cache_nbytes(cache))}
+        caches[key] = (model, cache)
     token = ids[:, -1:]
     elapsed = dict.fromkeys(caches, 0.0)
-    names = list(caches)
-    with torch.inference_mode():
+    keys = list(caches)
+    with torch.no_grad():
         for step in range(warmup + steps):
-            order = names[step % len(names) :] + names[: step % len(names)]
-            for name in order:
+            order = keys[step % len(keys) :] + keys[: step % len(keys)]
+            for key in order:
+                model, cache = caches[key]
                 start = time.perf_counter()
-                model(token, past_key_values=caches[name], use_cache=True)
+                model(token.to(model.device), past_key_values=cache, use_cache=True)
                 if step >= warmup:
-                    elapsed[name] += time.perf_counter() - start
-    for name in names:
-        out[name]["tokens_per_s"] = steps / elapsed[name]
+                    elapsed[key] += time.perf_counter() - start
+    for key in keys:
+        out[key]["tokens_per_s"] = steps / elapsed[key]
     return out
+
+
+def row_key(weights: str, cache: str) -> str:
+    """The name of a row: the cache's, prefixed with its weight format when the weights are quantized."""
+    return cache if weights == "fp" else f"{weights}:{cache}"
 
 
 def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Everything `kvpack compare` measures, as the JSON-ready result.
 
-    checkpoint: called with the partial result (`"complete": False`) after each cache's streamed run, so a
-    long run can be inspected, and is not lost, before it ends.
+    args.weights (optional, default "fp"): comma-separated weight formats; every cache runs with each, and the
+    reference is always fp weights with the fp cache. checkpoint: called with the partial result
+    (`"complete": False`) after each streamed run, so a long run can be inspected, and is not lost, before it ends.
     """
     import transformers
 
     import kvpack
     from kvpack.eval.perplexity import load_tokens, stream
     from kvpack.models import DEFAULT_MODEL, load_model
+    from kvpack.weights import parse_weights, require_quanto, weight_nbytes
 
     if args.threads:
         torch.set_num_threads(args.threads)
     specs = [parse_cache_name(name) for name in args.caches.split(",")]
     if specs[0].kind != "fp":
         specs.insert(0, parse_cache_name("fp"))  # the reference for ΔPPL, KL and top-1
+    weight_formats = parse_weights(getattr(args, "weights", None) or "fp")
+    if weight_formats[0] != "fp":
+        weight_formats = ["fp"] + [w for w in weight_formats if w != "fp"]  # the reference has fp weights
     for spec in specs:
         require_packages(spec)  # before the model loads: a missing peer fails in seconds, not minutes
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    if len(weight_formats) > 1:
+        require_quanto()
+    models = {}
+    for weights in weight_formats:
+        models[weights], tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, weights=weights)
+    model = models["fp"]
     ids, data_sha256 = load_tokens(args.data, tokenizer, args.tokens)
 
     rows: list[dict[str, Any]] = []
@@ -104,32 +122,42 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
         },
         "model": args.model or DEFAULT_MODEL,
         "dtype": str(model.dtype).removeprefix("torch."),
+        "weights": {weights: weight_nbytes(m) for weights, m in models.items()},
         "data": {"path": str(args.data), "sha256": data_sha256, "tokens": args.tokens, "mode": "streamed"},
         "contexts": [],
         "rows": rows,
     }
-    print(f"Streaming {args.tokens} tokens through each of {len(specs)} caches ...", file=sys.stderr)
+    runs = [(weights, spec) for weights in weight_formats for spec in specs]
+    print(f"Streaming {args.tokens} tokens through each of {len(runs)} caches ...", file=sys.stderr)
     reference, ref_logprobs = stream(model, ids, specs[0], keep_logprobs=True)
-    rows.append(reference.summary(reference))
-    for spec in specs[1:]:
-        if checkpoint is not None:
-            checkpoint(result)
-        streamed, _ = stream(model, ids, spec, reference_logprobs=ref_logprobs)
-        rows.append(streamed.summary(reference))
-        print(f"  {spec.name}: PPL {streamed.perplexity:.3f}", file=sys.stderr)
+    by_key = {"fp": reference}
+    for weights, spec in runs:
+        key = row_key(weights, spec.name)
+        if key != "fp":
+            if checkpoint is not None:
+                checkpoint(result)
+            by_key[key], _ = stream(models[weights], ids, spec, reference_logprobs=ref_logprobs, label=key)
+            print(f"  {key}: PPL {by_key[key].perplexity:.3f}", file=sys.stderr)
+        row = by_key[key].summary(reference)
+        row.update(cache=spec.name, weights=weights, weight_bytes=result["weights"][weights])
+        if weights != "fp":
+            same_cache = by_key[spec.name].perplexity
+            row["delta_ppl_vs_fp_weights_pct"] = 100 * (by_key[key].perplexity / same_cache - 1)
+        rows.append(row)
     if checkpoint is not None:
         checkpoint(result)
     del ref_logprobs
 
     contexts = [int(c) for c in args.contexts.split(",") if c]
     speed: dict[int, dict[str, dict[str, float]]] = {}
+    entries = [(row_key(weights, spec.name), models[weights], spec) for weights, spec in runs]
     for context in contexts:
         print(f"Decode speed at {context} tokens ({args.steps} interleaved steps) ...", file=sys.stderr)
-        speed[context] = decode_speed(model, specs, context, args.steps)
+        speed[context] = decode_speed(entries, context, args.steps)
     element_size = torch.finfo(model.dtype).bits // 8
     for row in rows:
         for context, by_cache in speed.items():
-            measured = by_cache[row["cache"]]
+            measured = by_cache[row_key(row["weights"], row["cache"])]
             fp = by_cache["fp"]
             fp16_bytes = fp["cache_bytes"] * 2 / element_size
             row[f"tokens_per_s@{context}"] = measured["tokens_per_s"]
@@ -137,5 +165,6 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
             row[f"prefill_s@{context}"] = measured["prefill_s"]
             row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
             row[f"vs_fp16@{context}"] = fp16_bytes / measured["cache_bytes"]
+            row[f"total_bytes@{context}"] = row["weight_bytes"] + int(measured["cache_bytes"])
     result.update(contexts=contexts, complete=True)
     return result

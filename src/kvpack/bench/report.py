@@ -6,14 +6,25 @@ import json
 from pathlib import Path
 from typing import Any
 
+from kvpack.bench.compare import row_key
+
 
 def _fmt(value: Any, pattern: str) -> str:
     return "" if value is None else format(value, pattern)
 
 
+def _key(row: dict[str, Any]) -> str:
+    return row_key(row.get("weights", "fp"), row["cache"])
+
+
+def _is_reference(row: dict[str, Any]) -> bool:
+    return _key(row) == "fp"
+
+
 def markdown(result: dict[str, Any]) -> str:
-    """The compare result as a Markdown page: setup, then one table."""
+    """The compare result as a Markdown page: setup, then one table (a weights section when weights vary)."""
     contexts = result.get("contexts", [])
+    with_weights = any(row.get("weights", "fp") != "fp" for row in result["rows"])
     lines = [
         f"# kvpack compare: {result['model']} ({result['dtype']})",
         "",
@@ -26,18 +37,26 @@ def markdown(result: dict[str, Any]) -> str:
         "",
     ]
     header = ["cache", "PPL", "ΔPPL", "mean KL", "top-1", "worst KL (pos)"]
+    if with_weights:
+        header = ["weights", *header[:3], "ΔPPL vs fp weights", *header[3:]]
     for context in contexts:
         header += [f"bytes @{context}", f"vs fp16 @{context}", f"tok/s @{context}", f"vs fp @{context}"]
+        if with_weights:
+            header.append(f"weights + cache @{context}")
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["rows"]:
         cells = [
             row["cache"],
             _fmt(row["ppl"], ".3f"),
-            "—" if row["cache"] == "fp" else f"{row['delta_ppl_pct']:+.2f}%",
+            "—" if _is_reference(row) else f"{row['delta_ppl_pct']:+.2f}%",
             _fmt(row.get("mean_kl"), ".5f"),
             "" if row.get("top1_agreement") is None else f"{row['top1_agreement']:.2%}",
             "" if row.get("max_kl") is None else f"{row['max_kl']:.3f} ({row['worst_position']})",
         ]
+        if with_weights:
+            vs_fp_weights = row.get("delta_ppl_vs_fp_weights_pct")
+            weights = f"{row['weights']} ({row['weight_bytes'] / 1e6:,.1f} MB)"
+            cells = [weights, *cells[:3], "—" if vs_fp_weights is None else f"{vs_fp_weights:+.2f}%", *cells[3:]]
         for context in contexts:
             cells += [
                 f"{row[f'cache_bytes@{context}']:,}",
@@ -45,8 +64,10 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{row[f'tokens_per_s@{context}']:.2f}",
                 f"{row[f'speed_vs_fp@{context}']:.2f}x",
             ]
+            if with_weights:
+                cells.append(f"{row[f'total_bytes@{context}'] / 1e6:,.1f} MB")
         lines.append("| " + " | ".join(cells) + " |")
-    notes = [(row["cache"], note) for row in result["rows"] for note in row.get("notes", [])]
+    notes = dict.fromkeys((row["cache"], note) for row in result["rows"] for note in row.get("notes", []))
     if notes:
         lines += ["", "Notes:"] + [f"- {cache}: {note}" for cache, note in notes]
     return "\n".join(lines) + "\n"
@@ -61,21 +82,21 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     contexts = result.get("contexts", [])
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    fp_row = next(row for row in result["rows"] if row["cache"] == "fp")
+    fp_row = next(row for row in result["rows"] if _is_reference(row))
     element_bits = 32 if result["dtype"] == "float32" else 16
     last = contexts[-1] if contexts else None
     for row in result["rows"]:
-        if row["cache"] == "fp" or last is None or row.get("mean_kl") is None:
+        if _is_reference(row) or last is None or row.get("mean_kl") is None:
             continue
         bits = element_bits * row[f"cache_bytes@{last}"] / fp_row[f"cache_bytes@{last}"]
         left.scatter(bits, max(row["mean_kl"], 1e-6))
-        left.annotate(row["cache"], (bits, max(row["mean_kl"], 1e-6)), fontsize=8)
+        left.annotate(_key(row), (bits, max(row["mean_kl"], 1e-6)), fontsize=8)
     left.set_xlabel(f"bits per cached value at {last} tokens (all bytes held)")
     left.set_ylabel("mean KL vs full-precision cache")
     left.set_yscale("log")
     left.grid(alpha=0.3)
     for row in result["rows"]:
-        right.plot(contexts, [row[f"tokens_per_s@{c}"] for c in contexts], marker="o", label=row["cache"])
+        right.plot(contexts, [row[f"tokens_per_s@{c}"] for c in contexts], marker="o", label=_key(row))
     right.set_xlabel("context (tokens)")
     right.set_ylabel("decode tokens/s")
     right.legend(fontsize=7)

@@ -88,12 +88,15 @@ def stream(
     reference_logprobs: torch.Tensor | None = None,
     keep_logprobs: bool = False,
     progress: bool = True,
+    label: str | None = None,
 ) -> tuple[StreamResult, torch.Tensor | None]:
     """Feed `ids` `[1, n]` through `model` one token at a time with a fresh cache of kind `spec`.
 
     Returns the result and, with `keep_logprobs`, the float32 log-probabilities `[n - 1, vocab]` (the
     reference for later runs). With `reference_logprobs`, KL and top-1 agreement are computed on the fly.
+    label: the result's name (default: the spec's).
     """
+    name = label or spec.name
     cache = make_cache(spec, model.config)
     ids = ids.to(model.device)
     n = ids.shape[1]
@@ -104,8 +107,8 @@ def stream(
     kept = None
     positions = [(0, first)] + [(t, t + 1) for t in range(first, n - 1)]
     start_time = time.perf_counter()
-    with torch.inference_mode():
-        for start, end in tqdm(positions, desc=spec.name, disable=not progress, leave=False):
+    with torch.no_grad():  # not inference_mode: quanto's quantized weights fail on inference tensors
+        for start, end in tqdm(positions, desc=name, disable=not progress, leave=False):
             logits = model(ids[:, start:end], past_key_values=cache, use_cache=True).logits[0].float()
             logprobs = torch.log_softmax(logits, dim=-1).cpu()
             targets = ids[0, start + 1 : end + 1].cpu()
@@ -122,7 +125,7 @@ def stream(
                 agree[rows] = ref.argmax(-1) == logprobs.argmax(-1)
     seconds = time.perf_counter() - start_time
     result = StreamResult(
-        name=spec.name,
+        name=name,
         nll=nll,
         kl=kl,
         top1_agree=agree,
