@@ -33,3 +33,7 @@ class UnsupportedModelError(KVPackError, ValueError):
 
 class ModelNotFoundError(KVPackError, FileNotFoundError):
     """The requested model (or the embedded default's package) is not available on this machine."""
+
+
+class BackendUnavailableError(KVPackError, RuntimeError):
+    """An explicitly requested attention backend cannot run here (package missing, device or layout unsupported)."""

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DummyLayer
 
+from kvpack.attention.registry import is_kvpack_attention
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
 from kvpack.config import CacheConfig, as_config
 from kvpack.errors import UnsupportedModelError
@@ -69,11 +71,20 @@ class KVPackCache(Cache):
     per-head keys/values raise `UnsupportedModelError`.
     """
 
-    def __init__(self, config: PretrainedConfig | Any, cache_config: CacheConfig | str = "k4v4"):
-        """config: the model's config (or the model itself); cache_config: a `CacheConfig` or a spec string."""
+    def __init__(self, config: PretrainedConfig | Any, cache_config: CacheConfig | str = "k4v4", backend: str = "auto"):
+        """config: the model's config (or the model itself); cache_config: a `CacheConfig` or a spec string.
+
+        backend: the attention backend when the model runs kvpack's attention (`kvpack.use_kvpack_attention`):
+        `auto`, `torch` or `cpu` (see `kvpack.attention`). With any other attention implementation, `update`
+        returns dense keys and values and the model's own attention reads them.
+        """
+        from kvpack.attention.registry import check_backend
+
         if not isinstance(config, PretrainedConfig) and isinstance(getattr(config, "config", None), PretrainedConfig):
             config = config.config
         self.cache_config = as_config(cache_config)
+        self.backend = check_backend(backend)
+        self._model_config = config
         layers: list[Any] = []
         for idx, (layer_type, window) in enumerate(_layer_plan(config)):
             if layer_type == "dummy":
@@ -89,6 +100,19 @@ class KVPackCache(Cache):
 
     def _packed_layers(self) -> list[PackedLayer]:
         return [layer for layer in self.layers if isinstance(layer, PackedLayer)]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store a layer's new keys/values; return what the model's attention implementation reads.
+
+        With kvpack's attention (`is_kvpack_attention(config)`, checked at every call so that switching the
+        model's implementation is always honoured), packed views for the fused path; otherwise dense tensors.
+        """
+        layer = self.layers[layer_idx]
+        if isinstance(layer, PackedLayer) and is_kvpack_attention(self._model_config):
+            return layer.fused_update(key_states, value_states, self.backend)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Remove the newest tokens from every layer, or raise before changing any (see `PackedLayer.crop`)."""

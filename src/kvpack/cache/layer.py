@@ -281,6 +281,43 @@ class PackedLayer(CacheLayerMixin):
             self.residual_len = stored
         self.seen_tokens += key_states.shape[2]
 
+    def fused_update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, backend: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new tokens; return them with an `AttentionInputs` attached for kvpack's attention.
+
+        What attention reads is what `update` would return (the stored past, then the new tokens exactly), but
+        as views of the packed blocks and of the residual buffer, never dequantized. The returned key tensor
+        carries it as `kvpack_inputs`; `kvpack.attention.kvpack_attention` consumes it. The first update of an
+        empty layer (a prefill) and tokens that fill the sinks return plain tensors: attention over them needs
+        no packed data.
+        """
+        from kvpack.attention.reference import AttentionInputs
+        from kvpack.attention.registry import INPUTS_ATTRIBUTE
+
+        if not self.is_initialized or self.sink_len < self.config.sinks:
+            return self._store(key_states, value_states)
+        self._check_input(key_states, value_states)
+        past = self.residual_len
+        packed_keys = self.packed_keys.view() if self.packed_keys is not None and self.packed_length else None
+        packed_values = self.packed_values.view() if self.packed_values is not None and self.packed_length else None
+        if past + key_states.shape[2] < self.config.residual + self.config.block_tokens:
+            # No block leaves the residual: the new tokens land right after it, and a view reads both.
+            self._append(key_states, value_states)
+            exact_keys = self.residual_keys[:, :, : self.residual_len]
+            exact_values = self.residual_values[:, :, : self.residual_len]
+        else:
+            exact_keys = torch.cat([self.residual_keys[:, :, :past], key_states], dim=2)
+            exact_values = torch.cat([self.residual_values[:, :, :past], value_states], dim=2)
+            self._append(key_states, value_states)
+        if self.sink_len:
+            exact_keys = torch.cat([self.sink_keys[:, :, : self.sink_len], exact_keys], dim=2)
+            exact_values = torch.cat([self.sink_values[:, :, : self.sink_len], exact_values], dim=2)
+        inputs = AttentionInputs(exact_keys, exact_values, packed_keys, packed_values, self.sink_len, backend)
+        keys = key_states.view_as(key_states)  # a new tensor object: the caller's own stays unmarked
+        setattr(keys, INPUTS_ATTRIBUTE, inputs)
+        return keys, value_states
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored keys and values `[batch, kv_heads, tokens, head_dim]` in the model dtype, oldest first."""
         keys, values = self._stored_parts()
@@ -378,6 +415,12 @@ class PackedSlidingLayer(PackedLayer):
         keys, values = self._store(key_states, value_states)
         self._forget_outside_window()
         return keys[:, :, -visible:], values[:, :, -visible:]
+
+    def fused_update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, backend: str = "auto"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sliding-window layers attend through the reference path (dense tensors) for now."""
+        return self.update(key_states, value_states)
 
     def _forget_outside_window(self) -> None:
         margin = self.config.residual + self.config.block_tokens

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from kvpack.config import QuantSpec
+from kvpack.errors import ShapeError
 from kvpack.quant.affine import dequantize_groups, from_groups, quantize_groups, to_groups
 from kvpack.quant.packing import pack, unpack
 
@@ -56,6 +57,24 @@ class PackedTensor:
             groups = unpack(self.codes, self.spec.bits, g)
         values = dequantize_groups(groups, self.scale, self.zero, dtype)
         return from_groups(values, self.spec.axis).reshape(*self.shape[:-2], tokens, channels)
+
+    def slice_tokens(self, start: int, end: int) -> PackedTensor:
+        """Tokens `[start, end)` as a `PackedTensor` of views (per-channel groups: multiples of `group_size`)."""
+        unit = self.spec.group_size if self.spec.axis == "channel" else 1
+        if start % unit or (end % unit and end != self.shape[-2]):
+            raise ShapeError(f"per-channel packed tokens slice at multiples of {unit}, got [{start}, {end}).")
+        first, last = start // unit, -(-end // unit)
+        index = (
+            (..., slice(first, last), slice(None), slice(None)) if unit > 1 else (..., slice(first, last), slice(None))
+        )
+        params = (..., slice(first, last), slice(None))
+        return PackedTensor(
+            codes=self.codes[index],
+            scale=self.scale[params],
+            zero=self.zero[params],
+            shape=torch.Size((*self.shape[:-2], end - start, self.shape[-1])),
+            spec=self.spec,
+        )
 
     @property
     def nbytes(self) -> int:

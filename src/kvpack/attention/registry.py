@@ -1,0 +1,128 @@
+"""The one attention entry point, its backends, and its registration with transformers.
+
+    from kvpack.attention import use_kvpack_attention
+    use_kvpack_attention(model)                  # the model's attention becomes "kvpack"
+    model.generate(..., past_key_values=KVPackCache(model, "k4v4"))
+
+With the model's attention implementation set to `kvpack`, a `KVPackCache` hands each layer's packed blocks and
+exact tokens to `kvpack_attention` instead of dequantized tensors, and one backend computes attention on them:
+
+    torch    the pure-torch reference (`reference_attention`), everywhere
+    cpu      the fused numba kernel (`kvpack.attention.cpu`), CPU tensors in the KIVI layout
+    auto     cpu where it applies, else torch; says once on stderr when it falls back
+
+Anything else (a `DynamicCache`, a sliding-window layer, the first prefill) reaches `kvpack_attention` as plain
+tensors and goes to transformers' SDPA attention, so setting the implementation never changes other caches.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from typing import Any
+
+import torch
+
+from kvpack.attention.reference import AttentionInputs, reference_attention
+from kvpack.errors import BackendUnavailableError, ConfigError, UnsupportedOperationError
+
+ATTENTION_NAME = "kvpack"
+BACKENDS = ("auto", "torch", "cpu")
+# The attribute of the key tensor that `KVPackCache.update` returns in fused mode.
+INPUTS_ATTRIBUTE = "kvpack_inputs"
+
+_fallbacks_said: set[str] = set()
+
+
+def check_backend(backend: str) -> str:
+    """Validate a backend name; raises ConfigError listing the names."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"attention backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+    return backend
+
+
+def resolve_backend(inputs: AttentionInputs) -> str:
+    """The backend that computes `inputs`: the one asked for, or for `auto` the fastest that applies.
+
+    Raises BackendUnavailableError when an explicitly requested backend cannot run these inputs.
+    """
+    asked = check_backend(inputs.backend)
+    if asked == "torch":
+        return "torch"
+    if importlib.util.find_spec("numba") is None:
+        why_not: str | None = "numba is not installed (pip install numba)"
+    else:
+        from kvpack.attention import cpu  # imports numba: only once a fused step needs it
+
+        why_not = cpu.supports(inputs)
+    if why_not is None:
+        return "cpu"
+    if asked == "cpu":
+        raise BackendUnavailableError(f"attention backend 'cpu' cannot run here: {why_not}. Use backend='auto'.")
+    if why_not not in _fallbacks_said:
+        _fallbacks_said.add(why_not)
+        print(f"kvpack: attention falls back to the torch backend: {why_not}.", file=sys.stderr, flush=True)
+    return "torch"
+
+
+def attend(query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+    """Attention of `query` `[batch, heads, queries, head_dim]` over one layer's packed and exact tokens.
+
+    mask: transformers' mask `[batch, 1, queries, tokens]` (boolean or additive) or None (causal among the new
+    tokens). Returns `[batch, queries, heads, value_dim]` in the query's dtype.
+    """
+    if resolve_backend(inputs) == "cpu":
+        from kvpack.attention import cpu
+
+        return cpu.cpu_attention(query, inputs, mask, scaling)
+    return reference_attention(query, inputs, mask, scaling)
+
+
+def kvpack_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function signature; packed inputs go to `attend`, plain tensors to SDPA."""
+    inputs = getattr(key, INPUTS_ATTRIBUTE, None)
+    if inputs is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None or dropout:
+        raise UnsupportedOperationError(
+            "kvpack attention does not implement logit soft-capping, attention sinks (s_aux) or dropout; use the "
+            "model's own attention implementation (e.g. attn_implementation='sdpa') with this model."
+        )
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    return attend(query, inputs, attention_mask, scaling), None
+
+
+def register() -> None:
+    """Make `attn_implementation="kvpack"` known to transformers (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION_NAME, kvpack_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def use_kvpack_attention(model: Any) -> Any:
+    """Switch `model`'s attention implementation to kvpack's (see the module doc); returns the model."""
+    register()
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model
+
+
+def is_kvpack_attention(config: Any) -> bool:
+    """Whether a model config runs kvpack's attention (its text config, for multimodal models)."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    return getattr(text, "_attn_implementation", None) == ATTENTION_NAME
