@@ -16,7 +16,7 @@ import torch
 from transformers import DynamicCache, Gemma3ForCausalLM, LlamaForCausalLM, PreTrainedModel
 
 from kvpack import KVPackCache
-from kvpack.attention import use_kvpack_attention
+from kvpack.attention import cpu, use_kvpack_attention
 from kvpack.attention.registry import INPUTS_ATTRIBUTE
 from kvpack.errors import BackendUnavailableError, ConfigError
 from tests.cache.test_cache import gemma_config, generate, left_padded_batch, llama_config, prompt
@@ -24,7 +24,7 @@ from tests.cache.test_cache import gemma_config, generate, left_padded_batch, ll
 # Logits of these tiny models span ~1; float32 reordering of sums over <= 100 tokens moves them by ~1e-6
 # (measured <= 2e-6). 1e-4 leaves room and is still 30x below an 8-bit cache's own effect (>= 3e-3).
 FUSED_LOGIT_TOL = 1e-4
-BACKENDS = ["torch"] + (["cpu"] if importlib.util.find_spec("numba") is not None else [])
+BACKENDS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None) + ["numba"] * bool(importlib.util.find_spec("numba"))
 SPECS = ["k8v8-g16-r16", "k4v2-g16-r0", "k3v3-g16-r16-s2", "k2v4-gk32-gv16-r16"]
 
 
@@ -119,7 +119,7 @@ def test_dense_path_returns_plain_tensors_and_fused_path_marks_them(model: PreTr
 
 
 def test_backend_names_are_checked() -> None:
-    with pytest.raises(ConfigError, match="auto, torch, cpu"):
+    with pytest.raises(ConfigError, match="auto, torch, cpu, numba"):
         KVPackCache(llama_config(), "k4v4", backend="cuda")
 
 

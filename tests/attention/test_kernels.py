@@ -12,6 +12,7 @@ import importlib.util
 import pytest
 import torch
 
+from kvpack.attention import cpu
 from kvpack.attention.reference import AttentionInputs, reference_attention
 from kvpack.attention.registry import attend
 from kvpack.config import QuantSpec
@@ -67,7 +68,7 @@ def check(out: torch.Tensor, expected: torch.Tensor, inputs: AttentionInputs) ->
     assert error <= ATTENTION_REL_TOL * scale, f"max error {error:.3g} > {ATTENTION_REL_TOL} x {scale:.3g}"
 
 
-BACKENDS = ["torch"] + (["cpu"] if importlib.util.find_spec("numba") is not None else [])
+BACKENDS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None) + ["numba"] * bool(importlib.util.find_spec("numba"))
 GRID = [
     # bits (k, v), group, packed blocks, exact tokens, sinks, batch, kv heads, query heads per kv head, queries
     ((4, 4), 64, 3, 5, 0, 1, 3, 3, 1),

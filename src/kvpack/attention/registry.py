@@ -8,8 +8,9 @@ With the model's attention implementation set to `kvpack`, a `KVPackCache` hands
 exact tokens to `kvpack_attention` instead of dequantized tensors, and one backend computes attention on them:
 
     torch    the pure-torch reference (`reference_attention`), everywhere
-    cpu      the fused numba kernel (`kvpack.attention.cpu`), CPU tensors in the KIVI layout
-    auto     cpu where it applies, else torch; says once on stderr when it falls back
+    cpu      the fused C++ kernel (`kvpack.attention.cpu`), built on first use; CPU tensors, KIVI layout
+    numba    the fused numba kernel (`kvpack.attention.numba_cpu`), for machines without a C++ compiler
+    auto     the first of cpu, numba, torch that applies; says once on stderr why it passed one over
 
 Anything else (a `DynamicCache`, a sliding-window layer, the first prefill) reaches `kvpack_attention` as plain
 tensors and goes to transformers' SDPA attention, so setting the implementation never changes other caches.
@@ -27,7 +28,7 @@ from kvpack.attention.reference import AttentionInputs, reference_attention
 from kvpack.errors import BackendUnavailableError, ConfigError, UnsupportedOperationError
 
 ATTENTION_NAME = "kvpack"
-BACKENDS = ("auto", "torch", "cpu")
+BACKENDS = ("auto", "torch", "cpu", "numba")
 # The attribute of the key tensor that `KVPackCache.update` returns in fused mode.
 INPUTS_ATTRIBUTE = "kvpack_inputs"
 
@@ -41,27 +42,44 @@ def check_backend(backend: str) -> str:
     return backend
 
 
+def _why_not(backend: str, inputs: AttentionInputs) -> str | None:
+    """None when `backend` can compute `inputs` here, else why not."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        from kvpack.attention import cpu
+
+        return cpu.why_unavailable() or cpu.supports(inputs)
+    if importlib.util.find_spec("numba") is None:
+        return "numba is not installed (pip install numba)"
+    from kvpack.attention import numba_cpu  # imports numba: only once a fused step needs it
+
+    return numba_cpu.supports(inputs)
+
+
+def _say_once(message: str) -> None:
+    if message not in _fallbacks_said:
+        _fallbacks_said.add(message)
+        print(f"kvpack: {message}", file=sys.stderr, flush=True)
+
+
 def resolve_backend(inputs: AttentionInputs) -> str:
-    """The backend that computes `inputs`: the one asked for, or for `auto` the fastest that applies.
+    """The backend that computes `inputs`: the one asked for, or for `auto` the first that applies of cpu, numba,
+    torch (saying once on stderr why a faster one was passed over).
 
     Raises BackendUnavailableError when an explicitly requested backend cannot run these inputs.
     """
     asked = check_backend(inputs.backend)
-    if asked == "torch":
-        return "torch"
-    if importlib.util.find_spec("numba") is None:
-        why_not: str | None = "numba is not installed (pip install numba)"
-    else:
-        from kvpack.attention import cpu  # imports numba: only once a fused step needs it
-
-        why_not = cpu.supports(inputs)
-    if why_not is None:
-        return "cpu"
-    if asked == "cpu":
-        raise BackendUnavailableError(f"attention backend 'cpu' cannot run here: {why_not}. Use backend='auto'.")
-    if why_not not in _fallbacks_said:
-        _fallbacks_said.add(why_not)
-        print(f"kvpack: attention falls back to the torch backend: {why_not}.", file=sys.stderr, flush=True)
+    if asked != "auto":
+        why_not = _why_not(asked, inputs)
+        if why_not is not None:
+            raise BackendUnavailableError(f"attention backend {asked!r} cannot run here: {why_not}. Use 'auto'.")
+        return asked
+    for backend in ("cpu", "numba"):
+        why_not = _why_not(backend, inputs)
+        if why_not is None:
+            return backend
+        _say_once(f"attention backend {backend!r} skipped: {why_not}.")
     return "torch"
 
 
@@ -71,10 +89,15 @@ def attend(query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | No
     mask: transformers' mask `[batch, 1, queries, tokens]` (boolean or additive) or None (causal among the new
     tokens). Returns `[batch, queries, heads, value_dim]` in the query's dtype.
     """
-    if resolve_backend(inputs) == "cpu":
+    backend = resolve_backend(inputs)
+    if backend == "cpu":
         from kvpack.attention import cpu
 
         return cpu.cpu_attention(query, inputs, mask, scaling)
+    if backend == "numba":
+        from kvpack.attention import numba_cpu
+
+        return numba_cpu.numba_attention(query, inputs, mask, scaling)
     return reference_attention(query, inputs, mask, scaling)
 
 
