@@ -263,11 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("json", help="a JSON written by `kvpack compare`")
     report.set_defaults(func=cmd_report)
 
-    from kvpack.bench import memory
+    from kvpack.bench import decode, memory
     from kvpack.eval import passkey
 
     memory.add_parser(sub)
     passkey.add_parser(sub)
+    decode.add_parser(sub)
 
     spec = sub.add_parser("spec", help="explain a cache spec string (bits, groups, residual, sinks)")
     spec.add_argument("spec", help="e.g. k4v2-g32-r64-s4")

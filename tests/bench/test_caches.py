@@ -87,3 +87,23 @@ def test_cache_nbytes_of_quanto_counts_codes_scales_shifts_and_residual() -> Non
     # residual is empty right after a flush.
     per_tensor = 1600 + 800 + 800
     assert cache_nbytes(cache) == 2 * 2 * per_tensor
+
+
+def test_preallocated_fp_cache_generates_as_dynamic_cache() -> None:
+    from transformers import LlamaForCausalLM
+
+    from kvpack.bench.caches import PreallocatedCache
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=128,
+        vocab_size=128, head_dim=16,
+    )  # fmt: skip
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(2, 128, (2, 200), generator=torch.Generator().manual_seed(0))
+    kwargs = {"max_new_tokens": 80, "do_sample": False, "pad_token_id": 0}  # past 256 tokens: the buffer grows
+    reference = model.generate(ids, past_key_values=DynamicCache(config=config), **kwargs)
+    cache = make_cache(parse_cache_name("fp-prealloc"), config)
+    assert isinstance(cache, PreallocatedCache)
+    assert torch.equal(model.generate(ids, past_key_values=cache, **kwargs), reference)
+    assert cache.get_seq_length() == 279 and cache.layers[0].key_buffer.shape[2] == 512  # 256, then doubled

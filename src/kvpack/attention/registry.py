@@ -29,6 +29,8 @@ from kvpack.errors import BackendUnavailableError, ConfigError, UnsupportedOpera
 
 ATTENTION_NAME = "kvpack"
 BACKENDS = ("auto", "torch", "cpu", "numba")
+# What a `KVPackCache` accepts: a backend, or `dense` (dequantize in the cache; the model's attention reads it).
+CACHE_BACKENDS = (*BACKENDS, "dense")
 # The attribute of the key tensor that `KVPackCache.update` returns in fused mode.
 INPUTS_ATTRIBUTE = "kvpack_inputs"
 
@@ -36,9 +38,9 @@ _fallbacks_said: set[str] = set()
 
 
 def check_backend(backend: str) -> str:
-    """Validate a backend name; raises ConfigError listing the names."""
-    if backend not in BACKENDS:
-        raise ConfigError(f"attention backend {backend!r}: use one of {', '.join(BACKENDS)}.")
+    """Validate a cache's backend name; raises ConfigError listing the names."""
+    if backend not in CACHE_BACKENDS:
+        raise ConfigError(f"attention backend {backend!r}: use one of {', '.join(CACHE_BACKENDS)}.")
     return backend
 
 
@@ -70,6 +72,8 @@ def resolve_backend(inputs: AttentionInputs) -> str:
     Raises BackendUnavailableError when an explicitly requested backend cannot run these inputs.
     """
     asked = check_backend(inputs.backend)
+    if asked == "dense":
+        raise ValueError("a dense cache never hands packed inputs to attention")
     if asked != "auto":
         why_not = _why_not(asked, inputs)
         if why_not is not None:

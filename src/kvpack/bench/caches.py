@@ -1,7 +1,11 @@
 """One name space for every cache a benchmark compares: kvpack specs, the full-precision cache, and peers.
 
     fp                           transformers' DynamicCache (the model's dtype)
+    fp-prealloc                  a full-precision cache in preallocated buffers (no copy of the whole cache per
+                                 step, unlike DynamicCache's torch.cat): the strongest fp baseline for speed
     k4v4, k8v8-g64-r128, ...     kvpack (see kvpack.config)
+    k4v4@cpu, k4v4@dense, ...    kvpack with an attention backend (auto, torch, cpu, numba; dense = dequantize in
+                                 the cache and let the model's attention read it); default auto
     quanto-int4, quanto-int2     transformers' QuantizedCache, optimum-quanto backend
     hqq-int8, hqq-int4-axis1     transformers' QuantizedCache, HQQ backend (axis 0 by default, as transformers)
     ...[-g<group>][-r<residual>] group size (default 64) and residual length (default 128) of the peers
@@ -17,7 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
 
+from kvpack.attention.registry import check_backend
 from kvpack.config import parse_spec
 from kvpack.errors import ConfigError, KVPackError
 
@@ -33,6 +39,7 @@ class CacheSpec:
     kind: str  # "fp", "kvpack" or "peer"
     notes: list[str] = field(default_factory=list)
     peer: dict[str, Any] = field(default_factory=dict)
+    backend: str = "auto"
 
     @property
     def feed_first_tokens_together(self) -> int:
@@ -54,8 +61,8 @@ class CacheSpec:
 def parse_cache_name(name: str) -> CacheSpec:
     """Parse `fp`, a kvpack spec or a peer name; raises ConfigError listing the accepted forms."""
     name = name.strip()
-    if name == "fp":
-        return CacheSpec(name="fp", kind="fp")
+    if name in ("fp", "fp-prealloc"):
+        return CacheSpec(name=name, kind=name)
     peer = _PEER.match(name)
     if peer:
         backend, bits = peer.group(1), int(peer.group(2))
@@ -79,13 +86,18 @@ def parse_cache_name(name: str) -> CacheSpec:
                 "of KV heads (shared/BASELINES.md)"
             )
         return spec
+    spec_text, _, backend = name.partition("@")
     try:
-        config = parse_spec(name)
+        config = parse_spec(spec_text)
+        if backend:
+            check_backend(backend)
     except ConfigError as exc:
         raise ConfigError(
             f"unknown cache {name!r}: use 'fp', a kvpack spec (e.g. k4v4) or a peer "
             f"(quanto-int4, quanto-int2, hqq-int8, hqq-int4-axis1, ...[-g64][-r128]). ({exc})"
         ) from exc
+    if backend and backend != "auto":
+        return CacheSpec(name=f"{config.spec}@{backend}", kind="kvpack", backend=backend)
     return CacheSpec(name=config.spec, kind="kvpack")
 
 
@@ -95,14 +107,60 @@ def make_cache(spec: CacheSpec, model_config: Any) -> Any:
 
     if spec.kind == "fp":
         return DynamicCache(config=model_config)
+    if spec.kind == "fp-prealloc":
+        return PreallocatedCache(model_config)
     if spec.kind == "kvpack":
         from kvpack.cache import KVPackCache
 
-        return KVPackCache(model_config, spec.name)
+        return KVPackCache(model_config, spec.name.partition("@")[0], backend=spec.backend)
     require_packages(spec)
     from transformers import QuantizedCache
 
     return QuantizedCache(config=model_config, **spec.peer)
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A full-precision layer that writes new tokens into preallocated buffers and returns views of them.
+
+    Capacity doubles when full, so a decode step copies only the new token (DynamicCache concatenates the whole
+    cache at every step). Views are what a strong fp implementation would hand to attention.
+    """
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        super().lazy_initialization(key_states, value_states)
+        self.length = 0
+        self.key_buffer = key_states.new_empty((*key_states.shape[:2], 0, key_states.shape[3]))
+        self.value_buffer = value_states.new_empty((*value_states.shape[:2], 0, value_states.shape[3]))
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[2]
+        if end > self.key_buffer.shape[2]:
+            capacity = max(end, 2 * self.key_buffer.shape[2], 256)
+            for name in ("key_buffer", "value_buffer"):
+                old = getattr(self, name)
+                grown = old.new_empty((*old.shape[:2], capacity, old.shape[3]))
+                grown[:, :, : self.length] = old[:, :, : self.length]
+                setattr(self, name, grown)
+        self.key_buffer[:, :, self.length : end] = key_states
+        self.value_buffer[:, :, self.length : end] = value_states
+        self.length = end
+        self.keys, self.values = self.key_buffer[:, :, :end], self.value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length if self.is_initialized else 0
+
+
+class PreallocatedCache(Cache):
+    """`fp-prealloc`: one `PreallocatedLayer` per layer (full-attention models only)."""
+
+    def __init__(self, model_config: Any):
+        text = model_config.get_text_config(decoder=True)
+        super().__init__(layers=[PreallocatedLayer() for _ in range(text.num_hidden_layers)])
 
 
 def require_packages(spec: CacheSpec) -> None:

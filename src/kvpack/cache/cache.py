@@ -75,8 +75,9 @@ class KVPackCache(Cache):
         """config: the model's config (or the model itself); cache_config: a `CacheConfig` or a spec string.
 
         backend: the attention backend when the model runs kvpack's attention (`kvpack.use_kvpack_attention`):
-        `auto`, `torch` or `cpu` (see `kvpack.attention`). With any other attention implementation, `update`
-        returns dense keys and values and the model's own attention reads them.
+        `auto`, `torch`, `cpu` or `numba` (see `kvpack.attention`); `dense` dequantizes in the cache instead.
+        With `dense`, or with any other attention implementation, `update` returns dense keys and values and
+        the model's own attention reads them.
         """
         from kvpack.attention.registry import check_backend
 
@@ -110,7 +111,7 @@ class KVPackCache(Cache):
         model's implementation is always honoured), packed views for the fused path; otherwise dense tensors.
         """
         layer = self.layers[layer_idx]
-        if isinstance(layer, PackedLayer) and is_kvpack_attention(self._model_config):
+        if self.backend != "dense" and isinstance(layer, PackedLayer) and is_kvpack_attention(self._model_config):
             return layer.fused_update(key_states, value_states, self.backend)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

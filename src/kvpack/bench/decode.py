@@ -1,0 +1,325 @@
+"""`kvpack bench decode`: decode speed of the fused path against full-precision caches and the peers, in one run.
+
+Two measurements, each side by side in one process:
+
+1. Full-model decode: every cache is prefilled with the same random tokens to each context, then takes one timed
+   single-token step in turn, round after round (`kvpack.bench.compare.decode_speed`). Reported: tokens/s, the
+   ratio to `fp` (transformers' DynamicCache) and to `fp-prealloc` (a preallocated full-precision cache: the
+   strongest fp baseline here), and the prefill time and its ratio to fp's.
+2. Attention alone: one layer call of each backend, rotating over `layers` different layer caches (so the data
+   comes from memory, not from a cache that sits in L3), at each context; reported as µs per call and GB/s of
+   cache bytes read, against the read bandwidth of this machine measured in the same run (the physical limit of a
+   memory-bound decode), and against fp32 SDPA over the same tokens.
+
+JSON is the source of truth; Markdown and a PNG are made from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpack.bench.caches import parse_cache_name, require_packages
+from kvpack.bench.compare import decode_speed
+
+DEFAULT_CACHES = "fp,fp-prealloc,k8v8,k4v4,k2v2,k4v4@dense,quanto-int4"
+DEFAULT_CONTEXTS = "1024,4096,8192"
+DEFAULT_BACKENDS = "cpu,numba,torch"
+DEFAULT_RESULTS = Path("benchmarks/results/decode.json")
+GB = 1e9
+
+
+def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> dict[str, float]:
+    """This machine's memory bandwidth with torch's threads: a sum (read only) and a copy (read + write) of
+    `n_bytes`, best of `repeats`, in GB/s."""
+    src = torch.ones(n_bytes // 4)
+    dst = torch.empty_like(src)
+    best_sum = best_copy = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        src.sum()
+        best_sum = min(best_sum, time.perf_counter() - start)
+        start = time.perf_counter()
+        dst.copy_(src)
+        best_copy = min(best_copy, time.perf_counter() - start)
+    return {"read_gb_s": n_bytes / best_sum / GB, "copy_gb_s": 2 * n_bytes / best_copy / GB}
+
+
+def _layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -> tuple[list[Any], list[Any], int]:
+    """`layers` independent (AttentionInputs, fp32 keys/values) pairs of `tokens` tokens with the model's shapes."""
+    from kvpack.attention.reference import AttentionInputs
+    from kvpack.config import parse_spec
+    from kvpack.quant.tensor import PackedTensor
+
+    cache_config = parse_spec(spec)
+    text = config.get_text_config(decoder=True)
+    kv_heads = text.num_key_value_heads
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    packed = (tokens - cache_config.residual) // cache_config.block_tokens * cache_config.block_tokens
+    gen = torch.Generator().manual_seed(seed)
+    inputs, dense = [], []
+    for _ in range(layers):
+        keys = torch.randn(1, kv_heads, tokens, dim, generator=gen)
+        values = torch.randn(1, kv_heads, tokens, dim, generator=gen)
+        inputs.append(
+            AttentionInputs(
+                exact_keys=keys[:, :, packed:].contiguous(),
+                exact_values=values[:, :, packed:].contiguous(),
+                packed_keys=PackedTensor.quantize(keys[:, :, :packed], cache_config.key),
+                packed_values=PackedTensor.quantize(values[:, :, :packed], cache_config.value),
+                sink_len=0,
+            )
+        )
+        dense.append((keys, values))
+    return inputs, dense, packed
+
+
+def attention_speed(
+    config: Any, spec: str, contexts: list[int], backends: list[str], layers: int, calls: int
+) -> list[dict[str, Any]]:
+    """µs per decode-attention call and GB/s of cache bytes read, per backend and context (and fp32 SDPA)."""
+    from kvpack.attention.reference import AttentionInputs
+    from kvpack.attention.registry import attend
+
+    text = config.get_text_config(decoder=True)
+    heads = text.num_attention_heads
+    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    scaling = dim**-0.5
+    rows = []
+    for context in contexts:
+        inputs, dense, packed = _layer_inputs(config, spec, context, layers, seed=context)
+        query = torch.randn(1, heads, 1, dim)
+        packed_bytes = sum(t.nbytes for t in (inputs[0].packed_keys, inputs[0].packed_values) if t is not None)
+        exact_bytes = inputs[0].exact_keys.nbytes + inputs[0].exact_values.nbytes
+        candidates: dict[str, tuple[Any, int]] = {}
+        for backend in backends:
+
+            def run(i: int, backend: str = backend, inputs: list[Any] = inputs, query: Any = query) -> Any:
+                layer: AttentionInputs = inputs[i]
+                layer.backend = backend
+                return attend(query, layer, None, scaling)
+
+            candidates[f"kvpack {spec} ({backend})"] = (run, packed_bytes + exact_bytes)
+
+        def sdpa(i: int, dense: list[Any] = dense, query: Any = query) -> Any:
+            keys, values = dense[i]
+            return torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
+
+        candidates["fp32 SDPA"] = (sdpa, dense[0][0].nbytes + dense[0][1].nbytes)
+        for fn, _ in candidates.values():
+            for i in range(min(layers, 3)):
+                fn(i)  # warm up (and build the kernels)
+        timings = dict.fromkeys(candidates, 0.0)
+        for call in range(calls):
+            for name, (fn, _) in candidates.items():  # interleaved, like the full-model measurement
+                start = time.perf_counter()
+                fn(call % layers)
+                timings[name] += time.perf_counter() - start
+        sdpa_us = timings["fp32 SDPA"] / calls * 1e6
+        for name, (_, n_bytes) in candidates.items():
+            us = timings[name] / calls * 1e6
+            rows.append(
+                {
+                    "context": context,
+                    "kernel": name,
+                    "us_per_call": us,
+                    "bytes_read": n_bytes,
+                    "gb_s": n_bytes / (us * 1e-6) / GB,
+                    "speed_vs_sdpa": sdpa_us / us,
+                    "packed_tokens": packed,
+                }
+            )
+    return rows
+
+
+def run_decode(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything `kvpack bench decode` measures, as the JSON-ready result."""
+    import transformers
+
+    import kvpack
+    from kvpack.attention import use_kvpack_attention
+    from kvpack.models import DEFAULT_MODEL, load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    specs = [parse_cache_name(name) for name in args.caches.split(",")]
+    if specs[0].name != "fp":
+        specs.insert(0, parse_cache_name("fp"))
+    for spec in specs:
+        require_packages(spec)
+    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    use_kvpack_attention(model)  # fp and peer caches still go through SDPA; kvpack caches take the fused path
+    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    contexts = [min(int(c), limit - args.steps - 3) for c in args.contexts.split(",") if c]
+    result: dict[str, Any] = {
+        "benchmark": "decode",
+        "command": "kvpack " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(model.device),
+        },
+        "versions": {
+            "kvpack": kvpack.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "model": args.model or DEFAULT_MODEL,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "contexts": contexts,
+        "steps": args.steps,
+        "bandwidth": read_bandwidth(),
+    }
+    entries = [(spec.name, model, spec) for spec in specs]
+    speed = {}
+    for context in contexts:
+        print(f"Decode at {context} tokens: {len(specs)} caches, {args.steps} interleaved steps ...", file=sys.stderr)
+        speed[context] = decode_speed(entries, context, args.steps)
+    rows = []
+    for spec in specs:
+        row: dict[str, Any] = {"cache": spec.name}
+        for context, by_cache in speed.items():
+            measured, fp = by_cache[spec.name], by_cache["fp"]
+            row[f"tokens_per_s@{context}"] = measured["tokens_per_s"]
+            row[f"speed_vs_fp@{context}"] = measured["tokens_per_s"] / fp["tokens_per_s"]
+            if "fp-prealloc" in by_cache:
+                prealloc = by_cache["fp-prealloc"]["tokens_per_s"]
+                row[f"speed_vs_fp_prealloc@{context}"] = measured["tokens_per_s"] / prealloc
+            row[f"prefill_s@{context}"] = measured["prefill_s"]
+            row[f"prefill_vs_fp@{context}"] = measured["prefill_s"] / fp["prefill_s"]
+            row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
+        rows.append(row)
+    result["rows"] = rows
+    backends = [b for b in args.backends.split(",") if b]
+    if backends:
+        print(f"Attention alone: {', '.join(backends)} and fp32 SDPA over {args.layers} layers ...", file=sys.stderr)
+        result["attention"] = attention_speed(model.config, args.spec, contexts, backends, args.layers, args.calls)
+        result["attention_spec"] = args.spec
+    return result
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    """The decode result as a Markdown page."""
+    contexts = result["contexts"]
+    bandwidth = result["bandwidth"]
+    lines = [
+        f"# kvpack bench decode: {result['model']} ({result['dtype']})",
+        "",
+        f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['machine']['torch_threads']} "
+        f"torch threads, {result['machine']['device']}",
+        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"- command: `{result['command']}`",
+        f"- memory bandwidth measured in the same run: read {bandwidth['read_gb_s']:.1f} GB/s, copy (read + write) "
+        f"{bandwidth['copy_gb_s']:.1f} GB/s",
+        "",
+        f"## Full-model decode ({result['steps']} single-token steps per cache and context, interleaved)",
+        "",
+    ]
+    header = ["cache"]
+    for c in contexts:
+        header += [f"tok/s @{c}", f"vs fp @{c}", f"vs fp-prealloc @{c}", f"prefill s @{c} (vs fp)"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in result["rows"]:
+        cells = [row["cache"]]
+        for c in contexts:
+            prealloc = row.get(f"speed_vs_fp_prealloc@{c}")
+            cells += [
+                f"{row[f'tokens_per_s@{c}']:.2f}",
+                f"{row[f'speed_vs_fp@{c}']:.2f}x",
+                "" if prealloc is None else f"{prealloc:.2f}x",
+                f"{row[f'prefill_s@{c}']:.2f} ({row[f'prefill_vs_fp@{c}']:.2f}x)",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    if "attention" in result:
+        lines += [
+            "",
+            f"## Attention alone (one decode call, {result['attention_spec']}, rotating over layer caches)",
+            "",
+            "| context | kernel | µs per call | bytes read | GB/s | % of read bandwidth | vs fp32 SDPA |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for row in result["attention"]:
+            lines.append(
+                f"| {row['context']} | {row['kernel']} | {row['us_per_call']:.0f} | {row['bytes_read']:,} | "
+                f"{row['gb_s']:.1f} | {100 * row['gb_s'] / bandwidth['read_gb_s']:.0f}% | {row['speed_vs_sdpa']:.2f}x |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Decode tokens/s vs context per cache, and attention µs per call vs context per kernel."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    contexts = result["contexts"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in result["rows"]:
+        left.plot(contexts, [row[f"tokens_per_s@{c}"] for c in contexts], marker="o", label=row["cache"])
+    left.set_xlabel("context (tokens)")
+    left.set_ylabel("decode tokens/s")
+    left.legend(fontsize=7)
+    left.grid(alpha=0.3)
+    kernels = list(dict.fromkeys(row["kernel"] for row in result.get("attention", [])))
+    for kernel in kernels:
+        points = [(r["context"], r["us_per_call"]) for r in result["attention"] if r["kernel"] == kernel]
+        right.plot(*zip(*points, strict=True), marker="o", label=kernel)
+    right.set_xlabel("context (tokens)")
+    right.set_ylabel("µs per attention call")
+    right.set_yscale("log")
+    right.legend(fontsize=7)
+    right.grid(alpha=0.3)
+    fig.suptitle(f"{result['model']}: decode, {result['date'][:10]}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def cmd_decode(args: argparse.Namespace) -> int:
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = run_decode(args)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    page = to_markdown(result)
+    out.with_suffix(".md").write_text(page)
+    plot(result, out.with_suffix(".png"))
+    print(page)
+    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}", file=sys.stderr)
+    return 0
+
+
+def add_parser(subparsers: Any) -> None:
+    """Register `kvpack bench decode` on the CLI's subparsers."""
+    bench = subparsers.add_parser("bench", help="speed benchmarks (decode)")
+    bench_sub = bench.add_subparsers(dest="bench", metavar="<benchmark>", required=True)
+    parser = bench_sub.add_parser(
+        "decode",
+        help="decode tokens/s of each cache and attention µs per call, side by side",
+        description="Decode speed of kvpack's fused path vs full-precision caches and the peers (full model, "
+        "interleaved), and the attention kernels alone vs fp32 SDPA and this machine's memory bandwidth. Writes "
+        "JSON, Markdown and PNG.",
+    )
+    parser.add_argument("--caches", default=DEFAULT_CACHES, help=f"comma-separated (default {DEFAULT_CACHES})")
+    parser.add_argument("--contexts", default=DEFAULT_CONTEXTS, help=f"(default {DEFAULT_CONTEXTS}; capped to fit)")
+    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per cache and context (default 16)")
+    parser.add_argument("--backends", default=DEFAULT_BACKENDS, help="kernels timed alone ('' to skip)")
+    parser.add_argument("--spec", default="k4v4", help="cache spec of the attention-only measurement (default k4v4)")
+    parser.add_argument("--layers", type=int, default=30, help="layer caches to rotate over (default 30)")
+    parser.add_argument("--calls", type=int, default=60, help="timed calls per kernel and context (default 60)")
+    parser.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
+    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--json", default=str(DEFAULT_RESULTS), help="JSON path (.md and .png beside it)")
+    parser.set_defaults(func=cmd_decode)
