@@ -61,7 +61,11 @@ def test_generate_prints_text_and_summary(default_model, monkeypatch, capsys: py
     monkeypatch.setattr(kvpack.models, "load_model", lambda *args, **kwargs: default_model)
     question = "In what year was the light converted to electricity?"
     argv = ["generate", "--prompt-file", str(ROOT / "examples" / "handbook.txt"), question, "--cache", "k4v4"]
-    assert cli.main([*argv, "--max-new-tokens", "24", "--check"]) == 0
+    previous = default_model[0].config._attn_implementation
+    try:
+        assert cli.main([*argv, "--max-new-tokens", "24", "--check"]) == 0
+    finally:
+        default_model[0].set_attn_implementation(previous)  # generate switched it to kvpack's attention
     out = capsys.readouterr().out
     summary = next(line for line in out.splitlines() if line.startswith("[k4v4-g64-r128]"))
     assert "new tokens" in summary and "tokens/s" in summary and "smaller than a float16 cache" in summary

@@ -12,6 +12,7 @@ import torch
 from transformers import DynamicCache
 
 from kvpack import KVPackCache
+from kvpack.attention import use_kvpack_attention
 
 pytestmark = pytest.mark.slow
 
@@ -48,11 +49,17 @@ def long_prompt(default_model) -> dict[str, torch.Tensor]:
     return _chat(tokenizer, HANDBOOK.read_text().strip() + "\n\n" + question)
 
 
-def test_k8v8_reproduces_full_precision_greedy_output(default_model, long_prompt) -> None:
+@pytest.mark.parametrize("backend", ["dense", "auto"], ids=["dense", "fused"])
+def test_k8v8_reproduces_full_precision_greedy_output(default_model, long_prompt, backend: str) -> None:
     model, _ = default_model
     reference = _generate(model, long_prompt, DynamicCache(config=model.config), max_new_tokens=64)
-    cache = KVPackCache(model.config, "k8v8")
-    packed = _generate(model, long_prompt, cache, max_new_tokens=64)
+    previous = model.config._attn_implementation
+    use_kvpack_attention(model)  # the dense backend still hands dense tensors to SDPA
+    try:
+        cache = KVPackCache(model.config, "k8v8", backend=backend)
+        packed = _generate(model, long_prompt, cache, max_new_tokens=64)
+    finally:
+        model.set_attn_implementation(previous)
     assert cache.layers[0].packed_length >= 900, "the test must exercise packed tokens, not just the residual"
     assert torch.equal(packed, reference)
 

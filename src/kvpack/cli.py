@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvpack.attention.registry import CACHE_BACKENDS
 from kvpack.bench.compare import DEFAULT_CACHES
 from kvpack.config import CacheConfig, parse_spec
 from kvpack.errors import KVPackError
@@ -85,6 +86,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
+    from kvpack.attention import use_kvpack_attention
     from kvpack.cache import KVPackCache
     from kvpack.models import load_model
     from kvpack.weights import weight_nbytes
@@ -95,7 +97,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
-    cache = KVPackCache(model.config, config)
+    if args.backend != "dense":
+        use_kvpack_attention(model)  # the fp cache of --check still goes through SDPA
+    cache = KVPackCache(model.config, config, backend=args.backend)
     result = _generate(model, inputs, cache, args)
     new_tokens = result.tokens
     print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
@@ -227,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    gen.add_argument(
+        "--backend",
+        choices=CACHE_BACKENDS,
+        default="auto",
+        help="attention on the packed cache: auto (the fastest available), cpu (C++ kernel), numba, torch, or dense "
+        "(dequantize, then the model's own attention) (default auto)",
+    )
     gen.add_argument(
         "--weights", choices=WEIGHT_CHOICES, default="fp", help="quantize the linear weights (optimum-quanto)"
     )

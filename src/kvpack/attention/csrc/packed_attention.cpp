@@ -22,6 +22,10 @@
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -33,13 +37,13 @@ namespace {
 
 constexpr float kNegLarge = -1.0e30f;  // running maxima start here: a fully masked row ends as 0 / 0 -> 0
 constexpr int kLanes = 16;             // the width of the register tiles
-constexpr int kRowTile = 4;            // query rows per register tile
+constexpr int kExactTile = 64;         // exact tokens scored per tile
 
 // exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), |relative error| < 2e-7.
-// Below -87.3 (or -inf: a masked score) it is exactly 0.
+// Below -87 (or -inf: a masked score) it is exactly 0.
 inline float exp_nonpositive(float x) {
   const float clamped = std::max(x, -87.0f);
-  const float n = std::nearbyint(clamped * 1.44269504088896341f);
+  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
   const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;
@@ -54,35 +58,63 @@ inline float exp_nonpositive(float x) {
   return x < -87.0f ? 0.0f : p * scale;
 }
 
-// Codes of one packed row (little-endian bit stream) as floats, in order.
+// float16 bits -> float32, branch-free so that loops over it vectorise (no inf/nan: quantization refuses them).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exponent = (h >> 10) & 0x1fu, mantissa = h & 0x3ffu;
+  const uint32_t normal_bits = sign | ((exponent + 112u) << 23) | (mantissa << 13);
+  float normal;
+  std::memcpy(&normal, &normal_bits, sizeof(normal));
+  const float subnormal = static_cast<float>(mantissa) * 5.9604644775390625e-08f;  // 2^-24
+  return exponent == 0 ? (sign ? -subnormal : subnormal) : normal;
+}
+
+inline void halves_to_floats(const at::Half* src, int n, float* __restrict out) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+  int i = 0;
+#if defined(__F16C__)
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bits + i))));
+#endif
+  for (; i < n; ++i) out[i] = half_to_float(bits[i]);
+}
+
+// Codes per byte of a width; 3-bit codes straddle bytes and are unpacked in order instead.
+constexpr int per_byte(int bits) { return 8 % bits == 0 ? 8 / bits : 1; }
+
+// The codes of `rows` packed rows of `n` codes each, as floats in "planar" order: within a row, sub-code i of
+// every byte first (slot i * n / per_byte + j holds code j * per_byte + i), which needs no shuffles. 3-bit rows
+// are unpacked in order.
 template <int BITS>
-inline void unpack_row(const uint8_t* __restrict row, int n, float* __restrict out) {
-  if constexpr (BITS == 8) {
-    for (int i = 0; i < n; ++i) out[i] = static_cast<float>(row[i]);
-  } else if constexpr (BITS == 4) {
-    for (int j = 0; j < n / 2; ++j) {
-      out[2 * j] = static_cast<float>(row[j] & 15);
-      out[2 * j + 1] = static_cast<float>(row[j] >> 4);
-    }
-  } else if constexpr (BITS == 2) {
-    for (int j = 0; j < n / 4; ++j) {
-      const uint8_t b = row[j];
-      out[4 * j] = static_cast<float>(b & 3);
-      out[4 * j + 1] = static_cast<float>((b >> 2) & 3);
-      out[4 * j + 2] = static_cast<float>((b >> 4) & 3);
-      out[4 * j + 3] = static_cast<float>(b >> 6);
-    }
-  } else {  // 3 bits: 8 codes in every 3 bytes (n is a multiple of 8: groups and head dims are multiples of 16)
-    for (int j = 0; j < n / 8; ++j) {
-      const uint32_t w = row[3 * j] | (row[3 * j + 1] << 8) | (row[3 * j + 2] << 16);
-      for (int i = 0; i < 8; ++i) out[8 * j + i] = static_cast<float>((w >> (3 * i)) & 7);
+inline void unpack_planar(const uint8_t* __restrict codes, int rows, int n, float* __restrict out) {
+  constexpr int kPer = per_byte(BITS);
+  constexpr uint8_t kMask = (1 << BITS) - 1;
+  if constexpr (BITS == 3) {
+    for (int row = 0; row < rows; ++row)
+      for (int j = 0; j < n / 8; ++j) {
+        const uint8_t* b = codes + (row * n + 8 * j) * 3 / 8;
+        const uint32_t w = b[0] | (b[1] << 8) | (b[2] << 16);
+        for (int i = 0; i < 8; ++i) out[row * n + 8 * j + i] = static_cast<float>((w >> (3 * i)) & 7);
+      }
+  } else {
+    const int bytes = n / kPer;
+    for (int row = 0; row < rows; ++row) {
+      const uint8_t* src = codes + row * bytes;
+      float* dst = out + row * n;
+      for (int i = 0; i < kPer; ++i) {
+#pragma omp simd
+        for (int j = 0; j < bytes; ++j) dst[i * bytes + j] = static_cast<float>((src[j] >> (i * BITS)) & kMask);
+      }
     }
   }
 }
 
+// The code index (token of a key row, channel of a value row) held by planar slot `slot` of a row of n codes.
+inline int planar_to_index(int slot, int n, int per) { return (slot % (n / per)) * per + slot / (n / per); }
+
 // out[r][n] (+)= sum_k a[r][k] * b[k][n] for RT rows: a [RT][K] (stride lda), b [K][N] (stride ldb), N % 16 == 0.
 template <int RT>
-inline void small_gemm(const float* __restrict a, int lda, const float* __restrict b, int ldb, int K, int N,
+inline void small_gemm(const float* __restrict a, int lda, const float* __restrict b, int64_t ldb, int K, int N,
                        float* __restrict out, int ldo, bool accumulate) {
   for (int n0 = 0; n0 < N; n0 += kLanes) {
     float acc[RT][kLanes];
@@ -101,7 +133,7 @@ inline void small_gemm(const float* __restrict a, int lda, const float* __restri
   }
 }
 
-void gemm_rows(const float* a, int lda, const float* b, int ldb, int R, int K, int N, float* out, int ldo,
+void gemm_rows(const float* a, int lda, const float* b, int64_t ldb, int R, int K, int N, float* out, int ldo,
                bool accumulate) {
   int r = 0;
   for (; r + 4 <= R; r += 4) small_gemm<4>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate);
@@ -111,6 +143,90 @@ void gemm_rows(const float* a, int lda, const float* b, int ldb, int R, int K, i
     case 1: small_gemm<1>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate); break;
     default: break;
   }
+}
+
+// The same product with b's rows packed: row k of b is the codes of packed row `rows[k]` (or k) in planar slot
+// order, unpacked on the fly (no tile written to memory). a_tiles[n0 / 16] is the `a` of output columns
+// [n0, n0 + 16): values fold a per-group scale into `a`. Needs (N / codes per byte) % 16 == 0 and 2, 4 or 8 bits.
+// 16 codes (bytes src[0..16), field at `shift`) as 16 floats in registers. Intrinsics where the compiler's own
+// vectorisation goes through memory (measured: a store-forwarding stall per row); plain loops elsewhere.
+#if defined(__AVX512F__)
+using Lanes = __m512;
+inline Lanes codes16(const uint8_t* src, __m128i shift, __m512i mask) {
+  const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
+  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(wide, shift), mask));
+}
+#endif
+
+template <int BITS, int RT>
+inline void packed_small_gemm(const float* const* a_tiles, int lda, const uint8_t* __restrict codes, int64_t row_stride,
+                              const int* rows, int K, int N, float* __restrict out, int ldo, bool accumulate) {
+  constexpr int kPer = per_byte(BITS);
+  constexpr uint32_t kMask = (1u << BITS) - 1;
+  const int bytes = N / kPer;
+  for (int n0 = 0; n0 < N; n0 += kLanes) {
+    const int shift = (n0 / bytes) * BITS, byte0 = n0 % bytes;
+    const float* __restrict a = a_tiles[n0 / kLanes];
+#if defined(__AVX512F__)
+    const __m128i shift_v = _mm_cvtsi32_si128(shift);
+    const __m512i mask_v = _mm512_set1_epi32(kMask);
+    __m512 acc[RT];
+    for (int r = 0; r < RT; ++r) acc[r] = accumulate ? _mm512_loadu_ps(out + r * ldo + n0) : _mm512_setzero_ps();
+    for (int k = 0; k < K; ++k) {
+      const __m512 bk = codes16(codes + (rows ? rows[k] : k) * row_stride + byte0, shift_v, mask_v);
+      for (int r = 0; r < RT; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + k]), bk, acc[r]);
+    }
+    for (int r = 0; r < RT; ++r) _mm512_storeu_ps(out + r * ldo + n0, acc[r]);
+#else
+    float acc[RT][kLanes];
+    for (int r = 0; r < RT; ++r)
+      for (int l = 0; l < kLanes; ++l) acc[r][l] = accumulate ? out[r * ldo + n0 + l] : 0.0f;
+    for (int k = 0; k < K; ++k) {
+      const uint8_t* __restrict src = codes + (rows ? rows[k] : k) * row_stride + byte0;
+      float bk[kLanes];
+#pragma omp simd
+      for (int l = 0; l < kLanes; ++l) bk[l] = static_cast<float>((static_cast<uint32_t>(src[l]) >> shift) & kMask);
+      for (int r = 0; r < RT; ++r) {
+        const float ak = a[r * lda + k];
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l) acc[r][l] += ak * bk[l];
+      }
+    }
+    for (int r = 0; r < RT; ++r)
+      for (int l = 0; l < kLanes; ++l) out[r * ldo + n0 + l] = acc[r][l];
+#endif
+  }
+}
+
+template <int BITS>
+void packed_gemm_rows(const float* const* a_tiles, int lda, const uint8_t* codes, int64_t row_stride, const int* rows,
+                      int R, int K, int N, float* out, int ldo, bool accumulate) {
+  const int tiles = N / kLanes;
+  std::vector<const float*> shifted(tiles);
+  for (int r = 0; r < R; r += 4) {
+    for (int t = 0; t < tiles; ++t) shifted[t] = a_tiles[t] + r * lda;
+    float* o = out + r * ldo;
+    switch (std::min(4, R - r)) {
+      case 4: packed_small_gemm<BITS, 4>(shifted.data(), lda, codes, row_stride, rows, K, N, o, ldo, accumulate); break;
+      case 3: packed_small_gemm<BITS, 3>(shifted.data(), lda, codes, row_stride, rows, K, N, o, ldo, accumulate); break;
+      case 2: packed_small_gemm<BITS, 2>(shifted.data(), lda, codes, row_stride, rows, K, N, o, ldo, accumulate); break;
+      default: packed_small_gemm<BITS, 1>(shifted.data(), lda, codes, row_stride, rows, K, N, o, ldo, accumulate);
+    }
+  }
+}
+
+// Whether packed rows of n codes can be read by packed_gemm_rows.
+constexpr bool fusable(int bits, int n) { return bits != 3 && (n / per_byte(bits)) % kLanes == 0; }
+
+// Dot product of two float rows of length n (a multiple of 16), in 16 explicit lanes so that it vectorises.
+inline float dot(const float* __restrict a, const float* __restrict b, int n) {
+  float lanes[kLanes] = {};
+  for (int d = 0; d < n; d += kLanes)
+#pragma omp simd
+    for (int l = 0; l < kLanes; ++l) lanes[l] += a[d + l] * b[d + l];
+  float sum = 0.0f;
+  for (int l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
 }
 
 struct Layer {
@@ -129,104 +245,147 @@ struct Layer {
   int64_t vc_s0, vc_s1, vc_s2, vs_s0, vs_s1, vs_s2;  // and of the packed value tensors
   int64_t ek_s0, ek_s1, ek_s2, ev_s0, ev_s1, ev_s2;  // and of the exact tokens
   int64_t bias_s0, bias_s1;
-  int H, R, D, Dv, G, VG, key_row_bytes, blocks, n_exact, sink_len, key_bits, value_bits;
+  int H, R, D, Dv, G, VG, blocks, n_exact, sink_len, key_bits, value_bits;
 };
 
-// One item: online softmax over packed blocks [first, last) of (b, h); writes max, sum and weighted sums.
-// A block's rows are whole bytes with no padding bits (G and Dv are multiples of 16), and they lie contiguously
-// (channel rows of a key block; token rows of the block's values), so each is unpacked in one pass.
+// The online-softmax step of one tile of n tokens: scores [R][n] (bias included) become weights, and the running
+// top / total / result (and the value zero points' share, when given) are rescaled to the new maxima.
+void softmax_tile(int R, int n, float* scores, float* top, float* total, float* result, int Dv, float* zero_acc,
+                  int n_groups) {
+  for (int r = 0; r < R; ++r) {
+    float* s = scores + r * n;
+    float tile_top = top[r];
+#pragma omp simd reduction(max : tile_top)
+    for (int t = 0; t < n; ++t) tile_top = std::max(tile_top, s[t]);
+    const float correction = exp_nonpositive(top[r] - tile_top);
+    top[r] = tile_top;
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (int t = 0; t < n; ++t) {
+      s[t] = exp_nonpositive(s[t] - tile_top);
+      sum += s[t];
+    }
+    total[r] = total[r] * correction + sum;
+    if (correction != 1.0f) {
+#pragma omp simd
+      for (int c = 0; c < Dv; ++c) result[r * Dv + c] *= correction;
+      for (int g = 0; g < n_groups; ++g) zero_acc[r * n_groups + g] *= correction;
+    }
+  }
+}
+
+// One item: online softmax over packed blocks [first, last) of (b, h); writes max, sum and weighted value sums.
+// Scores and value rows are kept in the keys' planar token order, and value channels in planar channel order
+// until the end; a block's rows are whole bytes (G and Dv are multiples of 16) lying contiguously.
 template <int KB, int VB>
 void attend_packed(const Layer& L, int b, int h, int first, int last, float* top, float* total, float* result) {
   const int R = L.R, D = L.D, Dv = L.Dv, G = L.G, VG = L.VG, n_groups = Dv / VG;
-  std::vector<float> key_tile(D * G), qs(R * D), scores(R * G), value_tile(G * Dv), zero_acc(R * n_groups, 0.0f),
-      base(R), weights_t(G * R);
-  std::vector<float> vzero(G * n_groups);
+  constexpr int kKeyPer = per_byte(KB), kValuePer = per_byte(VB);
+  std::vector<float> key_tile(D * G), kscale(D), kzero(D), qs(R * D), base(R), scores(R * G), raw_values(G * Dv),
+      value_tile(G * Dv), vscale(G * n_groups), vzero(G * n_groups), slot_zero(G * n_groups),
+      zero_acc(R * n_groups, 0.0f), planar(R * Dv, 0.0f);
+  std::vector<int> token_of_slot(G), group_of_channel_slot(Dv);
+  for (int slot = 0; slot < G; ++slot) token_of_slot[slot] = planar_to_index(slot, G, kKeyPer);
+  for (int slot = 0; slot < Dv; ++slot) group_of_channel_slot[slot] = planar_to_index(slot, Dv, kValuePer) / VG;
+  // Fused paths read codes straight from the cache (2/4/8 bits, rows a multiple of 16 codes per plane); values
+  // also need every 16-column output tile to lie in one scale group.
+  constexpr int kFusedKB = KB == 3 ? 8 : KB, kFusedVB = VB == 3 ? 8 : VB;  // (3 bits never take the fused path)
+  const bool keys_fused = fusable(KB, G);
+  bool values_fused = fusable(VB, Dv);
+  std::vector<float> scaled_weights(n_groups * R * G);
+  std::vector<const float*> qs_tiles(G / kLanes, qs.data()), value_tiles(Dv / kLanes);
+  for (int t = 0; t < Dv / kLanes && values_fused; ++t) {
+    const int first_group = group_of_channel_slot[t * kLanes];
+    for (int l = 1; l < kLanes; ++l) values_fused &= group_of_channel_slot[t * kLanes + l] == first_group;
+    value_tiles[t] = scaled_weights.data() + first_group * R * G;
+  }
   const float* q = L.q + (static_cast<int64_t>(b) * L.H + h) * R * D;
   for (int block = first; block < last; ++block) {
-    const uint8_t* codes = L.key_codes + b * L.kc_s0 + h * L.kc_s1 + block * L.kc_s2;
-    const at::Half* kscale = L.key_scale + b * L.ks_s0 + h * L.ks_s1 + block * L.ks_s2;
-    const at::Half* kzero = L.key_zero + b * L.ks_s0 + h * L.ks_s1 + block * L.ks_s2;
-    unpack_row<KB>(codes, D * G, key_tile.data());
+    const int64_t key_at = b * L.kc_s0 + h * L.kc_s1 + block * L.kc_s2;
+    const int64_t params_at = b * L.ks_s0 + h * L.ks_s1 + block * L.ks_s2;
+    halves_to_floats(L.key_scale + params_at, D, kscale.data());
+    halves_to_floats(L.key_zero + params_at, D, kzero.data());
     // Scores: (q * scale) . codes + q . zero.
     for (int r = 0; r < R; ++r) {
-      float acc = 0.0f;
-      for (int d = 0; d < D; ++d) {
-        const float qd = q[r * D + d];
-        qs[r * D + d] = qd * static_cast<float>(kscale[d]);
-        acc += qd * static_cast<float>(kzero[d]);
-      }
-      base[r] = acc;
-    }
-    gemm_rows(qs.data(), D, key_tile.data(), G, R, D, G, scores.data(), G, false);
-    // Values of the block, dequantized but for the zero points (their share is summed apart, per group).
-    const int64_t token0 = static_cast<int64_t>(block) * G;
-    unpack_row<VB>(L.value_codes + b * L.vc_s0 + h * L.vc_s1 + token0 * L.vc_s2, G * Dv, value_tile.data());
-    for (int t = 0; t < G; ++t) {
-      const int64_t token = token0 + t;
-      const at::Half* vscale = L.value_scale + b * L.vs_s0 + h * L.vs_s1 + token * L.vs_s2;
-      const at::Half* vz = L.value_zero + b * L.vs_s0 + h * L.vs_s1 + token * L.vs_s2;
-      float* tile = value_tile.data() + t * Dv;
-      for (int g = 0; g < n_groups; ++g) {
-        const float s = static_cast<float>(vscale[g]);
-        vzero[t * n_groups + g] = static_cast<float>(vz[g]);
 #pragma omp simd
-        for (int c = g * VG; c < (g + 1) * VG; ++c) tile[c] *= s;
-      }
+      for (int d = 0; d < D; ++d) qs[r * D + d] = q[r * D + d] * kscale[d];
+      base[r] = dot(q + r * D, kzero.data(), D);
     }
+    if (keys_fused) {
+      packed_gemm_rows<kFusedKB>(qs_tiles.data(), D, L.key_codes + key_at, G * KB / 8, nullptr, R, D, G, scores.data(),
+                                 G, false);
+    } else {
+      unpack_planar<KB>(L.key_codes + key_at, D, G, key_tile.data());
+      gemm_rows(qs.data(), D, key_tile.data(), G, R, D, G, scores.data(), G, false);
+    }
+    const int64_t token0 = static_cast<int64_t>(block) * G;
     for (int r = 0; r < R; ++r) {
       float* s = scores.data() + r * G;
-      const float* bias_row = L.bias ? L.bias + b * L.bias_s0 + L.row_query[r] * L.bias_s1 + L.sink_len + token0 : nullptr;
-      float block_top = top[r];
-      for (int t = 0; t < G; ++t) {
-        s[t] += base[r] + (bias_row ? bias_row[t] : 0.0f);
-        block_top = std::max(block_top, s[t]);
-      }
-      const float correction = exp_nonpositive(top[r] - block_top);
-      top[r] = block_top;
-      float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-      for (int t = 0; t < G; ++t) {
-        s[t] = exp_nonpositive(s[t] - block_top);
-        sum += s[t];
-      }
-      total[r] = total[r] * correction + sum;
-      for (int c = 0; c < Dv; ++c) result[r * Dv + c] *= correction;
-      for (int g = 0; g < n_groups; ++g) {
-        float z = zero_acc[r * n_groups + g] * correction;
-        for (int t = 0; t < G; ++t) z += s[t] * vzero[t * n_groups + g];
-        zero_acc[r * n_groups + g] = z;
+#pragma omp simd
+      for (int t = 0; t < G; ++t) s[t] += base[r];
+      if (L.bias) {
+        const float* bias_row = L.bias + b * L.bias_s0 + L.row_query[r] * L.bias_s1 + L.sink_len + token0;
+        for (int slot = 0; slot < G; ++slot) s[slot] += bias_row[token_of_slot[slot]];
       }
     }
-    gemm_rows(scores.data(), G, value_tile.data(), Dv, R, G, Dv, result, Dv, true);
+    softmax_tile(R, G, scores.data(), top, total, planar.data(), Dv, zero_acc.data(), n_groups);
+    // Values: rows in token order, unpacked (planar channels) and moved to their token's key slot, scales folded
+    // in; the zero points' share is summed apart, per group.
+    const int64_t values_at = b * L.vc_s0 + h * L.vc_s1 + token0 * L.vc_s2;
+    const int64_t vparams_at = b * L.vs_s0 + h * L.vs_s1 + token0 * L.vs_s2;
+    halves_to_floats(L.value_scale + vparams_at, G * n_groups, vscale.data());
+    halves_to_floats(L.value_zero + vparams_at, G * n_groups, vzero.data());
+    for (int slot = 0; slot < G; ++slot)
+      for (int g = 0; g < n_groups; ++g) slot_zero[g * G + slot] = vzero[token_of_slot[slot] * n_groups + g];
+    for (int r = 0; r < R; ++r)
+      for (int g = 0; g < n_groups; ++g)
+        zero_acc[r * n_groups + g] += dot(scores.data() + r * G, slot_zero.data() + g * G, G);
+    if (values_fused) {
+      // Fold each token's scale of group g into the weights: a_g[r][slot] = weight * scale.
+      for (int g = 0; g < n_groups; ++g)
+        for (int r = 0; r < R; ++r)
+          for (int slot = 0; slot < G; ++slot)
+            scaled_weights[(g * R + r) * G + slot] = scores[r * G + slot] * vscale[token_of_slot[slot] * n_groups + g];
+      packed_gemm_rows<kFusedVB>(value_tiles.data(), G, L.value_codes + values_at, Dv * VB / 8, token_of_slot.data(), R,
+                                 G, Dv, planar.data(), Dv, true);
+    } else {
+      unpack_planar<VB>(L.value_codes + values_at, G, Dv, raw_values.data());
+      for (int slot = 0; slot < G; ++slot) {
+        const int t = token_of_slot[slot];
+        const float* src = raw_values.data() + t * Dv;
+        const float* scale = vscale.data() + t * n_groups;
+        float* dst = value_tile.data() + slot * Dv;
+#pragma omp simd
+        for (int c = 0; c < Dv; ++c) dst[c] = src[c] * scale[group_of_channel_slot[c]];
+      }
+      gemm_rows(scores.data(), G, value_tile.data(), Dv, R, G, Dv, planar.data(), Dv, true);
+    }
   }
   for (int r = 0; r < R; ++r)
-    for (int c = 0; c < Dv; ++c) result[r * Dv + c] += zero_acc[r * n_groups + c / VG];
+    for (int slot = 0; slot < Dv; ++slot) {
+      const int c = planar_to_index(slot, Dv, kValuePer);
+      result[r * Dv + c] = planar[r * Dv + slot] + zero_acc[r * n_groups + c / VG];
+    }
 }
 
-// The item of the exact tokens (sinks, residual, new): the same online softmax over float32 keys and values.
+// The item of the exact tokens (sinks, residual, new): the same online softmax over float32 keys and values,
+// in tiles of kExactTile tokens.
 void attend_exact(const Layer& L, int b, int h, float* top, float* total, float* result) {
   const int R = L.R, D = L.D, Dv = L.Dv, packed = L.blocks * L.G;
   const float* q = L.q + (static_cast<int64_t>(b) * L.H + h) * R * D;
-  for (int e = 0; e < L.n_exact; ++e) {
-    const float* k = L.exact_keys + b * L.ek_s0 + h * L.ek_s1 + e * L.ek_s2;
-    const float* v = L.exact_values + b * L.ev_s0 + h * L.ev_s1 + e * L.ev_s2;
-    const int64_t token = e < L.sink_len ? e : e + packed;
-    for (int r = 0; r < R; ++r) {
-      float score = 0.0f;
-#pragma omp simd reduction(+ : score)
-      for (int d = 0; d < D; ++d) score += q[r * D + d] * k[d];
-      if (L.bias) score += L.bias[b * L.bias_s0 + L.row_query[r] * L.bias_s1 + token];
-      if (score > top[r]) {
-        const float correction = exp_nonpositive(top[r] - score);
-        total[r] *= correction;
-        for (int c = 0; c < Dv; ++c) result[r * Dv + c] *= correction;
-        top[r] = score;
+  std::vector<float> scores(R * kExactTile);
+  for (int e0 = 0; e0 < L.n_exact; e0 += kExactTile) {
+    const int n = std::min(kExactTile, L.n_exact - e0);
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < n; ++t) {
+        const int e = e0 + t;
+        float score = dot(q + r * D, L.exact_keys + b * L.ek_s0 + h * L.ek_s1 + e * L.ek_s2, D);
+        if (L.bias) score += L.bias[b * L.bias_s0 + L.row_query[r] * L.bias_s1 + (e < L.sink_len ? e : e + packed)];
+        scores[r * n + t] = score;
       }
-      const float w = exp_nonpositive(score - top[r]);
-      total[r] += w;
-#pragma omp simd
-      for (int c = 0; c < Dv; ++c) result[r * Dv + c] += w * v[c];
-    }
+    softmax_tile(R, n, scores.data(), top, total, result, Dv, nullptr, 0);
+    gemm_rows(scores.data(), n, L.exact_values + b * L.ev_s0 + h * L.ev_s1 + e0 * L.ev_s2, L.ev_s2, R, n, Dv, result,
+              Dv, true);
   }
 }
 
@@ -283,7 +442,6 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor row_query, torch::
     L.value_codes = value_codes.data_ptr<uint8_t>();
     L.value_scale = value_scale.data_ptr<at::Half>();
     L.value_zero = value_zero.data_ptr<at::Half>();
-    L.key_row_bytes = key_codes.size(4);
     L.G = key_codes.size(4) * 8 / key_bits;
     L.kc_s0 = key_codes.stride(0), L.kc_s1 = key_codes.stride(1), L.kc_s2 = key_codes.stride(2);
     L.ks_s0 = key_scale.stride(0), L.ks_s1 = key_scale.stride(1), L.ks_s2 = key_scale.stride(2);
@@ -291,7 +449,7 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor row_query, torch::
     L.vs_s0 = value_scale.stride(0), L.vs_s1 = value_scale.stride(1), L.vs_s2 = value_scale.stride(2);
     TORCH_CHECK(key_scale.stride(3) == 1 && key_zero.strides() == key_scale.strides(), "kvpack: key params layout");
     TORCH_CHECK(value_scale.stride(3) == 1 && value_zero.strides() == value_scale.strides(), "kvpack: value params");
-    TORCH_CHECK(key_codes.stride(4) == 1 && key_codes.stride(3) == L.key_row_bytes, "kvpack: key codes layout");
+    TORCH_CHECK(key_codes.stride(4) == 1 && key_codes.stride(3) == key_codes.size(4), "kvpack: key codes layout");
     TORCH_CHECK(value_codes.stride(3) == 1 && value_codes.stride(2) == value_codes.size(3), "kvpack: value codes");
     TORCH_CHECK(L.G % kLanes == 0 && Dv % kLanes == 0 && value_group % 8 == 0, "kvpack: sizes must be multiples of 16");
   }
