@@ -87,6 +87,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import DynamicCache
 
     from kvpack.attention import use_kvpack_attention
+    from kvpack.attention.registry import prepare
     from kvpack.cache import KVPackCache
     from kvpack.models import load_model
     from kvpack.weights import weight_nbytes
@@ -99,6 +100,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
     if args.backend != "dense":
         use_kvpack_attention(model)  # the fp cache of --check still goes through SDPA
+        prepare(args.backend)
     cache = KVPackCache(model.config, config, backend=args.backend)
     result = _generate(model, inputs, cache, args)
     new_tokens = result.tokens

@@ -18,6 +18,7 @@ from transformers import DynamicCache, Gemma3ForCausalLM, LlamaForCausalLM, PreT
 from kvpack import KVPackCache
 from kvpack.attention import cpu, use_kvpack_attention
 from kvpack.attention.registry import INPUTS_ATTRIBUTE
+from kvpack.cache.layer import FUSED_MAX_NEW_TOKENS
 from kvpack.errors import BackendUnavailableError, ConfigError
 from tests.cache.test_cache import gemma_config, generate, left_padded_batch, llama_config, prompt
 
@@ -113,9 +114,12 @@ def test_dense_path_returns_plain_tensors_and_fused_path_marks_them(model: PreTr
     keys, _ = cache.update(new, new.clone(), layer)
     assert getattr(keys, INPUTS_ATTRIBUTE).total_tokens == 61
     assert not hasattr(new, INPUTS_ATTRIBUTE)  # the caller's tensor is left alone
+    chunk = torch.randn(1, 2, FUSED_MAX_NEW_TOKENS + 1, new.shape[-1])
+    keys, _ = cache.update(chunk, chunk.clone(), layer)  # a long chunk (a prefill) goes the dense way
+    assert not hasattr(keys, INPUTS_ATTRIBUTE) and keys.shape[2] == 62 + FUSED_MAX_NEW_TOKENS
     set_attention(model, fused=False)
     keys, _ = cache.update(new, new.clone(), layer)
-    assert not hasattr(keys, INPUTS_ATTRIBUTE) and keys.shape[2] == 62
+    assert not hasattr(keys, INPUTS_ATTRIBUTE) and keys.shape[2] == 63 + FUSED_MAX_NEW_TOKENS
 
 
 def test_backend_names_are_checked() -> None:

@@ -50,24 +50,28 @@ def compiler() -> str | None:
 
 @cache
 def extension() -> Any:
-    """Build (first use on this machine: ~30 s, announced on stderr) or load the compiled kernel."""
-    from torch.utils.cpp_extension import load
+    """Build (first use on this machine: ~30-45 s, announced on stderr) or load the compiled kernel."""
+    from torch.utils.cpp_extension import _get_build_directory, load
 
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_identity().encode()).hexdigest()
     name = f"kvpack_attention_{key[:16]}"
+    built = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
     start = time.perf_counter()
-    print(
-        "kvpack: loading the CPU attention kernel (the first use on a machine compiles it, ~30 s) ...",
-        file=sys.stderr,
-        flush=True,
-    )
+    if not built:
+        print(
+            "kvpack: compiling the CPU attention kernel for this machine (once; ~30-45 s) ...",
+            file=sys.stderr,
+            flush=True,
+        )
     module = load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
-    print(f"kvpack: CPU attention kernel ready ({time.perf_counter() - start:.1f} s)", file=sys.stderr, flush=True)
+    if not built:
+        print(f"kvpack: CPU attention kernel ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return module
 
 
+@cache
 def why_unavailable() -> str | None:
-    """None when the C++ backend can be built here, else why not."""
+    """None when the C++ backend can be built here, else why not (checked once per process)."""
     if compiler() is None:
         return "no C++ compiler on PATH for the CPU kernel"
     from torch.utils.cpp_extension import is_ninja_available

@@ -87,6 +87,15 @@ def resolve_backend(inputs: AttentionInputs) -> str:
     return "torch"
 
 
+def prepare(backend: str) -> None:
+    """Build or load what `backend` needs now (the CPU kernel compiles on first use), so no timed step pays it."""
+    if check_backend(backend) in ("auto", "cpu"):
+        from kvpack.attention import cpu
+
+        if cpu.why_unavailable() is None:
+            cpu.extension()
+
+
 def attend(query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """Attention of `query` `[batch, heads, queries, head_dim]` over one layer's packed and exact tokens.
 

@@ -146,6 +146,7 @@ def run_decode(args: argparse.Namespace) -> dict[str, Any]:
 
     import kvpack
     from kvpack.attention import use_kvpack_attention
+    from kvpack.attention.registry import prepare
     from kvpack.models import DEFAULT_MODEL, load_model
 
     if args.threads:
@@ -157,6 +158,8 @@ def run_decode(args: argparse.Namespace) -> dict[str, Any]:
         require_packages(spec)
     model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
     use_kvpack_attention(model)  # fp and peer caches still go through SDPA; kvpack caches take the fused path
+    for spec in specs:
+        prepare(spec.backend)  # a kernel compiled on first use must not land in a timed prefill
     limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     contexts = [min(int(c), limit - args.steps - 3) for c in args.contexts.split(",") if c]
     result: dict[str, Any] = {

@@ -14,6 +14,8 @@ from kvpack.errors import DtypeDeviceError, ShapeError, UnsupportedOperationErro
 from kvpack.quant.tensor import PackedTensor
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Decode steps and assisted-decoding candidates take the fused path; longer chunks (prefills) the dense one.
+FUSED_MAX_NEW_TOKENS = 16
 
 
 class PackedLayer(CacheLayerMixin):
@@ -290,12 +292,13 @@ class PackedLayer(CacheLayerMixin):
         as views of the packed blocks and of the residual buffer, never dequantized. The returned key tensor
         carries it as `kvpack_inputs`; `kvpack.attention.kvpack_attention` consumes it. The first update of an
         empty layer (a prefill) and tokens that fill the sinks return plain tensors: attention over them needs
-        no packed data.
+        no packed data. So do chunks of more than `FUSED_MAX_NEW_TOKENS` tokens (a prefill continued on a cache):
+        the model's own attention over dense tensors is faster for many queries.
         """
         from kvpack.attention.reference import AttentionInputs
         from kvpack.attention.registry import INPUTS_ATTRIBUTE
 
-        if not self.is_initialized or self.sink_len < self.config.sinks:
+        if not self.is_initialized or self.sink_len < self.config.sinks or key_states.shape[2] > FUSED_MAX_NEW_TOKENS:
             return self._store(key_states, value_states)
         self._check_input(key_states, value_states)
         past = self.residual_len
