@@ -81,6 +81,8 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
     import transformers
 
     import kvpack
+    from kvpack.attention import use_kvpack_attention
+    from kvpack.attention.registry import prepare
     from kvpack.eval.perplexity import load_tokens, stream
     from kvpack.models import DEFAULT_MODEL, load_model
     from kvpack.weights import parse_weights, require_quanto, weight_nbytes
@@ -100,6 +102,10 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
     models = {}
     for weights in weight_formats:
         models[weights], tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, weights=weights)
+        # kvpack caches take the fused path (their default); fp and peer caches still go through SDPA.
+        use_kvpack_attention(models[weights])
+    for spec in specs:
+        prepare(spec.backend)  # a kernel compiled on first use must not land in a timed step
     model = models["fp"]
     ids, data_sha256 = load_tokens(args.data, tokenizer, args.tokens)
 
