@@ -46,6 +46,15 @@ def test_unknown_weight_format_is_a_clear_error(capsys: pytest.CaptureFixture[st
     assert "use one or more of fp, int8, int4" in capsys.readouterr().err
 
 
+def test_doctor_names_the_backend_auto_picks(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "backend cpu:" in out and "backend numba:" in out
+    assert any(
+        line.startswith("auto picks: ") and line.split()[2] in ("cpu", "numba", "torch") for line in out.splitlines()
+    )
+
+
 def test_import_stays_light() -> None:
     heavy = "('matplotlib', 'triton', 'kvpack.cli', 'kvpack.models')"
     code = f"import sys, kvpack; print(sorted(m for m in {heavy} if m in sys.modules))"

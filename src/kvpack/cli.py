@@ -141,6 +141,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    """Which attention backend this machine gets, and why."""
+    from kvpack.attention.registry import describe
+
+    print("\n".join(describe()))
+    return 0
+
+
 def cmd_spec(args: argparse.Namespace) -> int:
     """Explain a cache spec string."""
     config: CacheConfig = parse_spec(args.spec)
@@ -282,6 +290,9 @@ def build_parser() -> argparse.ArgumentParser:
     memory.add_parser(sub)
     passkey.add_parser(sub)
     decode.add_parser(sub)
+
+    doctor = sub.add_parser("doctor", help="which attention backend this machine gets, and why")
+    doctor.set_defaults(func=cmd_doctor)
 
     spec = sub.add_parser("spec", help="explain a cache spec string (bits, groups, residual, sinks)")
     spec.add_argument("spec", help="e.g. k4v2-g32-r64-s4")

@@ -114,6 +114,34 @@ def attend(query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | No
     return reference_attention(query, inputs, mask, scaling)
 
 
+def describe() -> list[str]:
+    """What this machine offers each backend, and which one `auto` picks for a CPU cache in the KIVI layout."""
+    import platform
+
+    import torch
+
+    from kvpack.attention import cpu
+
+    identity = cpu._cpu_identity()
+    model = next((line.split(":", 1)[1].strip() for line in identity.splitlines() if "model name" in line), "")
+    flags = set(" ".join(line.split(":", 1)[1] for line in identity.splitlines() if ":" in line).split())
+    simd = [name for name in ("avx512f", "avx512bw", "avx2", "fma", "f16c", "asimd", "neon") if name in flags]
+    lines = [
+        f"machine: {platform.machine()} {model}".rstrip(),
+        f"SIMD: {', '.join(simd) or 'none detected'} (the cpu kernel is compiled with -march=native for exactly this)",
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; CUDA: "
+        + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
+    ]
+    why_cpu = cpu.why_unavailable()
+    lines.append(f"backend cpu: {'available, compiler ' + str(cpu.compiler()) if why_cpu is None else why_cpu}")
+    numba_spec = importlib.util.find_spec("numba")
+    lines.append("backend numba: " + ("available" if numba_spec is not None else "numba is not installed"))
+    lines.append("backend torch: always available (the reference)")
+    chosen = "cpu" if why_cpu is None else "numba" if numba_spec is not None else "torch"
+    lines.append(f"auto picks: {chosen} (for CPU tensors in the KIVI layout; prefills and sliding layers stay dense)")
+    return lines
+
+
 def kvpack_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
