@@ -8,7 +8,6 @@ spec, and the only allowed difference is float32 arithmetic order (`FUSED_LOGIT_
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -29,12 +28,7 @@ BACKENDS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None) + ["numba"] * b
 SPECS = ["k8v8-g16-r16", "k4v2-g16-r0", "k3v3-g16-r16-s2", "k2v4-gk32-gv16-r16"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 @pytest.fixture(scope="module", params=["llama", "gemma"])

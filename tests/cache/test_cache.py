@@ -12,7 +12,6 @@ near-tie, where either token is a correct greedy choice for a cache this accurat
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -45,14 +44,7 @@ LOGIT_TOL_8BIT = 5e-3
 SPEC_8BIT = "k8v8-g16-r16"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread() -> Iterator[None]:
-    """These models are tiny: one thread is fastest, and on a busy 2-core machine a second one that is not
-    scheduled makes every op wait (measured 5 s instead of 0.3 s for one batched generate)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 def llama_config(**overrides: Any) -> LlamaConfig:

@@ -36,14 +36,7 @@ from kvpack.quant.tensor import PackedTensor
 BATCH, HEADS, HEAD_DIM = 2, 3, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_intra_op_thread():
-    """These tensors are tiny: one thread is fastest, and on a busy 2-core machine a second one that is not
-    scheduled makes every op wait (measured 45 ms instead of 0.3 ms per decode step)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
 # Configurations that exercise every code path of the layer with short streams: group 16 so packing starts

@@ -66,6 +66,33 @@ def decode_speed(
     return out
 
 
+def result_header(benchmark: str, model: Any, model_name: str | None) -> dict[str, Any]:
+    """What every benchmark result records first: the command, date, machine, versions, model and dtype."""
+    import transformers
+
+    import kvpack
+    from kvpack.models import DEFAULT_MODEL
+
+    return {
+        "benchmark": benchmark,
+        "command": "kvpack " + " ".join(sys.argv[1:]),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch_threads": torch.get_num_threads(),
+            "device": str(model.device),
+        },
+        "versions": {
+            "kvpack": kvpack.__version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "model": model_name or DEFAULT_MODEL,
+        "dtype": str(model.dtype).removeprefix("torch."),
+    }
+
+
 def row_key(weights: str, cache: str) -> str:
     """The name of a row: the cache's, prefixed with its weight format when the weights are quantized."""
     return cache if weights == "fp" else f"{weights}:{cache}"
@@ -78,13 +105,10 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
     reference is always fp weights with the fp cache. checkpoint: called with the partial result
     (`"complete": False`) after each streamed run, so a long run can be inspected, and is not lost, before it ends.
     """
-    import transformers
-
-    import kvpack
     from kvpack.attention import use_kvpack_attention
     from kvpack.attention.registry import prepare
     from kvpack.eval.perplexity import load_tokens, stream
-    from kvpack.models import DEFAULT_MODEL, load_model
+    from kvpack.models import load_model
     from kvpack.weights import parse_weights, require_quanto, weight_nbytes
 
     if args.threads:
@@ -111,23 +135,8 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
 
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {
-        "benchmark": "compare",
+        **result_header("compare", model, args.model),
         "complete": False,
-        "command": "kvpack " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(model.device),
-        },
-        "versions": {
-            "kvpack": kvpack.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "model": args.model or DEFAULT_MODEL,
-        "dtype": str(model.dtype).removeprefix("torch."),
         "weights": {weights: weight_nbytes(m) for weights, m in models.items()},
         "data": {"path": str(args.data), "sha256": data_sha256, "tokens": args.tokens, "mode": "streamed"},
         "contexts": [],

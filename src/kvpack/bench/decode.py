@@ -17,9 +17,7 @@ JSON is the source of truth; Markdown and a PNG are made from it.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,7 @@ from typing import Any
 import torch
 
 from kvpack.bench.caches import parse_cache_name, require_packages
-from kvpack.bench.compare import decode_speed
+from kvpack.bench.compare import decode_speed, result_header
 
 DEFAULT_CACHES = "fp,fp-prealloc,k8v8,k4v4,k2v2,k4v4@dense,quanto-int4"
 DEFAULT_CONTEXTS = "1024,4096,8192"
@@ -142,12 +140,9 @@ def attention_speed(
 
 def run_decode(args: argparse.Namespace) -> dict[str, Any]:
     """Everything `kvpack bench decode` measures, as the JSON-ready result."""
-    import transformers
-
-    import kvpack
     from kvpack.attention import use_kvpack_attention
     from kvpack.attention.registry import prepare
-    from kvpack.models import DEFAULT_MODEL, load_model
+    from kvpack.models import load_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -163,22 +158,7 @@ def run_decode(args: argparse.Namespace) -> dict[str, Any]:
     limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
     contexts = [min(int(c), limit - args.steps - 3) for c in args.contexts.split(",") if c]
     result: dict[str, Any] = {
-        "benchmark": "decode",
-        "command": "kvpack " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(model.device),
-        },
-        "versions": {
-            "kvpack": kvpack.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-        },
-        "model": args.model or DEFAULT_MODEL,
-        "dtype": str(model.dtype).removeprefix("torch."),
+        **result_header("decode", model, args.model),
         "contexts": contexts,
         "steps": args.steps,
         "bandwidth": read_bandwidth(),
