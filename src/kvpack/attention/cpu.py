@@ -81,6 +81,15 @@ def why_unavailable() -> str | None:
     return None
 
 
+_EMPTY = torch.empty(0)  # stands for absent tensors (no bias, nothing packed yet); the kernel never writes it
+
+
+@cache
+def _row_query(rows: int, queries: int) -> torch.Tensor:
+    """The new token (mask row) of each query row: the same few small tensors at every decode step."""
+    return torch.arange(rows) % queries
+
+
 def supports(inputs: AttentionInputs) -> str | None:
     """None when the kernel handles `inputs`, else why not."""
     if inputs.exact_keys.device.type != "cpu":
@@ -107,11 +116,11 @@ def cpu_attention(
     kv_heads = inputs.exact_keys.shape[1]
     rows = heads // kv_heads * queries
     q = (query.float() * scaling).reshape(batch, kv_heads, rows, dim).contiguous()
-    row_query = torch.arange(rows) % queries
+    row_query = _row_query(rows, queries)
     bias = attention_bias(mask, batch, queries, inputs.total_tokens)
-    bias = torch.empty(0) if bias is None else bias.float()
+    bias = _EMPTY if bias is None else bias.float()
     pk, pv = inputs.packed_keys, inputs.packed_values
-    empty = torch.empty(0)
+    empty = _EMPTY
     exact_keys = inputs.exact_keys if inputs.exact_keys.dtype == torch.float32 else inputs.exact_keys.float()
     exact_values = inputs.exact_values if inputs.exact_values.dtype == torch.float32 else inputs.exact_values.float()
     if pk is None or pv is None:

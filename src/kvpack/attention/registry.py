@@ -184,9 +184,3 @@ def use_kvpack_attention(model: Any) -> Any:
     register()
     model.set_attn_implementation(ATTENTION_NAME)
     return model
-
-
-def is_kvpack_attention(config: Any) -> bool:
-    """Whether a model config runs kvpack's attention (its text config, for multimodal models)."""
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
-    return getattr(text, "_attn_implementation", None) == ATTENTION_NAME

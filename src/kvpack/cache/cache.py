@@ -8,7 +8,7 @@ import torch
 from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DummyLayer
 
-from kvpack.attention.registry import is_kvpack_attention
+from kvpack.attention.registry import ATTENTION_NAME
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
 from kvpack.config import CacheConfig, as_config
 from kvpack.errors import UnsupportedModelError
@@ -85,7 +85,8 @@ class KVPackCache(Cache):
             config = config.config
         self.cache_config = as_config(cache_config)
         self.backend = check_backend(backend)
-        self._model_config = config
+        # Read at every update (cheap), so switching the model's attention implementation is always honoured.
+        self._text_config = config.get_text_config(decoder=True)
         layers: list[Any] = []
         for idx, (layer_type, window) in enumerate(_layer_plan(config)):
             if layer_type == "dummy":
@@ -107,11 +108,12 @@ class KVPackCache(Cache):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Store a layer's new keys/values; return what the model's attention implementation reads.
 
-        With kvpack's attention (`is_kvpack_attention(config)`, checked at every call so that switching the
+        With kvpack's attention (the text config's implementation, checked at every call so that switching the
         model's implementation is always honoured), packed views for the fused path; otherwise dense tensors.
         """
         layer = self.layers[layer_idx]
-        if self.backend != "dense" and isinstance(layer, PackedLayer) and is_kvpack_attention(self._model_config):
+        fused = self.backend != "dense" and self._text_config._attn_implementation == ATTENTION_NAME
+        if fused and isinstance(layer, PackedLayer):
             return layer.fused_update(key_states, value_states, self.backend)
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 

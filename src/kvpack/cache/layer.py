@@ -8,6 +8,8 @@ from dataclasses import replace
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from kvpack.attention.reference import AttentionInputs
+from kvpack.attention.registry import INPUTS_ATTRIBUTE
 from kvpack.cache.storage import PackedBuffer
 from kvpack.config import CacheConfig
 from kvpack.errors import DtypeDeviceError, ShapeError, UnsupportedOperationError
@@ -295,9 +297,6 @@ class PackedLayer(CacheLayerMixin):
         no packed data. So do chunks of more than `FUSED_MAX_NEW_TOKENS` tokens (a prefill continued on a cache):
         the model's own attention over dense tensors is faster for many queries.
         """
-        from kvpack.attention.reference import AttentionInputs
-        from kvpack.attention.registry import INPUTS_ATTRIBUTE
-
         if not self.is_initialized or self.sink_len < self.config.sinks or key_states.shape[2] > FUSED_MAX_NEW_TOKENS:
             return self._store(key_states, value_states)
         self._check_input(key_states, value_states)
