@@ -8,12 +8,13 @@ the naive dense computation here, the chunked torch reference, and the fused CPU
 from __future__ import annotations
 
 import importlib.util
+import platform
 
 import pytest
 import torch
 
 from kvpack.attention import cpu
-from kvpack.attention.reference import AttentionInputs, reference_attention
+from kvpack.attention.reference import AttentionInputs, attention_bias, reference_attention
 from kvpack.attention.registry import attend
 from kvpack.config import QuantSpec
 from kvpack.quant.tensor import PackedTensor
@@ -23,6 +24,7 @@ from tests.quant.tolerances import ATTENTION_REL_TOL
 def make_inputs(
     batch: int, kv_heads: int, packed_blocks: int, exact: int, sinks: int, key_bits: int, value_bits: int,
     group: int, dim: int = 64, dtype: torch.dtype = torch.float32, seed: int = 0, backend: str = "auto",
+    value_group: int | None = None,
 ) -> AttentionInputs:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     packed = packed_blocks * group
@@ -35,7 +37,7 @@ def make_inputs(
     packed_keys = packed_values = None
     if packed:
         packed_keys = PackedTensor.quantize(rand(packed), QuantSpec(key_bits, group, "channel"))
-        packed_values = PackedTensor.quantize(rand(packed), QuantSpec(value_bits, group, "token"))
+        packed_values = PackedTensor.quantize(rand(packed), QuantSpec(value_bits, value_group or group, "token"))
     return AttentionInputs(
         exact_keys=rand(sinks + exact), exact_values=rand(sinks + exact), packed_keys=packed_keys,
         packed_values=packed_values, sink_len=sinks, backend=backend,
@@ -98,10 +100,61 @@ def test_backend_matches_the_definition(
     query = torch.randn(batch, kv_heads * rep, queries, 64, generator=gen)
     tokens = inputs.total_tokens
     mask = padding_mask(batch, queries, tokens, pad=min(tokens - 1, sinks + group + 3)) if masked else None
-    from kvpack.attention.reference import attention_bias
-
     expected = naive(query, inputs, attention_bias(mask, batch, queries, tokens), scaling=0.125)
     check(attend(query, inputs, mask, scaling=0.125), expected, inputs)
+
+
+WIDE_GRID = [
+    # bits (k, v), key group, value group, head dim, packed blocks, exact tokens, kv heads, query heads per kv head,
+    # queries: several value groups per row, rows in passes of 4, 128- and 256-dim heads (Llama-7B, Gemma 3)
+    ((4, 4), 64, 32, 128, 3, 5, 2, 4, 1),
+    ((2, 8), 32, 64, 128, 2, 3, 1, 8, 1),
+    ((8, 2), 64, 16, 256, 2, 4, 1, 5, 2),
+    ((4, 2), 16, 16, 32, 4, 3, 2, 3, 1),
+    ((3, 4), 32, 128, 128, 2, 2, 1, 2, 1),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("bits", "group", "value_group", "dim", "blocks", "exact", "kv_heads", "rep", "queries"), WIDE_GRID
+)
+def test_wide_heads_and_many_rows(
+    backend: str, bits: tuple[int, int], group: int, value_group: int, dim: int, blocks: int, exact: int,
+    kv_heads: int, rep: int, queries: int,
+) -> None:  # fmt: skip
+    torch.set_num_threads(1)
+    exact = max(exact, queries)
+    inputs = make_inputs(1, kv_heads, blocks, exact, 1, *bits, group, dim=dim, backend=backend, value_group=value_group)
+    query = torch.randn(1, kv_heads * rep, queries, dim, generator=torch.Generator().manual_seed(2))
+    tokens = inputs.total_tokens
+    mask = padding_mask(1, queries, tokens, pad=3)
+    expected = naive(query, inputs, attention_bias(mask, 1, queries, tokens), scaling=dim**-0.5)
+    check(attend(query, inputs, mask, scaling=dim**-0.5), expected, inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or cpu.why_unavailable() is not None, reason="needs an x86-64 C++ compiler"
+)
+def test_portable_build_matches_the_definition(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's loops for CPUs without AVX-512 (built for AVX2 here, ~40 s once) over part of both grids."""
+    portable = cpu.extension("x86-64-v3")
+    assert "AVX-512" not in portable.simd_path()
+    monkeypatch.setattr(cpu, "extension", lambda: portable)
+    torch.set_num_threads(1)
+    for bits, group, blocks, exact, sinks, batch, kv_heads, rep, queries in GRID[::2]:
+        inputs = make_inputs(batch, kv_heads, blocks, max(exact, queries), sinks, *bits, group, backend="cpu")
+        query = torch.randn(batch, kv_heads * rep, queries, 64, generator=torch.Generator().manual_seed(1))
+        causal = attention_bias(None, batch, queries, inputs.total_tokens)
+        check(attend(query, inputs, None, scaling=0.125), naive(query, inputs, causal, 0.125), inputs)
+    for bits, group, value_group, dim, blocks, exact, kv_heads, rep, queries in WIDE_GRID:
+        inputs = make_inputs(
+            1, kv_heads, blocks, max(exact, queries), 1, *bits, group, dim=dim, backend="cpu", value_group=value_group
+        )
+        query = torch.randn(1, kv_heads * rep, queries, dim, generator=torch.Generator().manual_seed(2))
+        causal = attention_bias(None, 1, queries, inputs.total_tokens)
+        check(attend(query, inputs, None, scaling=dim**-0.5), naive(query, inputs, causal, dim**-0.5), inputs)
 
 
 def test_reference_chunks_do_not_change_the_result() -> None:

@@ -24,7 +24,7 @@ import torch
 from kvpack.attention.reference import AttentionInputs, attention_bias
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_attention.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp-simd", "-fno-math-errno"]
+CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
 # Items per thread: enough to balance uneven chunks, few enough that each reads a long run of blocks.
 _ITEMS_PER_THREAD = 4
 _MIN_CHUNK_TOKENS = 256
@@ -49,11 +49,16 @@ def compiler() -> str | None:
 
 
 @cache
-def extension() -> Any:
-    """Build (first use on this machine: ~30-45 s, announced on stderr) or load the compiled kernel."""
+def extension(march: str = "native") -> Any:
+    """Build (first use on this machine: ~30-45 s, announced on stderr) or load the compiled kernel.
+
+    march: the target of `-march`; `native` (the default) is this CPU. Tests also build an older target (e.g.
+    `x86-64-v3`, AVX2 without AVX-512) to check the kernel's portable code paths on a machine that has more.
+    """
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode() + _cpu_identity().encode()).hexdigest()
+    flags = [*CFLAGS, f"-march={march}"]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_identity().encode()).hexdigest()
     name = f"kvpack_attention_{key[:16]}"
     built = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
     start = time.perf_counter()
@@ -63,7 +68,7 @@ def extension() -> Any:
             file=sys.stderr,
             flush=True,
         )
-    module = load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, verbose=False)
+    module = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
     if not built:
         print(f"kvpack: CPU attention kernel ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return module

@@ -133,7 +133,11 @@ def describe() -> list[str]:
         + (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"),
     ]
     why_cpu = cpu.why_unavailable()
-    lines.append(f"backend cpu: {'available, compiler ' + str(cpu.compiler()) if why_cpu is None else why_cpu}")
+    if why_cpu is None:
+        # Builds the kernel if this machine has not yet (once, announced on stderr): its code path is the answer.
+        lines.append(f"backend cpu: available, compiler {cpu.compiler()}, code path {cpu.extension().simd_path()}")
+    else:
+        lines.append(f"backend cpu: {why_cpu}")
     numba_spec = importlib.util.find_spec("numba")
     lines.append("backend numba: " + ("available" if numba_spec is not None else "numba is not installed"))
     lines.append("backend torch: always available (the reference)")

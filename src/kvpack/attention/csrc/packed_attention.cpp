@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <vector>
 
@@ -112,114 +113,161 @@ inline void unpack_planar(const uint8_t* __restrict codes, int rows, int n, floa
 // The code index (token of a key row, channel of a value row) held by planar slot `slot` of a row of n codes.
 inline int planar_to_index(int slot, int n, int per) { return (slot % (n / per)) * per + slot / (n / per); }
 
-// out[r][n] (+)= sum_k a[r][k] * b[k][n] for RT rows: a [RT][K] (stride lda), b [K][N] (stride ldb), N % 16 == 0.
-template <int RT>
-inline void small_gemm(const float* __restrict a, int lda, const float* __restrict b, int64_t ldb, int K, int N,
+// out[r][n] (+)= sum_k a[r][k] * b[k][n] for RT rows and NT tiles of 16 columns at once (RT * NT independent
+// accumulators, so the multiply-adds are not serialised on their latency): a [RT][K] (stride lda), b [K][N]
+// (stride ldb), N a multiple of 16.
+template <int RT, int NT>
+inline void small_gemm(const float* __restrict a, int lda, const float* __restrict b, int64_t ldb, int K, int n0,
                        float* __restrict out, int ldo, bool accumulate) {
-  for (int n0 = 0; n0 < N; n0 += kLanes) {
-    float acc[RT][kLanes];
-    for (int r = 0; r < RT; ++r)
-      for (int l = 0; l < kLanes; ++l) acc[r][l] = accumulate ? out[r * ldo + n0 + l] : 0.0f;
-    for (int k = 0; k < K; ++k) {
-      const float* __restrict bk = b + k * ldb + n0;
-      for (int r = 0; r < RT; ++r) {
-        const float ak = a[r * lda + k];
+  float acc[RT][NT][kLanes];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < NT; ++t)
+      for (int l = 0; l < kLanes; ++l) acc[r][t][l] = accumulate ? out[r * ldo + n0 + t * kLanes + l] : 0.0f;
+  for (int k = 0; k < K; ++k) {
+    const float* __restrict bk = b + k * ldb + n0;
+    for (int r = 0; r < RT; ++r) {
+      const float ak = a[r * lda + k];
+      for (int t = 0; t < NT; ++t)
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l) acc[r][l] += ak * bk[l];
-      }
+        for (int l = 0; l < kLanes; ++l) acc[r][t][l] += ak * bk[t * kLanes + l];
     }
-    for (int r = 0; r < RT; ++r)
-      for (int l = 0; l < kLanes; ++l) out[r * ldo + n0 + l] = acc[r][l];
   }
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < NT; ++t)
+      for (int l = 0; l < kLanes; ++l) out[r * ldo + n0 + t * kLanes + l] = acc[r][t][l];
+}
+
+template <int RT>
+void gemm_tiles(const float* a, int lda, const float* b, int64_t ldb, int K, int N, float* out, int ldo,
+                bool accumulate) {
+  int n0 = 0;
+  for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) small_gemm<RT, 4>(a, lda, b, ldb, K, n0, out, ldo, accumulate);
+  for (; n0 < N; n0 += kLanes) small_gemm<RT, 1>(a, lda, b, ldb, K, n0, out, ldo, accumulate);
 }
 
 void gemm_rows(const float* a, int lda, const float* b, int64_t ldb, int R, int K, int N, float* out, int ldo,
                bool accumulate) {
-  int r = 0;
-  for (; r + 4 <= R; r += 4) small_gemm<4>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate);
-  switch (R - r) {
-    case 3: small_gemm<3>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate); break;
-    case 2: small_gemm<2>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate); break;
-    case 1: small_gemm<1>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate); break;
-    default: break;
+  for (int r = 0; r < R; r += 4) {
+    switch (std::min(4, R - r)) {
+      case 4: gemm_tiles<4>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate); break;
+      case 3: gemm_tiles<3>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate); break;
+      case 2: gemm_tiles<2>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate); break;
+      default: gemm_tiles<1>(a + r * lda, lda, b, ldb, K, N, out + r * ldo, ldo, accumulate);
+    }
   }
 }
 
 // The same product with b's rows packed: row k of b is the codes of packed row `rows[k]` (or k) in planar slot
-// order, unpacked on the fly (no tile written to memory). a_tiles[n0 / 16] is the `a` of output columns
-// [n0, n0 + 16): values fold a per-group scale into `a`. Needs (N / codes per byte) % 16 == 0 and 2, 4 or 8 bits.
-// 16 codes (bytes src[0..16), field at `shift`) as 16 floats in registers. Intrinsics where the compiler's own
-// vectorisation goes through memory (measured: a store-forwarding stall per row); plain loops elsewhere.
-#if defined(__AVX512F__)
-using Lanes = __m512;
-inline Lanes codes16(const uint8_t* src, __m128i shift, __m512i mask) {
-  const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src)));
-  return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srl_epi32(wide, shift), mask));
-}
-#endif
-
-template <int BITS, int RT>
-inline void packed_small_gemm(const float* const* a_tiles, int lda, const uint8_t* __restrict codes, int64_t row_stride,
-                              const int* rows, int K, int N, float* __restrict out, int ldo, bool accumulate) {
-  constexpr int kPer = per_byte(BITS);
+// order, unpacked on the fly in registers (no tile written to memory). a_tiles[t] is the `a` of output columns
+// [16t, 16t + 16): values fold a per-group scale into `a`. Needs 2, 4 or 8 bits and rows of a multiple of 16 bytes.
+//
+// One pass reads U 16-byte pieces of every row, at byte0: each piece holds 16 codes of each of the byte's PER
+// planes, so the pass fills U * PER output tiles (plane i, piece u -> columns i * bytes + byte0 + 16u ...), with
+// RT * U * PER accumulators in registers. AVX-512 intrinsics where the compiler's own vectorisation goes through
+// memory (measured: a store-forwarding stall per row); plain loops that vectorise elsewhere.
+template <int BITS, int RT, int U>
+inline void packed_pass(const float* const* a_tiles, int lda, const uint8_t* __restrict codes, int64_t row_stride,
+                        const int* rows, int K, int bytes, int byte0, float* __restrict out, int ldo, bool accumulate) {
+  constexpr int kPer = per_byte(BITS), kTiles = U * kPer;
   constexpr uint32_t kMask = (1u << BITS) - 1;
-  const int bytes = N / kPer;
-  for (int n0 = 0; n0 < N; n0 += kLanes) {
-    const int shift = (n0 / bytes) * BITS, byte0 = n0 % bytes;
-    const float* __restrict a = a_tiles[n0 / kLanes];
-#if defined(__AVX512F__)
-    const __m128i shift_v = _mm_cvtsi32_si128(shift);
-    const __m512i mask_v = _mm512_set1_epi32(kMask);
-    __m512 acc[RT];
-    for (int r = 0; r < RT; ++r) acc[r] = accumulate ? _mm512_loadu_ps(out + r * ldo + n0) : _mm512_setzero_ps();
-    for (int k = 0; k < K; ++k) {
-      const __m512 bk = codes16(codes + (rows ? rows[k] : k) * row_stride + byte0, shift_v, mask_v);
-      for (int r = 0; r < RT; ++r) acc[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + k]), bk, acc[r]);
+  int column[kTiles];
+  const float* a[kTiles];
+  for (int i = 0; i < kPer; ++i)
+    for (int u = 0; u < U; ++u) {
+      column[i * U + u] = i * bytes + byte0 + u * kLanes;
+      a[i * U + u] = a_tiles[column[i * U + u] / kLanes];
     }
-    for (int r = 0; r < RT; ++r) _mm512_storeu_ps(out + r * ldo + n0, acc[r]);
-#else
-    float acc[RT][kLanes];
-    for (int r = 0; r < RT; ++r)
-      for (int l = 0; l < kLanes; ++l) acc[r][l] = accumulate ? out[r * ldo + n0 + l] : 0.0f;
-    for (int k = 0; k < K; ++k) {
-      const uint8_t* __restrict src = codes + (rows ? rows[k] : k) * row_stride + byte0;
-      float bk[kLanes];
-#pragma omp simd
-      for (int l = 0; l < kLanes; ++l) bk[l] = static_cast<float>((static_cast<uint32_t>(src[l]) >> shift) & kMask);
-      for (int r = 0; r < RT; ++r) {
-        const float ak = a[r * lda + k];
-#pragma omp simd
-        for (int l = 0; l < kLanes; ++l) acc[r][l] += ak * bk[l];
+#if defined(__AVX512F__)
+  const __m512i mask = _mm512_set1_epi32(kMask);
+  __m512 acc[RT][kTiles];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < kTiles; ++t)
+      acc[r][t] = accumulate ? _mm512_loadu_ps(out + r * ldo + column[t]) : _mm512_setzero_ps();
+  for (int k = 0; k < K; ++k) {
+    const uint8_t* src = codes + (rows ? rows[k] : k) * row_stride + byte0;
+    for (int u = 0; u < U; ++u) {
+      const __m512i wide = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + u * kLanes)));
+      for (int i = 0; i < kPer; ++i) {
+        __m512i field = i == 0 ? wide : _mm512_srli_epi32(wide, i * BITS);
+        if (i + 1 < kPer) field = _mm512_and_si512(field, mask);  // the top field has nothing above it
+        const __m512 b = _mm512_cvtepi32_ps(field);
+        for (int r = 0; r < RT; ++r)
+          acc[r][i * U + u] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * U + u][r * lda + k]), b, acc[r][i * U + u]);
       }
     }
-    for (int r = 0; r < RT; ++r)
-      for (int l = 0; l < kLanes; ++l) out[r * ldo + n0 + l] = acc[r][l];
-#endif
   }
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < kTiles; ++t) _mm512_storeu_ps(out + r * ldo + column[t], acc[r][t]);
+#else
+  float acc[RT][kTiles][kLanes];
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < kTiles; ++t)
+      for (int l = 0; l < kLanes; ++l) acc[r][t][l] = accumulate ? out[r * ldo + column[t] + l] : 0.0f;
+  for (int k = 0; k < K; ++k) {
+    const uint8_t* __restrict src = codes + (rows ? rows[k] : k) * row_stride + byte0;
+    for (int u = 0; u < U; ++u)
+      for (int i = 0; i < kPer; ++i) {
+        float b[kLanes];
+#pragma omp simd
+        for (int l = 0; l < kLanes; ++l)
+          b[l] = static_cast<float>((static_cast<uint32_t>(src[u * kLanes + l]) >> (i * BITS)) & kMask);
+        for (int r = 0; r < RT; ++r) {
+          const float ak = a[i * U + u][r * lda + k];
+#pragma omp simd
+          for (int l = 0; l < kLanes; ++l) acc[r][i * U + u][l] += ak * b[l];
+        }
+      }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int t = 0; t < kTiles; ++t)
+      for (int l = 0; l < kLanes; ++l) out[r * ldo + column[t] + l] = acc[r][t][l];
+#endif
+}
+
+template <int BITS, int RT>
+void packed_passes(const float* const* a_tiles, int lda, const uint8_t* codes, int64_t row_stride, const int* rows,
+                   int K, int bytes, float* out, int ldo, bool accumulate) {
+  // Up to 4 output tiles per pass (RT * 4 accumulators): U pieces of 16 bytes, U * codes per byte <= 4.
+  constexpr int kMaxU = std::max(1, 4 / per_byte(BITS));
+  int byte0 = 0;
+  if constexpr (kMaxU >= 4)
+    for (; byte0 + 4 * kLanes <= bytes; byte0 += 4 * kLanes)
+      packed_pass<BITS, RT, 4>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate);
+  if constexpr (kMaxU >= 2)
+    for (; byte0 + 2 * kLanes <= bytes; byte0 += 2 * kLanes)
+      packed_pass<BITS, RT, 2>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate);
+  for (; byte0 < bytes; byte0 += kLanes)
+    packed_pass<BITS, RT, 1>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate);
 }
 
 template <int BITS>
 void packed_gemm_rows(const float* const* a_tiles, int lda, const uint8_t* codes, int64_t row_stride, const int* rows,
                       int R, int K, int N, float* out, int ldo, bool accumulate) {
-  const int tiles = N / kLanes;
-  std::vector<const float*> shifted(tiles);
+  constexpr int kMaxTiles = 16;  // N <= 256
+  const float* shifted[kMaxTiles];
+  const int bytes = N / per_byte(BITS);
   for (int r = 0; r < R; r += 4) {
-    for (int t = 0; t < tiles; ++t) shifted[t] = a_tiles[t] + r * lda;
+    for (int t = 0; t < N / kLanes; ++t) shifted[t] = a_tiles[t] + r * lda;
     float* o = out + r * ldo;
     switch (std::min(4, R - r)) {
-      case 4: packed_small_gemm<BITS, 4>(shifted.data(), lda, codes, row_stride, rows, K, N, o, ldo, accumulate); break;
-      case 3: packed_small_gemm<BITS, 3>(shifted.data(), lda, codes, row_stride, rows, K, N, o, ldo, accumulate); break;
-      case 2: packed_small_gemm<BITS, 2>(shifted.data(), lda, codes, row_stride, rows, K, N, o, ldo, accumulate); break;
-      default: packed_small_gemm<BITS, 1>(shifted.data(), lda, codes, row_stride, rows, K, N, o, ldo, accumulate);
+      case 4: packed_passes<BITS, 4>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate); break;
+      case 3: packed_passes<BITS, 3>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate); break;
+      case 2: packed_passes<BITS, 2>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate); break;
+      default: packed_passes<BITS, 1>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate);
     }
   }
 }
 
 // Whether packed rows of n codes can be read by packed_gemm_rows.
-constexpr bool fusable(int bits, int n) { return bits != 3 && (n / per_byte(bits)) % kLanes == 0; }
+constexpr bool fusable(int bits, int n) { return bits != 3 && n <= 256 && (n / per_byte(bits)) % kLanes == 0; }
 
-// Dot product of two float rows of length n (a multiple of 16), in 16 explicit lanes so that it vectorises.
+// Dot product of two float rows of length n (a multiple of 16).
 inline float dot(const float* __restrict a, const float* __restrict b, int n) {
+#if defined(__AVX512F__)
+  __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_loadu_ps(b));
+  for (int d = kLanes; d < n; d += kLanes) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), _mm512_loadu_ps(b + d), acc);
+  return _mm512_reduce_add_ps(acc);
+#else
   float lanes[kLanes] = {};
   for (int d = 0; d < n; d += kLanes)
 #pragma omp simd
@@ -227,6 +275,7 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
   float sum = 0.0f;
   for (int l = 0; l < kLanes; ++l) sum += lanes[l];
   return sum;
+#endif
 }
 
 struct Layer {
@@ -248,30 +297,98 @@ struct Layer {
   int H, R, D, Dv, G, VG, blocks, n_exact, sink_len, key_bits, value_bits;
 };
 
+#if defined(__AVX512F__)
+// exp_nonpositive on 16 lanes (the same polynomial; vscalefps applies 2^n).
+inline __m512 exp_nonpositive16(__m512 x) {
+  const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
+  const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
+}
+#endif
+
+// Max of n floats (at least `start`).
+inline float row_max(const float* s, int n, float start) {
+  int t = 0;
+#if defined(__AVX512F__)
+  __m512 m = _mm512_set1_ps(start);
+  for (; t + kLanes <= n; t += kLanes) m = _mm512_max_ps(m, _mm512_loadu_ps(s + t));
+  if (t < n) m = _mm512_max_ps(m, _mm512_mask_loadu_ps(m, (1u << (n - t)) - 1, s + t));
+  return _mm512_reduce_max_ps(m);
+#else
+  float m = start;
+  for (; t < n; ++t) m = std::max(m, s[t]);
+  return m;
+#endif
+}
+
+// s[t] = exp(s[t] - top) for n floats; returns their sum.
+inline float exp_row(float* s, int n, float top) {
+  int t = 0;
+#if defined(__AVX512F__)
+  const __m512 shift = _mm512_set1_ps(top);
+  __m512 sum = _mm512_setzero_ps();
+  for (; t + kLanes <= n; t += kLanes) {
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_loadu_ps(s + t), shift));
+    _mm512_storeu_ps(s + t, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (t < n) {
+    const __mmask16 tail = (1u << (n - t)) - 1;
+    const __m512 e = exp_nonpositive16(_mm512_sub_ps(_mm512_maskz_loadu_ps(tail, s + t), shift));
+    _mm512_mask_storeu_ps(s + t, tail, e);
+    sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, e));
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float sum = 0.0f;
+  for (; t < n; ++t) {
+    s[t] = exp_nonpositive(s[t] - top);
+    sum += s[t];
+  }
+  return sum;
+#endif
+}
+
 // The online-softmax step of one tile of n tokens: scores [R][n] (bias included) become weights, and the running
 // top / total / result (and the value zero points' share, when given) are rescaled to the new maxima.
 void softmax_tile(int R, int n, float* scores, float* top, float* total, float* result, int Dv, float* zero_acc,
                   int n_groups) {
   for (int r = 0; r < R; ++r) {
     float* s = scores + r * n;
-    float tile_top = top[r];
-#pragma omp simd reduction(max : tile_top)
-    for (int t = 0; t < n; ++t) tile_top = std::max(tile_top, s[t]);
+    const float tile_top = row_max(s, n, top[r]);
     const float correction = exp_nonpositive(top[r] - tile_top);
     top[r] = tile_top;
-    float sum = 0.0f;
-#pragma omp simd reduction(+ : sum)
-    for (int t = 0; t < n; ++t) {
-      s[t] = exp_nonpositive(s[t] - tile_top);
-      sum += s[t];
-    }
-    total[r] = total[r] * correction + sum;
+    total[r] = total[r] * correction + exp_row(s, n, tile_top);
     if (correction != 1.0f) {
 #pragma omp simd
       for (int c = 0; c < Dv; ++c) result[r * Dv + c] *= correction;
       for (int g = 0; g < n_groups; ++g) zero_acc[r * n_groups + g] *= correction;
     }
   }
+}
+
+// Per-thread scratch floats and ints, grown as needed and reused by every item the thread runs (no allocation
+// per item once warm). Pointers carved from it stay valid until the next `floats` / `ints` call on the thread.
+inline float* scratch_floats(size_t n) {
+  thread_local std::vector<float> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
+}
+inline int* scratch_ints(size_t n) {
+  thread_local std::vector<int> buffer;
+  if (buffer.size() < n) buffer.resize(n);
+  return buffer.data();
 }
 
 // One item: online softmax over packed blocks [first, last) of (b, h); writes max, sum and weighted value sums.
@@ -281,46 +398,85 @@ template <int KB, int VB>
 void attend_packed(const Layer& L, int b, int h, int first, int last, float* top, float* total, float* result) {
   const int R = L.R, D = L.D, Dv = L.Dv, G = L.G, VG = L.VG, n_groups = Dv / VG;
   constexpr int kKeyPer = per_byte(KB), kValuePer = per_byte(VB);
-  std::vector<float> key_tile(D * G), kscale(D), kzero(D), qs(R * D), base(R), scores(R * G), raw_values(G * Dv),
-      value_tile(G * Dv), vscale(G * n_groups), vzero(G * n_groups), slot_zero(G * n_groups),
-      zero_acc(R * n_groups, 0.0f), planar(R * Dv, 0.0f);
-  std::vector<int> token_of_slot(G), group_of_channel_slot(Dv);
-  for (int slot = 0; slot < G; ++slot) token_of_slot[slot] = planar_to_index(slot, G, kKeyPer);
-  for (int slot = 0; slot < Dv; ++slot) group_of_channel_slot[slot] = planar_to_index(slot, Dv, kValuePer) / VG;
-  // Fused paths read codes straight from the cache (2/4/8 bits, rows a multiple of 16 codes per plane); values
-  // also need every 16-column output tile to lie in one scale group.
+  // Fused paths read codes straight from the cache (2/4/8 bits, rows a multiple of 16 bytes); values also need
+  // every 16-column output tile to lie in one scale group. 3-bit (or small) rows are unpacked into a tile first.
   constexpr int kFusedKB = KB == 3 ? 8 : KB, kFusedVB = VB == 3 ? 8 : VB;  // (3 bits never take the fused path)
   const bool keys_fused = fusable(KB, G);
   bool values_fused = fusable(VB, Dv);
-  std::vector<float> scaled_weights(n_groups * R * G);
-  std::vector<const float*> qs_tiles(G / kLanes, qs.data()), value_tiles(Dv / kLanes);
+
+  int* ints = scratch_ints(G + Dv);
+  int* token_of_slot = ints;             // [G]: the token of each planar key slot
+  int* group_of_channel_slot = ints + G;  // [Dv]: the scale group of each planar value channel slot
+  for (int slot = 0; slot < G; ++slot) token_of_slot[slot] = planar_to_index(slot, G, kKeyPer);
+  for (int slot = 0; slot < Dv; ++slot) group_of_channel_slot[slot] = planar_to_index(slot, Dv, kValuePer) / VG;
+
+  const size_t sizes[] = {
+      static_cast<size_t>(D) * G,             // key_tile (unfused keys)
+      static_cast<size_t>(D) * 2,             // kscale, kzero
+      static_cast<size_t>(R) * D + R,         // qs, base
+      static_cast<size_t>(R) * G,             // scores
+      static_cast<size_t>(G) * Dv * 2,        // raw_values, value_tile (unfused values)
+      static_cast<size_t>(G) * n_groups * 4,  // vscale, vzero, slot_scale, slot_zero
+      static_cast<size_t>(R) * n_groups,      // zero_acc
+      static_cast<size_t>(R) * Dv,            // planar
+      static_cast<size_t>(n_groups) * R * G,  // scaled_weights
+  };
+  size_t needed = 0;
+  for (size_t size : sizes) needed += size;
+  float* next = scratch_floats(needed);
+  auto take = [&next](size_t n) {
+    float* taken = next;
+    next += n;
+    return taken;
+  };
+  float* key_tile = take(sizes[0]);
+  float* kscale = take(D);
+  float* kzero = take(D);
+  float* qs = take(static_cast<size_t>(R) * D);
+  float* base = take(R);
+  float* scores = take(sizes[3]);
+  float* raw_values = take(static_cast<size_t>(G) * Dv);
+  float* value_tile = take(static_cast<size_t>(G) * Dv);
+  float* vscale = take(static_cast<size_t>(G) * n_groups);
+  float* vzero = take(static_cast<size_t>(G) * n_groups);
+  float* slot_scale = take(static_cast<size_t>(G) * n_groups);
+  float* slot_zero = take(static_cast<size_t>(G) * n_groups);
+  float* zero_acc = take(sizes[6]);
+  float* planar = take(sizes[7]);
+  float* scaled_weights = take(sizes[8]);
+  std::fill(zero_acc, zero_acc + sizes[6], 0.0f);
+  std::fill(planar, planar + sizes[7], 0.0f);
+
+  constexpr int kMaxTiles = 16;  // head dims and groups <= 256
+  const float* qs_tiles[kMaxTiles];
+  const float* value_tiles[kMaxTiles];
+  for (int t = 0; t < G / kLanes && t < kMaxTiles; ++t) qs_tiles[t] = qs;
   for (int t = 0; t < Dv / kLanes && values_fused; ++t) {
     const int first_group = group_of_channel_slot[t * kLanes];
     for (int l = 1; l < kLanes; ++l) values_fused &= group_of_channel_slot[t * kLanes + l] == first_group;
-    value_tiles[t] = scaled_weights.data() + first_group * R * G;
+    value_tiles[t] = scaled_weights + first_group * R * G;
   }
   const float* q = L.q + (static_cast<int64_t>(b) * L.H + h) * R * D;
   for (int block = first; block < last; ++block) {
     const int64_t key_at = b * L.kc_s0 + h * L.kc_s1 + block * L.kc_s2;
     const int64_t params_at = b * L.ks_s0 + h * L.ks_s1 + block * L.ks_s2;
-    halves_to_floats(L.key_scale + params_at, D, kscale.data());
-    halves_to_floats(L.key_zero + params_at, D, kzero.data());
+    halves_to_floats(L.key_scale + params_at, D, kscale);
+    halves_to_floats(L.key_zero + params_at, D, kzero);
     // Scores: (q * scale) . codes + q . zero.
     for (int r = 0; r < R; ++r) {
 #pragma omp simd
       for (int d = 0; d < D; ++d) qs[r * D + d] = q[r * D + d] * kscale[d];
-      base[r] = dot(q + r * D, kzero.data(), D);
+      base[r] = dot(q + r * D, kzero, D);
     }
     if (keys_fused) {
-      packed_gemm_rows<kFusedKB>(qs_tiles.data(), D, L.key_codes + key_at, G * KB / 8, nullptr, R, D, G, scores.data(),
-                                 G, false);
+      packed_gemm_rows<kFusedKB>(qs_tiles, D, L.key_codes + key_at, G * KB / 8, nullptr, R, D, G, scores, G, false);
     } else {
-      unpack_planar<KB>(L.key_codes + key_at, D, G, key_tile.data());
-      gemm_rows(qs.data(), D, key_tile.data(), G, R, D, G, scores.data(), G, false);
+      unpack_planar<KB>(L.key_codes + key_at, D, G, key_tile);
+      gemm_rows(qs, D, key_tile, G, R, D, G, scores, G, false);
     }
     const int64_t token0 = static_cast<int64_t>(block) * G;
     for (int r = 0; r < R; ++r) {
-      float* s = scores.data() + r * G;
+      float* s = scores + r * G;
 #pragma omp simd
       for (int t = 0; t < G; ++t) s[t] += base[r];
       if (L.bias) {
@@ -328,37 +484,43 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
         for (int slot = 0; slot < G; ++slot) s[slot] += bias_row[token_of_slot[slot]];
       }
     }
-    softmax_tile(R, G, scores.data(), top, total, planar.data(), Dv, zero_acc.data(), n_groups);
+    softmax_tile(R, G, scores, top, total, planar, Dv, zero_acc, n_groups);
     // Values: rows in token order, unpacked (planar channels) and moved to their token's key slot, scales folded
     // in; the zero points' share is summed apart, per group.
     const int64_t values_at = b * L.vc_s0 + h * L.vc_s1 + token0 * L.vc_s2;
     const int64_t vparams_at = b * L.vs_s0 + h * L.vs_s1 + token0 * L.vs_s2;
-    halves_to_floats(L.value_scale + vparams_at, G * n_groups, vscale.data());
-    halves_to_floats(L.value_zero + vparams_at, G * n_groups, vzero.data());
-    for (int slot = 0; slot < G; ++slot)
-      for (int g = 0; g < n_groups; ++g) slot_zero[g * G + slot] = vzero[token_of_slot[slot] * n_groups + g];
+    halves_to_floats(L.value_scale + vparams_at, G * n_groups, vscale);
+    halves_to_floats(L.value_zero + vparams_at, G * n_groups, vzero);
+    for (int g = 0; g < n_groups; ++g)
+      for (int slot = 0; slot < G; ++slot) {
+        slot_scale[g * G + slot] = vscale[token_of_slot[slot] * n_groups + g];
+        slot_zero[g * G + slot] = vzero[token_of_slot[slot] * n_groups + g];
+      }
     for (int r = 0; r < R; ++r)
-      for (int g = 0; g < n_groups; ++g)
-        zero_acc[r * n_groups + g] += dot(scores.data() + r * G, slot_zero.data() + g * G, G);
+      for (int g = 0; g < n_groups; ++g) zero_acc[r * n_groups + g] += dot(scores + r * G, slot_zero + g * G, G);
     if (values_fused) {
       // Fold each token's scale of group g into the weights: a_g[r][slot] = weight * scale.
       for (int g = 0; g < n_groups; ++g)
-        for (int r = 0; r < R; ++r)
-          for (int slot = 0; slot < G; ++slot)
-            scaled_weights[(g * R + r) * G + slot] = scores[r * G + slot] * vscale[token_of_slot[slot] * n_groups + g];
-      packed_gemm_rows<kFusedVB>(value_tiles.data(), G, L.value_codes + values_at, Dv * VB / 8, token_of_slot.data(), R,
-                                 G, Dv, planar.data(), Dv, true);
+        for (int r = 0; r < R; ++r) {
+          float* dst = scaled_weights + (g * R + r) * G;
+          const float* weights = scores + r * G;
+          const float* scale = slot_scale + g * G;
+#pragma omp simd
+          for (int slot = 0; slot < G; ++slot) dst[slot] = weights[slot] * scale[slot];
+        }
+      packed_gemm_rows<kFusedVB>(value_tiles, G, L.value_codes + values_at, Dv * VB / 8, token_of_slot, R, G, Dv,
+                                 planar, Dv, true);
     } else {
-      unpack_planar<VB>(L.value_codes + values_at, G, Dv, raw_values.data());
+      unpack_planar<VB>(L.value_codes + values_at, G, Dv, raw_values);
       for (int slot = 0; slot < G; ++slot) {
         const int t = token_of_slot[slot];
-        const float* src = raw_values.data() + t * Dv;
-        const float* scale = vscale.data() + t * n_groups;
-        float* dst = value_tile.data() + slot * Dv;
+        const float* src = raw_values + t * Dv;
+        const float* scale = vscale + t * n_groups;
+        float* dst = value_tile + slot * Dv;
 #pragma omp simd
         for (int c = 0; c < Dv; ++c) dst[c] = src[c] * scale[group_of_channel_slot[c]];
       }
-      gemm_rows(scores.data(), G, value_tile.data(), Dv, R, G, Dv, planar.data(), Dv, true);
+      gemm_rows(scores, G, value_tile, Dv, R, G, Dv, planar, Dv, true);
     }
   }
   for (int r = 0; r < R; ++r)
@@ -373,7 +535,7 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
 void attend_exact(const Layer& L, int b, int h, float* top, float* total, float* result) {
   const int R = L.R, D = L.D, Dv = L.Dv, packed = L.blocks * L.G;
   const float* q = L.q + (static_cast<int64_t>(b) * L.H + h) * R * D;
-  std::vector<float> scores(R * kExactTile);
+  float* scores = scratch_floats(static_cast<size_t>(R) * kExactTile);
   for (int e0 = 0; e0 < L.n_exact; e0 += kExactTile) {
     const int n = std::min(kExactTile, L.n_exact - e0);
     for (int r = 0; r < R; ++r)
@@ -383,9 +545,9 @@ void attend_exact(const Layer& L, int b, int h, float* top, float* total, float*
         if (L.bias) score += L.bias[b * L.bias_s0 + L.row_query[r] * L.bias_s1 + (e < L.sink_len ? e : e + packed)];
         scores[r * n + t] = score;
       }
-    softmax_tile(R, n, scores.data(), top, total, result, Dv, nullptr, 0);
-    gemm_rows(scores.data(), n, L.exact_values + b * L.ev_s0 + h * L.ev_s1 + e0 * L.ev_s2, L.ev_s2, R, n, Dv, result,
-              Dv, true);
+    softmax_tile(R, n, scores, top, total, result, Dv, nullptr, 0);
+    gemm_rows(scores, n, L.exact_values + b * L.ev_s0 + h * L.ev_s1 + e0 * L.ev_s2, L.ev_s2, R, n, Dv, result, Dv,
+              true);
   }
 }
 
@@ -498,6 +660,20 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor row_query, torch::
   return out;
 }
 
+// Which of the kernel's code paths this build compiled (for `kvpack doctor` and the tests).
+std::string simd_path() {
+#if defined(__AVX512F__)
+  return "AVX-512 intrinsics";
+#elif defined(__AVX2__)
+  return "AVX2 (compiler-vectorised loops)";
+#elif defined(__ARM_NEON)
+  return "NEON (compiler-vectorised loops)";
+#else
+  return "portable loops";
+#endif
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("simd_path", &simd_path, "which SIMD code path this build of the kernel uses");
   m.def("packed_attention", &packed_attention, "kvpack fused attention over a packed KV cache (CPU)");
 }
