@@ -6,6 +6,9 @@ import argparse
 import json
 from pathlib import Path
 
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from kvpack.attention.registry import kvpack_attention
 from kvpack.bench.decode import cmd_decode, read_bandwidth
 
 
@@ -14,7 +17,7 @@ def test_bench_decode_writes_rows_for_every_cache_and_kernel(tiny_model_dir: Pat
     args = argparse.Namespace(
         caches="k4v4-g16-r16,fp-prealloc,k4v4-g16-r16@dense,k2v2-g16-r16@torch", contexts="48,96", steps=2,
         backends="torch,cpu", spec="k4v4-g16-r16", layers=2, calls=2, model=str(tiny_model_dir), dtype="float32",
-        device="cpu", threads=1, json=str(out),
+        device="cpu", threads=1, json=str(out), profile_steps=2,
     )  # fmt: skip
     assert cmd_decode(args) == 0
     result = json.loads(out.read_text())
@@ -25,12 +28,17 @@ def test_bench_decode_writes_rows_for_every_cache_and_kernel(tiny_model_dir: Pat
             assert row[f"tokens_per_s@{context}"] > 0 and row[f"prefill_s@{context}"] > 0
     fp = result["rows"][0]
     assert fp["speed_vs_fp@96"] == 1.0 and fp["prefill_vs_fp@96"] == 1.0
+    for row in result["rows"]:  # every part measured (all caches go through the kvpack attention function)
+        profile = row["profile_ms@96"]
+        assert all(profile[part] > 0 for part in ("linear", "attention", "cache_update", "other")), row["cache"]
+        assert abs(sum(profile[p] for p in ("linear", "attention", "cache_update", "other")) - profile["step"]) < 1e-6
+    assert ALL_ATTENTION_FUNCTIONS["kvpack"] is kvpack_attention  # the instrumentation is undone
     kernels = {(row["context"], row["kernel"]) for row in result["attention"]}
     assert kernels == {
         (c, k) for c in (48, 96) for k in ("kvpack k4v4-g16-r16 (torch)", "kvpack k4v4-g16-r16 (cpu)", "fp32 SDPA")
     }
     page = out.with_suffix(".md").read_text()
-    assert "| fp-prealloc |" in page and "% of read bandwidth" in page
+    assert "| fp-prealloc |" in page and "% of read bandwidth" in page and "Bound on any cache's speedup" in page
     assert out.with_suffix(".png").stat().st_size > 10_000
 
 

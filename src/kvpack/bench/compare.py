@@ -30,19 +30,27 @@ def _prefill(model: Any, ids: torch.Tensor, spec: CacheSpec, cache: Any) -> None
 
 
 def decode_speed(
-    entries: list[tuple[str, Any, CacheSpec]], context: int, steps: int, warmup: int = 2, seed: int = 0
-) -> dict[str, dict[str, float]]:
+    entries: list[tuple[str, Any, CacheSpec]],
+    context: int,
+    steps: int,
+    warmup: int = 2,
+    seed: int = 0,
+    profile_steps: int = 0,
+) -> dict[str, Any]:
     """Single-token decode steps once each cache holds `context` tokens, interleaved across caches.
 
     entries: `(key, model, spec)`; the models may differ (e.g. in weight format). Every cache is prefilled with
     the same random tokens; then, round after round, each cache takes one timed step (the order rotates each
     round), so drift in machine speed affects all caches alike.
-    Returns, per key: tokens/s, prefill seconds and the cache's bytes after the prefill.
+    Returns, per key: tokens/s, prefill seconds and the cache's bytes after the prefill; with `profile_steps`,
+    also `profile_ms`: where the time of a step goes (see `step_profile`), from that many more steps, untimed
+    above (the instrumentation costs a little).
     """
     generator = torch.Generator().manual_seed(seed)
     vocab = min(model.config.vocab_size for _, model, _ in entries)
     ids = torch.randint(100, vocab - 100, (1, context), generator=generator)
-    caches, out = {}, {}
+    caches: dict[str, Any] = {}
+    out: dict[str, dict[str, Any]] = {}
     for key, model, spec in entries:
         cache = make_cache(spec, model.config)
         start = time.perf_counter()
@@ -63,7 +71,72 @@ def decode_speed(
                     elapsed[key] += time.perf_counter() - start
     for key in keys:
         out[key]["tokens_per_s"] = steps / elapsed[key]
+        if profile_steps:
+            model, cache = caches[key]
+            out[key]["profile_ms"] = step_profile(model, cache, token, profile_steps)
     return out
+
+
+def step_profile(model: Any, cache: Any, token: torch.Tensor, steps: int) -> dict[str, float]:
+    """Milliseconds per decode step spent in the linear layers (output head included), in the attention function,
+    in the cache's `update`, and in everything else (norms, rotary, activations, Python), over `steps` steps.
+
+    Wall-clock timers around each call (hooks on every `nn.Linear`, a wrapper of the attention function the model
+    uses and of `cache.update`); the instrumentation's own cost lands in the parts it wraps.
+    """
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    spent = {"linear": 0.0, "attention": 0.0, "cache_update": 0.0}
+    clock = time.perf_counter
+
+    def timed(part: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = clock()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[part] += clock() - start
+
+        return wrapper
+
+    started: dict[int, float] = {}
+
+    def before(module: Any, _: Any) -> None:
+        started[id(module)] = clock()
+
+    def after(module: Any, _: Any, __: Any) -> None:
+        spent["linear"] += clock() - started.pop(id(module))
+
+    text = model.config.get_text_config(decoder=True)
+    implementation = text._attn_implementation
+    attention = ALL_ATTENTION_FUNCTIONS.get(implementation)
+    hooks = []
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear):
+            hooks += [module.register_forward_pre_hook(before), module.register_forward_hook(after)]
+    if attention is not None:
+        AttentionInterface.register(implementation, timed("attention", attention))
+    cache.update = timed("cache_update", cache.update)
+    total = 0.0
+    try:
+        with torch.no_grad():
+            for _ in range(steps):
+                start = clock()
+                model(token.to(model.device), past_key_values=cache, use_cache=True)
+                total += clock() - start
+    finally:
+        for hook in hooks:
+            hook.remove()
+        if attention is not None:
+            AttentionInterface.register(implementation, attention)
+        del cache.update
+    # The attention function calls nothing of the cache; `update` runs inside the attention module, not inside
+    # the attention function, so the parts do not overlap.
+    profile = {part: 1e3 * seconds / steps for part, seconds in spent.items()}
+    profile["other"] = 1e3 * total / steps - sum(profile.values())
+    profile["step"] = 1e3 * total / steps
+    return profile
 
 
 def result_header(benchmark: str, model: Any, model_name: str | None) -> dict[str, Any]:

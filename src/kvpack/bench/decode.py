@@ -167,7 +167,7 @@ def run_decode(args: argparse.Namespace) -> dict[str, Any]:
     speed = {}
     for context in contexts:
         print(f"Decode at {context} tokens: {len(specs)} caches, {args.steps} interleaved steps ...", file=sys.stderr)
-        speed[context] = decode_speed(entries, context, args.steps)
+        speed[context] = decode_speed(entries, context, args.steps, profile_steps=args.profile_steps)
     rows = []
     for spec in specs:
         row: dict[str, Any] = {"cache": spec.name}
@@ -181,6 +181,8 @@ def run_decode(args: argparse.Namespace) -> dict[str, Any]:
             row[f"prefill_s@{context}"] = measured["prefill_s"]
             row[f"prefill_vs_fp@{context}"] = measured["prefill_s"] / fp["prefill_s"]
             row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
+            if "profile_ms" in measured:
+                row[f"profile_ms@{context}"] = measured["profile_ms"]
         rows.append(row)
     result["rows"] = rows
     backends = [b for b in args.backends.split(",") if b]
@@ -223,6 +225,7 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{row[f'prefill_s@{c}']:.2f} ({row[f'prefill_vs_fp@{c}']:.2f}x)",
             ]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _profile_markdown(result)
     if "attention" in result:
         lines += [
             "",
@@ -237,6 +240,40 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{row['gb_s']:.1f} | {100 * row['gb_s'] / bandwidth['read_gb_s']:.0f}% | {row['speed_vs_sdpa']:.2f}x |"
             )
     return "\n".join(lines) + "\n"
+
+
+def _profile_markdown(result: dict[str, Any]) -> list[str]:
+    """Where a step's time goes, per cache and context, and the most any cache could gain over fp there."""
+    contexts = [c for c in result["contexts"] if any(f"profile_ms@{c}" in row for row in result["rows"])]
+    if not contexts:
+        return []
+    lines = [
+        "",
+        "## Where a decode step's time goes (ms per step, instrumented steps after the timed ones)",
+        "",
+        "Linear layers (output head included), the attention function, the cache's `update`, and the rest (norms, "
+        "rotary embedding, activations, Python). The bound is fp's step over fp's step without its attention and "
+        "cache update: the speedup over fp of a cache whose attention and update cost nothing.",
+        "",
+        "| context | cache | linear | attention | cache update | other | step |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for context in contexts:
+        for row in result["rows"]:
+            profile = row.get(f"profile_ms@{context}")
+            if profile is None:
+                continue
+            parts = [profile[part] for part in ("linear", "attention", "cache_update", "other", "step")]
+            lines.append(f"| {context} | {row['cache']} | " + " | ".join(f"{ms:.1f}" for ms in parts) + " |")
+    bounds = []
+    for context in contexts:
+        fp = next((row.get(f"profile_ms@{context}") for row in result["rows"] if row["cache"] == "fp"), None)
+        if fp is not None:
+            floor = fp["step"] - fp["attention"] - fp["cache_update"]
+            bounds.append(f"{fp['step'] / floor:.2f}x @{context}")
+    if bounds:
+        lines += ["", "Bound on any cache's speedup over fp (free attention and update): " + ", ".join(bounds) + "."]
+    return lines
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -296,6 +333,9 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--caches", default=DEFAULT_CACHES, help=f"comma-separated (default {DEFAULT_CACHES})")
     parser.add_argument("--contexts", default=DEFAULT_CONTEXTS, help=f"(default {DEFAULT_CONTEXTS}; capped to fit)")
     parser.add_argument("--steps", type=int, default=16, help="timed decode steps per cache and context (default 16)")
+    parser.add_argument(
+        "--profile-steps", type=int, default=4, help="instrumented steps per cache and context (default 4; 0: none)"
+    )
     parser.add_argument("--backends", default=DEFAULT_BACKENDS, help="kernels timed alone ('' to skip)")
     parser.add_argument("--spec", default="k4v4", help="cache spec of the attention-only measurement (default k4v4)")
     parser.add_argument("--layers", type=int, default=30, help="layer caches to rotate over (default 30)")

@@ -38,6 +38,8 @@ class PackedBuffer:
         self.codes = torch.empty((batch, heads, 0, *row_shape), dtype=torch.uint8, device=device)
         self.scale = torch.empty((batch, heads, 0, *param_shape), dtype=torch.float16, device=device)
         self.zero = torch.empty_like(self.scale)
+        self._view: PackedTensor | None = None
+        self._view_key: tuple[int, ...] = ()
 
     @property
     def capacity_units(self) -> int:
@@ -79,16 +81,24 @@ class PackedBuffer:
         self.length += packed.shape[2]
 
     def view(self) -> PackedTensor:
-        """The valid tokens as a `PackedTensor` (views into the storage, no copy)."""
-        n = self.length_units
-        batch, heads = self.codes.shape[:2]
-        return PackedTensor(
-            codes=self.codes[:, :, :n],
-            scale=self.scale[:, :, :n],
-            zero=self.zero[:, :, :n],
-            shape=torch.Size((batch, heads, self.length, self.head_dim)),
-            spec=self.spec,
-        )
+        """The valid tokens as a `PackedTensor` (views into the storage, no copy).
+
+        Decode asks for it at every step of every layer while it changes once per packed block: the last view is
+        reused as long as the length and the storage tensors are the same.
+        """
+        key = (self.length, id(self.codes), id(self.scale), id(self.zero))
+        if self._view_key != key or self._view is None:
+            n = self.length_units
+            batch, heads = self.codes.shape[:2]
+            self._view = PackedTensor(
+                codes=self.codes[:, :, :n],
+                scale=self.scale[:, :, :n],
+                zero=self.zero[:, :, :n],
+                shape=torch.Size((batch, heads, self.length, self.head_dim)),
+                spec=self.spec,
+            )
+            self._view_key = key
+        return self._view
 
     def drop_oldest(self, tokens: int) -> None:
         """Forget the oldest `tokens` (a multiple of the storage unit) and release their storage.
