@@ -158,6 +158,9 @@ def test_parse_spec(text: str, expected: CacheConfig) -> None:
         ("k2v2-kt-vc", "k2v2-g64-r128-kt-vc"),
         ("k4v4-s0", "k4v4-g64-r128"),  # no sinks is the default and is left out
         ("k4v4-vc-kt-s2-r8-g16", "k4v4-g16-r8-s2-kt-vc"),
+        ("k2v2-rot-s4", "k2v2-g64-r128-s4-rot"),
+        ("k2v2-rotk", "k2v2-g64-r128-rotk"),
+        ("k4v4-rotv-g32", "k4v4-g32-r128-rotv"),
     ],
 )
 def test_canonical_spec(text: str, canonical: str) -> None:
@@ -173,11 +176,11 @@ def all_configs() -> list[CacheConfig]:
             for kg in SUPPORTED_GROUP_SIZES:
                 for vg in (kg, 16):
                     for k_axis, v_axis in (("channel", "token"), ("token", "channel"), ("channel", "channel")):
-                        for residual, sinks in ((128, 0), (0, 4)):
+                        for residual, sinks, k_rot, v_rot in ((128, 0, "none", "hadamard"), (0, 4, "hadamard", "none")):
                             configs.append(
                                 CacheConfig(
-                                    key=QuantSpec(kb, kg, k_axis),  # type: ignore[arg-type]
-                                    value=QuantSpec(vb, vg, v_axis),  # type: ignore[arg-type]
+                                    key=QuantSpec(kb, kg, k_axis, k_rot),  # type: ignore[arg-type]
+                                    value=QuantSpec(vb, vg, v_axis, v_rot),  # type: ignore[arg-type]
                                     residual=residual,
                                     sinks=sinks,
                                 )
@@ -221,6 +224,7 @@ GRAMMAR = r"expected k<bits>v<bits>.*e\.g\. 'k4v2'"
         ("k4v4-g48", r"group_size=48 is not supported; use one of \(16, 32, 64, 128\)"),
         ("k4v4-gk256", r"group_size=256 is not supported"),
         ("k4v4-gv8", r"group_size=8 is not supported"),
+        ("k4v4-rotq", "unknown option 'rotq'"),
     ],
 )
 def test_parse_spec_errors(text: str, message: str) -> None:
@@ -242,8 +246,8 @@ def test_to_dict_layout() -> None:
     config = parse_spec("k8v2-gk32-gv128-r64-s4-vc")
     assert config.to_dict() == {
         "schema_version": SCHEMA_VERSION,
-        "key": {"bits": 8, "group_size": 32, "axis": "channel"},
-        "value": {"bits": 2, "group_size": 128, "axis": "channel"},
+        "key": {"bits": 8, "group_size": 32, "axis": "channel", "rotation": "none"},
+        "value": {"bits": 2, "group_size": 128, "axis": "channel", "rotation": "none"},
         "residual": 64,
         "sinks": 4,
     }

@@ -5,6 +5,7 @@ A spec string is the short form used on the command line and in result tables:
     k4v2                  4-bit keys, 2-bit values, defaults for the rest
     k8v8-g64-r128         groups of 64, a full-precision residual window of 128 tokens
     k4v4-g32-r64-s4       ... and 4 full-precision "sink" tokens at the start
+    k2v2-s4-rot           keys and values rotated (randomized Hadamard) before quantization; -rotk / -rotv: one
 
 `parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The same fields build the
 Python API (`CacheConfig(...)`), the CLI and the JSON form (`to_dict` / `from_dict`).
@@ -17,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from kvpack.errors import ConfigError
+from kvpack.quant.rotation import ROTATIONS, Rotation
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
@@ -34,11 +36,14 @@ class QuantSpec:
     axis: "channel" quantizes each channel separately over groups of `group_size` consecutive tokens
         (KIVI's choice for keys, whose outliers live in fixed channels); "token" quantizes each token over
         groups of `group_size` consecutive channels (KIVI's choice for values).
+    rotation: "hadamard" stores `x @ R` with R a fixed orthogonal (randomized Hadamard) matrix of the head dim, and
+        reads back `y @ R.T` (see `kvpack.quant.rotation`); "none" (default) stores x.
     """
 
     bits: int = 4
     group_size: int = 64
     axis: Axis = "token"
+    rotation: Rotation = "none"
 
     def __post_init__(self) -> None:
         if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
@@ -47,6 +52,8 @@ class QuantSpec:
             raise ConfigError(f"group_size={self.group_size} is not supported; use one of {SUPPORTED_GROUP_SIZES}.")
         if self.axis not in ("channel", "token"):
             raise ConfigError(f"axis={self.axis!r} is not supported; use 'channel' or 'token'.")
+        if self.rotation not in ROTATIONS:
+            raise ConfigError(f"rotation={self.rotation!r} is not supported; use one of {ROTATIONS}.")
 
     @property
     def bits_per_value(self) -> float:
@@ -110,6 +117,9 @@ class CacheConfig:
             parts.append("kt")
         if self.value.axis != "token":
             parts.append("vc")
+        rotated = (self.key.rotation != "none", self.value.rotation != "none")
+        if any(rotated):
+            parts.append({(True, True): "rot", (True, False): "rotk", (False, True): "rotv"}[rotated])
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -146,7 +156,8 @@ def parse_spec(spec: str) -> CacheConfig:
     Raises ConfigError with the accepted grammar when the string does not parse.
     """
     grammar = (
-        "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc], "
+        "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc]"
+        "[-rot|-rotk|-rotv], "
         "e.g. 'k4v2' or 'k8v8-g64-r128'"
     )
     if not isinstance(spec, str):
@@ -167,6 +178,12 @@ def parse_spec(spec: str) -> CacheConfig:
             continue
         if option == "vc":
             value = replace(value, axis="channel")
+            continue
+        if option in ("rot", "rotk", "rotv"):
+            if option != "rotv":
+                key = replace(key, rotation="hadamard")
+            if option != "rotk":
+                value = replace(value, rotation="hadamard")
             continue
         opt = _OPTION.match(option)
         if opt is None:

@@ -17,6 +17,7 @@ from kvpack.attention import cpu
 from kvpack.attention.reference import AttentionInputs, attention_bias, reference_attention
 from kvpack.attention.registry import attend
 from kvpack.config import QuantSpec
+from kvpack.errors import BackendUnavailableError
 from kvpack.quant.tensor import PackedTensor
 from tests.quant.tolerances import ATTENTION_REL_TOL
 
@@ -24,7 +25,7 @@ from tests.quant.tolerances import ATTENTION_REL_TOL
 def make_inputs(
     batch: int, kv_heads: int, packed_blocks: int, exact: int, sinks: int, key_bits: int, value_bits: int,
     group: int, dim: int = 64, dtype: torch.dtype = torch.float32, seed: int = 0, backend: str = "auto",
-    value_group: int | None = None,
+    value_group: int | None = None, key_rotation: str = "none", value_rotation: str = "none",
 ) -> AttentionInputs:  # fmt: skip
     gen = torch.Generator().manual_seed(seed)
     packed = packed_blocks * group
@@ -36,8 +37,9 @@ def make_inputs(
 
     packed_keys = packed_values = None
     if packed:
-        packed_keys = PackedTensor.quantize(rand(packed), QuantSpec(key_bits, group, "channel"))
-        packed_values = PackedTensor.quantize(rand(packed), QuantSpec(value_bits, value_group or group, "token"))
+        packed_keys = PackedTensor.quantize(rand(packed), QuantSpec(key_bits, group, "channel", key_rotation))
+        value_spec = QuantSpec(value_bits, value_group or group, "token", value_rotation)
+        packed_values = PackedTensor.quantize(rand(packed), value_spec)
     return AttentionInputs(
         exact_keys=rand(sinks + exact), exact_values=rand(sinks + exact), packed_keys=packed_keys,
         packed_values=packed_values, sink_len=sinks, backend=backend,
@@ -131,6 +133,40 @@ def test_wide_heads_and_many_rows(
     mask = padding_mask(1, queries, tokens, pad=3)
     expected = naive(query, inputs, attention_bias(mask, 1, queries, tokens), scaling=dim**-0.5)
     check(attend(query, inputs, mask, scaling=dim**-0.5), expected, inputs)
+
+
+ROTATED = [("hadamard", "hadamard"), ("hadamard", "none"), ("none", "hadamard")]
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numba"])
+@pytest.mark.parametrize(("key_rotation", "value_rotation"), ROTATED)
+@pytest.mark.parametrize(
+    ("bits", "dim", "value_group", "rep", "queries"), [((4, 4), 64, 32, 3, 1), ((2, 3), 96, 32, 2, 2)]
+)
+def test_rotated_packed_data(
+    backend: str, key_rotation: str, value_rotation: str, bits: tuple[int, int], dim: int, value_group: int,
+    rep: int, queries: int,
+) -> None:  # fmt: skip
+    """Packed data stored rotated (Hadamard for 64, a random orthogonal matrix for 96): the same definition."""
+    torch.set_num_threads(1)
+    inputs = make_inputs(
+        2, 2, 3, 5, 1, *bits, 32, dim=dim, backend=backend, value_group=value_group, key_rotation=key_rotation,
+        value_rotation=value_rotation,
+    )  # fmt: skip
+    query = torch.randn(2, 2 * rep, queries, dim, generator=torch.Generator().manual_seed(4))
+    mask = padding_mask(2, queries, inputs.total_tokens, pad=7)
+    expected = naive(query, inputs, attention_bias(mask, 2, queries, inputs.total_tokens), scaling=dim**-0.5)
+    check(attend(query, inputs, mask, scaling=dim**-0.5), expected, inputs)
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="numba not installed")
+def test_numba_refuses_rotated_data_and_auto_passes_it_by() -> None:
+    inputs = make_inputs(1, 1, 2, 3, 0, 4, 4, 32, backend="numba", key_rotation="hadamard")
+    query = torch.randn(1, 1, 1, 64)
+    with pytest.raises(BackendUnavailableError, match="rotated"):
+        attend(query, inputs, None, 0.125)
+    inputs.backend = "auto"
+    check(attend(query, inputs, None, 0.125), naive(query, inputs, None, 0.125), inputs)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from kvpack.attention.reference import AttentionInputs, attention_bias
+from kvpack.quant.rotation import rotate, rotation_matrix
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_attention.cpp"
 CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
@@ -115,7 +116,11 @@ def supports(inputs: AttentionInputs) -> str | None:
 def cpu_attention(
     query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """`reference_attention`, computed by the C++ kernel. Same shapes and result (within float error)."""
+    """`reference_attention`, computed by the C++ kernel. Same shapes and result (within float error).
+
+    Packed keys stored rotated (`QuantSpec.rotation`) are scored with the query rotated the same way; packed values
+    stored rotated are turned back once, in the kernel's merge of its partial results.
+    """
     kernel = extension()
     batch, heads, queries, dim = query.shape
     kv_heads = inputs.exact_keys.shape[1]
@@ -130,8 +135,8 @@ def cpu_attention(
     exact_values = inputs.exact_values if inputs.exact_values.dtype == torch.float32 else inputs.exact_values.float()
     if pk is None or pv is None:
         out = kernel.packed_attention(
-            q, row_query, empty, empty, empty, empty, empty, empty, 0, exact_keys, exact_values, bias,
-            inputs.sink_len, 8, 8, 16, 1,
+            q, q, row_query, empty, empty, empty, empty, empty, empty, 0, exact_keys, exact_values, bias,
+            inputs.sink_len, 8, 8, 16, 1, empty,
         )  # fmt: skip
     else:
         blocks = pk.codes.shape[2]
@@ -139,9 +144,12 @@ def cpu_attention(
         chunks_per_head = max(1, -(-_ITEMS_PER_THREAD * threads // (batch * kv_heads)))
         group = pk.spec.group_size
         chunk_blocks = max(-(-blocks // chunks_per_head), -(-_MIN_CHUNK_TOKENS // group), 1)
+        q_packed = q if pk.spec.rotation == "none" else rotate(q, pk.spec.rotation).contiguous()
+        value_rotation = empty if pv.spec.rotation == "none" else rotation_matrix(pv.shape[-1])
         out = kernel.packed_attention(
-            q, row_query, pk.codes, pk.scale, pk.zero, pv.codes, pv.scale, pv.zero, blocks, exact_keys,
+            q, q_packed, row_query, pk.codes, pk.scale, pk.zero, pv.codes, pv.scale, pv.zero, blocks, exact_keys,
             exact_values, bias, inputs.sink_len, pk.spec.bits, pv.spec.bits, pv.spec.group_size, chunk_blocks,
+            value_rotation,
         )  # fmt: skip
     value_dim = inputs.exact_values.shape[-1]
     return out.reshape(batch, heads, queries, value_dim).transpose(1, 2).to(query.dtype)

@@ -257,14 +257,16 @@ def _storage(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
 
 
 def supports(inputs: AttentionInputs) -> str | None:
-    """None when the CPU kernel handles `inputs`, else why not."""
+    """None when the numba kernel handles `inputs`, else why not."""
+    if inputs.exact_keys.device.type != "cpu":
+        return "the numba kernel runs on CPU tensors only"
     if inputs.packed_keys is None:
         return None
     key, value = inputs.packed_keys.spec, inputs.packed_values.spec if inputs.packed_values is not None else None
     if key.axis != "channel" or value is None or value.axis != "token":
-        return "the CPU kernel reads the KIVI layout only (keys per channel, values per token)"
-    if inputs.exact_keys.device.type != "cpu":
-        return "the CPU kernel runs on CPU tensors only"
+        return "the numba kernel reads the KIVI layout only (keys per channel, values per token)"
+    if key.rotation != "none" or value.rotation != "none":
+        return "the numba kernel does not read rotated packed data (use the cpu or torch backend)"
     return None
 
 

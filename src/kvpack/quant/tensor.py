@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -10,6 +10,7 @@ from kvpack.config import QuantSpec
 from kvpack.errors import ShapeError
 from kvpack.quant.affine import dequantize_groups, from_groups, quantize_groups, to_groups
 from kvpack.quant.packing import pack, unpack
+from kvpack.quant.rotation import rotate, unrotate
 
 
 @dataclass
@@ -33,7 +34,12 @@ class PackedTensor:
 
     @classmethod
     def quantize(cls, x: torch.Tensor, spec: QuantSpec) -> PackedTensor:
-        """Quantize `x` `[..., tokens, channels]` (any float dtype, any strides) with `spec`."""
+        """Quantize `x` `[..., tokens, channels]` (any float dtype, any strides) with `spec`.
+
+        With `spec.rotation`, the codes hold `x @ R` (see `kvpack.quant.rotation`); `dequantize` undoes it.
+        """
+        if spec.rotation != "none":
+            x = rotate(x, spec.rotation)
         grouped = quantize_groups(to_groups(x, spec.group_size, spec.axis), spec.bits)
         codes = grouped.codes
         if spec.axis == "token":
@@ -55,8 +61,15 @@ class PackedTensor:
             groups = codes.reshape(*codes.shape[:-1], channels // g, g)
         else:
             groups = unpack(self.codes, self.spec.bits, g)
-        values = dequantize_groups(groups, self.scale, self.zero, dtype)
-        return from_groups(values, self.spec.axis).reshape(*self.shape[:-2], tokens, channels)
+        if self.spec.rotation == "none":
+            values = dequantize_groups(groups, self.scale, self.zero, dtype)
+            return from_groups(values, self.spec.axis).reshape(*self.shape[:-2], tokens, channels)
+        rotated = from_groups(dequantize_groups(groups, self.scale, self.zero, torch.float32), self.spec.axis)
+        return unrotate(rotated, self.spec.rotation).reshape(*self.shape[:-2], tokens, channels).to(dtype)
+
+    def dequantize_rotated(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The stored (rotated, when `spec.rotation` is set) `[..., tokens, channels]` tensor in `dtype`."""
+        return replace(self, spec=replace(self.spec, rotation="none")).dequantize(dtype)
 
     def slice_tokens(self, start: int, end: int) -> PackedTensor:
         """Tokens `[start, end)` as a `PackedTensor` of views (per-channel groups: multiples of `group_size`)."""

@@ -3,6 +3,7 @@
 //
 // Inputs (one layer; B batch, H kv heads, R query rows per kv head = query heads per kv head x new tokens):
 //   q            float32 [B, H, R, D], already multiplied by the softmax scaling
+//   q_packed     the same for the packed keys: q @ R_k when the packed keys are stored rotated, else q itself
 //   row_query    int64 [R]: the new token (mask row) of each query row
 //   key_codes    uint8 [B, H, >=NB, D, G*KB/8]: per channel, G consecutive tokens per row
 //   key_scale/zero  float16 [B, H, >=NB, D]
@@ -11,6 +12,8 @@
 //   blocks       NB (P = NB * G packed tokens; the tensors may be views with more capacity along dim 2)
 //   exact_keys/values float32 [B, H, E, D / Dv]: sinks (the first sink_len), then residual and new tokens
 //   bias         float32 [B, Q, total tokens] additive, or an empty tensor
+//   value_rotation  float32 [Dv, Dv] R_v when the packed values are stored rotated (their share of the output is
+//                turned back with R_v^T when the items are merged), or an empty tensor
 // Output: float32 [B, H, R, Dv].
 //
 // Every (batch, kv head) is split into chunks of packed blocks plus one item for the exact tokens; items run in
@@ -280,6 +283,7 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
 
 struct Layer {
   const float* q;
+  const float* q_packed;
   const int64_t* row_query;
   const uint8_t* key_codes;
   const at::Half* key_scale;
@@ -456,7 +460,7 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
     for (int l = 1; l < kLanes; ++l) values_fused &= group_of_channel_slot[t * kLanes + l] == first_group;
     value_tiles[t] = scaled_weights + first_group * R * G;
   }
-  const float* q = L.q + (static_cast<int64_t>(b) * L.H + h) * R * D;
+  const float* q = L.q_packed + (static_cast<int64_t>(b) * L.H + h) * R * D;
   for (int block = first; block < last; ++block) {
     const int64_t key_at = b * L.kc_s0 + h * L.kc_s1 + block * L.kc_s2;
     const int64_t params_at = b * L.ks_s0 + h * L.ks_s1 + block * L.ks_s2;
@@ -576,17 +580,20 @@ PackedItemFn packed_item(const Layer& L) {
 
 }  // namespace
 
-torch::Tensor packed_attention(torch::Tensor q, torch::Tensor row_query, torch::Tensor key_codes,
+torch::Tensor packed_attention(torch::Tensor q, torch::Tensor q_packed, torch::Tensor row_query, torch::Tensor key_codes,
                                torch::Tensor key_scale, torch::Tensor key_zero, torch::Tensor value_codes,
                                torch::Tensor value_scale, torch::Tensor value_zero, int64_t blocks,
                                torch::Tensor exact_keys, torch::Tensor exact_values, torch::Tensor bias,
                                int64_t sink_len, int64_t key_bits, int64_t value_bits, int64_t value_group,
-                               int64_t chunk_blocks) {
+                               int64_t chunk_blocks, torch::Tensor value_rotation) {
   TORCH_CHECK(q.is_contiguous() && q.dtype() == torch::kFloat32, "kvpack: q must be contiguous float32");
+  TORCH_CHECK(q_packed.is_contiguous() && q_packed.sizes() == q.sizes() && q_packed.dtype() == torch::kFloat32,
+              "kvpack: q_packed must be contiguous float32 shaped like q");
   TORCH_CHECK(exact_keys.stride(3) == 1 && exact_values.stride(3) == 1, "kvpack: exact rows must be contiguous");
   const int B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Dv = exact_values.size(3);
   Layer L{};
   L.q = q.data_ptr<float>();
+  L.q_packed = q_packed.data_ptr<float>();
   L.row_query = row_query.data_ptr<int64_t>();
   L.exact_keys = exact_keys.data_ptr<float>();
   L.exact_values = exact_values.data_ptr<float>();
@@ -636,8 +643,14 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor row_query, torch::
   });
   auto out = torch::empty({B, H, R, Dv}, q.options());
   float* o = out.data_ptr<float>();
+  const bool rotated = value_rotation.numel() > 0;
+  TORCH_CHECK(!rotated || (value_rotation.is_contiguous() && value_rotation.size(0) == Dv &&
+                           value_rotation.size(1) == Dv && value_rotation.dtype() == torch::kFloat32),
+              "kvpack: value_rotation must be contiguous float32 [Dv, Dv]");
+  const float* rotation = rotated ? value_rotation.data_ptr<float>() : nullptr;
   // The merge is a few vectors per head: serial below 16 heads (waking a thread costs more than it saves).
   at::parallel_for(0, static_cast<int64_t>(B) * H, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> packed_share(rotated ? Dv : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
       for (int r = 0; r < R; ++r) {
         float top_all = kNegLarge;
@@ -645,13 +658,19 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor row_query, torch::
         float total_all = 0.0f;
         float* dst = o + (bh * R + r) * Dv;
         std::fill(dst, dst + Dv, 0.0f);
+        // Packed items (all but the last) add into packed_share when their values are rotated, else into dst.
+        float* packed_dst = rotated ? packed_share.data() : dst;
+        std::fill(packed_share.begin(), packed_share.end(), 0.0f);
         for (int item = 0; item < items; ++item) {
           const int64_t at = (bh * items + item) * R + r;
           const float w = exp_nonpositive(part_top[at] - top_all);
           total_all += w * part_total[at];
           const float* src = part_out.data() + at * Dv;
-          for (int c = 0; c < Dv; ++c) dst[c] += w * src[c];
+          float* into = item < chunks ? packed_dst : dst;
+          for (int c = 0; c < Dv; ++c) into[c] += w * src[c];
         }
+        if (rotated)  // out += share @ R_v^T: channel c is the share's dot product with row c of R_v
+          for (int c = 0; c < Dv; ++c) dst[c] += dot(packed_share.data(), rotation + static_cast<int64_t>(c) * Dv, Dv);
         if (total_all > 0.0f)
           for (int c = 0; c < Dv; ++c) dst[c] /= total_all;
       }
