@@ -258,13 +258,13 @@ def _storage(t: torch.Tensor, dtype: torch.dtype | None = None) -> np.ndarray:
 
 def supports(inputs: AttentionInputs) -> str | None:
     """None when the CPU kernel handles `inputs`, else why not."""
+    if inputs.exact_keys.device.type != "cpu":  # first: a cache with nothing packed yet is no exception
+        return "the CPU kernel runs on CPU tensors only"
     if inputs.packed_keys is None:
         return None
     key, value = inputs.packed_keys.spec, inputs.packed_values.spec if inputs.packed_values is not None else None
     if key.axis != "channel" or value is None or value.axis != "token":
         return "the CPU kernel reads the KIVI layout only (keys per channel, values per token)"
-    if inputs.exact_keys.device.type != "cpu":
-        return "the CPU kernel runs on CPU tensors only"
     return None
 
 
