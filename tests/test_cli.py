@@ -49,7 +49,7 @@ def test_unknown_weight_format_is_a_clear_error(capsys: pytest.CaptureFixture[st
 def test_doctor_names_the_backend_auto_picks(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["doctor"]) == 0
     out = capsys.readouterr().out
-    assert "backend cpu:" in out and "backend numba:" in out
+    assert "backend cpu:" in out and "backend numba:" in out and "backend triton:" in out
     assert any(
         line.startswith("auto picks: ") and line.split()[2] in ("cpu", "numba", "torch") for line in out.splitlines()
     )

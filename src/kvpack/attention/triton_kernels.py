@@ -6,10 +6,11 @@ function, i.e. when this module is first imported.
 
 Decode attention over one layer's packed cache, flash-decoding style, in two launches:
 
-1. `partials`, grid (splits, batch * kv_heads, row tiles): each program takes the query rows of one kv head (all
-   its grouped-query heads times the new tokens, so the cache is read once per kv head, not per query head) and
-   one split of the tokens: a run of packed blocks, or a run of exact tokens (sinks, residual and new tokens). It
-   keeps a running max, sum and weighted value sum per row (online softmax) and writes them as a partial.
+1. `partials`, grid (splits, batch * kv_heads, row tiles): each program takes a tile of the query rows of one kv
+   head (its grouped-query heads times the new tokens: at decode all of them fit one tile, so the cache is read
+   once per kv head, not once per query head) and one split of the tokens: a run of packed blocks, or a run of
+   exact tokens (sinks, residual and new tokens). It keeps a running max, sum and weighted value sum per row
+   (online softmax) over tiles of tokens and writes them as a partial.
 2. `merge`, grid (batch * kv_heads, rows): combines the partials of one row by their log-sum-exp and writes the
    output row `[batch, queries, heads, value_dim]` in the query's dtype.
 
@@ -17,8 +18,9 @@ Packed data is dequantized in registers, never written back. For keys, the per-c
 query and the zero point into a per-row constant: over a block, `q . (c * s + z) = (q * s) . c + q . z`. Values
 are dequantized per element (`c * s + z`, the scale and zero of the token's channel group) before the product.
 A single query row (multi-head decode) is computed with elementwise products and sums in float32; more rows use
-`tl.dot` on tiles of at least 16 rows with `tf32x3` precision (three tf32 tensor-core products: float32
-accuracy; one tf32 product would be off by ~1e-3, far outside kvpack's attention tolerance).
+`tl.dot` on tiles of 16 rows with `tf32x3` precision (three tf32 tensor-core products: float32 accuracy; one
+tf32 product would be off by ~1e-3, far outside kvpack's attention tolerance). The interpreter computes `tl.dot`
+in plain float32 whatever the precision, so the tests cannot tell these apart: the choice is by design.
 """
 
 from __future__ import annotations
