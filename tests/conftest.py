@@ -8,6 +8,16 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+# Without a GPU, the triton backend's tests (tests/attention/test_triton.py) run its kernels under Triton's
+# interpreter. Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function, and its own library
+# functions (tl.zeros, tl.sum, ...) are decorated when triton is first imported, which happens early and not by
+# kvpack: transformers imports hqq, whose `torch.compile` imports torch._dynamo, which imports triton wherever it
+# is installed. So the variable is set here, before pytest imports any test module (a test module or fixture
+# would be too late in a full run). It changes nothing else: only kvpack's triton backend runs Triton kernels,
+# and `auto` never picks it for CPU tensors. With a GPU it stays unset and the kernels are compiled.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 @pytest.fixture(scope="module")
 def one_intra_op_thread() -> Iterator[None]:

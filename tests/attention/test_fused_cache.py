@@ -126,7 +126,7 @@ def test_dense_path_returns_plain_tensors_and_fused_path_marks_them(model: PreTr
 
 
 def test_backend_names_are_checked() -> None:
-    with pytest.raises(ConfigError, match="auto, torch, cpu, numba, dense"):
+    with pytest.raises(ConfigError, match="auto, torch, cpu, numba, triton, dense"):
         KVPackCache(llama_config(), "k4v4", backend="cuda")
 
 

@@ -10,7 +10,10 @@ exact tokens to `kvpack_attention` instead of dequantized tensors, and one backe
     torch    the pure-torch reference (`reference_attention`), everywhere
     cpu      the fused C++ kernel (`kvpack.attention.cpu`), built on first use; CPU tensors, KIVI layout
     numba    the fused numba kernel (`kvpack.attention.numba_cpu`), for machines without a C++ compiler
-    auto     the first of cpu, numba, torch that applies; says once on stderr why it passed one over
+    triton   the Triton kernel (`kvpack.attention.triton_gpu`); CUDA tensors, KIVI layout (CPU tensors only under
+             TRITON_INTERPRET=1, for tests)
+    auto     for CUDA tensors triton, for CPU tensors the first of cpu and numba that applies, else torch; says
+             once on stderr why it passed one over
 
 Anything else (a `DynamicCache`, a sliding-window layer, the first prefill) reaches `kvpack_attention` as plain
 tensors and goes to transformers' SDPA attention, so setting the implementation never changes other caches.
@@ -28,7 +31,9 @@ from kvpack.attention.reference import AttentionInputs, reference_attention
 from kvpack.errors import BackendUnavailableError, ConfigError, UnsupportedOperationError
 
 ATTENTION_NAME = "kvpack"
-BACKENDS = ("auto", "torch", "cpu", "numba")
+BACKENDS = ("auto", "torch", "cpu", "numba", "triton")
+# What `auto` tries, in order, per device type of the cache, before the torch reference.
+AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpu", "numba")}
 # What a `KVPackCache` accepts: a backend, or `dense` (dequantize in the cache; the model's attention reads it).
 CACHE_BACKENDS = (*BACKENDS, "dense")
 # The attribute of the key tensor that `KVPackCache.update` returns in fused mode.
@@ -52,6 +57,10 @@ def _why_not(backend: str, inputs: AttentionInputs) -> str | None:
         from kvpack.attention import cpu
 
         return cpu.why_unavailable() or cpu.supports(inputs)
+    if backend == "triton":
+        from kvpack.attention import triton_gpu  # does not import triton itself
+
+        return triton_gpu.why_unavailable() or triton_gpu.supports(inputs)
     if importlib.util.find_spec("numba") is None:
         return "numba is not installed (pip install numba)"
     from kvpack.attention import numba_cpu  # imports numba: only once a fused step needs it
@@ -66,8 +75,8 @@ def _say_once(message: str) -> None:
 
 
 def resolve_backend(inputs: AttentionInputs) -> str:
-    """The backend that computes `inputs`: the one asked for, or for `auto` the first that applies of cpu, numba,
-    torch (saying once on stderr why a faster one was passed over).
+    """The backend that computes `inputs`: the one asked for, or for `auto` the first that applies of those in
+    `AUTO_ORDER` for the cache's device, else torch (saying once on stderr why a faster one was passed over).
 
     Raises BackendUnavailableError when an explicitly requested backend cannot run these inputs.
     """
@@ -79,7 +88,7 @@ def resolve_backend(inputs: AttentionInputs) -> str:
         if why_not is not None:
             raise BackendUnavailableError(f"attention backend {asked!r} cannot run here: {why_not}. Use 'auto'.")
         return asked
-    for backend in ("cpu", "numba"):
+    for backend in AUTO_ORDER.get(inputs.exact_keys.device.type, ()):
         why_not = _why_not(backend, inputs)
         if why_not is None:
             return backend
@@ -88,7 +97,11 @@ def resolve_backend(inputs: AttentionInputs) -> str:
 
 
 def prepare(backend: str) -> None:
-    """Build or load what `backend` needs now (the CPU kernel compiles on first use), so no timed step pays it."""
+    """Build or load what `backend` needs now (the CPU kernel compiles on first use), so no timed step pays it.
+
+    Triton compiles a kernel per shape class at its first launch; that cannot be done ahead without the shapes,
+    so `triton` prepares nothing.
+    """
     if check_backend(backend) in ("auto", "cpu"):
         from kvpack.attention import cpu
 
@@ -111,16 +124,21 @@ def attend(query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | No
         from kvpack.attention import numba_cpu
 
         return numba_cpu.numba_attention(query, inputs, mask, scaling)
+    if backend == "triton":
+        from kvpack.attention import triton_gpu
+
+        return triton_gpu.triton_attention(query, inputs, mask, scaling)
     return reference_attention(query, inputs, mask, scaling)
 
 
 def describe() -> list[str]:
-    """What this machine offers each backend, and which one `auto` picks for a CPU cache in the KIVI layout."""
+    """What this machine offers each backend, and which one `auto` picks for a cache in the KIVI layout."""
     import platform
+    from importlib.metadata import version
 
     import torch
 
-    from kvpack.attention import cpu
+    from kvpack.attention import cpu, triton_gpu
 
     identity = cpu._cpu_identity()
     model = next((line.split(":", 1)[1].strip() for line in identity.splitlines() if "model name" in line), "")
@@ -140,9 +158,18 @@ def describe() -> list[str]:
         lines.append(f"backend cpu: {why_cpu}")
     numba_spec = importlib.util.find_spec("numba")
     lines.append("backend numba: " + ("available" if numba_spec is not None else "numba is not installed"))
+    why_triton = triton_gpu.why_unavailable()
+    if why_triton is None:
+        how = "CUDA" if torch.cuda.is_available() else "interpreted on CPU tensors: TRITON_INTERPRET is set"
+        lines.append(f"backend triton: available, triton {version('triton')} ({how})")
+    else:
+        lines.append(f"backend triton: {why_triton}")
     lines.append("backend torch: always available (the reference)")
     chosen = "cpu" if why_cpu is None else "numba" if numba_spec is not None else "torch"
     lines.append(f"auto picks: {chosen} (for CPU tensors in the KIVI layout; prefills and sliding layers stay dense)")
+    if torch.cuda.is_available():
+        cuda_choice = "triton" if why_triton is None else "torch"
+        lines.append(f"for CUDA tensors auto picks: {cuda_choice} (KIVI layout, head dims multiples of 16 up to 256)")
     return lines
 
 
