@@ -477,7 +477,8 @@ def save_cache(
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        safetensors.torch.save_file(tensors, str(tmp), metadata={"kvpack": json.dumps(header.to_dict())})
+        # `save` + a plain write rather than `save_file`, which creates the file readable by its owner only.
+        tmp.write_bytes(safetensors.torch.save(tensors, metadata={"kvpack": json.dumps(header.to_dict())}))
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
