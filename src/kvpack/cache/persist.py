@@ -51,7 +51,6 @@ if TYPE_CHECKING:
 
 FORMAT = "kvpack.prompt-cache"
 SCHEMA_VERSION = 1
-FILE_SUFFIX = ".kvpc"
 # The JSON index is a few hundred bytes per layer plus ~6 bytes per cached token id; 64 MiB is ten million tokens.
 # A length beyond it (or beyond the file) is refused before anything is read or allocated.
 MAX_HEADER_BYTES = 64 << 20
