@@ -1,4 +1,6 @@
-"""`kvpack bench persist` end to end on a tiny local model: every row measured, loads exact, report written."""
+"""`kvpack bench persist` end to end on a tiny local model: every row measured, loads exact, report written.
+
+(Named apart from tests/cache/test_persist.py: the test directories are not packages, so basenames must differ.)"""
 
 from __future__ import annotations
 
