@@ -11,8 +11,8 @@ header and every tensor. Tensors are `layers.<i>.<name>` for each tensor of the 
 valid tokens: packed codes, scales and zeros, the exact residual window, sinks), in the model's dtype.
 
 Reading trusts nothing in the file: every length and shape is checked against the file's real size and the
-header's own counts before anything is allocated, the checksum before any value is used, and the fingerprint
-against the model before anything is restored. Each failure raises a `CacheFileError` subclass whose `check`
+header's own counts before anything is allocated, the checksum before any count or tensor is used, and the
+fingerprint against the model before anything is restored. Each failure raises a `CacheFileError` subclass whose `check`
 names what failed: `file`, `truncated`, `header`, `format`, `schema`, `checksum`, `layers` (the file);
 `architecture`, `shapes`, `dtype`, `config`, `weights`, `tokenizer`, `context` (the model).
 """
