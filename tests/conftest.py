@@ -1,9 +1,11 @@
-"""Shared fixtures: the device under test and the embedded default model (loaded once per session)."""
+"""Shared fixtures: the device under test, the embedded default model (loaded once per session), and a tiny
+random-weight Llama saved locally with the default model's tokenizer (for CLI and benchmark tests)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -44,3 +46,23 @@ def default_model(device: torch.device):
 
     torch.manual_seed(0)
     return load_model(None, dtype="float32", device=device, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight Llama (2 layers, 2 kv heads, head_dim 16) saved with the default model's tokenizer."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from kvpack.models import default_model_file
+
+    gguf = default_model_file()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        intermediate_size=128, vocab_size=len(tokenizer), head_dim=16, max_position_embeddings=512,
+    )  # fmt: skip
+    path = tmp_path_factory.mktemp("tiny")
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

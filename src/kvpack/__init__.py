@@ -2,9 +2,15 @@
 
 from kvpack.attention.registry import use_kvpack_attention
 from kvpack.cache import KVPackCache
+from kvpack.cache.persist import prefix_cache
 from kvpack.config import CacheConfig, QuantSpec, parse_spec
 from kvpack.errors import (
     BackendUnavailableError,
+    CacheChecksumError,
+    CacheFileError,
+    CacheFormatError,
+    CacheModelMismatchError,
+    CacheVersionError,
     ConfigError,
     DtypeDeviceError,
     KVPackError,
@@ -20,7 +26,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "CacheChecksumError",
     "CacheConfig",
+    "CacheFileError",
+    "CacheFormatError",
+    "CacheModelMismatchError",
+    "CacheVersionError",
     "ConfigError",
     "DtypeDeviceError",
     "KVPackCache",
@@ -34,5 +45,6 @@ __all__ = [
     "UnsupportedOperationError",
     "__version__",
     "parse_spec",
+    "prefix_cache",
     "use_kvpack_attention",
 ]

@@ -16,6 +16,8 @@ from kvpack.config import CacheConfig, parse_spec
 from kvpack.errors import KVPackError
 from kvpack.weights import WEIGHT_CHOICES
 
+DEFAULT_SPEC = "k4v4"
+
 
 def _human_bytes(n: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
@@ -61,7 +63,8 @@ class Generation:
         return self.tokens.numel() / self.decode_s
 
 
-def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace) -> Generation:
+def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace, cached: int = 0) -> Generation:
+    """Generate after the prompt; `cached`: how many of the prompt's first tokens the cache already holds."""
     import torch
 
     sampling: dict[str, Any] = {"do_sample": False}
@@ -70,15 +73,93 @@ def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace) -> 
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     with torch.no_grad():  # not inference_mode: quanto's quantized weights fail on inference tensors
-        # Prefill all but the last prompt token, so that generate's own time is the decode alone.
+        # Prefill all but the last prompt token (after those the cache holds), so that generate's own time is the
+        # decode alone.
         start = time.perf_counter()
-        model(
-            input_ids=ids[:, :-1], attention_mask=mask[:, :-1], past_key_values=cache, use_cache=True, logits_to_keep=1
-        )
+        if ids.shape[1] - 1 > cached:
+            model(
+                input_ids=ids[:, cached:-1],
+                attention_mask=mask[:, :-1],
+                past_key_values=cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
         prefilled = time.perf_counter()
         out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, **sampling)
         done = time.perf_counter()
     return Generation(tokens=out[0, ids.shape[1] :], prefill_s=prefilled - start, decode_s=done - prefilled)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    same = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        same += 1
+    return same
+
+
+def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, Any, float]:
+    """The cache loaded from `--prefix-cache`, the prompt's inputs (the cached prefix, then the new text), and the
+    seconds the load took. Raises KVPackError when the prompt does not continue the cached prefix."""
+    import torch
+
+    from kvpack.cache import KVPackCache
+
+    print(f"Loading prefix cache {args.prefix_cache} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    cache = KVPackCache.load(args.prefix_cache, model, tokenizer, backend=args.backend)
+    load_s = time.perf_counter() - start
+    prefix = cache.prefix_ids
+    assert prefix is not None
+    if prefix.shape[0] != 1:
+        raise KVPackError(f"{args.prefix_cache} holds a batch of {prefix.shape[0]} prompts; generate continues one.")
+    if args.cache is not None and parse_spec(args.cache) != cache.cache_config:
+        raise KVPackError(
+            f"--cache {args.cache} differs from the prefix cache's {cache.cache_config.spec}; omit --cache (the file's "
+            "config is used) or rebuild the prefix cache with that spec."
+        )
+    chat = not args.no_chat
+    head, tail = _chat_parts(tokenizer) if chat else ("", "")
+    cached = prefix[0].tolist()
+    if chat:
+        head_ids = tokenizer(head, add_special_tokens=False).input_ids
+        if cached[: len(head_ids)] != head_ids:
+            raise KVPackError(
+                f"{args.prefix_cache} was not built with the chat template (its tokens do not start with it); "
+                "pass --no-chat."
+            )
+    if args.prompt_file is not None:
+        ids = _encode(tokenizer, _read_prompt(args), chat)["input_ids"][0].tolist()
+        same = _common_prefix(ids, cached)
+        if same < len(cached):
+            raise KVPackError(
+                f"the prompt does not continue the cached prefix of {args.prefix_cache}: they differ at token {same} "
+                f"of {len(cached)} (prompt: {tokenizer.decode(ids[same : same + 8])!r}, cache: "
+                f"{tokenizer.decode(cached[same : same + 8])!r}). Give the same --prompt-file (and --no-chat) as the "
+                "build, or omit --prompt-file to append the prompt after the cached prefix."
+            )
+    else:
+        ids = cached + tokenizer("\n\n" + args.prompt + tail, add_special_tokens=False).input_ids
+    if len(ids) == len(cached):
+        raise KVPackError("the prompt adds nothing after the cached prefix; give a question (a positional argument).")
+    input_ids = torch.tensor([ids], device=model.device)
+    return cache, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, load_s
+
+
+_CHAT_SPLIT = "\x00kvpack-text\x00"
+
+
+def _chat_parts(tokenizer: Any) -> tuple[str, str]:
+    """The chat template's text before and after a user message's content (`("", "")` without a template)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return "", ""
+    messages = [{"role": "user", "content": _CHAT_SPLIT}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if not isinstance(text, str) or text.count(_CHAT_SPLIT) != 1:
+        raise KVPackError("this tokenizer's chat template changes the user's text; use --no-chat with a prefix cache.")
+    head, tail = text.split(_CHAT_SPLIT)
+    return head, tail
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -92,17 +173,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvpack.models import load_model
     from kvpack.weights import weight_nbytes
 
-    config = parse_spec(args.cache)
-    prompt = _read_prompt(args)
+    # Bad arguments fail before the model loads.
+    config = parse_spec(args.cache or DEFAULT_SPEC)
+    if args.prefix_cache is None:
+        prompt = _read_prompt(args)
+    elif not Path(args.prefix_cache).is_file():
+        raise KVPackError(f"--prefix-cache {args.prefix_cache} does not exist; make one with `kvpack cache build`.")
+    elif not args.prompt:
+        raise KVPackError("give a prompt to append after the cached prefix (a positional argument).")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
-    inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
     if args.backend != "dense":
         use_kvpack_attention(model)  # the fp cache of --check still goes through SDPA
         prepare(args.backend)
-    cache = KVPackCache(model.config, config, backend=args.backend)
-    result = _generate(model, inputs, cache, args)
+    cached, load_s = 0, 0.0
+    if args.prefix_cache is None:
+        inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
+        cache = KVPackCache(model.config, config, backend=args.backend)
+    else:
+        cache, inputs, load_s = _load_prefix(args, model, tokenizer)
+        config = cache.cache_config
+        cached = cache.get_seq_length()
+        built = f"; its prefill took {cache.prefill_s:.2f} s when built" if cache.prefill_s else ""
+        print(f"Loaded a {cached:,}-token prefix in {load_s:.2f} s{built}", file=sys.stderr, flush=True)
+    result = _generate(model, inputs, cache, args, cached)
     new_tokens = result.tokens
     print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
     print()
@@ -110,8 +205,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     n_prompt = int(inputs["input_ids"].shape[1])
     packed, fp16 = cache.nbytes(), cache.fp16_nbytes()
     model_dtype_bytes = fp16 * torch.finfo(model.dtype).bits // 16
+    prompt_time = f"{result.prefill_s:.1f} s"
+    if cached:
+        prompt_time = f"{cached:,} loaded from {Path(args.prefix_cache).name} in {load_s:.2f} s, the rest {prompt_time}"
     summary = (
-        f"[{config.spec}] prompt {n_prompt} tokens ({result.prefill_s:.1f} s), "
+        f"[{config.spec}] prompt {n_prompt} tokens ({prompt_time}), "
         f"{n_new} new tokens in {result.decode_s:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
         f"cache {_human_bytes(packed)} for {cache.get_seq_length()} tokens: "
         f"{fp16 / packed:.2f}x smaller than a float16 cache ({_human_bytes(fp16)})"
@@ -123,13 +221,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
         summary += f"; {args.weights} weights {_human_bytes(weight_bytes)}, total {_human_bytes(weight_bytes + packed)}"
     print(summary)
     if args.check:
+        if cached:
+            # The same config, prefilled afresh: the loaded cache must generate exactly the same tokens.
+            fresh_cache = KVPackCache(model.config, config, backend=args.backend)
+            start = time.perf_counter()
+            with torch.no_grad():
+                model(input_ids=inputs["input_ids"][:, :cached], past_key_values=fresh_cache, use_cache=True)
+            fresh_s = time.perf_counter() - start
+            fresh = _generate(model, inputs, fresh_cache, args, cached)
+            same = _common_prefix(new_tokens.tolist(), fresh.tokens.tolist())
+            verdict = "identical" if same == n_new == fresh.tokens.numel() else f"DIFFERENT after {same} tokens"
+            print(
+                f"[check] a fresh {config.spec} prefill of the {cached:,}-token prefix took {fresh_s:.2f} s "
+                f"({fresh_s / load_s:.0f}x the load) and generates {verdict} tokens ({same}/{n_new})"
+            )
         ref = _generate(model, inputs, DynamicCache(config=model.config), args)
         reference = ref.tokens
-        same = 0
-        for a, b in zip(new_tokens.tolist(), reference.tolist(), strict=False):
-            if a != b:
-                break
-            same += 1
+        same = _common_prefix(new_tokens.tolist(), reference.tolist())
         if same == n_new == reference.numel():
             verdict = f"identical to the full-precision cache's output ({same}/{n_new} tokens)"
         else:
@@ -138,6 +246,72 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 f"it continues: {tokenizer.decode(reference[same:], skip_special_tokens=True).strip()[:200]!r}"
             )
         print(f"[check] {verdict}; full-precision cache: {ref.tokens_per_s:.1f} tokens/s")
+    return 0
+
+
+def cmd_cache_build(args: argparse.Namespace) -> int:
+    """Prefill a prompt (a document, a system prompt) into a packed cache and save it."""
+    import torch
+
+    from kvpack.cache.persist import prefix_cache, read_cache_file
+    from kvpack.models import DEFAULT_MODEL, load_model
+
+    config = parse_spec(args.cache)
+    text = _read_prompt(args)
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise KVPackError(f"-o {output}: the directory {output.parent} does not exist.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    head = _chat_parts(tokenizer)[0] if not args.no_chat else ""
+    # As generate encodes: a chat-rendered text has its special tokens spelled out, a raw one gets the tokenizer's.
+    ids = tokenizer(head + text, add_special_tokens=False).input_ids if head else tokenizer(text).input_ids
+    print(f"Prefilling {len(ids):,} tokens with a {config.spec} cache ...", file=sys.stderr, flush=True)
+    cache = prefix_cache(model, [ids], config)
+    assert cache.prefill_s is not None
+    print(f"Prefilled in {cache.prefill_s:.2f} s; saving ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    cache.save(output, model, tokenizer=tokenizer, name=args.model or DEFAULT_MODEL)
+    save_s = time.perf_counter() - start
+    size = output.stat().st_size
+    fp16 = read_cache_file(output).header.fp16_nbytes()
+    print(
+        f"wrote {output}: {len(ids):,} tokens, {config.spec}, {_human_bytes(size)} ({fp16 / size:.2f}x smaller than "
+        f"the float16 cache, {_human_bytes(fp16)}); prefill {cache.prefill_s:.2f} s, save {save_s:.2f} s"
+    )
+    return 0
+
+
+def cmd_cache_info(args: argparse.Namespace) -> int:
+    """Print a prompt-cache file's header (checking its format, schema and checksum)."""
+    from kvpack.cache.persist import read_cache_file
+
+    file = read_cache_file(args.file)
+    header = file.header
+    if args.json:
+        print(json.dumps({"path": str(file.path), "nbytes": file.nbytes, **header.to_dict()}, indent=2))
+        return 0
+    fp = header.model
+    kinds = {kind.split(":")[0]: 0 for kind in fp.layer_plan}
+    for kind in fp.layer_plan:
+        kinds[kind.split(":")[0]] += 1
+    fp16 = header.fp16_nbytes()
+    lines = [
+        f"{file.path}: kvpack prompt cache, schema {header.schema_version}, written by kvpack {header.kvpack_version} "
+        f"on {header.created}; checksum ok",
+        f"  cache:   {header.cache_config.spec}, {header.tokens:,} tokens"
+        + (f" x batch {header.batch}" if header.batch > 1 else ""),
+        f"  size:    {_human_bytes(file.nbytes)} on disk; a float16 cache of these tokens: {_human_bytes(fp16)} "
+        f"({fp16 / file.nbytes:.2f}x)",
+        f"  model:   {fp.name}: {fp.architecture}, {fp.dtype}, {len(fp.layer_plan)} layers "
+        f"({', '.join(f'{n} {k}' for k, n in kinds.items())}) x {fp.kv_heads} kv heads x head dim {fp.head_dim}",
+        f"           config {fp.config_sha256[:16]}, weights {fp.weights_sha256[:16]}, tokenizer "
+        f"{(fp.tokenizer_sha256 or 'not saved')[:16]}",
+    ]
+    if header.prefill_s is not None:
+        lines.append(f"  prefill: {header.prefill_s:.2f} s when built")
+    print("\n".join(lines))
     return 0
 
 
@@ -236,7 +410,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gen.add_argument("prompt", nargs="?", default="", help="the prompt (appended after --prompt-file, if given)")
     gen.add_argument("--prompt-file", help="a text file to put before the prompt (e.g. a document to ask about)")
-    gen.add_argument("--cache", default="k4v4", help="cache spec, e.g. k4v4, k8v8-g64-r128, k2v2-s4 (default k4v4)")
+    gen.add_argument(
+        "--cache",
+        default=None,
+        help="cache spec, e.g. k4v4, k8v8-g64-r128, k2v2-s4 (default k4v4, or the prefix cache's)",
+    )
+    gen.add_argument(
+        "--prefix-cache",
+        metavar="FILE",
+        help="start from a prompt cache saved by `kvpack cache build`: the prompt is appended after its prefix (or, "
+        "with --prompt-file, must start with it)",
+    )
     gen.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2-135M)")
     gen.add_argument("--max-new-tokens", type=int, default=64)
     gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
@@ -259,6 +443,37 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--check", action="store_true", help="also generate with a full-precision cache and compare")
     gen.set_defaults(func=cmd_generate)
+
+    cache = sub.add_parser(
+        "cache",
+        help="prompt caches on disk: build one from a document, show one",
+        description="Prompt caches: the packed cache of a reusable prefix (a document, a system prompt), saved to "
+        "disk and loaded by `kvpack generate --prefix-cache FILE` instead of recomputing the prefill.",
+    )
+    cache_sub = cache.add_subparsers(dest="cache_command", metavar="<cache command>", required=True)
+    build = cache_sub.add_parser(
+        "build",
+        help="prefill a document into a packed cache and save it",
+        description="Prefill the text (--prompt-file and/or a positional text) with a packed cache and save it with "
+        "its token ids and the model's fingerprint. With the chat template (the default), the cached prefix is the "
+        "template's start and the text; `generate --prefix-cache` appends the question after it.",
+    )
+    build.add_argument("prompt", nargs="?", default="", help="text to cache (appended after --prompt-file, if given)")
+    build.add_argument("--prompt-file", help="a text file to cache (e.g. a document to ask about)")
+    build.add_argument("-o", "--output", required=True, help="the file to write (e.g. doc.kvpc)")
+    build.add_argument("--cache", default=DEFAULT_SPEC, help=f"cache spec (default {DEFAULT_SPEC})")
+    build.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2-135M)")
+    build.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    build.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
+    build.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    build.add_argument("--no-chat", action="store_true", help="cache the raw text, without the chat template")
+    build.set_defaults(func=cmd_cache_build)
+    info = cache_sub.add_parser(
+        "info", help="show a prompt cache's header", description="Check a prompt-cache file and print its header."
+    )
+    info.add_argument("file", help="a file written by `kvpack cache build` or KVPackCache.save")
+    info.add_argument("--json", action="store_true", help="print the whole header as JSON (token ids included)")
+    info.set_defaults(func=cmd_cache_info)
 
     compare = sub.add_parser(
         "compare",
@@ -284,12 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("json", help="a JSON written by `kvpack compare`")
     report.set_defaults(func=cmd_report)
 
-    from kvpack.bench import decode, memory
+    from kvpack.bench import decode, memory, persist
     from kvpack.eval import passkey
 
     memory.add_parser(sub)
     passkey.add_parser(sub)
-    decode.add_parser(sub)
+    persist.add_parser(decode.add_parser(sub))
 
     doctor = sub.add_parser("doctor", help="which attention backend this machine gets, and why")
     doctor.set_defaults(func=cmd_doctor)

@@ -37,3 +37,32 @@ class ModelNotFoundError(KVPackError, FileNotFoundError):
 
 class BackendUnavailableError(KVPackError, RuntimeError):
     """An explicitly requested attention backend cannot run here (package missing, device or layout unsupported)."""
+
+
+class CacheFileError(KVPackError, ValueError):
+    """A saved prompt cache cannot be used; nothing from it was used. `check` names the check that failed.
+
+    Subclasses by kind: `CacheFormatError` (not a kvpack prompt cache, truncated, malformed), `CacheVersionError`
+    (another schema version), `CacheChecksumError` (content changed after it was written), `CacheModelMismatchError`
+    (built for another model or tokenizer).
+    """
+
+    def __init__(self, message: str, check: str):
+        super().__init__(message)
+        self.check = check
+
+
+class CacheFormatError(CacheFileError):
+    """The file cannot be read as a kvpack prompt cache: missing, truncated, not one, or its header is malformed."""
+
+
+class CacheVersionError(CacheFileError):
+    """The file was written with a prompt-cache schema version this kvpack does not read."""
+
+
+class CacheChecksumError(CacheFileError):
+    """The file's content does not match the checksum written with it: it is corrupt or was modified."""
+
+
+class CacheModelMismatchError(CacheFileError):
+    """The file was built for another model (architecture, shapes, dtype, config or weights) or tokenizer."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -69,7 +70,17 @@ class KVPackCache(Cache):
     One `PackedLayer` per full-attention layer and one `PackedSlidingLayer` per sliding-window layer, so
     models such as Gemma 3 keep transformers' windowed behaviour. Models whose cache is not plain
     per-head keys/values raise `UnsupportedModelError`.
+
+    A cache that holds a reusable prefix (a document, a system prompt) can be saved and loaded instead of
+    recomputing the prefill: `cache.save(path, model, token_ids, tokenizer)`, `KVPackCache.load(path, model)`
+    (see `kvpack.cache.persist`; `kvpack.prefix_cache` builds one).
     """
+
+    prefix_ids: torch.Tensor | None
+    """`[batch, tokens]` (CPU) ids of the first tokens the cache holds, when known: set by `load` and
+    `kvpack.prefix_cache`, used by `save`. Generation appends to the cache, not to these."""
+    prefill_s: float | None
+    """Seconds the prefill of `prefix_ids` took (measured by `kvpack.prefix_cache`, or read from the file)."""
 
     def __init__(self, config: PretrainedConfig | Any, cache_config: CacheConfig | str = "k4v4", backend: str = "auto"):
         """config: the model's config (or the model itself); cache_config: a `CacheConfig` or a spec string.
@@ -96,6 +107,8 @@ class KVPackCache(Cache):
             else:
                 layers.append(PackedLayer(self.cache_config, layer_idx=idx))
         super().__init__(layers=layers)
+        self.prefix_ids = None
+        self.prefill_s = None
 
     def __repr__(self) -> str:
         return f"KVPackCache({self.cache_config.spec}, layers={len(self.layers)}, tokens={self.get_seq_length()})"
@@ -122,6 +135,46 @@ class KVPackCache(Cache):
         for layer in self._packed_layers():
             layer.check_crop(tokens_to_remove)
         super().crop(tokens_to_remove)
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        model: Any,
+        token_ids: Any = None,
+        tokenizer: Any = None,
+        prefill_s: float | None = None,
+        name: str | None = None,
+    ) -> None:
+        """Write the cache to `path` (safetensors + a JSON header; by convention `*.kvpc`), to load it later.
+
+        model: the model that filled the cache (its fingerprint is saved, and checked at load). token_ids: the ids
+        of every token the cache holds, `[batch, tokens]` (default: `prefix_ids`). tokenizer: saves its hash too,
+        so that `load` with a tokenizer refuses another one. prefill_s: the prefill's seconds, shown by `kvpack
+        cache info` (default: `prefill_s` with `prefix_ids`). name: a label for the model (default: its path).
+        Only the valid tokens are written: packed codes, scales and zeros, the exact residual window and sinks.
+        The file is written to a temporary name and renamed, so `path` never holds a partial file.
+        """
+        from kvpack.cache.persist import save_cache
+
+        save_cache(self, path, model, token_ids, tokenizer, prefill_s, name)
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike[str], model: Any, tokenizer: Any = None, backend: str = "auto"
+    ) -> KVPackCache:
+        """A cache read from a file that `save` wrote, on `model`'s devices (each layer where its weights are).
+
+        The loaded cache is bit for bit the saved one: generation from it gives exactly what generation after a
+        fresh prefill of the same tokens with the same config gives. Its `prefix_ids` are the saved token ids;
+        append new tokens after them (`torch.cat([cache.prefix_ids, new_ids], dim=1)` as `generate`'s input).
+        Generation extends the cache: to reuse a prefix for several prompts, load it again or `copy.deepcopy` it.
+        Raises a `CacheFileError` subclass, whose `check` names the failed check, for a file that is missing,
+        truncated, corrupt or modified (checksum), of another schema version, or built for another model (its
+        architecture, layer shapes, dtype, config or sampled weights differ) or tokenizer (checked when given).
+        """
+        from kvpack.cache.persist import load_cache
+
+        return load_cache(path, model, tokenizer, backend)
 
     def nbytes(self) -> int:
         """Exact bytes the cache holds: codes, scales, zeros, sinks, residual buffers and unused capacity."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -18,6 +18,45 @@ from kvpack.quant.tensor import PackedTensor
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Decode steps and assisted-decoding candidates take the fused path; longer chunks (prefills) the dense one.
 FUSED_MAX_NEW_TOKENS = 16
+
+
+@dataclass
+class LayerState:
+    """Everything one layer holds that decides what it does next: what `PackedLayer.state` returns and
+    `PackedLayer.restore` takes back, bit for bit (a saved prompt cache is a list of these).
+
+    Tensors are `[batch, kv_heads, n, head_dim]` in the model's dtype, holding only the valid tokens (no spare
+    capacity): `sink_*` the first `sink_len` tokens, `residual_*` the exact window, `shadow_*` the last packed
+    block kept exactly while past recording is on (`shadow_len` tokens, else none). `packed_*`: the packed
+    tokens, oldest first (None when nothing is packed). `seen_tokens` counts every token the layer received,
+    including those a sliding-window layer has dropped.
+    """
+
+    seen_tokens: int
+    sink_keys: torch.Tensor
+    sink_values: torch.Tensor
+    residual_keys: torch.Tensor
+    residual_values: torch.Tensor
+    packed_keys: PackedTensor | None
+    packed_values: PackedTensor | None
+    shadow_keys: torch.Tensor
+    shadow_values: torch.Tensor
+    record_past: bool
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The state's tensors by name (`sink_keys`, ..., `packed_keys.codes`, ...), views of the layer's."""
+        named = {
+            "sink_keys": self.sink_keys,
+            "sink_values": self.sink_values,
+            "residual_keys": self.residual_keys,
+            "residual_values": self.residual_values,
+            "shadow_keys": self.shadow_keys,
+            "shadow_values": self.shadow_values,
+        }
+        for name, packed in (("packed_keys", self.packed_keys), ("packed_values", self.packed_values)):
+            if packed is not None:
+                named |= {f"{name}.codes": packed.codes, f"{name}.scale": packed.scale, f"{name}.zero": packed.zero}
+        return named
 
 
 class PackedLayer(CacheLayerMixin):
@@ -320,6 +359,59 @@ class PackedLayer(CacheLayerMixin):
         setattr(keys, INPUTS_ATTRIBUTE, inputs)
         return keys, value_states
 
+    def state(self) -> LayerState:
+        """The layer's state (views of the valid tokens, no copy); see `LayerState`. The layer must hold tokens."""
+        if not self.is_initialized:
+            raise UnsupportedOperationError(f"layer {self.layer_idx} holds no tokens yet: there is no state to take.")
+        assert self.packed_keys is not None and self.packed_values is not None
+        packed = self.packed_length > 0
+        return LayerState(
+            seen_tokens=self.seen_tokens,
+            sink_keys=self.sink_keys[:, :, : self.sink_len],
+            sink_values=self.sink_values[:, :, : self.sink_len],
+            residual_keys=self.residual_keys[:, :, : self.residual_len],
+            residual_values=self.residual_values[:, :, : self.residual_len],
+            packed_keys=self.packed_keys.view() if packed else None,
+            packed_values=self.packed_values.view() if packed else None,
+            shadow_keys=self.shadow_keys[:, :, : self.shadow_len],
+            shadow_values=self.shadow_values[:, :, : self.shadow_len],
+            record_past=self.record_past,
+        )
+
+    def restore(self, state: LayerState) -> None:
+        """Make this (empty) layer hold `state`, as if it had received the tokens itself.
+
+        Buffers are allocated as a first update allocates them (on the device and in the dtype of the state's
+        tensors) and the state's tensors are copied in, so later updates behave exactly as they would have on
+        the layer the state was taken from. The layer owns copies of everything (nothing is shared with `state`).
+        The caller checks the state's consistency (`kvpack.cache.persist`
+        does, for saved files); shapes that do not fit raise `ShapeError`.
+        """
+        if self.is_initialized:
+            raise UnsupportedOperationError(
+                f"layer {self.layer_idx} already holds tokens; restore a state into a new cache (or cache.reset())."
+            )
+        self.record_past = state.record_past
+        self.lazy_initialization(state.residual_keys, state.residual_values)
+        try:
+            self.sink_len = state.sink_keys.shape[2]
+            self.residual_len = state.residual_keys.shape[2]
+            self.shadow_len = state.shadow_keys.shape[2]
+            self.sink_keys[:, :, : self.sink_len] = state.sink_keys
+            self.sink_values[:, :, : self.sink_len] = state.sink_values
+            self.residual_keys[:, :, : self.residual_len] = state.residual_keys
+            self.residual_values[:, :, : self.residual_len] = state.residual_values
+            self.shadow_keys[:, :, : self.shadow_len] = state.shadow_keys
+            self.shadow_values[:, :, : self.shadow_len] = state.shadow_values
+            assert self.packed_keys is not None and self.packed_values is not None
+            if state.packed_keys is not None and state.packed_values is not None:
+                self.packed_keys.append(_owned(state.packed_keys, self.device))
+                self.packed_values.append(_owned(state.packed_values, self.device))
+            self.seen_tokens = state.seen_tokens
+        except RuntimeError as exc:  # a copy whose shapes do not fit the buffers
+            self.reset()
+            raise ShapeError(f"layer {self.layer_idx}: the state does not fit this layer's buffers: {exc}") from exc
+
     def dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """All stored keys and values `[batch, kv_heads, tokens, head_dim]` in the model dtype, oldest first."""
         keys, values = self._stored_parts()
@@ -452,6 +544,15 @@ class PackedSlidingLayer(PackedLayer):
 
     def _dynamic_cache_tokens(self) -> int:
         return min(self.seen_tokens, self.sliding_window - 1)
+
+
+def _owned(packed: PackedTensor, device: torch.device) -> PackedTensor:
+    """A copy of `packed` on `device` that shares no storage with it (a first append keeps its tensors)."""
+    codes, scale, zero = (
+        t.to(device, copy=True, memory_format=torch.contiguous_format)
+        for t in (packed.codes, packed.scale, packed.zero)
+    )
+    return replace(packed, codes=codes, scale=scale, zero=zero)
 
 
 def _group_advice(name: str, dim: int) -> str:

@@ -1,0 +1,880 @@
+"""Prompt caches on disk: a `KVPackCache` saved with its token ids and model fingerprint, loaded back bit for bit.
+
+A file is a standard safetensors file (any safetensors reader opens it; nothing is pickled):
+
+    8 bytes: N, little-endian | N bytes: JSON index of the tensors + "__metadata__" | the tensors' bytes
+
+`__metadata__["kvpack"]` holds the kvpack header, a JSON object (`CacheFileHeader`): format name and schema
+version, the kvpack version that wrote it, the cache config, the token ids of the cached prefix, the model's
+fingerprint (`ModelFingerprint`), one entry per decoder layer (token counts) and a SHA-256 checksum over the
+header and every tensor. Tensors are `layers.<i>.<name>` for each tensor of the layer's `LayerState` (only
+valid tokens: packed codes, scales and zeros, the exact residual window, sinks), in the model's dtype.
+
+Reading trusts nothing in the file: every length and shape is checked against the file's real size and the
+header's own counts before anything is allocated, the checksum before any count or tensor is used, and the
+fingerprint against the model before anything is restored. Each failure raises a `CacheFileError` subclass whose `check`
+names what failed: `file`, `truncated`, `header`, `format`, `schema`, `checksum`, `layers` (the file);
+`architecture`, `shapes`, `dtype`, `config`, `weights`, `tokenizer`, `context` (the model).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import os
+import re
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from kvpack.cache.layer import FLOAT_DTYPES, LayerState, PackedLayer, PackedSlidingLayer
+from kvpack.cache.storage import PackedBuffer
+from kvpack.config import CacheConfig, QuantSpec
+from kvpack.errors import (
+    CacheChecksumError,
+    CacheFileError,
+    CacheFormatError,
+    CacheModelMismatchError,
+    CacheVersionError,
+    ConfigError,
+    KVPackError,
+)
+from kvpack.quant.tensor import PackedTensor
+
+if TYPE_CHECKING:
+    from kvpack.cache.cache import KVPackCache
+
+FORMAT = "kvpack.prompt-cache"
+SCHEMA_VERSION = 1
+# The JSON index is a few hundred bytes per layer plus ~6 bytes per cached token id; 64 MiB is ten million tokens.
+# A length beyond it (or beyond the file) is refused before anything is read or allocated.
+MAX_HEADER_BYTES = 64 << 20
+# Bounds on kv heads and head dims read from a file (real models have tens and hundreds), so that the shapes built
+# from them stay within torch's index range.
+MAX_HEADS_OR_DIM = 1 << 16
+# Product of a tensor's sizes (zeros counted as ones): far beyond a real cache, far below torch's index range.
+MAX_TENSOR_EXTENT = 1 << 48
+# Without a context length in the model's config, sinks and residual windows beyond this many tokens are refused:
+# restoring allocates them, so a forged header must not choose their size.
+FALLBACK_CONTEXT_LIMIT = 1 << 17
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
+_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+_DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
+_DENSE_TENSORS = ("sink_keys", "sink_values", "residual_keys", "residual_values", "shadow_keys", "shadow_values")
+_PACKED_PARTS = ("codes", "scale", "zero")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+# Config fields that say how the model is run, not what it computes: left out of the config hash.
+_VOLATILE_CONFIG_KEYS = frozenset(
+    {"transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions", "output_hidden_states",
+     "return_dict", "attn_implementation"}
+)  # fmt: skip
+# Elements sampled from each weight tensor for the weights hash: enough to tell checkpoints and fine-tunes apart.
+WEIGHT_SAMPLES = 64
+
+
+# -- the model fingerprint ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFingerprint:
+    """What identifies the model (and tokenizer) a cache was computed with.
+
+    name: a label for people (`kvpack cache info`), not checked. architecture: the model class and model_type.
+    layer_plan: per decoder layer, `full`, `sliding:<window>` or `none` (no cache). kv_heads, head_dim: the cached
+    tensors' shape. dtype: the model's dtype (the cache's exact tokens are in it). config_sha256: the model config
+    without the fields that only say how it is run. weights_sha256: names, shapes, dtypes and `WEIGHT_SAMPLES`
+    evenly spaced elements of every tensor of the state dict. tokenizer_sha256: the tokenizer's vocabulary, merges,
+    normalizer, pre-tokenizer, post-processor and added tokens (None when saved without a tokenizer).
+    """
+
+    name: str
+    architecture: str
+    layer_plan: tuple[str, ...]
+    kv_heads: int
+    head_dim: int
+    dtype: str
+    config_sha256: str
+    weights_sha256: str
+    tokenizer_sha256: str | None
+
+    @classmethod
+    def of(cls, model: Any, tokenizer: Any = None, name: str | None = None) -> ModelFingerprint:
+        """The fingerprint of `model` (a transformers model) and, when given, `tokenizer`."""
+        from kvpack.cache.cache import _layer_plan
+
+        config = model.config
+        text = config.get_text_config(decoder=True)
+        plan = tuple(
+            "none" if kind == "dummy" else "full" if window is None else f"sliding:{window}"
+            for kind, window in _layer_plan(config)
+        )
+        heads = getattr(text, "num_attention_heads", 0)
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        return cls(
+            name=name or str(getattr(config, "_name_or_path", "") or type(model).__name__),
+            architecture=f"{type(model).__name__} ({getattr(config, 'model_type', '?')})",
+            layer_plan=plan,
+            kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(head_dim),
+            dtype=str(model.dtype).removeprefix("torch."),
+            config_sha256=config_sha256(config),
+            weights_sha256=weights_sha256(model),
+            tokenizer_sha256=None if tokenizer is None else tokenizer_sha256(tokenizer),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "layer_plan": list(self.layer_plan)}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> ModelFingerprint:
+        obj = _object(data, where, set(cls.__dataclass_fields__))
+        plan = _list(obj["layer_plan"], f"{where}.layer_plan", 1 << 16)
+        tokenizer = obj["tokenizer_sha256"]
+        return cls(
+            name=_str(obj["name"], f"{where}.name"),
+            architecture=_str(obj["architecture"], f"{where}.architecture"),
+            layer_plan=tuple(_str(kind, f"{where}.layer_plan[]") for kind in plan),
+            kv_heads=_int(obj["kv_heads"], f"{where}.kv_heads", low=1, high=MAX_HEADS_OR_DIM),
+            head_dim=_int(obj["head_dim"], f"{where}.head_dim", low=1, high=MAX_HEADS_OR_DIM),
+            dtype=_str(obj["dtype"], f"{where}.dtype"),
+            config_sha256=_sha256(obj["config_sha256"], f"{where}.config_sha256"),
+            weights_sha256=_sha256(obj["weights_sha256"], f"{where}.weights_sha256"),
+            tokenizer_sha256=None if tokenizer is None else _sha256(tokenizer, f"{where}.tokenizer_sha256"),
+        )
+
+
+def config_sha256(config: Any) -> str:
+    """SHA-256 of the model config as sorted JSON, without private fields and `_VOLATILE_CONFIG_KEYS`."""
+
+    def stable(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {
+                str(k): stable(v)
+                for k, v in value.items()
+                if not str(k).startswith("_") and str(k) not in _VOLATILE_CONFIG_KEYS
+            }
+        if isinstance(value, list | tuple):
+            return [stable(v) for v in value]
+        return value
+
+    text = json.dumps(stable(config.to_dict()), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def weights_sha256(model: Any) -> str:
+    """SHA-256 of every state-dict tensor's name, shape and dtype and `WEIGHT_SAMPLES` evenly spaced elements.
+
+    Device-independent (the sampled elements' bytes, read on the CPU). Tensors that cannot be sampled (on the
+    meta device, or quantized tensor subclasses without `dequantize`) contribute their name, shape and type only.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|{type(tensor).__name__}\n".encode())
+        sample = _weight_sample(tensor)
+        if sample is not None:
+            digest.update(_bytes_of(sample))
+    return digest.hexdigest()
+
+
+def _weight_sample(tensor: torch.Tensor) -> torch.Tensor | None:
+    if tensor.device.type == "meta":
+        return None
+    data = tensor.detach()
+    if type(data) is not torch.Tensor:  # e.g. optimum-quanto's quantized weights
+        dequantize = getattr(data, "dequantize", None)
+        if dequantize is None:
+            return None
+        data = dequantize()
+    flat = data.reshape(-1)
+    if flat.numel() == 0:
+        return None
+    index = torch.linspace(0, flat.numel() - 1, min(WEIGHT_SAMPLES, flat.numel()), dtype=torch.float64)
+    return flat[index.round().long().to(flat.device)].cpu()
+
+
+def tokenizer_sha256(tokenizer: Any) -> str:
+    """SHA-256 of what maps text to token ids: the tokenizer's model (vocabulary, merges), normalizer, pre-tokenizer,
+    post-processor, decoder and added tokens. Deterministic across processes (serialized in id order by the
+    `tokenizers` library); padding and truncation settings, which change at run time, are left out."""
+    digest = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        for part in (backend.model, backend.normalizer, backend.pre_tokenizer, backend.post_processor, backend.decoder):
+            digest.update(b"none" if part is None else part.__getstate__())
+            digest.update(b"\n")
+        for token_id, token in sorted(backend.get_added_tokens_decoder().items()):
+            digest.update(f"{token_id}|{token.content}|{token.special}\n".encode())
+    else:  # a slow (pure Python) tokenizer: its vocabulary and special tokens
+        for token, token_id in sorted(tokenizer.get_vocab().items(), key=lambda item: (item[1], item[0])):
+            digest.update(f"{token_id}|{token}\n".encode())
+        digest.update(json.dumps(sorted(map(str, tokenizer.all_special_tokens))).encode())
+    return digest.hexdigest()
+
+
+# -- the header ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    """One decoder layer in the header. kind: `full`, `sliding` or `none` (a layer without a cache); the counts are
+    the `LayerState`'s: tokens received, and tokens held as sinks, packed, in the residual window, in the shadow."""
+
+    kind: str
+    seen_tokens: int = 0
+    sink_len: int = 0
+    packed_len: int = 0
+    residual_len: int = 0
+    shadow_len: int = 0
+    record_past: bool = False
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str) -> LayerEntry:
+        obj = _object(data, where, set(cls.__dataclass_fields__))
+        kind = _str(obj["kind"], f"{where}.kind")
+        if kind not in ("full", "sliding", "none"):
+            raise _header_error(f"{where}.kind is {kind!r}, not one of full, sliding, none")
+        counts = {
+            name: _int(obj[name], f"{where}.{name}")
+            for name in ("seen_tokens", "sink_len", "packed_len", "residual_len", "shadow_len")
+        }
+        record_past = obj["record_past"]
+        if not isinstance(record_past, bool):
+            raise _header_error(f"{where}.record_past must be true or false")
+        return cls(kind=kind, record_past=record_past, **counts)
+
+
+@dataclass(frozen=True)
+class CacheFileHeader:
+    """The kvpack header of a prompt-cache file (JSON in the safetensors metadata).
+
+    token_ids: `[batch][tokens]`, the tokens the cache holds. prefill_s: how long the prefill took when the file
+    was built (on that machine; informative, may be None). checksum: SHA-256 over this header without the checksum
+    and every tensor (name, dtype, shape, bytes) in name order.
+    """
+
+    kvpack_version: str
+    created: str
+    cache_config: CacheConfig
+    token_ids: tuple[tuple[int, ...], ...]
+    model: ModelFingerprint
+    layers: tuple[LayerEntry, ...]
+    prefill_s: float | None
+    checksum: str
+    schema_version: int = SCHEMA_VERSION
+    format: str = FORMAT
+
+    @property
+    def batch(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def tokens(self) -> int:
+        return len(self.token_ids[0])
+
+    def to_dict(self, with_checksum: bool = True) -> dict[str, Any]:
+        data = {
+            "format": self.format,
+            "schema_version": self.schema_version,
+            "kvpack_version": self.kvpack_version,
+            "created": self.created,
+            "cache_config": self.cache_config.to_dict(),
+            "token_ids": [list(row) for row in self.token_ids],
+            "model": self.model.to_dict(),
+            "layers": [asdict(entry) for entry in self.layers],
+            "prefill_s": self.prefill_s,
+        }
+        if with_checksum:
+            data["checksum"] = self.checksum
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Any) -> CacheFileHeader:
+        """Parse and validate a header; the format name and schema version are checked first."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise CacheFormatError(f"it is not a kvpack prompt cache (no {FORMAT!r} header)", "format")
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise CacheVersionError(
+                f"it has prompt-cache schema version {version!r} (written by kvpack {data.get('kvpack_version')!r}), "
+                f"and this kvpack reads version {SCHEMA_VERSION}",
+                "schema",
+            )
+        fields = {"format", "schema_version", "kvpack_version", "created", "cache_config", "token_ids", "model"}
+        obj = _object(data, "header", fields | {"layers", "prefill_s", "checksum"})
+        try:
+            cache_config = CacheConfig.from_dict(obj["cache_config"])
+        except (ConfigError, TypeError, ValueError, AttributeError) as exc:
+            raise _header_error(f"cache_config is invalid: {exc}") from exc
+        rows = _list(obj["token_ids"], "token_ids", MAX_HEADER_BYTES)
+        token_ids = tuple(
+            tuple(_int(t, "token_ids[][]", high=(1 << 31) - 1) for t in _list(row, "token_ids[]", MAX_HEADER_BYTES))
+            for row in rows
+        )
+        if not token_ids or not token_ids[0] or any(len(row) != len(token_ids[0]) for row in token_ids):
+            raise _header_error("token_ids must be one or more rows of the same, non-zero length")
+        prefill_s = obj["prefill_s"]
+        if prefill_s is not None and (not isinstance(prefill_s, int | float) or isinstance(prefill_s, bool)):
+            raise _header_error("prefill_s must be a number or null")
+        layers = _list(obj["layers"], "layers", 1 << 16)
+        return cls(
+            kvpack_version=_str(obj["kvpack_version"], "kvpack_version"),
+            created=_str(obj["created"], "created"),
+            cache_config=cache_config,
+            token_ids=token_ids,
+            model=ModelFingerprint.from_dict(obj["model"], "model"),
+            layers=tuple(LayerEntry.from_dict(entry, f"layers[{i}]") for i, entry in enumerate(layers)),
+            prefill_s=None if prefill_s is None else float(prefill_s),
+            checksum=_sha256(obj["checksum"], "checksum"),
+        )
+
+    def fp16_nbytes(self) -> int:
+        """Bytes a float16 `DynamicCache` holds for these tokens (sliding layers: their window)."""
+        per_token = self.batch * self.model.kv_heads * self.model.head_dim * 2 * 2
+        total = 0
+        for entry, kind in zip(self.layers, self.model.layer_plan, strict=True):
+            if entry.kind == "full":
+                total += per_token * entry.seen_tokens
+            elif entry.kind == "sliding":
+                total += per_token * min(entry.seen_tokens, int(kind.split(":")[1]) - 1)
+        return total
+
+
+@dataclass
+class CacheFile:
+    """A prompt-cache file read and checked (format, schema, checksum, layer layout), not yet tied to a model.
+
+    tensors: name -> CPU tensor, views of the file's bytes (copied when restored). nbytes: the file's size.
+    """
+
+    path: Path
+    header: CacheFileHeader
+    tensors: dict[str, torch.Tensor]
+    nbytes: int
+
+    def layer_states(self) -> Iterator[tuple[int, LayerState | None]]:
+        """(layer index, its state or None for a layer without a cache), tensors on the CPU."""
+        config = self.header.cache_config
+        batch, heads, dim = self.header.batch, self.header.model.kv_heads, self.header.model.head_dim
+        for idx, entry in enumerate(self.header.layers):
+            if entry.kind == "none":
+                yield idx, None
+                continue
+            tensors = {name: self.tensors[f"layers.{idx}.{name}"] for name in _DENSE_TENSORS}
+
+            def packed(name: str, spec: QuantSpec, idx: int = idx, entry: LayerEntry = entry) -> PackedTensor | None:
+                if not entry.packed_len:
+                    return None
+                codes, scale, zero = (self.tensors[f"layers.{idx}.{name}.{part}"] for part in _PACKED_PARTS)
+                return PackedTensor(codes, scale, zero, torch.Size((batch, heads, entry.packed_len, dim)), spec)
+
+            yield (
+                idx,
+                LayerState(
+                    seen_tokens=entry.seen_tokens,
+                    sink_keys=tensors["sink_keys"],
+                    sink_values=tensors["sink_values"],
+                    residual_keys=tensors["residual_keys"],
+                    residual_values=tensors["residual_values"],
+                    packed_keys=packed("packed_keys", config.key),
+                    packed_values=packed("packed_values", config.value),
+                    shadow_keys=tensors["shadow_keys"],
+                    shadow_values=tensors["shadow_values"],
+                    record_past=entry.record_past,
+                ),
+            )
+
+
+# -- saving ----------------------------------------------------------------------------------------------------------
+
+
+def save_cache(
+    cache: KVPackCache,
+    path: str | os.PathLike[str],
+    model: Any,
+    token_ids: Any = None,
+    tokenizer: Any = None,
+    prefill_s: float | None = None,
+    name: str | None = None,
+) -> CacheFileHeader:
+    """Write `cache` to `path` (see the module docstring); returns the header written. See `KVPackCache.save`."""
+    import safetensors.torch
+
+    import kvpack
+
+    seq_len = cache.get_seq_length()
+    if seq_len == 0:
+        raise KVPackError("the cache holds no tokens; run the prefix through the model with it first, then save.")
+    if token_ids is None:
+        token_ids = cache.prefix_ids
+        prefill_s = cache.prefill_s if prefill_s is None else prefill_s
+    if token_ids is None:
+        raise KVPackError("pass token_ids: the ids of the tokens the cache holds ([batch, tokens]).")
+    ids = torch.as_tensor(token_ids).detach().cpu()
+    ids = ids.unsqueeze(0) if ids.dim() == 1 else ids
+    fingerprint = ModelFingerprint.of(model, tokenizer, name)
+    entries, tensors = [], {}
+    batch = None
+    for idx, layer in enumerate(cache.layers):
+        if not isinstance(layer, PackedLayer):
+            entries.append(LayerEntry(kind="none"))
+            continue
+        if not layer.is_initialized or layer.seen_tokens != seq_len:
+            raise KVPackError(
+                f"layer {idx} holds {layer.seen_tokens} tokens, not the {seq_len} of layer 0; save a cache that "
+                "went through whole forward passes of the model."
+            )
+        state = layer.state()
+        batch = state.residual_keys.shape[0]
+        entries.append(
+            LayerEntry(
+                kind="sliding" if isinstance(layer, PackedSlidingLayer) else "full",
+                seen_tokens=state.seen_tokens,
+                sink_len=state.sink_keys.shape[2],
+                packed_len=0 if state.packed_keys is None else state.packed_keys.shape[2],
+                residual_len=state.residual_keys.shape[2],
+                shadow_len=state.shadow_keys.shape[2],
+                record_past=state.record_past,
+            )
+        )
+        for tensor_name, tensor in state.tensors().items():
+            tensors[f"layers.{idx}.{tensor_name}"] = tensor.detach().to("cpu", copy=True).contiguous()
+    if ids.dim() != 2 or tuple(ids.shape) != (batch, seq_len) or ids.is_floating_point():
+        raise KVPackError(
+            f"token_ids must be integer ids of shape [batch={batch}, tokens={seq_len}] (what the cache holds), "
+            f"got {tuple(ids.shape)} {ids.dtype}."
+        )
+    header = CacheFileHeader(
+        kvpack_version=kvpack.__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        cache_config=cache.cache_config,
+        token_ids=tuple(tuple(int(t) for t in row) for row in ids.tolist()),
+        model=fingerprint,
+        layers=tuple(entries),
+        prefill_s=prefill_s,
+        checksum="0" * 64,
+    )
+    # The file must pass the reader's own checks: a model whose layers do not match its fingerprint fails here.
+    expected = _expected_tensors(header)
+    for tensor_name, tensor in tensors.items():
+        if expected.get(tensor_name) != (_ST_NAMES.get(tensor.dtype), tuple(tensor.shape)):
+            raise KVPackError(
+                f"cannot save {tensor_name} {tuple(tensor.shape)} {tensor.dtype}: the model's config says "
+                f"{expected.get(tensor_name)}; kvpack saves caches of models whose layers all cache "
+                f"[batch, kv_heads={fingerprint.kv_heads}, tokens, head_dim={fingerprint.head_dim}] in its dtype."
+            )
+    _check_layers(header)
+    named = ((n, t.dtype, tuple(t.shape), _bytes_of(t)) for n, t in sorted(tensors.items()))
+    header = replace(header, checksum=_checksum(header, named))
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        # `save` + a plain write rather than `save_file`, which creates the file readable by its owner only.
+        tmp.write_bytes(safetensors.torch.save(tensors, metadata={"kvpack": json.dumps(header.to_dict())}))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return header
+
+
+def _bytes_of(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor (any dtype), without a copy."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
+
+
+def _checksum(header: CacheFileHeader, tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...], Any]]) -> str:
+    """SHA-256 of the canonical header JSON (without the checksum), then each tensor's name, dtype, shape and
+    bytes, in name order."""
+    digest = hashlib.sha256()
+    canonical = json.dumps(header.to_dict(with_checksum=False), sort_keys=True, separators=(",", ":"))
+    digest.update(canonical.encode())
+    for name, dtype, shape, data in tensors:
+        digest.update(f"\n{name}|{_ST_NAMES[dtype]}|{list(shape)}|{len(data)}\n".encode())
+        digest.update(data)
+    return digest.hexdigest()
+
+
+# -- reading -------------------------------------------------------------------------------------------------------
+
+
+def read_cache_file(path: str | os.PathLike[str]) -> CacheFile:
+    """Read a prompt-cache file and check it on its own: framing, format, schema, checksum, layer layout.
+
+    Nothing is allocated beyond the file's own size before the checks pass. Raises a `CacheFileError` subclass.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        data = bytearray(size)
+        with path.open("rb") as file:
+            got = file.readinto(data)
+    except OSError as exc:
+        raise CacheFormatError(f"cannot read prompt cache {path}: {exc.strerror or exc}.", "file") from exc
+    try:
+        header, index = _parse_framing(data[:got] if got < size else data)
+        tensors = _tensors(index)
+        computed = _checksum(
+            header, ((name, tensors[name].dtype, tuple(tensors[name].shape), index[name][2]) for name in sorted(index))
+        )
+        if computed != header.checksum:
+            raise CacheChecksumError(
+                "its content does not match the checksum written with it: it is corrupt or was modified", "checksum"
+            )
+        _check_layers(header)
+        expected = _expected_tensors(header)
+        found = {name: (_ST_NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()}
+        if found != expected:
+            missing = sorted(set(expected) - set(found))
+            wrong = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])
+            extra = sorted(set(found) - set(expected))
+            raise CacheFormatError(
+                f"its tensors do not match its layers (missing {missing[:3]}, wrong shape {wrong[:3]}, "
+                f"unexpected {extra[:3]})",
+                "layers",
+            )
+    except CacheFileError as exc:
+        raise type(exc)(f"{path}: {exc}. {_ADVICE[type(exc)]}", exc.check) from None
+    return CacheFile(path=path, header=header, tensors=tensors, nbytes=size)
+
+
+_ADVICE = {
+    CacheFormatError: "Rebuild it (`kvpack cache build`, or cache.save after a prefill), or re-copy the original.",
+    CacheVersionError: "Rebuild it with this kvpack (`kvpack cache build`), or load it with the kvpack that wrote it.",
+    CacheChecksumError: "Do not use it; rebuild it or re-copy the original.",
+    CacheModelMismatchError: "Load it with the model (and tokenizer) it was built with, or rebuild it for this one.",
+}
+
+
+def _parse_framing(
+    data: bytearray,
+) -> tuple[CacheFileHeader, dict[str, tuple[torch.dtype, tuple[int, ...], memoryview]]]:
+    """The kvpack header and the tensor index: name -> dtype, shape and the tensor's bytes (a view of `data`)."""
+    if len(data) < 8:
+        raise CacheFormatError(f"it is truncated: {len(data)} bytes, not even the 8-byte header length", "truncated")
+    header_len = int.from_bytes(data[:8], "little")
+    if header_len > MAX_HEADER_BYTES:
+        raise CacheFormatError(
+            f"its header length field says {header_len:,} bytes, more than the {MAX_HEADER_BYTES:,} a prompt cache "
+            "header can have (not a safetensors file, or a corrupt one)",
+            "header",
+        )
+    data_start = 8 + header_len
+    if data_start > len(data):
+        raise CacheFormatError(
+            f"it is truncated: it has {len(data):,} bytes, but its header alone needs {data_start:,}", "truncated"
+        )
+    try:
+        raw = json.loads(bytes(data[8:data_start]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CacheFormatError(f"its safetensors header is not valid JSON ({type(exc).__name__})", "header") from None
+    if not isinstance(raw, dict):
+        raise _header_error("the safetensors header is not a JSON object")
+    metadata = raw.pop("__metadata__", None)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("kvpack"), str):
+        raise CacheFormatError(f"it is not a kvpack prompt cache (no {FORMAT!r} header)", "format")
+    try:
+        kvpack_header = json.loads(metadata["kvpack"])
+    except (ValueError, RecursionError) as exc:
+        raise CacheFormatError(f"its kvpack header is not valid JSON ({type(exc).__name__})", "header") from None
+    header = CacheFileHeader.from_dict(kvpack_header)
+    available = len(data) - data_start
+    spans = []
+    index = {}
+    for name, entry in raw.items():
+        obj = _object(entry, f"tensor {name!r}", {"dtype", "shape", "data_offsets"})
+        dtype = _ST_DTYPES.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
+        if dtype is None:
+            raise _header_error(f"tensor {name!r} has dtype {obj['dtype']!r}, not one of {sorted(_ST_DTYPES)}")
+        shape = tuple(_int(d, f"tensor {name!r} shape[]") for d in _list(obj["shape"], f"tensor {name!r} shape", 8))
+        offsets = _list(obj["data_offsets"], f"tensor {name!r} data_offsets", 2)
+        if len(offsets) != 2:
+            raise _header_error(f"tensor {name!r} data_offsets must be [begin, end]")
+        begin, end = (_int(o, f"tensor {name!r} data_offsets[]") for o in offsets)
+        numel = extent = 1
+        for d in shape:
+            numel, extent = numel * d, extent * max(d, 1)
+        if extent > MAX_TENSOR_EXTENT:  # even an empty tensor's strides are products of its sizes
+            raise _header_error(f"tensor {name!r} has shape {list(shape)}, beyond any cache")
+        if end < begin or end - begin != numel * dtype.itemsize:
+            raise _header_error(
+                f"tensor {name!r}: data_offsets {[begin, end]} do not hold {list(shape)} {obj['dtype']}"
+            )
+        spans.append((begin, end, name))
+        index[name] = (dtype, shape, begin, end)
+    spans.sort()
+    position = 0
+    for begin, end, name in spans:
+        if begin != position:
+            raise _header_error(f"tensor {name!r} starts at byte {begin} of the data, not at {position}")
+        position = end
+    if position > available:
+        raise CacheFormatError(
+            f"it is truncated: its tensors need {position:,} bytes of data, it has {available:,}", "truncated"
+        )
+    if position < available:
+        raise _header_error(f"{available - position:,} bytes follow the last tensor")
+    view = memoryview(data)
+    resolved = {
+        name: (dtype, shape, view[data_start + begin : data_start + end])
+        for name, (dtype, shape, begin, end) in index.items()
+    }
+    return header, resolved
+
+
+def _tensors(index: dict[str, tuple[torch.dtype, tuple[int, ...], memoryview]]) -> dict[str, torch.Tensor]:
+    """CPU tensors viewing the file's bytes (checked sizes only)."""
+    tensors = {}
+    for name, (dtype, shape, span) in index.items():
+        if len(span) == 0:
+            tensors[name] = torch.empty(shape, dtype=dtype)
+        else:
+            tensors[name] = torch.frombuffer(span, dtype=dtype).reshape(shape)
+    return tensors
+
+
+def _expected_tensors(header: CacheFileHeader) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Name -> (safetensors dtype, shape) of every tensor the header's layers need."""
+    fp = header.model
+    dtype = _DTYPE_NAMES.get(fp.dtype)
+    if dtype is None:
+        raise _header_error(f"model.dtype {fp.dtype!r} is not one of {sorted(_DTYPE_NAMES)}")
+    batch, heads, dim = header.batch, fp.kv_heads, fp.head_dim
+    config = header.cache_config
+    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for idx, entry in enumerate(header.layers):
+        if entry.kind == "none":
+            continue
+        lengths = {"sink": entry.sink_len, "residual": entry.residual_len, "shadow": entry.shadow_len}
+        for name in _DENSE_TENSORS:
+            expected[f"layers.{idx}.{name}"] = (_ST_NAMES[dtype], (batch, heads, lengths[name.split("_")[0]], dim))
+        if entry.packed_len:
+            for name, spec in (("packed_keys", config.key), ("packed_values", config.value)):
+                for part, shape in zip(
+                    _PACKED_PARTS, _packed_shapes(spec, batch, heads, dim, entry.packed_len), strict=True
+                ):
+                    expected[f"layers.{idx}.{name}.{part}"] = (
+                        _ST_NAMES[torch.uint8 if part == "codes" else torch.float16],
+                        shape,
+                    )
+    return expected
+
+
+def _packed_shapes(spec: QuantSpec, batch: int, heads: int, dim: int, tokens: int) -> list[tuple[int, ...]]:
+    """Shapes of codes, scale and zero of `tokens` packed tokens, as `PackedBuffer` lays them out."""
+    empty = PackedBuffer(spec, 1, 1, dim, torch.device("meta"))
+    units = tokens // empty.unit_tokens
+    return [(batch, heads, units, *t.shape[3:]) for t in (empty.codes, empty.scale, empty.zero)]
+
+
+def _check_layers(header: CacheFileHeader) -> None:
+    """Every layer's counts are ones a layer can have after receiving the header's tokens (see `PackedLayer`)."""
+    config = header.cache_config
+    block = config.block_tokens
+    window = config.residual + block
+    plan = header.model.layer_plan
+    if len(plan) != len(header.layers):
+        raise CacheFormatError(f"it has {len(header.layers)} layers, but its model has {len(plan)}", "layers")
+    for spec, name in ((config.key, "key"), (config.value, "value")):
+        if spec.axis == "token" and header.model.head_dim % spec.group_size:
+            raise CacheFormatError(f"head_dim {header.model.head_dim} does not fit the {name} group", "layers")
+    for idx, (entry, kind) in enumerate(zip(header.layers, plan, strict=True)):
+        expected_kind = "none" if kind == "none" else "full" if kind == "full" else "sliding"
+        problems = []
+        if entry.kind != expected_kind:
+            problems.append(f"kind {entry.kind} where the model's layer is {kind}")
+        elif entry.kind != "none":
+            stored = entry.sink_len + entry.packed_len + entry.residual_len
+            sinks = config.sinks if entry.kind == "full" else 0
+            if entry.seen_tokens != header.tokens:
+                problems.append(f"{entry.seen_tokens} tokens seen, the file holds {header.tokens} token ids")
+            if stored != entry.seen_tokens if entry.kind == "full" else not 0 < stored <= entry.seen_tokens:
+                problems.append(f"{stored} tokens stored of {entry.seen_tokens} seen")
+            if entry.sink_len > sinks or (entry.sink_len < sinks and entry.packed_len + entry.residual_len):
+                problems.append(f"{entry.sink_len} sink tokens with {sinks} sinks configured")
+            if entry.packed_len % block:
+                problems.append(f"{entry.packed_len} packed tokens, not whole blocks of {block}")
+            if entry.residual_len >= window:
+                problems.append(f"{entry.residual_len} residual tokens, the window holds fewer than {window}")
+            if (
+                entry.shadow_len not in (0, block)
+                or entry.shadow_len > entry.packed_len
+                or (entry.shadow_len and not entry.record_past)
+            ):
+                problems.append(f"a shadow block of {entry.shadow_len} tokens")
+        if problems:
+            raise CacheFormatError(f"layer {idx} is inconsistent: {'; '.join(problems)}", "layers")
+
+
+# -- loading into a model --------------------------------------------------------------------------------------------
+
+
+def check_model(file: CacheFile, model: Any, tokenizer: Any = None) -> ModelFingerprint:
+    """Raise `CacheModelMismatchError` naming the first fingerprint field where `file` and `model` differ.
+
+    The tokenizer is checked when both the file and the call have one. Returns the model's fingerprint.
+    """
+    ours = ModelFingerprint.of(model, tokenizer)
+    theirs = file.header.model
+    checks = [
+        ("architecture", theirs.architecture, ours.architecture),
+        (
+            "shapes",
+            (theirs.layer_plan, theirs.kv_heads, theirs.head_dim),
+            (ours.layer_plan, ours.kv_heads, ours.head_dim),
+        ),
+        ("dtype", theirs.dtype, ours.dtype),
+        ("config", theirs.config_sha256, ours.config_sha256),
+        ("weights", theirs.weights_sha256, ours.weights_sha256),
+    ]
+    if theirs.tokenizer_sha256 is not None and ours.tokenizer_sha256 is not None:
+        checks.append(("tokenizer", theirs.tokenizer_sha256, ours.tokenizer_sha256))
+    for check, file_value, model_value in checks:
+        if file_value != model_value:
+            what = {
+                "architecture": f"architecture {file_value} vs {model_value}",
+                "shapes": f"layers/kv heads/head dim {_shape_text(theirs)} vs {_shape_text(ours)}",
+                "dtype": f"dtype {file_value} vs {model_value} (load the model in {file_value})",
+                "config": "the model config",
+                "weights": "the weights (another checkpoint, fine-tune or weight quantization)",
+                "tokenizer": "the tokenizer",
+            }[check]
+            raise CacheModelMismatchError(
+                f"{file.path}: it was built for another model ({theirs.name}): {what} differs. "
+                f"{_ADVICE[CacheModelMismatchError]}",
+                check,
+            )
+    return ours
+
+
+def _shape_text(fp: ModelFingerprint) -> str:
+    return f"{len(fp.layer_plan)} layers ({', '.join(sorted(set(fp.layer_plan)))}) x {fp.kv_heads} x {fp.head_dim}"
+
+
+def load_cache(path: str | os.PathLike[str], model: Any, tokenizer: Any = None, backend: str = "auto") -> KVPackCache:
+    """Read `path`, check it and the model, and rebuild the cache on the model's devices. See `KVPackCache.load`."""
+    from kvpack.cache.cache import KVPackCache
+
+    file = read_cache_file(path)
+    check_model(file, model, tokenizer)
+    header = file.header
+    text = model.config.get_text_config(decoder=True)
+    limit = max(getattr(text, "max_position_embeddings", None) or FALLBACK_CONTEXT_LIMIT, header.tokens)
+    config = header.cache_config
+    if config.residual > limit or config.sinks > limit:
+        raise CacheFormatError(
+            f"{file.path}: its cache config {config.spec} asks for a residual window or sinks longer than the model's "
+            f"context ({limit} tokens). {_ADVICE[CacheFormatError]}",
+            "context",
+        )
+    cache = KVPackCache(model, config, backend=backend)
+    devices = layer_devices(model, len(cache.layers))
+    for idx, state in file.layer_states():
+        if state is None:
+            continue
+        layer = cache.layers[idx]
+        assert isinstance(layer, PackedLayer)
+        layer.restore(_on_device(state, devices[idx]))
+    cache.prefix_ids = torch.tensor(header.token_ids, dtype=torch.long)
+    cache.prefill_s = header.prefill_s
+    return cache
+
+
+def _on_device(state: LayerState, device: torch.device) -> LayerState:
+    def move(packed: PackedTensor | None) -> PackedTensor | None:
+        if packed is None:
+            return None
+        return replace(
+            packed, codes=packed.codes.to(device), scale=packed.scale.to(device), zero=packed.zero.to(device)
+        )
+
+    dense = {name: getattr(state, name).to(device) for name in _DENSE_TENSORS}
+    return replace(state, **dense, packed_keys=move(state.packed_keys), packed_values=move(state.packed_values))
+
+
+def layer_devices(model: Any, n_layers: int) -> list[torch.device]:
+    """The device of each decoder layer's weights (a per-layer device map puts them apart), else the model's."""
+    fallback = torch.device(model.device)
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    if layers is None or len(layers) != n_layers:
+        return [fallback] * n_layers
+    devices = []
+    for layer in layers:
+        hook = getattr(layer, "_hf_hook", None)  # accelerate: where the layer runs when its weights are offloaded
+        device = getattr(hook, "execution_device", None)
+        if device is None:
+            param = next(layer.parameters(), None)
+            device = param.device if param is not None and param.device.type != "meta" else fallback
+        devices.append(torch.device(device))
+    return devices
+
+
+def prefix_cache(
+    model: Any, input_ids: Any, cache_config: CacheConfig | str = "k4v4", backend: str = "auto"
+) -> KVPackCache:
+    """A `KVPackCache` holding `input_ids` (`[batch, tokens]` or a list of ids): the prefill of a reusable prefix.
+
+    The returned cache's `prefix_ids` are the ids (on the CPU; `cache.save(path, model)` needs no more), and
+    `prefill_s` the seconds the prefill took. Only the cache is kept (the last position's logits are dropped).
+    """
+    from kvpack.cache.cache import KVPackCache
+
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    ids = (ids.unsqueeze(0) if ids.dim() == 1 else ids).to(model.device)
+    if ids.dim() != 2 or ids.shape[1] == 0:
+        raise KVPackError(f"input_ids must be [batch, tokens] with at least one token, got {tuple(ids.shape)}.")
+    cache = KVPackCache(model, cache_config, backend=backend)
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    cache.prefill_s = time.perf_counter() - start
+    cache.prefix_ids = ids.cpu()
+    return cache
+
+
+# -- strict JSON readers: every value from a file is checked before use ---------------------------------------------
+
+
+def _header_error(detail: str) -> CacheFormatError:
+    return CacheFormatError(f"its header is malformed: {detail}", "header")
+
+
+def _object(value: Any, where: str, fields: set[str]) -> dict[str, Any]:
+    if not isinstance(value, dict) or set(value) != fields:
+        got = sorted(map(str, value))[:12] if isinstance(value, dict) else type(value).__name__
+        raise _header_error(f"{where} must be an object with fields {sorted(fields)}, got {got}")
+    return value
+
+
+def _list(value: Any, where: str, max_len: int) -> list[Any]:
+    if not isinstance(value, list) or len(value) > max_len:
+        raise _header_error(f"{where} must be a list of at most {max_len} items")
+    return value
+
+
+def _int(value: Any, where: str, low: int = 0, high: int = 1 << 62) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise _header_error(f"{where} must be an integer in [{low}, {high}], got {str(value)[:40]}")
+    return value
+
+
+def _str(value: Any, where: str) -> str:
+    if not isinstance(value, str) or len(value) > 4096:
+        raise _header_error(f"{where} must be a string (of at most 4096 characters)")
+    return value
+
+
+def _sha256(value: Any, where: str) -> str:
+    if not isinstance(value, str) or not _SHA256.match(value):
+        raise _header_error(f"{where} must be a SHA-256 hex digest")
+    return value
