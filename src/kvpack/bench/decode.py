@@ -319,9 +319,9 @@ def cmd_decode(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(subparsers: Any) -> None:
-    """Register `kvpack bench decode` on the CLI's subparsers."""
-    bench = subparsers.add_parser("bench", help="speed benchmarks (decode)")
+def add_parser(subparsers: Any) -> Any:
+    """Register `kvpack bench decode` on the CLI's subparsers; returns `kvpack bench`'s subparsers."""
+    bench = subparsers.add_parser("bench", help="benchmarks (decode speed, long runs)")
     bench_sub = bench.add_subparsers(dest="bench", metavar="<benchmark>", required=True)
     parser = bench_sub.add_parser(
         "decode",
@@ -346,3 +346,4 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--json", default=str(DEFAULT_RESULTS), help="JSON path (.md and .png beside it)")
     parser.set_defaults(func=cmd_decode)
+    return bench_sub
