@@ -60,13 +60,15 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     ),
 )
 
+_CONFIG_ONLY = "the family's default config (no weights needed to refuse)"
 REFUSED: tuple[Architecture, ...] = (
-    Architecture("DeepSeek-V2 / V3", "deepseek_v3", "tiny config", "multi-head latent attention: caches a latent"),
-    Architecture("Qwen3-Next", "qwen3_next", "tiny config", "linear-attention layers (hybrid)"),
-    Architecture("Jamba", "jamba", "tiny config", "Mamba layers (hybrid)"),
-    Architecture("Falcon-H1", "falcon_h1", "tiny config", "parallel Mamba + attention layers (hybrid)"),
-    Architecture("Mamba", "mamba", "tiny config", "no attention: a recurrent state"),
-    Architecture("RWKV", "rwkv", "tiny config", "no attention heads: a recurrent state"),
+    Architecture("DeepSeek-V2", "deepseek_v2", _CONFIG_ONLY, "multi-head latent attention: caches a latent"),
+    Architecture("DeepSeek-V3", "deepseek_v3", _CONFIG_ONLY, "multi-head latent attention: caches a latent"),
+    Architecture("Qwen3-Next", "qwen3_next", _CONFIG_ONLY, "linear-attention layers (hybrid)"),
+    Architecture("Jamba", "jamba", _CONFIG_ONLY, "Mamba layers (hybrid)"),
+    Architecture("Falcon-H1", "falcon_h1", _CONFIG_ONLY, "Mamba and attention in each layer (hybrid)"),
+    Architecture("Mamba", "mamba", _CONFIG_ONLY, "no attention: a recurrent state"),
+    Architecture("RWKV", "rwkv", _CONFIG_ONLY, "no attention heads: a recurrent state"),
 )
 
 
