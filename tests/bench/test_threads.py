@@ -22,6 +22,7 @@ def test_bench_threads_reports_identical_outputs(tiny_model_dir: Path, tmp_path:
     assert result["prompt_tokens"] == [40, 57, 74]
     assert [row["cache"] for row in result["rows"]] == ["k4v4-g16-r16", "k8v8-g16-r16@dense"]
     assert all(row["identical"] and len(row["concurrent_s"]) == 1 for row in result["rows"])
+    assert all(min(row["packed_tokens"]) > 0 for row in result["rows"])  # every thread ran on packed data
     assert "| k4v4-g16-r16 | yes |" in out.with_suffix(".md").read_text()
 
 

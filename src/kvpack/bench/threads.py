@@ -50,7 +50,8 @@ def _generate(model: Any, ids: torch.Tensor, spec: str, backend: str, tokens: in
         output_logits=True,
         pad_token_id=model.config.eos_token_id,
     )
-    return out.sequences, torch.stack(out.logits)
+    packed = min(getattr(layer, "packed_length", 0) for layer in cache.layers)
+    return out.sequences, torch.stack(out.logits), packed
 
 
 def run_threads(args: argparse.Namespace) -> dict[str, Any]:
@@ -98,6 +99,7 @@ def run_threads(args: argparse.Namespace) -> dict[str, Any]:
                 "sequential_s": sequential_s,
                 "concurrent_s": concurrent_s,
                 "speedup": sequential_s / min(concurrent_s),
+                "packed_tokens": [run[2] for run in sequential],
             }
         )
     model.set_attn_implementation("sdpa")
@@ -113,12 +115,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- model: {result['model']} ({result['dtype']}); prompts of {', '.join(map(str, result['prompt_tokens']))} "
         f"tokens, {result['new_tokens']} new tokens each, greedy; {result['rounds']} concurrent rounds",
         "",
-        "| cache | every thread bit-identical to its sequential run | sequential s | concurrent s (best) | speedup |",
-        "|---|---|---|---|---|",
+        "| cache | every thread bit-identical to its sequential run | packed tokens per prompt (first layer) "
+        "| sequential s | concurrent s (best) | speedup |",
+        "|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         lines.append(
-            f"| {row['cache']} | {'yes' if row['identical'] else 'NO'} | {row['sequential_s']:.1f} | "
+            f"| {row['cache']} | {'yes' if row['identical'] else 'NO'} | {', '.join(map(str, row['packed_tokens']))} | "
+            f"{row['sequential_s']:.1f} | "
             f"{min(row['concurrent_s']):.1f} | {row['speedup']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
@@ -149,7 +153,7 @@ def add_parser(bench_subparsers: Any) -> None:
     parser.add_argument("--workers", type=int, default=4, help="threads (and prompts) (default 4)")
     parser.add_argument("--rounds", type=int, default=2, help="concurrent rounds (default 2)")
     parser.add_argument("--tokens", type=int, default=24, help="new tokens per prompt (default 24)")
-    parser.add_argument("--prompt-tokens", type=int, default=160, help="tokens of the first prompt (default 160)")
+    parser.add_argument("--prompt-tokens", type=int, default=256, help="tokens of the first prompt (default 256)")
     parser.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     parser.add_argument("--torch-threads", type=int, default=1, help="torch CPU threads per op (default 1)")
