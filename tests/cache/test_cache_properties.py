@@ -147,6 +147,8 @@ def run_sequence(config: Any, spec: str, dtype: torch.dtype, ops: list[Op], seed
                 keep = max(stream.keys.shape[2] - arg, 0)
                 stream.keys, stream.values = stream.keys[:, :, :keep], stream.values[:, :, :keep]
         else:
+            if streams[0].keys.shape[2] == 0:
+                continue  # DynamicLayer skips batch operations while empty (after a crop of everything): no model
             if name == "reorder":
                 index = torch.tensor([i % batch for i in arg[:batch]])
                 cache.reorder_cache(index)
