@@ -1,8 +1,9 @@
 """Independent caches used from several threads at once give what they give one after another.
 
 One model, shared read-only by every thread (its attention implementation set before any thread starts); each thread
-generates with its own `KVPackCache` from its own prompt. torch releases the GIL inside its ops, and the CPU kernels
-run with the GIL released, so the threads really overlap. Each thread's tokens and logits must be bit-identical to
+generates with its own `KVPackCache` from its own prompt. torch releases the GIL inside its own ops (linear layers,
+SDPA, the dense path's dequantization), so the threads overlap there; kvpack's C++ and numba kernels hold the GIL, so
+their calls interleave between the others'. Each thread's tokens and logits must be bit-identical to
 the same generation run alone: no state is shared between caches (packed views, kernel scratch and the attention
 backend's per-process caches included). Several rounds, started together on a barrier, for more interleavings.
 """
