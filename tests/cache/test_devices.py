@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -111,10 +112,22 @@ def test_tensor_parallel_ranks_hold_their_own_heads(model_dir: Path, tmp_path: P
     worker = Path(__file__).with_name("tp_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-    done = subprocess.run(
-        [*command, str(worker), str(model_dir), str(tmp_path)], env=env, capture_output=True, text=True, timeout=300
+    # A session of its own, so that a hang kills the launcher and its workers together.
+    launcher = subprocess.Popen(
+        [*command, str(worker), str(model_dir), str(tmp_path)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    assert done.returncode == 0, done.stderr[-3000:]
+    try:
+        _, stderr = launcher.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.communicate()
+        raise
+    assert launcher.returncode == 0, stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     kv_heads = llama_config().num_key_value_heads
     for rank in ranks:
