@@ -499,12 +499,15 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("json", help="a JSON written by `kvpack compare`")
     report.set_defaults(func=cmd_report)
 
-    from kvpack.bench import decode, memory, persist
+    from kvpack.bench import decode, long_run, memory, persist, threads
     from kvpack.eval import passkey
 
     memory.add_parser(sub)
     passkey.add_parser(sub)
-    persist.add_parser(decode.add_parser(sub))
+    bench = decode.add_parser(sub)
+    persist.add_parser(bench)
+    long_run.add_parser(bench)
+    threads.add_parser(bench)
 
     doctor = sub.add_parser("doctor", help="which attention backend this machine gets, and why")
     doctor.set_defaults(func=cmd_doctor)

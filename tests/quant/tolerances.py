@@ -79,3 +79,44 @@ SQNR_MIN_DB: dict[tuple[int, int], float] = {
 # at 4096 tokens is the worst case, never approached by random data); measured here: <= 2e-6 relative up to 4096
 # tokens. Allowed: 2e-5, ten times that.
 ATTENTION_REL_TOL = 2e-5
+
+
+# -- whole models (tests/test_architectures.py) -------------------------------------------------------------------
+#
+# Tiny random-weight models of every supported architecture, greedy decoding of a fixed 40-token prompt, spec
+# k8v8-g16-r16 / k4v4-g16-r16 (so the prompt's older tokens are packed). Their logits span ~1.1 and are nearly flat,
+# so a top-2 margin can be smaller than any cache's error: greedy outputs are compared with
+# `tests.cache.test_cache.assert_same_greedy` (equal tokens, logits within the tolerance, a divergence allowed only
+# at a step whose full-precision top-2 margin is within twice the tolerance).
+#
+# Largest |logit difference| between the 8-bit cache and DynamicCache, by model dtype.
+#   float32, float16: 5e-3, the bound of tests/cache/test_cache.py (LOGIT_TOL_8BIT, reasoned there); measured here
+#       <= 8.4e-4 (float32) and <= 1.0e-3 (float16, whose logits near 1 are rounded to 2**-10 steps) over the 7
+#       architectures and 4 attention paths (CPU, torch 2.13).
+#   bfloat16: 2**-7 = 7.8e-3, one bfloat16 ulp of a logit in [1, 2). In bfloat16 the model's own rounding (8 bits of
+#       significand, 2**-9 relative) is as coarse as an 8-bit code of a group (range / 510), so the two caches differ
+#       by flipped roundings of the logits themselves: measured 3.9e-3 everywhere, one ulp of a logit in [0.5, 1).
+#       One ulp at the top of the logits' range is allowed, no more.
+LOGIT_TOL_8BIT_BY_DTYPE: dict[torch.dtype, float] = {
+    torch.float32: 5e-3,
+    torch.float16: 5e-3,
+    torch.bfloat16: 2.0**-7,
+}
+
+# The 4-bit cache, teacher-forced along the full-precision greedy path (each step's logits with the 4-bit cache holding
+# the full-precision prefix, so one flip does not derail the rest), 16 steps:
+#   - logits within 5e-2 of full precision at every step. A 4-bit code's step is 17x an 8-bit one's (range / 15 vs
+#     range / 255), so ~17x the 8-bit error (<= 1e-3 here): measured <= 2.9e-2 (Qwen2, whose key biases widen the
+#     key groups; <= 1e-2 on the others), in every dtype and path. 5e-2 keeps 1.7x headroom;
+#   - the greedy choice differs only at a near-tie (full-precision top-2 margin within twice that), and on at least
+#     12 of 16 steps. Measured: 16 of 16 on Llama, Qwen2, Qwen3, Mistral, Phi-3 and Gemma 3 in every dtype and path;
+#     GPT-NeoX, whose random logits have top-2 margins down to 2e-4, 14 / 15 / 13 of 16 in float32 / float16 /
+#     bfloat16, each flip at a margin <= 3e-3. A cache that was wrong rather than noisy (a misplaced group) would
+#     agree on ~1/vocab of the steps.
+LOGIT_TOL_4BIT_BY_DTYPE: dict[torch.dtype, float] = {torch.float32: 5e-2, torch.float16: 5e-2, torch.bfloat16: 5e-2}
+K4V4_MIN_TOP1_AGREEMENT = 12 / 16
+
+# Gemma 3 270M (real weights, float32, kvpack's fused path), the same 16 teacher-forced steps after a 40-token prompt:
+# the 8-bit cache reproduces the greedy output exactly (dense and fused); the 4-bit one (fused path) measured 15 of
+# 16 (one flip, where the full-precision top-2 logits are close). Allowed: 14 of 16.
+GEMMA3_270M_K4V4_MIN_TOP1_AGREEMENT = 14 / 16

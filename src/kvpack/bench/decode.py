@@ -321,7 +321,7 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def add_parser(subparsers: Any) -> Any:
     """Register `kvpack bench` and `kvpack bench decode` on the CLI's subparsers; returns `bench`'s subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks: decode speed, prompt caches on disk")
+    bench = subparsers.add_parser("bench", help="benchmarks: decode speed, prompt caches on disk, long runs, threads")
     bench_sub = bench.add_subparsers(dest="bench", metavar="<benchmark>", required=True)
     parser = bench_sub.add_parser(
         "decode",

@@ -204,7 +204,7 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 # -- the exact formula ----------------------------------------------------------------------------------------
 
 
-def _packed_bytes(spec: QuantSpec, tokens: int, head_dim: int) -> int:
+def packed_bytes(spec: QuantSpec, tokens: int, head_dim: int) -> int:
     """Bytes of one (batch, head) row of a `PackedBuffer` holding exactly `tokens` tokens (codes, scales, zeros)."""
     if spec.axis == "channel":  # one row of `group_size` codes per channel per block of tokens
         units, code_bytes, params = (
@@ -244,7 +244,7 @@ def _kvpack_row_bytes(config: CacheConfig, window: int | None, length: int, head
         flush -= min(max(excess, 0) // block * block, flush)
     # The record-past shadow block is empty (only assisted decoding turns it on).
     dense_tokens = config.sinks + config.residual + block  # the sinks and residual buffers, preallocated
-    packed = _packed_bytes(config.key, flush, head_dim) + _packed_bytes(config.value, flush, head_dim)
+    packed = packed_bytes(config.key, flush, head_dim) + packed_bytes(config.value, flush, head_dim)
     return 2 * dense_tokens * head_dim * element_size + packed
 
 

@@ -29,8 +29,13 @@ def _layer_plan(config: PretrainedConfig) -> list[tuple[str, int | None]]:
         if getattr(text, field, None):
             raise UnsupportedModelError(
                 f"{model_type}: multi-head latent attention caches a compressed latent, not per-head keys/values; "
-                "kvpack does not support this architecture."
+                "kvpack does not support this architecture: use transformers' own cache (the default) with it."
             )
+    if getattr(text, "num_attention_heads", None) is None:
+        raise UnsupportedModelError(
+            f"{model_type}: the model has no attention heads (a recurrent or state-space model); its state is not a "
+            "key/value cache, so kvpack cannot hold it: use the model's own cache."
+        )
     n_layers = text.num_hidden_layers
     layer_types = getattr(text, "layer_types", None)
     if layer_types is None:
@@ -50,7 +55,8 @@ def _layer_plan(config: PretrainedConfig) -> list[tuple[str, int | None]]:
         else:
             raise UnsupportedModelError(
                 f"{model_type}: layer type {layer_type!r} does not cache plain per-head keys/values (linear, hybrid, "
-                "indexed or compressed attention); kvpack refuses it rather than half-support it."
+                "indexed or compressed attention); kvpack refuses it rather than half-support it: use transformers' "
+                "own cache (the default) with this model."
             )
     if getattr(text, "kv_sharing_modes", None) is not None:
         plan = [

@@ -1,0 +1,301 @@
+"""`kvpack bench long`: one long greedy generation (16k+ tokens), checking that the cache grows by exactly the bytes
+the layout says and that the process does not leak.
+
+The model is a small random-weight Llama built in the run (seeded; default 4 layers, 4 KV heads of 64 dims, a 16k+
+rotary range), because the real default model decodes ~10 tokens/s on CPU and a 16k-token run would take hours;
+cache growth and leaks do not depend on the weights. Decoding is a plain loop of single-token forwards (what
+`generate` does, without keeping every step's logits), sampled every `--sample-every` tokens:
+
+  - packed bytes: the codes, scales and zeros of the tokens packed so far (each `PackedBuffer`'s valid part), which
+    must equal the layout's formula for the packed length (`kvpack.bench.memory.packed_bytes`) at every sample, and
+    the packed length must be every whole block beyond the residual window (no token packed early, none late);
+  - held bytes: `cache.nbytes()`, the above plus the full-precision buffers and the packed buffers' unused capacity
+    (which grows by max(256 tokens, 1/8 of the capacity) at a time, so it may run ahead of the valid bytes by that);
+  - RSS: the process's resident memory, read after returning freed heap pages to the OS (`malloc_trim`; glibc
+    otherwise keeps the packed buffers' old copies from each capacity growth). Its growth beyond the cache's held
+    bytes, per token, is the in-run leak figure. The generation runs twice, each with a fresh cache; RSS after the
+    second must come back to the first's (a cache that outlived its run would add its bytes).
+
+JSON is the source of truth; Markdown is made from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpack.bench.compare import result_header
+from kvpack.bench.memory import _release_freed_memory, _rss_bytes, packed_bytes
+from kvpack.config import parse_spec
+
+DEFAULT_RESULTS = Path("benchmarks/results/long_run.json")
+
+
+def tiny_llama(max_tokens: int, layers: int = 2, kv_heads: int = 2, head_dim: int = 64, seed: int = 0) -> Any:
+    """A random-weight Llama with 2 query heads per KV head and a rotary range of `max_tokens`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    heads = 2 * kv_heads
+    config = LlamaConfig(
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        num_hidden_layers=layers,
+        intermediate_size=2 * heads * head_dim,
+        vocab_size=512,
+        max_position_embeddings=max_tokens,
+        eos_token_id=None,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def packed_state(cache: Any) -> tuple[int, int]:
+    """(valid packed bytes over all layers, packed tokens of the first layer)."""
+    from kvpack.cache.layer import PackedLayer
+
+    layers = [layer for layer in cache.layers if isinstance(layer, PackedLayer)]
+    valid = sum(buf.view().nbytes for layer in layers for buf in (layer.packed_keys, layer.packed_values) if buf)
+    return valid, layers[0].packed_length if layers else 0
+
+
+def generate_long(model: Any, spec: str, backend: str, tokens: int, prompt: int, sample_every: int) -> dict[str, Any]:
+    """Greedy decoding of `tokens` new tokens after a random prompt, with a sample every `sample_every` tokens."""
+    from kvpack.cache.cache import KVPackCache
+
+    config = parse_spec(spec)
+    text = model.config
+    rows = text.num_hidden_layers * text.num_key_value_heads  # batch 1
+    ids = torch.randint(0, text.vocab_size, (1, prompt), generator=torch.Generator().manual_seed(1))
+    cache = KVPackCache(model, config, backend=backend)
+    samples = []
+    start = time.perf_counter()
+    with torch.inference_mode():
+        logits = model(ids, past_key_values=cache).logits[:, -1]
+        for step in range(1, tokens + 1):
+            next_token = logits.argmax(dim=-1, keepdim=True)
+            logits = model(next_token, past_key_values=cache).logits[:, -1]
+            if step % sample_every == 0 or step == tokens:
+                valid, packed_len = packed_state(cache)
+                seen = cache.get_seq_length()
+                expected_len = max(seen - config.sinks - config.residual, 0) // config.block_tokens
+                samples.append(
+                    {
+                        "new_tokens": step,
+                        "cached_tokens": seen,
+                        "packed_tokens": packed_len,
+                        "expected_packed_tokens": expected_len * config.block_tokens,
+                        "packed_bytes": valid,
+                        "formula_packed_bytes": rows
+                        * (packed_bytes(config.key, packed_len, text.head_dim)
+                           + packed_bytes(config.value, packed_len, text.head_dim)),
+                        "held_bytes": cache.nbytes(),
+                        "fp16_bytes": cache.fp16_nbytes(),
+                        "rss_bytes": _live_rss_bytes(),
+                        "elapsed_s": time.perf_counter() - start,
+                    }
+                )  # fmt: skip
+    del cache, logits
+    return {"samples": samples, "rss_after_bytes": _live_rss_bytes(), "seconds": time.perf_counter() - start}
+
+
+def _live_rss_bytes() -> int | None:
+    """RSS after returning freed heap pages to the OS: glibc keeps the packed buffers' previous, smaller copies
+    (freed when their capacity grows) until trimmed, which would show as growth beyond the cache's bytes."""
+    _release_freed_memory(torch.device("cpu"))
+    return _rss_bytes()
+
+
+def _slope(xs: list[float], ys: list[float]) -> float:
+    """Least-squares slope of ys over xs."""
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    var = sum((x - mx) ** 2 for x in xs)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / var if var else 0.0
+
+
+def summarize(run: dict[str, Any], bytes_per_token: float, warmup_tokens: int) -> dict[str, Any]:
+    """Slopes (bytes per new token) of the packed, held and RSS bytes after the warm-up, and the checks."""
+    samples = run["samples"]
+    late = [s for s in samples if s["new_tokens"] >= warmup_tokens] or samples
+    xs = [float(s["cached_tokens"]) for s in late]
+    first, last = late[0], late[-1]
+    tokens = last["cached_tokens"] - first["cached_tokens"]
+    rss_growth = (last["rss_bytes"] - first["rss_bytes"]) if last["rss_bytes"] is not None else None
+    held_growth = last["held_bytes"] - first["held_bytes"]
+    return {
+        "packed_bytes_equal_formula": all(s["packed_bytes"] == s["formula_packed_bytes"] for s in samples),
+        "packed_tokens_as_expected": all(s["packed_tokens"] == s["expected_packed_tokens"] for s in samples),
+        "formula_bytes_per_token": bytes_per_token,
+        "packed_slope_bytes_per_token": _slope(xs, [float(s["packed_bytes"]) for s in late]),
+        "held_slope_bytes_per_token": _slope(xs, [float(s["held_bytes"]) for s in late]),
+        "rss_slope_bytes_per_token": _slope(xs, [float(s["rss_bytes"] or 0) for s in late]),
+        "max_unused_capacity_bytes": max(s["held_bytes"] - s["packed_bytes"] for s in samples)
+        - (samples[0]["held_bytes"] - samples[0]["packed_bytes"] if samples[0]["packed_bytes"] == 0 else 0),
+        "rss_growth_bytes": rss_growth,
+        "held_growth_bytes": held_growth,
+        "rss_growth_beyond_cache_per_token": (rss_growth - held_growth) / tokens if rss_growth is not None else None,
+        "tokens_per_s": samples[-1]["new_tokens"] / samples[-1]["elapsed_s"],
+    }
+
+
+def run_long(args: argparse.Namespace) -> dict[str, Any]:
+    from kvpack.attention.registry import prepare, use_kvpack_attention
+
+    torch.set_num_threads(args.threads)
+    model = tiny_llama(
+        args.prompt + args.tokens + 1, layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim
+    )
+    if args.backend != "dense":
+        use_kvpack_attention(model)
+    prepare(args.backend)
+    config = parse_spec(args.spec)
+    text = model.config
+    rows = text.num_hidden_layers * text.num_key_value_heads
+    block = config.block_tokens
+    per_block = packed_bytes(config.key, block, text.head_dim) + packed_bytes(config.value, block, text.head_dim)
+    bytes_per_token = rows * per_block / block
+    result = result_header("long", model, f"random-weight Llama ({text.num_hidden_layers} layers)")
+    result.update(
+        spec=config.spec,
+        backend=args.backend,
+        tokens=args.tokens,
+        prompt_tokens=args.prompt,
+        sample_every=args.sample_every,
+        model_shape={
+            "layers": text.num_hidden_layers,
+            "kv_heads": text.num_key_value_heads,
+            "head_dim": text.head_dim,
+            "dtype": str(model.dtype).removeprefix("torch."),
+        },
+        rss_before_bytes=_rss_bytes(),
+        runs=[],
+    )
+    warmup = min(args.warmup, args.tokens // 2)
+    for index in range(args.runs):
+        print(
+            f"run {index + 1}/{args.runs}: {args.tokens} tokens with {config.spec} ({args.backend}) ...",
+            file=sys.stderr,
+        )
+        run = generate_long(model, config.spec, args.backend, args.tokens, args.prompt, args.sample_every)
+        run["summary"] = summarize(run, bytes_per_token, warmup)
+        result["runs"].append(run)
+    return result
+
+
+def check(result: dict[str, Any]) -> list[str]:
+    """What is wrong with a long run (empty when nothing is): the exact byte checks, and RSS after each run against
+    the first: a cache that outlived its run (a leak) would add its held bytes to every later run; a quarter of them
+    is allowed for the allocator's own noise."""
+    problems = []
+    runs = result["runs"]
+    first_after = runs[0]["rss_after_bytes"]
+    for i, run in enumerate(runs[1:], start=2):
+        held = run["samples"][-1]["held_bytes"]
+        if first_after is not None and run["rss_after_bytes"] - first_after > held / 4:
+            problems.append(f"run {i}: RSS after the run is {_mib(run['rss_after_bytes'] - first_after)} above run 1's")
+    for i, run in enumerate(runs):
+        summary = run["summary"]
+        if not summary["packed_bytes_equal_formula"]:
+            problems.append(f"run {i + 1}: packed bytes differ from the formula")
+        if not summary["packed_tokens_as_expected"]:
+            problems.append(f"run {i + 1}: tokens were packed early or late")
+    return problems
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    shape = result["model_shape"]
+    lines = [
+        f"# Long run: {result['tokens']:,} generated tokens, {result['spec']} ({result['backend']})",
+        "",
+        f"- command: `{result['command']}`; {result['date']}; torch {result['versions']['torch']}, transformers "
+        f"{result['versions']['transformers']}, {result['machine']['torch_threads']} thread(s)",
+        f"- model: {result['model']}, {shape['layers']} layers x {shape['kv_heads']} KV heads x "
+        f"{shape['head_dim']} dims, "
+        f"{shape['dtype']}; greedy decoding after a {result['prompt_tokens']}-token prompt, batch 1",
+        f"- sampled every {result['sample_every']} tokens; slopes are least squares over the samples after the warm-up",
+        "",
+        "| run | tok/s | packed bytes = formula | packed tokens as the rule says | formula B/token | packed slope "
+        "| held slope | RSS slope | RSS growth beyond the cache, B/token | RSS after run |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for i, run in enumerate(result["runs"]):
+        s = run["summary"]
+        leak = s["rss_growth_beyond_cache_per_token"]
+        lines.append(
+            f"| {i + 1} | {s['tokens_per_s']:.0f} | {'yes' if s['packed_bytes_equal_formula'] else 'NO'} | "
+            f"{'yes' if s['packed_tokens_as_expected'] else 'NO'} | {s['formula_bytes_per_token']:.2f} | "
+            f"{s['packed_slope_bytes_per_token']:.2f} | {s['held_slope_bytes_per_token']:.2f} | "
+            f"{s['rss_slope_bytes_per_token']:.1f} | {'' if leak is None else f'{leak:.1f}'} | "
+            f"{_mib(run['rss_after_bytes'])} |"
+        )
+    last = result["runs"][-1]["samples"][-1]
+    lines += [
+        "",
+        f"At {last['cached_tokens']:,} cached tokens: held {last['held_bytes']:,} bytes ({_mib(last['held_bytes'])}), "
+        f"of which packed {last['packed_bytes']:,}; a float16 DynamicCache would hold {last['fp16_bytes']:,} "
+        f"({last['fp16_bytes'] / last['held_bytes']:.2f}x). RSS before the first run: "
+        f"{_mib(result['rss_before_bytes'])}.",
+        "",
+        "## Samples of the first run",
+        "",
+        "| new tokens | cached | packed tokens | packed bytes | held bytes | RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    samples = result["runs"][0]["samples"]
+    every = max(1, len(samples) // 16)
+    for s in samples[::every] + ([samples[-1]] if (len(samples) - 1) % every else []):
+        lines.append(
+            f"| {s['new_tokens']:,} | {s['cached_tokens']:,} | {s['packed_tokens']:,} | {s['packed_bytes']:,} | "
+            f"{s['held_bytes']:,} | {_mib(s['rss_bytes'])} |"
+        )
+    problems = check(result)
+    lines += ["", "Checks: " + ("all passed." if not problems else "; ".join(problems))]
+    return "\n".join(lines) + "\n"
+
+
+def _mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
+
+
+def cmd_long(args: argparse.Namespace) -> int:
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result = run_long(args)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    page = to_markdown(result)
+    out.with_suffix(".md").write_text(page)
+    print(page)
+    print(f"wrote {out}, {out.with_suffix('.md')}", file=sys.stderr)
+    return 1 if check(result) else 0
+
+
+def add_parser(bench_subparsers: Any) -> None:
+    """Register `kvpack bench long` on `kvpack bench`'s subparsers."""
+    parser = bench_subparsers.add_parser(
+        "long",
+        help="a 16k-token generation: exact cache growth and process memory",
+        description="Generate --tokens tokens greedily with a small random-weight Llama and a packed cache; check the "
+        "packed bytes against the layout's formula at every sample and report the growth slopes and RSS. Writes "
+        "JSON and Markdown.",
+    )
+    parser.add_argument("--tokens", type=int, default=16384, help="new tokens per run (default 16384)")
+    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (default 64)")
+    parser.add_argument("--spec", default="k4v4", help="cache spec (default k4v4)")
+    parser.add_argument("--backend", default="auto", help="attention backend (default auto; dense: no fused path)")
+    parser.add_argument("--runs", type=int, default=2, help="generations, each with a fresh cache (default 2)")
+    parser.add_argument("--sample-every", type=int, default=256, help="tokens between samples (default 256)")
+    parser.add_argument("--warmup", type=int, default=1024, help="tokens left out of the slopes (default 1024)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=4)
+    parser.add_argument("--head-dim", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--json", default=str(DEFAULT_RESULTS), help="JSON path (.md beside it)")
+    parser.set_defaults(func=cmd_long)
