@@ -694,5 +694,7 @@ std::string simd_path() {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_path", &simd_path, "which SIMD code path this build of the kernel uses");
-  m.def("packed_attention", &packed_attention, "kvpack fused attention over a packed KV cache (CPU)");
+  // Without the GIL: attention calls of caches used from several Python threads run at the same time.
+  m.def("packed_attention", &packed_attention, "kvpack fused attention over a packed KV cache (CPU)",
+        py::call_guard<py::gil_scoped_release>());
 }
