@@ -16,7 +16,7 @@ def test_bench_persist_writes_a_row_per_prefix_and_cache(tiny_model_dir: Path, t
     data.write_text("The quick brown fox jumps over the lazy dog. " * 80)
     out = tmp_path / "persist.json"
     args = argparse.Namespace(
-        caches="k4v4-g16-r16,k8v8-g16-r16", contexts="64,200", suffix=4, repeats=2, data=str(data),
+        caches="k4v4-g16-r16,k8v8-g16-r16", contexts="64,200", suffix=4, prefill_repeats=2, repeats=3, data=str(data),
         model=str(tiny_model_dir), dtype="float32", device="cpu", threads=1, tmp=str(tmp_path), json=str(out),
     )  # fmt: skip
     assert cmd_persist(args) == 0
@@ -30,6 +30,8 @@ def test_bench_persist_writes_a_row_per_prefix_and_cache(tiny_model_dir: Path, t
         if row["cache"].startswith("k"):
             assert row["identical_first_token_logits"] is True
             assert row["load_first_token_s"] >= row["load_s"] and row["speedup_first_token"] > 0
+        assert row["runs"] == {"prefill": 2, "prefill_first": 2, "load": 3, "load_first": 3}
+        assert row["prefill_s"] <= row["median"]["prefill"] and row["load_s"] <= row["median"]["load"]
     k4_at_200 = next(r for r in result["rows"] if r["context"] == 200 and r["cache"] == "k4v4-g16-r16")
     assert k4_at_200["size_vs_fp16_dump"] > 1  # 4-bit codes beat float16 once most tokens are packed
     assert not list(tmp_path.glob("tmp*/*"))  # the files went with their temporary directory

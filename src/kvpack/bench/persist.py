@@ -1,21 +1,22 @@
 """`kvpack bench persist`: loading a saved prompt cache vs recomputing its prefill, and its size on disk.
 
-For each prefix length (the first N tokens of WikiText-2) and cache spec, in one process:
+For each prefix length (the first N tokens of WikiText-2), in one process, for each cache spec and for the
+full-precision reference:
 
-- prefill: a fresh cache of the spec takes the N tokens (`kvpack.prefix_cache`); save: `cache.save` (with the
-  tokenizer's hash), and the file's bytes; then the next `suffix` tokens (the "question") go through the model on
-  the fresh cache, which gives the first generated token: prefill + first token.
-- load: `KVPackCache.load` with every check (checksum, model and tokenizer fingerprint), `repeats` times from the
-  OS page cache (the file was just written), and once after asking the OS to drop the file's cached pages
-  (`posix_fadvise(DONTNEED)`: a read from this machine's disk); then load + the same suffix: load + first token.
-  The first token's logits are compared with the fresh cache's (they must be identical). The model runs kvpack's
-  attention, as `kvpack generate` does (prefills go through SDPA either way).
-- the reference on disk: the same N tokens prefilled into transformers' `DynamicCache`, its keys and values dumped
-  as float16 to a safetensors file, and loaded back into a `DynamicCache` in the model's dtype (+ first token): what
-  saving the full-precision cache instead would cost. Untimed warm-up runs of each kind come first.
+- prefill + first token: a fresh cache takes the N tokens (`kvpack.prefix_cache`, or transformers' `DynamicCache`),
+  then the next `suffix` tokens (the "question") go through the model on it, which gives the first generated token.
+- save: `cache.save` (with the tokenizer's hash); for the reference, its keys and values as float16 in a safetensors
+  file (what saving the full-precision cache instead would cost). The files' bytes.
+- load + first token: `KVPackCache.load` with every check (checksum, model and tokenizer fingerprints), then the same
+  suffix; for the reference, the file read whole and its tensors put in a `DynamicCache` in the model's dtype. The
+  first token's logits after a kvpack load are compared with the fresh cache's (they must be identical). One more
+  load after asking the OS to drop the file's cached pages (`posix_fadvise(DONTNEED)`) reads it from disk (cold).
 
-JSON is the source of truth (machine, versions, command, date, the load average before and after: this VM's 2
-cores are shared, and its timings vary); Markdown is made from it.
+Timings are the best of `prefill_repeats` prefills and of `repeats` loads, interleaved across the caches: on a
+shared machine other jobs only ever add time, so the minimum is the estimate of the work itself (medians are kept
+in the JSON too). The model runs kvpack's attention, as `kvpack generate` does (prefills go through SDPA either
+way); untimed warm-up runs of each kind come first. JSON is the source of truth (machine, versions, command, date,
+the load average before and after); Markdown is made from it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from kvpack.bench.compare import result_header
 DEFAULT_SPECS = "k4v4,k8v8"
 DEFAULT_CONTEXTS = "1024,4096,8192"
 DEFAULT_RESULTS = Path("benchmarks/results/persist.json")
+REFERENCE = "fp16 dump (DynamicCache)"
 
 
 def _drop_from_page_cache(path: Path) -> bool:
@@ -57,111 +59,103 @@ def _first_token_logits(model: Any, cache: Any, suffix: torch.Tensor) -> torch.T
     return model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
-def _fp16_dump(model: Any, ids: torch.Tensor, suffix: torch.Tensor, path: Path, repeats: int) -> dict[str, Any]:
-    """The full-precision reference: DynamicCache prefill (+ first token); its tensors dumped as float16, and loaded
-    back (the file read whole, the tensors in the model's dtype in a DynamicCache) (+ first token)."""
-    import safetensors.torch
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=model.config)
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    prefill_s = time.perf_counter() - start
-    start = time.perf_counter()
+def _fp16_tensors(cache: Any) -> dict[str, torch.Tensor]:
     tensors = {}
     for idx, layer in enumerate(cache.layers):
         keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
         if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
             tensors[f"layers.{idx}.keys"] = keys.to(torch.float16).contiguous()
             tensors[f"layers.{idx}.values"] = values.to(torch.float16).contiguous()
-    path.write_bytes(safetensors.torch.save(tensors))
-    save_s = time.perf_counter() - start
-    start = time.perf_counter()
-    _first_token_logits(model, cache, suffix)
-    first_s = time.perf_counter() - start
-    loads, loads_first = [], []
-    for _ in range(repeats):
+    return tensors
+
+
+class _Case:
+    """One cache kind at one prefix length: how to prefill it (and save it once), and how to load it."""
+
+    def __init__(self, name: str, spec: str | None, path: Path):
+        self.name, self.spec, self.path = name, spec, path
+        self.saved = False
+        self.times: dict[str, list[float]] = {"prefill": [], "prefill_first": [], "load": [], "load_first": []}
+        self.save_s = 0.0
+        self.fresh_logits: torch.Tensor | None = None
+        self.identical = True
+
+    def prefill(self, model: Any, tokenizer: Any, ids: torch.Tensor, suffix: torch.Tensor) -> None:
+        import safetensors.torch
+        from transformers import DynamicCache
+
+        from kvpack.cache.persist import prefix_cache
+
         start = time.perf_counter()
-        loaded = safetensors.torch.load(path.read_bytes())
-        restored = DynamicCache(config=model.config)
-        for idx in range(len(cache.layers)):
-            restored.update(
-                loaded[f"layers.{idx}.keys"].to(model.device, model.dtype),
-                loaded[f"layers.{idx}.values"].to(model.device, model.dtype),
-                idx,
-            )
-        loads.append(time.perf_counter() - start)
-        _first_token_logits(model, restored, suffix)
-        loads_first.append(time.perf_counter() - start)
-    load_first_s = statistics.median(loads_first)
-    return {
-        "file_bytes": path.stat().st_size,
-        "prefill_s": prefill_s,
-        "prefill_first_token_s": prefill_s + first_s,
-        "save_s": save_s,
-        "load_s": statistics.median(loads),
-        "load_first_token_s": load_first_s,
-        "speedup_first_token": (prefill_s + first_s) / load_first_s,
-    }
-
-
-def _warm_up(model: Any, tokenizer: Any, ids: torch.Tensor, specs: list[str], tmp: Path) -> None:
-    """One untimed prefill, save and load of each kind, so that first-call costs (allocator, threads, kernels) are
-    not timed."""
-    from transformers import DynamicCache
-
-    from kvpack.cache import KVPackCache
-    from kvpack.cache.persist import prefix_cache
-
-    with torch.no_grad():
-        model(input_ids=ids, past_key_values=DynamicCache(config=model.config), use_cache=True, logits_to_keep=1)
-    for spec in specs:
-        prefix_cache(model, ids, spec).save(tmp / "warm-up.kvpc", model, ids, tokenizer)
-        _first_token_logits(model, KVPackCache.load(tmp / "warm-up.kvpc", model, tokenizer), ids[:, :4])
-
-
-def _kvpack_row(
-    model: Any, tokenizer: Any, spec: str, ids: torch.Tensor, suffix: torch.Tensor, path: Path, repeats: int
-) -> dict[str, Any]:
-    from kvpack.cache import KVPackCache
-    from kvpack.cache.persist import prefix_cache
-
-    fresh = prefix_cache(model, ids, spec)
-    assert fresh.prefill_s is not None
-    start = time.perf_counter()
-    fresh.save(path, model, ids, tokenizer)
-    save_s = time.perf_counter() - start
-    start = time.perf_counter()
-    fresh_logits = _first_token_logits(model, fresh, suffix)
-    first_s = time.perf_counter() - start
-    loads, loads_first, identical = [], [], True
-    for _ in range(repeats):
+        if self.spec is None:
+            cache: Any = DynamicCache(config=model.config)
+            with torch.no_grad():
+                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        else:
+            cache = prefix_cache(model, ids, self.spec)
+            self.name = cache.cache_config.spec
+        prefill_s = time.perf_counter() - start
+        if not self.saved:
+            start = time.perf_counter()
+            if self.spec is None:
+                self.path.write_bytes(safetensors.torch.save(_fp16_tensors(cache)))
+            else:
+                cache.save(self.path, model, ids, tokenizer)
+            self.save_s, self.saved = time.perf_counter() - start, True
         start = time.perf_counter()
-        loaded = KVPackCache.load(path, model, tokenizer)
-        loads.append(time.perf_counter() - start)
-        logits = _first_token_logits(model, loaded, suffix)
-        loads_first.append(time.perf_counter() - start)
-        identical = identical and torch.equal(logits, fresh_logits)
-    cold_s = None
-    if _drop_from_page_cache(path):
+        logits = _first_token_logits(model, cache, suffix)
+        self.times["prefill"].append(prefill_s)
+        self.times["prefill_first"].append(prefill_s + time.perf_counter() - start)
+        if self.fresh_logits is None:
+            self.fresh_logits = logits
+
+    def load(self, model: Any, tokenizer: Any, suffix: torch.Tensor) -> None:
+        import safetensors.torch
+        from transformers import DynamicCache
+
+        from kvpack.cache import KVPackCache
+
         start = time.perf_counter()
-        KVPackCache.load(path, model, tokenizer)
-        cold_s = time.perf_counter() - start
-    load_first_s = statistics.median(loads_first)
-    return {
-        "cache": fresh.cache_config.spec,
-        "file_bytes": path.stat().st_size,
-        "prefill_s": fresh.prefill_s,
-        "prefill_first_token_s": fresh.prefill_s + first_s,
-        "save_s": save_s,
-        "load_s": statistics.median(loads),
-        "load_min_s": min(loads),
-        "load_cold_s": cold_s,
-        "load_first_token_s": load_first_s,
-        "speedup_first_token": (fresh.prefill_s + first_s) / load_first_s,
-        "identical_first_token_logits": identical,
-    }
+        if self.spec is None:
+            tensors = safetensors.torch.load(self.path.read_bytes())
+            cache: Any = DynamicCache(config=model.config)
+            for idx in range(len(tensors) // 2):
+                keys, values = tensors[f"layers.{idx}.keys"], tensors[f"layers.{idx}.values"]
+                cache.update(keys.to(model.device, model.dtype), values.to(model.device, model.dtype), idx)
+        else:
+            cache = KVPackCache.load(self.path, model, tokenizer)
+        load_s = time.perf_counter() - start
+        logits = _first_token_logits(model, cache, suffix)
+        self.times["load"].append(load_s)
+        self.times["load_first"].append(time.perf_counter() - start)
+        if self.spec is not None:
+            assert self.fresh_logits is not None  # prefilled (and saved) first
+            self.identical = self.identical and torch.equal(logits, self.fresh_logits)
+
+    def row(self, model: Any, tokenizer: Any) -> dict[str, Any]:
+        from kvpack.cache import KVPackCache
+
+        best = {name: min(values) for name, values in self.times.items()}
+        row: dict[str, Any] = {
+            "cache": self.name,
+            "file_bytes": self.path.stat().st_size,
+            "prefill_s": best["prefill"],
+            "prefill_first_token_s": best["prefill_first"],
+            "save_s": self.save_s,
+            "load_s": best["load"],
+            "load_first_token_s": best["load_first"],
+            "speedup_first_token": best["prefill_first"] / best["load_first"],
+            "median": {name: statistics.median(values) for name, values in self.times.items()},
+            "runs": {name: len(values) for name, values in self.times.items()},
+        }
+        if self.spec is not None:
+            row["identical_first_token_logits"] = self.identical
+            row["load_cold_s"] = None
+            if _drop_from_page_cache(self.path):
+                start = time.perf_counter()
+                KVPackCache.load(self.path, model, tokenizer)
+                row["load_cold_s"] = time.perf_counter() - start
+        return row
 
 
 def run_persist(args: argparse.Namespace) -> dict[str, Any]:
@@ -188,23 +182,34 @@ def run_persist(args: argparse.Namespace) -> dict[str, Any]:
         "data_sha256": data_sha,
         "contexts": contexts,
         "suffix_tokens": args.suffix,
+        "prefill_repeats": args.prefill_repeats,
         "repeats": args.repeats,
         "load_average_1min": {"before": load_before[0]},
         "rows": [],
     }
     with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
-        _warm_up(model, tokenizer, all_ids[:, : min(256, contexts[0])], specs, Path(tmp))
+        warm_up = all_ids[:, : min(256, contexts[0])]
+        for case in [_Case(REFERENCE, None, Path(tmp) / "warm.st")] + [
+            _Case(spec, spec, Path(tmp) / "warm.kvpc") for spec in specs
+        ]:
+            case.prefill(model, tokenizer, warm_up, warm_up[:, :4])
+            case.load(model, tokenizer, warm_up[:, :4])
         for context in contexts:
             ids, suffix = all_ids[:, :context], all_ids[:, context : context + args.suffix]
-            print(f"{context} tokens: fp16 reference ...", file=sys.stderr, flush=True)
-            fp16 = _fp16_dump(model, ids, suffix, Path(tmp) / f"fp16-{context}.safetensors", args.repeats)
-            result["rows"].append({"context": context, "cache": "fp16 dump (DynamicCache)", **fp16})
-            for spec in specs:
-                print(f"{context} tokens: {spec} prefill, save, load ...", file=sys.stderr, flush=True)
-                row = _kvpack_row(
-                    model, tokenizer, spec, ids, suffix, Path(tmp) / f"{spec}-{context}.kvpc", args.repeats
-                )
-                row["size_vs_fp16_dump"] = fp16["file_bytes"] / row["file_bytes"]
+            cases = [_Case(REFERENCE, None, Path(tmp) / f"fp16-{context}.safetensors")]
+            cases += [_Case(spec, spec, Path(tmp) / f"{spec}-{context}.kvpc") for spec in specs]
+            for repeat in range(args.prefill_repeats):
+                for case in cases:
+                    print(f"{context} tokens, prefill {repeat + 1}: {case.name} ...", file=sys.stderr, flush=True)
+                    case.prefill(model, tokenizer, ids, suffix)
+            print(f"{context} tokens: {args.repeats} loads of each ...", file=sys.stderr, flush=True)
+            for _ in range(args.repeats):
+                for case in cases:
+                    case.load(model, tokenizer, suffix)
+            reference_bytes = cases[0].path.stat().st_size
+            for case in cases:
+                row = case.row(model, tokenizer)
+                row["size_vs_fp16_dump"] = reference_bytes / row["file_bytes"]
                 result["rows"].append({"context": context, **row})
     result["load_average_1min"]["after"] = os.getloadavg()[0]
     return result
@@ -222,9 +227,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- command: `{result['command']}`",
         f"- prefixes: the first N tokens of {result['data']}; then a {result['suffix_tokens']}-token suffix (the "
-        "question) gives the first generated token. Load times: median of "
-        f"{result['repeats']} loads from the page cache, and one after dropping the file's pages (cold); every load "
-        "verifies the checksum and the model and tokenizer fingerprints.",
+        f"question) gives the first generated token. Best of {result['prefill_repeats']} prefills and of "
+        f"{result['repeats']} loads from the page cache (interleaved across caches; medians in the JSON), and one "
+        "load after dropping the file's pages (cold); every kvpack load verifies the checksum and the model and "
+        "tokenizer fingerprints.",
         "",
         "| prefix tokens | cache | file | vs fp16 dump | prefill s | save s | load s | load s (cold) | "
         "prefill + 1st token s | load + 1st token s | speedup | same 1st-token logits |",
@@ -280,7 +286,8 @@ def add_parser(bench_subparsers: Any) -> None:
         "--contexts", default=DEFAULT_CONTEXTS, help=f"prefix lengths (default {DEFAULT_CONTEXTS}; capped)"
     )
     parser.add_argument("--suffix", type=int, default=16, help="tokens after the prefix (the question; default 16)")
-    parser.add_argument("--repeats", type=int, default=5, help="loads timed per file (default 5)")
+    parser.add_argument("--prefill-repeats", type=int, default=2, help="prefills timed per cache (default 2)")
+    parser.add_argument("--repeats", type=int, default=7, help="loads timed per file (default 7)")
     parser.add_argument("--data", default=str(default_data_path()), help="text file (default: WikiText-2 test)")
     parser.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
     parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
