@@ -30,8 +30,9 @@ def test_bench_persist_writes_a_row_per_prefix_and_cache(tiny_model_dir: Path, t
         if row["cache"].startswith("k"):
             assert row["identical_first_token_logits"] is True
             assert row["load_first_token_s"] >= row["load_s"] and row["speedup_first_token"] > 0
-        assert row["runs"] == {"prefill": 2, "prefill_first": 2, "load": 3, "load_first": 3}
-        assert row["prefill_s"] <= row["median"]["prefill"] and row["load_s"] <= row["median"]["load"]
+        assert (row["prefill_runs"], row["prefill_first_token_runs"], row["load_runs"]) == (2, 2, 3)
+        assert row["prefill_s"] <= row["prefill_median_s"] and row["load_s"] <= row["load_median_s"]
+        assert row["prefill_cpu_s"] > 0 and row["load_vs_prefill"] == row["prefill_s"] / row["load_s"]
     k4_at_200 = next(r for r in result["rows"] if r["context"] == 200 and r["cache"] == "k4v4-g16-r16")
     assert k4_at_200["size_vs_fp16_dump"] > 1  # 4-bit codes beat float16 once most tokens are packed
     assert not list(tmp_path.glob("tmp*/*"))  # the files went with their temporary directory

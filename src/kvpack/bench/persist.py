@@ -14,9 +14,11 @@ full-precision reference:
 
 Timings are the best of `prefill_repeats` prefills and of `repeats` loads, interleaved across the caches: on a
 shared machine other jobs only ever add time, so the minimum is the estimate of the work itself (medians are kept
-in the JSON too). The model runs kvpack's attention, as `kvpack generate` does (prefills go through SDPA either
-way); untimed warm-up runs of each kind come first. JSON is the source of truth (machine, versions, command, date,
-the load average before and after); Markdown is made from it.
+in the JSON too). Each is taken in wall-clock and in this process's CPU seconds, which other jobs do not inflate
+(meaningful with one torch thread: more threads add their spin-waits to it). The model runs kvpack's attention,
+as `kvpack generate` does (prefills go through SDPA either way); untimed warm-up runs of each kind come first.
+JSON is the source of truth (machine, versions, command, date, the load average before and after); Markdown is
+made from it.
 """
 
 from __future__ import annotations
@@ -69,13 +71,29 @@ def _fp16_tensors(cache: Any) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def _clock() -> tuple[float, float]:
+    """(wall seconds, this process's CPU seconds): CPU time is what other jobs on a shared machine do not inflate
+    (with one torch thread; more threads add their spin-waits to it)."""
+    return time.perf_counter(), time.process_time()
+
+
+def _since(start: tuple[float, float]) -> tuple[float, float]:
+    wall, cpu = _clock()
+    return wall - start[0], cpu - start[1]
+
+
 class _Case:
     """One cache kind at one prefix length: how to prefill it (and save it once), and how to load it."""
 
     def __init__(self, name: str, spec: str | None, path: Path):
         self.name, self.spec, self.path = name, spec, path
         self.saved = False
-        self.times: dict[str, list[float]] = {"prefill": [], "prefill_first": [], "load": [], "load_first": []}
+        self.times: dict[str, list[tuple[float, float]]] = {
+            "prefill": [],
+            "prefill_first_token": [],
+            "load": [],
+            "load_first_token": [],
+        }
         self.save_s = 0.0
         self.fresh_logits: torch.Tensor | None = None
         self.identical = True
@@ -86,7 +104,7 @@ class _Case:
 
         from kvpack.cache.persist import prefix_cache
 
-        start = time.perf_counter()
+        start = _clock()
         if self.spec is None:
             cache: Any = DynamicCache(config=model.config)
             with torch.no_grad():
@@ -94,18 +112,19 @@ class _Case:
         else:
             cache = prefix_cache(model, ids, self.spec)
             self.name = cache.cache_config.spec
-        prefill_s = time.perf_counter() - start
+        prefill = _since(start)
         if not self.saved:
-            start = time.perf_counter()
+            save_start = time.perf_counter()
             if self.spec is None:
                 self.path.write_bytes(safetensors.torch.save(_fp16_tensors(cache)))
             else:
                 cache.save(self.path, model, ids, tokenizer)
-            self.save_s, self.saved = time.perf_counter() - start, True
-        start = time.perf_counter()
+            self.save_s, self.saved = time.perf_counter() - save_start, True
+        start = _clock()
         logits = _first_token_logits(model, cache, suffix)
-        self.times["prefill"].append(prefill_s)
-        self.times["prefill_first"].append(prefill_s + time.perf_counter() - start)
+        first = _since(start)
+        self.times["prefill"].append(prefill)
+        self.times["prefill_first_token"].append((prefill[0] + first[0], prefill[1] + first[1]))
         if self.fresh_logits is None:
             self.fresh_logits = logits
 
@@ -115,7 +134,7 @@ class _Case:
 
         from kvpack.cache import KVPackCache
 
-        start = time.perf_counter()
+        start = _clock()
         if self.spec is None:
             tensors = safetensors.torch.load(self.path.read_bytes())
             cache: Any = DynamicCache(config=model.config)
@@ -124,10 +143,9 @@ class _Case:
                 cache.update(keys.to(model.device, model.dtype), values.to(model.device, model.dtype), idx)
         else:
             cache = KVPackCache.load(self.path, model, tokenizer)
-        load_s = time.perf_counter() - start
+        self.times["load"].append(_since(start))
         logits = _first_token_logits(model, cache, suffix)
-        self.times["load"].append(load_s)
-        self.times["load_first"].append(time.perf_counter() - start)
+        self.times["load_first_token"].append(_since(start))
         if self.spec is not None:
             assert self.fresh_logits is not None  # prefilled (and saved) first
             self.identical = self.identical and torch.equal(logits, self.fresh_logits)
@@ -135,19 +153,17 @@ class _Case:
     def row(self, model: Any, tokenizer: Any) -> dict[str, Any]:
         from kvpack.cache import KVPackCache
 
-        best = {name: min(values) for name, values in self.times.items()}
-        row: dict[str, Any] = {
-            "cache": self.name,
-            "file_bytes": self.path.stat().st_size,
-            "prefill_s": best["prefill"],
-            "prefill_first_token_s": best["prefill_first"],
-            "save_s": self.save_s,
-            "load_s": best["load"],
-            "load_first_token_s": best["load_first"],
-            "speedup_first_token": best["prefill_first"] / best["load_first"],
-            "median": {name: statistics.median(values) for name, values in self.times.items()},
-            "runs": {name: len(values) for name, values in self.times.items()},
-        }
+        row: dict[str, Any] = {"cache": self.name, "file_bytes": self.path.stat().st_size, "save_s": self.save_s}
+        for name, runs in self.times.items():
+            row[f"{name}_s"] = min(wall for wall, _ in runs)
+            row[f"{name}_cpu_s"] = min(cpu for _, cpu in runs)
+            row[f"{name}_median_s"] = statistics.median(wall for wall, _ in runs)
+            row[f"{name}_runs"] = len(runs)
+        for clock in ("", "_cpu"):
+            row[f"load_vs_prefill{clock}"] = row[f"prefill{clock}_s"] / row[f"load{clock}_s"]
+            row[f"speedup_first_token{clock}"] = (
+                row[f"prefill_first_token{clock}_s"] / row[f"load_first_token{clock}_s"]
+            )
         if self.spec is not None:
             row["identical_first_token_logits"] = self.identical
             row["load_cold_s"] = None
@@ -222,7 +238,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"# kvpack bench persist: {result['model']} ({result['dtype']})",
         "",
         f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['machine']['torch_threads']} "
-        f"torch threads, {result['machine']['device']}; 1-minute load average {load['before']:.1f} before, "
+        f"torch thread(s), {result['machine']['device']}; 1-minute load average {load['before']:.1f} before, "
         f"{load['after']:.1f} after (a shared VM: other jobs ran beside this one)",
         "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- command: `{result['command']}`",
@@ -230,11 +246,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"question) gives the first generated token. Best of {result['prefill_repeats']} prefills and of "
         f"{result['repeats']} loads from the page cache (interleaved across caches; medians in the JSON), and one "
         "load after dropping the file's pages (cold); every kvpack load verifies the checksum and the model and "
-        "tokenizer fingerprints.",
+        "tokenizer fingerprints. Times are wall-clock seconds, with this process's CPU seconds in parentheses (what "
+        "the other jobs on the machine do not inflate).",
         "",
         "| prefix tokens | cache | file | vs fp16 dump | prefill s | save s | load s | load s (cold) | "
-        "prefill + 1st token s | load + 1st token s | speedup | same 1st-token logits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "load vs prefill | prefill + 1st token s | load + 1st token s | speedup to 1st token | same logits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
         kvpack = "load_cold_s" in row
@@ -243,13 +260,14 @@ def to_markdown(result: dict[str, Any]) -> str:
             row["cache"],
             f"{row['file_bytes'] / 1e6:,.1f} MB",
             f"{row['size_vs_fp16_dump']:.2f}x smaller" if kvpack else "1.00x",
-            f"{row['prefill_s']:.2f}",
+            f"{row['prefill_s']:.2f} ({row['prefill_cpu_s']:.2f})",
             f"{row['save_s']:.3f}",
-            f"{row['load_s']:.3f}",
+            f"{row['load_s']:.3f} ({row['load_cpu_s']:.3f})",
             f"{row['load_cold_s']:.3f}" if kvpack and row["load_cold_s"] is not None else "",
-            f"{row['prefill_first_token_s']:.2f}",
-            f"{row['load_first_token_s']:.3f}",
-            f"{row['speedup_first_token']:.0f}x",
+            f"{row['load_vs_prefill']:.0f}x ({row['load_vs_prefill_cpu']:.0f}x)",
+            f"{row['prefill_first_token_s']:.2f} ({row['prefill_first_token_cpu_s']:.2f})",
+            f"{row['load_first_token_s']:.3f} ({row['load_first_token_cpu_s']:.3f})",
+            f"{row['speedup_first_token']:.0f}x ({row['speedup_first_token_cpu']:.0f}x)",
             ("yes" if row["identical_first_token_logits"] else "NO") if kvpack else "",
         ]
         lines.append("| " + " | ".join(cells) + " |")
