@@ -19,10 +19,8 @@ import torch
 from transformers import (
     DeepseekV3Config,
     DynamicCache,
-    Gemma3ForCausalLM,
     Gemma3TextConfig,
     LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
     PreTrainedModel,
     Qwen3NextConfig,
@@ -74,23 +72,6 @@ def gemma_config() -> Gemma3TextConfig:
         layer_types=["sliding_attention", "full_attention"],
         max_position_embeddings=256,
     )
-
-
-@pytest.fixture(scope="module")
-def llama() -> PreTrainedModel:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(llama_config()).eval()
-
-
-@pytest.fixture(scope="module")
-def gemma() -> PreTrainedModel:
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(gemma_config()).eval()
-
-
-@pytest.fixture(params=["llama", "gemma"])
-def model(request: pytest.FixtureRequest) -> PreTrainedModel:
-    return request.getfixturevalue(request.param)
 
 
 def prompt(batch: int = 1, tokens: int = 40, seed: int = 1) -> torch.Tensor:

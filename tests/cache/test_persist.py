@@ -59,23 +59,6 @@ SPECS = [
 
 
 @pytest.fixture(scope="module")
-def llama() -> PreTrainedModel:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(llama_config()).eval()
-
-
-@pytest.fixture(scope="module")
-def gemma() -> PreTrainedModel:
-    torch.manual_seed(0)
-    return Gemma3ForCausalLM(gemma_config()).eval()
-
-
-@pytest.fixture(params=["llama", "gemma"])
-def model(request: pytest.FixtureRequest) -> PreTrainedModel:
-    return request.getfixturevalue(request.param)
-
-
-@pytest.fixture(scope="module")
 def tokenizer() -> Any:
     from transformers import AutoTokenizer
 
