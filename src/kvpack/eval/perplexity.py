@@ -30,6 +30,14 @@ def default_data_path() -> Path:
     return next((path for path in candidates if path.is_file()), candidates[0])
 
 
+def calibration_data_path() -> Path:
+    """kvpack's calibration text (the Python Language Reference, shipped in the package; see `kvpack/data/README.md`).
+
+    What `kvpack calibrate` and the codebook fit measure on: never the evaluation text.
+    """
+    return Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
+
+
 def load_tokens(path: str | Path, tokenizer: Any, n_tokens: int) -> tuple[torch.Tensor, str]:
     """The first `n_tokens` of the whole file's tokenization, `[1, n_tokens]`, and the file's SHA-256."""
     path = Path(path)
