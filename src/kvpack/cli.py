@@ -331,6 +331,7 @@ def cmd_spec(args: argparse.Namespace) -> int:
         print(
             f"  {name}: {spec.bits}-bit codes, per {spec.axis} in groups of {spec.group_size}, "
             f"{spec.bits_per_value:g} bits per value with float16 scale and zero"
+            + (f" and {spec.outliers} exact outlier(s) per group" if spec.outliers else "")
         )
     print(f"  residual: newest {config.residual} tokens in full precision; sinks: first {config.sinks} tokens")
     return 0

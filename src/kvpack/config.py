@@ -6,6 +6,7 @@ A spec string is the short form used on the command line and in result tables:
     k8v8-g64-r128         groups of 64, a full-precision residual window of 128 tokens
     k4v4-g32-r64-s4       ... and 4 full-precision "sink" tokens at the start
     k2v2-s4-rot           keys and values rotated (randomized Hadamard) before quantization; -rotk / -rotv: one
+    k2v2-o1               1 outlier per group kept exactly (float16 + position) for keys and values; -ok1 / -ov1: one
 
 `parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The same fields build the
 Python API (`CacheConfig(...)`), the CLI and the JSON form (`to_dict` / `from_dict`).
@@ -38,12 +39,16 @@ class QuantSpec:
         groups of `group_size` consecutive channels (KIVI's choice for values).
     rotation: "hadamard" stores `x @ R` with R a fixed orthogonal (randomized Hadamard) matrix of the head dim, and
         reads back `y @ R.T` (see `kvpack.quant.rotation`); "none" (default) stores x.
+    outliers: entries per group kept exactly (a float16 value and a uint8 position in the group), the ones that
+        most widen the group's range (see `kvpack.quant.outliers`); the scale and zero cover the others only. 0
+        (default) stores none. Must be smaller than `group_size`.
     """
 
     bits: int = 4
     group_size: int = 64
     axis: Axis = "token"
     rotation: Rotation = "none"
+    outliers: int = 0
 
     def __post_init__(self) -> None:
         if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
@@ -54,11 +59,17 @@ class QuantSpec:
             raise ConfigError(f"axis={self.axis!r} is not supported; use 'channel' or 'token'.")
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation={self.rotation!r} is not supported; use one of {ROTATIONS}.")
+        if type(self.outliers) is not int or not 0 <= self.outliers < self.group_size:
+            raise ConfigError(
+                f"outliers={self.outliers!r} is not supported with group_size={self.group_size}; use an integer from 0 "
+                f"to {self.group_size - 1} (typically 0, 1, 2 or 4)."
+            )
 
     @property
     def bits_per_value(self) -> float:
-        """Stored bits per quantized element, fp16 scale and zero included."""
-        return self.bits + 32 / self.group_size
+        """Stored bits per quantized element, fp16 scale and zero included, and each outlier's fp16 value and
+        uint8 position."""
+        return self.bits + (32 + 24 * self.outliers) / self.group_size
 
 
 def _key_spec() -> QuantSpec:
@@ -120,6 +131,10 @@ class CacheConfig:
         rotated = (self.key.rotation != "none", self.value.rotation != "none")
         if any(rotated):
             parts.append({(True, True): "rot", (True, False): "rotk", (False, True): "rotv"}[rotated])
+        if self.key.outliers == self.value.outliers:
+            parts += [f"o{self.key.outliers}"] if self.key.outliers else []
+        else:
+            parts += [f"o{name}{n}" for name, n in (("k", self.key.outliers), ("v", self.value.outliers)) if n]
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -148,6 +163,7 @@ class CacheConfig:
 
 _HEAD = re.compile(r"^k(\d+)v(\d+)$")
 _OPTION = re.compile(r"^(gk|gv|g|r|s)(\d+)$")
+_OUTLIERS = re.compile(r"^o(k|v)?(\d+)$")
 
 
 def parse_spec(spec: str) -> CacheConfig:
@@ -157,7 +173,7 @@ def parse_spec(spec: str) -> CacheConfig:
     """
     grammar = (
         "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc]"
-        "[-rot|-rotk|-rotv], "
+        "[-rot|-rotk|-rotv][-o<outliers>|-ok<outliers>-ov<outliers>], "
         "e.g. 'k4v2' or 'k8v8-g64-r128'"
     )
     if not isinstance(spec, str):
@@ -172,6 +188,7 @@ def parse_spec(spec: str) -> CacheConfig:
     key = replace(defaults.key, bits=int(match.group(1)))
     value = replace(defaults.value, bits=int(match.group(2)))
     residual, sinks = defaults.residual, defaults.sinks
+    pending_outliers: dict[str, int] = {}
     for option in options:
         if option == "kt":
             key = replace(key, axis="token")
@@ -185,6 +202,10 @@ def parse_spec(spec: str) -> CacheConfig:
             if option != "rotk":
                 value = replace(value, rotation="hadamard")
             continue
+        outliers = _OUTLIERS.match(option)
+        if outliers is not None:  # before the group sizes: outliers are checked against the final group size
+            pending_outliers[outliers.group(1) or "kv"] = int(outliers.group(2))
+            continue
         opt = _OPTION.match(option)
         if opt is None:
             raise ConfigError(f"unknown option {option!r} in cache spec {spec!r}; {grammar}.")
@@ -197,6 +218,11 @@ def parse_spec(spec: str) -> CacheConfig:
             residual = number
         if name == "s":
             sinks = number
+    for which, count in pending_outliers.items():
+        if "k" in which:
+            key = replace(key, outliers=count)
+        if "v" in which:
+            value = replace(value, outliers=count)
     return CacheConfig(key=key, value=value, residual=residual, sinks=sinks)
 
 

@@ -108,6 +108,8 @@ def supports(inputs: AttentionInputs) -> str | None:
     key, value = inputs.packed_keys.spec, inputs.packed_values.spec
     if key.axis != "channel" or value.axis != "token":
         return "the CPU kernel reads the KIVI layout only (keys per channel, values per token)"
+    if key.outliers or value.outliers:
+        return "the CPU kernel does not read outlier entries ('-o' specs; the torch backend does)"
     if key.group_size % 16:
         return f"the CPU kernel needs a key group size that is a multiple of 16 (got {key.group_size})"
     return None

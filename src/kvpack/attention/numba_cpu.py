@@ -267,6 +267,8 @@ def supports(inputs: AttentionInputs) -> str | None:
         return "the numba kernel reads the KIVI layout only (keys per channel, values per token)"
     if key.rotation != "none" or value.rotation != "none":
         return "the numba kernel does not read rotated packed data (use the cpu or torch backend)"
+    if key.outliers or value.outliers:
+        return "the numba kernel does not read outlier entries ('-o' specs; the torch backend does)"
     return None
 
 

@@ -205,7 +205,8 @@ def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
 
 
 def packed_bytes(spec: QuantSpec, tokens: int, head_dim: int) -> int:
-    """Bytes of one (batch, head) row of a `PackedBuffer` holding exactly `tokens` tokens (codes, scales, zeros)."""
+    """Bytes of one (batch, head) row of a `PackedBuffer` holding exactly `tokens` tokens (codes, scales, zeros, and
+    with outliers their float16 values and uint8 positions)."""
     if spec.axis == "channel":  # one row of `group_size` codes per channel per block of tokens
         units, code_bytes, params = (
             tokens // spec.group_size,
@@ -214,7 +215,7 @@ def packed_bytes(spec: QuantSpec, tokens: int, head_dim: int) -> int:
         )
     else:  # one row of `head_dim` codes per token
         units, code_bytes, params = tokens, packed_row_bytes(head_dim, spec.bits), head_dim // spec.group_size
-    return units * (code_bytes + 2 * params * PARAM_BYTES)
+    return units * (code_bytes + params * (2 * PARAM_BYTES + spec.outliers * (PARAM_BYTES + 1)))
 
 
 def _check_fits(config: CacheConfig, head_dim: int) -> None:

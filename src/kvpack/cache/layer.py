@@ -55,7 +55,7 @@ class LayerState:
         }
         for name, packed in (("packed_keys", self.packed_keys), ("packed_values", self.packed_values)):
             if packed is not None:
-                named |= {f"{name}.codes": packed.codes, f"{name}.scale": packed.scale, f"{name}.zero": packed.zero}
+                named |= {f"{name}.{part}": t for part, t in packed.parts().items()}
         return named
 
 
@@ -548,11 +548,7 @@ class PackedSlidingLayer(PackedLayer):
 
 def _owned(packed: PackedTensor, device: torch.device) -> PackedTensor:
     """A copy of `packed` on `device` that shares no storage with it (a first append keeps its tensors)."""
-    codes, scale, zero = (
-        t.to(device, copy=True, memory_format=torch.contiguous_format)
-        for t in (packed.codes, packed.scale, packed.zero)
-    )
-    return replace(packed, codes=codes, scale=scale, zero=zero)
+    return packed.map_parts(lambda t: t.to(device, copy=True, memory_format=torch.contiguous_format))
 
 
 def _group_advice(name: str, dim: int) -> str:

@@ -8,7 +8,8 @@ A file is a standard safetensors file (any safetensors reader opens it; nothing 
 version, the kvpack version that wrote it, the cache config, the token ids of the cached prefix, the model's
 fingerprint (`ModelFingerprint`), one entry per decoder layer (token counts) and a SHA-256 checksum over the
 header and every tensor. Tensors are `layers.<i>.<name>` for each tensor of the layer's `LayerState` (only
-valid tokens: packed codes, scales and zeros, the exact residual window, sinks), in the model's dtype.
+valid tokens: packed codes, scales and zeros (and outliers' values and positions with `-o`), the exact residual
+window, sinks), in the model's dtype.
 
 Reading trusts nothing in the file: every length and shape is checked against the file's real size and the
 header's own counts before anything is allocated, the checksum before any count or tensor is used, and the
@@ -68,6 +69,8 @@ _ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
 _DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
 _DENSE_TENSORS = ("sink_keys", "sink_values", "residual_keys", "residual_values", "shadow_keys", "shadow_values")
 _PACKED_PARTS = ("codes", "scale", "zero")
+_OUTLIER_PARTS = ("outlier_values", "outlier_positions")  # only with `QuantSpec.outliers`
+_UINT8_PARTS = ("codes", "outlier_positions")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Config fields that say how the model is run, not what it computes: left out of the config hash.
 _VOLATILE_CONFIG_KEYS = frozenset(
@@ -372,8 +375,16 @@ class CacheFile:
             def packed(name: str, spec: QuantSpec, idx: int = idx, entry: LayerEntry = entry) -> PackedTensor | None:
                 if not entry.packed_len:
                     return None
-                codes, scale, zero = (self.tensors[f"layers.{idx}.{name}.{part}"] for part in _PACKED_PARTS)
-                return PackedTensor(codes, scale, zero, torch.Size((batch, heads, entry.packed_len, dim)), spec)
+                parts = {part: self.tensors[f"layers.{idx}.{name}.{part}"] for part in _packed_parts(spec)}
+                positions = parts.get("outlier_positions")
+                # Positions index the group when read: each must be in it, distinct and in order (as written).
+                if positions is not None and not _increasing_within(positions, spec.group_size):
+                    raise CacheFormatError(
+                        f"{self.path}: layer {idx} {name}: outlier positions are not increasing positions in "
+                        f"groups of {spec.group_size}. {_ADVICE[CacheFormatError]}",
+                        "layers",
+                    )
+                return PackedTensor(shape=torch.Size((batch, heads, entry.packed_len, dim)), spec=spec, **parts)
 
             yield (
                 idx,
@@ -660,20 +671,30 @@ def _expected_tensors(header: CacheFileHeader) -> dict[str, tuple[str, tuple[int
         if entry.packed_len:
             for name, spec in (("packed_keys", config.key), ("packed_values", config.value)):
                 for part, shape in zip(
-                    _PACKED_PARTS, _packed_shapes(spec, batch, heads, dim, entry.packed_len), strict=True
+                    _packed_parts(spec), _packed_shapes(spec, batch, heads, dim, entry.packed_len), strict=True
                 ):
                     expected[f"layers.{idx}.{name}.{part}"] = (
-                        _ST_NAMES[torch.uint8 if part == "codes" else torch.float16],
+                        _ST_NAMES[torch.uint8 if part in _UINT8_PARTS else torch.float16],
                         shape,
                     )
     return expected
 
 
+def _increasing_within(positions: torch.Tensor, group_size: int) -> bool:
+    """Whether each row (last dimension) of `positions` increases strictly and stays below `group_size`."""
+    return not positions.numel() or (int(positions.max()) < group_size and bool((positions.diff(dim=-1) > 0).all()))
+
+
+def _packed_parts(spec: QuantSpec) -> tuple[str, ...]:
+    """Names of the tensors a packed tensor of `spec` stores (`PackedTensor.parts`), in that order."""
+    return _PACKED_PARTS + (_OUTLIER_PARTS if spec.outliers else ())
+
+
 def _packed_shapes(spec: QuantSpec, batch: int, heads: int, dim: int, tokens: int) -> list[tuple[int, ...]]:
-    """Shapes of codes, scale and zero of `tokens` packed tokens, as `PackedBuffer` lays them out."""
+    """Shapes of the tensors of `_packed_parts(spec)` for `tokens` packed tokens, as `PackedBuffer` lays them out."""
     empty = PackedBuffer(spec, 1, 1, dim, torch.device("meta"))
     units = tokens // empty.unit_tokens
-    return [(batch, heads, units, *t.shape[3:]) for t in (empty.codes, empty.scale, empty.zero)]
+    return [(batch, heads, units, *t.shape[3:]) for t in empty._tensors()]
 
 
 def _check_layers(header: CacheFileHeader) -> None:
@@ -793,9 +814,7 @@ def _on_device(state: LayerState, device: torch.device) -> LayerState:
     def move(packed: PackedTensor | None) -> PackedTensor | None:
         if packed is None:
             return None
-        return replace(
-            packed, codes=packed.codes.to(device), scale=packed.scale.to(device), zero=packed.zero.to(device)
-        )
+        return packed.map_parts(lambda t: t.to(device))
 
     dense = {name: getattr(state, name).to(device) for name in _DENSE_TENSORS}
     return replace(state, **dense, packed_keys=move(state.packed_keys), packed_values=move(state.packed_values))

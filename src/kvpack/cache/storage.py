@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
 from kvpack.config import QuantSpec
+from kvpack.errors import ShapeError
 from kvpack.quant.packing import packed_row_bytes
 from kvpack.quant.tensor import PackedTensor
 
@@ -38,6 +39,12 @@ class PackedBuffer:
         self.codes = torch.empty((batch, heads, 0, *row_shape), dtype=torch.uint8, device=device)
         self.scale = torch.empty((batch, heads, 0, *param_shape), dtype=torch.float16, device=device)
         self.zero = torch.empty_like(self.scale)
+        # With outliers: their values and positions, shaped like scale with a trailing `spec.outliers` dimension.
+        self.outlier_values: torch.Tensor | None = None
+        self.outlier_positions: torch.Tensor | None = None
+        if spec.outliers:
+            self.outlier_values = self.scale.new_empty((*self.scale.shape, spec.outliers))
+            self.outlier_positions = self.outlier_values.to(torch.uint8)
         self._view: PackedTensor | None = None
         self._view_key: tuple[int, ...] = ()
 
@@ -49,8 +56,17 @@ class PackedBuffer:
     def length_units(self) -> int:
         return self.length // self.unit_tokens
 
-    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.codes, self.scale, self.zero
+    def _tensors(self) -> tuple[torch.Tensor, ...]:
+        """codes, scale, zero, then the outliers' values and positions when the spec keeps outliers."""
+        if self.outlier_values is None or self.outlier_positions is None:
+            return self.codes, self.scale, self.zero
+        return self.codes, self.scale, self.zero, self.outlier_values, self.outlier_positions
+
+    def _set_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Replace the storage tensors, in the order of `_tensors`."""
+        self.codes, self.scale, self.zero, *outliers = tensors
+        if outliers:
+            self.outlier_values, self.outlier_positions = outliers
 
     def _reserve(self, units: int) -> None:
         if units <= self.capacity_units:
@@ -62,22 +78,24 @@ class PackedBuffer:
             fresh = t.new_empty((t.shape[0], t.shape[1], new_capacity, *t.shape[3:]))
             fresh[:, :, : self.length_units] = t[:, :, : self.length_units]
             grown.append(fresh)
-        self.codes, self.scale, self.zero = grown
+        self._set_tensors(grown)
 
     def append(self, packed: PackedTensor) -> None:
         """Append already-quantized tokens (`PackedTensor.quantize` of `[batch, heads, n, head_dim]`)."""
         start = self.length_units
         end = start + packed.codes.shape[2]
+        parts = tuple(packed.parts().values())  # the order of `_tensors` (PackedTensor.parts documents it)
+        if len(parts) != len(self._tensors()):
+            raise ShapeError(
+                f"cannot append packed data with outliers={packed.spec.outliers} to a buffer of spec {self.spec}."
+            )
         if self.capacity_units == 0:
             # First fill (typically the prefill): allocate exactly, growth comes later.
-            self.codes = packed.codes.contiguous()
-            self.scale = packed.scale.contiguous()
-            self.zero = packed.zero.contiguous()
+            self._set_tensors(t.contiguous() for t in parts)
         else:
             self._reserve(end)
-            self.codes[:, :, start:end] = packed.codes
-            self.scale[:, :, start:end] = packed.scale
-            self.zero[:, :, start:end] = packed.zero
+            for stored, new in zip(self._tensors(), parts, strict=True):
+                stored[:, :, start:end] = new
         self.length += packed.shape[2]
 
     def view(self) -> PackedTensor:
@@ -86,16 +104,19 @@ class PackedBuffer:
         Decode asks for it at every step of every layer while it changes once per packed block: the last view is
         reused as long as the length and the storage tensors are the same.
         """
-        key = (self.length, id(self.codes), id(self.scale), id(self.zero))
+        key = (self.length, *map(id, self._tensors()))
         if self._view_key != key or self._view is None:
             n = self.length_units
             batch, heads = self.codes.shape[:2]
+            values, positions = self.outlier_values, self.outlier_positions
             self._view = PackedTensor(
                 codes=self.codes[:, :, :n],
                 scale=self.scale[:, :, :n],
                 zero=self.zero[:, :, :n],
                 shape=torch.Size((batch, heads, self.length, self.head_dim)),
                 spec=self.spec,
+                outlier_values=None if values is None else values[:, :, :n],
+                outlier_positions=None if positions is None else positions[:, :, :n],
             )
             self._view_key = key
         return self._view
@@ -110,7 +131,7 @@ class PackedBuffer:
         if units <= 0:
             return
         keep = self.length_units - units
-        self.codes, self.scale, self.zero = (t[:, :, units : units + keep].clone() for t in self._tensors())
+        self._set_tensors([t[:, :, units : units + keep].clone() for t in self._tensors()])
         self.length -= units * self.unit_tokens
 
     def drop_newest(self, tokens: int) -> None:
@@ -119,7 +140,7 @@ class PackedBuffer:
 
     def map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply a batch-dimension operation (index_select, repeat_interleave...) to every tensor."""
-        self.codes, self.scale, self.zero = (fn(t) for t in self._tensors())
+        self._set_tensors([fn(t) for t in self._tensors()])
 
     def nbytes(self) -> int:
         """Exact bytes held, unused capacity included."""

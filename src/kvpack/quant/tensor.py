@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from kvpack.config import QuantSpec
 from kvpack.errors import ShapeError
 from kvpack.quant.affine import dequantize_groups, from_groups, quantize_groups, to_groups
+from kvpack.quant.outliers import restore_outliers, split_outliers
 from kvpack.quant.packing import pack, unpack
 from kvpack.quant.rotation import rotate, unrotate
 
@@ -24,6 +27,10 @@ class PackedTensor:
         codes: uint8 `[..., tokens / group_size, channels, group_size * bits / 8]`
         scale, zero: float16 `[..., tokens / group_size, channels]`
     shape: the logical (dequantized) shape.
+    outlier_values, outlier_positions: with `spec.outliers = k > 0`, float16 and uint8 `[*scale.shape, k]`: each
+        group's entries kept exactly and their positions in the group (channel for per-token groups, token of the
+        block for per-channel groups), increasing; the entries of the stored (rotated, with `spec.rotation`) tensor.
+        None when `spec.outliers == 0`.
     """
 
     codes: torch.Tensor
@@ -31,6 +38,15 @@ class PackedTensor:
     zero: torch.Tensor
     shape: torch.Size
     spec: QuantSpec
+    outlier_values: torch.Tensor | None = None
+    outlier_positions: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.outlier_values is None or self.outlier_positions is None) != (self.spec.outliers == 0):
+            raise ShapeError(
+                f"a PackedTensor with spec.outliers={self.spec.outliers} needs outlier_values and outlier_positions "
+                "exactly when spec.outliers > 0."
+            )
 
     @classmethod
     def quantize(cls, x: torch.Tensor, spec: QuantSpec) -> PackedTensor:
@@ -40,7 +56,9 @@ class PackedTensor:
         """
         if spec.rotation != "none":
             x = rotate(x, spec.rotation)
-        grouped = quantize_groups(to_groups(x, spec.group_size, spec.axis), spec.bits)
+        groups = to_groups(x, spec.group_size, spec.axis)
+        outliers = split_outliers(groups, spec.outliers) if spec.outliers else None
+        grouped = quantize_groups(groups if outliers is None else outliers.rest, spec.bits)
         codes = grouped.codes
         if spec.axis == "token":
             codes = from_groups(codes, "token")  # one row of all channels per token
@@ -50,6 +68,8 @@ class PackedTensor:
             zero=grouped.zero,
             shape=x.shape,
             spec=spec,
+            outlier_values=None if outliers is None else outliers.values,
+            outlier_positions=None if outliers is None else outliers.positions,
         )
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -61,10 +81,15 @@ class PackedTensor:
             groups = codes.reshape(*codes.shape[:-1], channels // g, g)
         else:
             groups = unpack(self.codes, self.spec.bits, g)
-        if self.spec.rotation == "none":
+        if self.spec.rotation == "none" and self.outlier_values is None:
             values = dequantize_groups(groups, self.scale, self.zero, dtype)
             return from_groups(values, self.spec.axis).reshape(*self.shape[:-2], tokens, channels)
-        rotated = from_groups(dequantize_groups(groups, self.scale, self.zero, torch.float32), self.spec.axis)
+        values = dequantize_groups(groups, self.scale, self.zero, torch.float32)
+        if self.outlier_values is not None and self.outlier_positions is not None:
+            values = restore_outliers(values, self.outlier_values, self.outlier_positions)
+        if self.spec.rotation == "none":
+            return from_groups(values, self.spec.axis).reshape(*self.shape[:-2], tokens, channels).to(dtype)
+        rotated = from_groups(values, self.spec.axis)
         return unrotate(rotated, self.spec.rotation).reshape(*self.shape[:-2], tokens, channels).to(dtype)
 
     def dequantize_rotated(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -81,15 +106,30 @@ class PackedTensor:
             (..., slice(first, last), slice(None), slice(None)) if unit > 1 else (..., slice(first, last), slice(None))
         )
         params = (..., slice(first, last), slice(None))
+        outliers = (*params, slice(None))  # one more trailing dimension
         return PackedTensor(
             codes=self.codes[index],
             scale=self.scale[params],
             zero=self.zero[params],
             shape=torch.Size((*self.shape[:-2], end - start, self.shape[-1])),
             spec=self.spec,
+            outlier_values=None if self.outlier_values is None else self.outlier_values[outliers],
+            outlier_positions=None if self.outlier_positions is None else self.outlier_positions[outliers],
         )
+
+    def parts(self) -> dict[str, torch.Tensor]:
+        """The stored tensors by field name: codes, scale, zero, and outlier_values, outlier_positions when held."""
+        named = {"codes": self.codes, "scale": self.scale, "zero": self.zero}
+        if self.outlier_values is not None and self.outlier_positions is not None:
+            named |= {"outlier_values": self.outlier_values, "outlier_positions": self.outlier_positions}
+        return named
+
+    def map_parts(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> PackedTensor:
+        """A `PackedTensor` of the same shape and spec whose stored tensors are `fn` of these (a copy, a move)."""
+        mapped: dict[str, Any] = {name: fn(t) for name, t in self.parts().items()}
+        return replace(self, **mapped)
 
     @property
     def nbytes(self) -> int:
-        """Exact bytes held: codes, scales and zeros."""
-        return sum(t.numel() * t.element_size() for t in (self.codes, self.scale, self.zero))
+        """Exact bytes held: codes, scales and zeros, and the outliers' values and positions."""
+        return sum(t.numel() * t.element_size() for t in self.parts().values())
