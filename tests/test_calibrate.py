@@ -95,7 +95,7 @@ def streamed_kl(model: PreTrainedModel, ids: torch.Tensor, config: str, layer: i
 @pytest.mark.parametrize(("spec", "layer"), [("k2v2-g16-r16-s2", 0), ("k3v2-g16-r5-rot", 1), ("k2v3-g16-r0", 1)])
 def test_emulated_kl_is_the_streamed_caches_kl(llama: PreTrainedModel, spec: str, layer: int) -> None:
     ids = prompt(tokens=120, seed=2)
-    meter = SensitivityMeter(llama, ids)
+    meter = SensitivityMeter(llama, ids, parse_spec(spec))
     emulated = meter.kl(layer, ("key", "value"), parse_spec(spec))
     streamed = streamed_kl(llama, ids, spec, layer)
     assert streamed > 0
@@ -105,11 +105,16 @@ def test_emulated_kl_is_the_streamed_caches_kl(llama: PreTrainedModel, spec: str
 
 def test_sensitivity_is_zero_with_nothing_packed_and_falls_with_bits(llama: PreTrainedModel) -> None:
     ids = prompt(tokens=120, seed=2)
-    meter = SensitivityMeter(llama, ids)
+    everything_exact = parse_spec("k2v2-g16-r128")  # residual >= tokens: nothing is ever packed
+    exact_meter = SensitivityMeter(llama, ids, everything_exact)
+    meter = SensitivityMeter(llama, ids, parse_spec(BASE))
     for layer, tensor in itertools.product((0, 1), ("key", "value")):
-        everything_exact = parse_spec("k2v2-g16-r128")  # residual >= tokens: nothing is ever packed
-        assert meter.kl(layer, (tensor,), everything_exact) == 0.0
+        assert exact_meter.kl(layer, (tensor,), everything_exact) == 0.0
         kls = [meter.kl(layer, (tensor,), parse_spec(f"k{b}v{b}-g16-r16-s2")) for b in (2, 3, 4, 8)]
+        # The meter runs only the tokens after the exact prefix; a meter whose prefix is one token gives the same.
+        whole = SensitivityMeter(llama, ids, parse_spec("k4v4-g16-r0-kt"))
+        kt = parse_spec("k2v2-g16-r0-kt")  # (keys per token: blocks of one token, so every query reads packed data)
+        assert whole.prefix == 1 and whole.kl(layer, (tensor,), kt) > 0
         assert all(a > b > 0 for a, b in itertools.pairwise(kls)), (layer, tensor, kls)
 
 

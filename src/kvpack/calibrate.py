@@ -321,13 +321,13 @@ def _calibration_attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     target = _active.target
-    tokens = key.shape[2]
-    if target is None or getattr(module, "layer_idx", None) != target.layer or query.shape[2] != tokens:
+    tokens, queries = key.shape[2], query.shape[2]  # the queries are the last `queries` of the `tokens` positions
+    if target is None or getattr(module, "layer_idx", None) != target.layer:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
     config = target.config
-    mask = quantized_mask(tokens, config, key.device)
+    mask = quantized_mask(tokens, config, key.device)[tokens - queries :]
     if not bool(mask.any()):  # nothing packed yet: exactly what the cache gives
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -346,7 +346,8 @@ def _calibration_attention(
         stored = emulate_stored(key, config.key, config)
         scores = torch.where(mask, (query.float() @ expand(stored).float().transpose(-1, -2)) * scaling, scores)
     if attention_mask is None:
-        causal = torch.ones(tokens, tokens, dtype=torch.bool, device=key.device).tril()
+        positions = torch.arange(tokens, device=key.device)
+        causal = positions[None, :] <= positions[tokens - queries :, None]
         scores = scores.masked_fill(~causal, float("-inf"))
     elif attention_mask.dtype == torch.bool:
         scores = scores.masked_fill(~attention_mask[..., -tokens:], float("-inf"))
@@ -392,12 +393,29 @@ def _decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
 
 class SensitivityMeter:
     """Mean KL(exact || perturbed) over the next-token predictions of `ids` `[1, tokens]`, for perturbations of one
-    layer's keys and/or values (see the module doc). The exact pass runs once, at construction."""
+    layer's keys and/or values stored with configs that share `base`'s sinks, residual and block (see the module
+    doc).
 
-    def __init__(self, model: Any, ids: torch.Tensor):
+    Queries before position `sinks + residual + block` read nothing packed, so their predictions, and every layer's
+    keys and values there, are exact whatever is perturbed: they run once, into a `DynamicCache`, and each
+    measurement runs the rest of the tokens on it (then crops it back). The exact pass of the rest runs once too,
+    recording each decoder layer's output: a measurement on layer `l` reuses the outputs of the layers before `l`.
+    Predictions of the exact prefix count as zeros in the mean, as a streamed run's do.
+    """
+
+    def __init__(self, model: Any, ids: torch.Tensor, base: CacheConfig):
+        from transformers import DynamicCache
+
         self.model = model
+        self.base = base
         self.ids = ids.to(model.device)
         self.layers = _decoder_layers(model)
+        self.predictions = self.ids.shape[1] - 1
+        self.prefix = min(base.sinks + base.residual + base.block_tokens, self.predictions)
+        self.cache = DynamicCache(config=model.config)
+        if self.prefix:
+            with torch.no_grad(), _calibration_attention_on(model):
+                model(self.ids[:, : self.prefix], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self._outputs: list[Any] = [None] * len(self.layers)
         hooks = [
             layer.register_forward_hook(lambda _m, _a, out, i=i: self._outputs.__setitem__(i, out))
@@ -410,8 +428,10 @@ class SensitivityMeter:
                 hook.remove()
 
     def _logprobs(self, target: _Target | None) -> torch.Tensor:
-        """`[tokens - 1, vocab]` float64 log-probabilities of the next tokens with `target` perturbed (float64 so that
-        the KL of a small perturbation is not lost in the rounding of the log-softmax)."""
+        """`[predictions - prefix, vocab]` float64 log-probabilities of the next tokens after the exact prefix, with
+        `target` perturbed (float64 so that the KL of a small perturbation is not lost in rounding)."""
+        if self.prefix == self.predictions:
+            return torch.empty(0, 1, dtype=torch.float64)
         originals: list[tuple[torch.nn.Module, Callable[..., Any] | None]] = []
         if target is not None:  # the layers before the perturbed one give what they gave in the exact pass
             for i in range(target.layer):
@@ -421,9 +441,13 @@ class SensitivityMeter:
         _active.target = target
         try:
             with torch.no_grad(), _calibration_attention_on(self.model):
-                logits = self.model(self.ids, use_cache=False).logits[0, :-1].double()
+                out = self.model(self.ids[:, self.prefix :], past_key_values=self.cache, use_cache=True)
+                logits = out.logits[0, :-1].double()
         finally:
             _active.target = None
+            for cache_layer in self.cache.layers:  # (the skipped layers did not grow)
+                if cache_layer.get_seq_length() > self.prefix:
+                    cache_layer.crop(self.prefix - cache_layer.get_seq_length())
             for layer, forward in originals:
                 if forward is None:
                     del layer.forward  # the instance attribute: the class's forward shows again
@@ -433,9 +457,12 @@ class SensitivityMeter:
 
     def kl(self, layer: int, tensors: Sequence[str], config: CacheConfig) -> float:
         """Mean KL(exact || perturbed) when `tensors` (`key`, `value`) of `layer` are stored as `config` says."""
+        shared = ("sinks", "residual", "block_tokens")
+        if any(getattr(config, name) != getattr(self.base, name) for name in shared):
+            raise ConfigError(f"{config.spec} differs from the meter's base {self.base.spec} in sinks/residual/block.")
         perturbed = self._logprobs(_Target(layer, tuple(tensors), config))
         ref = self.reference
-        return float((ref.exp() * (ref - perturbed)).sum(-1).mean())
+        return float((ref.exp() * (ref - perturbed)).sum(-1).sum()) / self.predictions
 
 
 def measure_sensitivity(
@@ -452,7 +479,7 @@ def measure_sensitivity(
     from kvpack.cache.cache import _layer_plan
 
     plan = _layer_plan(model.config)
-    meter = SensitivityMeter(model, ids)
+    meter = SensitivityMeter(model, ids, base)
     table: dict[str, list[list[float]]] = {name: [[0.0] * len(candidates) for _ in plan] for name in TENSORS}
     jobs = [
         (layer, name, b_idx, bits)
