@@ -281,6 +281,12 @@ def test_cli_writes_a_profile_that_generate_and_spec_accept(
     assert all(k > 0 for row in profile.key_kl for k in row)
     assert cli.main(["spec", str(out)]) == 0
     assert "per-layer bits" in capsys.readouterr().out
+    again = tmp_path / "tiny-8.json"  # another budget from the same measurements
+    assert cli.main(["calibrate", "--from", str(out), "--budget-bits", "8", "-o", str(again)]) == 0
+    capsys.readouterr()
+    rich = load_profile(again)
+    assert rich.config.layer_bits == ((4, 4), (4, 4)) and rich.key_kl == profile.key_kl
+    assert rich.budget_bits == 8 and rich.average_bits == 6.0  # 4-bit codes + 2 metadata bits (group 16)
     gen = ["generate", "--model", str(tiny_model_dir), "--cache", str(out), "--max-new-tokens", "4", "--threads", "1"]
     assert cli.main([*gen, "Hello"]) == 0
     assert profile.config.spec in capsys.readouterr().out

@@ -426,6 +426,8 @@ class SensitivityMeter:
         finally:
             for hook in hooks:
                 hook.remove()
+        self._probs = self.reference.exp()
+        self._neg_entropy = float((self._probs * self.reference).sum())
 
     def _logprobs(self, target: _Target | None) -> torch.Tensor:
         """`[predictions - prefix, vocab]` float64 log-probabilities of the next tokens after the exact prefix, with
@@ -445,7 +447,8 @@ class SensitivityMeter:
                 logits = out.logits[0, :-1].double()
         finally:
             _active.target = None
-            for cache_layer in self.cache.layers:  # (the skipped layers did not grow)
+            cache_layers: list[Any] = list(self.cache.layers)
+            for cache_layer in cache_layers:  # (the skipped layers did not grow)
                 if cache_layer.get_seq_length() > self.prefix:
                     cache_layer.crop(self.prefix - cache_layer.get_seq_length())
             for layer, forward in originals:
@@ -461,8 +464,9 @@ class SensitivityMeter:
         if any(getattr(config, name) != getattr(self.base, name) for name in shared):
             raise ConfigError(f"{config.spec} differs from the meter's base {self.base.spec} in sinks/residual/block.")
         perturbed = self._logprobs(_Target(layer, tuple(tensors), config))
-        ref = self.reference
-        return float((ref.exp() * (ref - perturbed)).sum(-1).sum()) / self.predictions
+        if torch.equal(perturbed, self.reference):  # (exactly 0, not a difference of two rounded sums)
+            return 0.0
+        return (self._neg_entropy - float((self._probs * perturbed).sum())) / self.predictions
 
 
 def measure_sensitivity(
@@ -618,6 +622,20 @@ def calibrate(
         seconds=seconds,
         kvpack_version=kvpack.__version__,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+
+
+def reallocate(profile: Profile, budget_bits: float) -> Profile:
+    """The profile of the same measurements allocated within another budget (no model run)."""
+    dim = profile.model.head_dim
+    base = replace(profile.config, layer_bits=())
+    allocation = allocate(profile.key_kl, profile.value_kl, profile.candidates, base, budget_bits, dim, dim)
+    return replace(
+        profile,
+        config=replace(base, layer_bits=allocation.layer_bits),
+        budget_bits=budget_bits,
+        average_bits=allocation.average_bits,
+        path=None,
     )
 
 

@@ -345,9 +345,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     """Measure per-layer sensitivity on the calibration text, allocate bits within a budget, write a profile."""
     import torch
 
-    from kvpack.calibrate import calibrate, summary_table
+    from kvpack.calibrate import calibrate, load_profile, reallocate, summary_table
     from kvpack.models import DEFAULT_MODEL, load_model
 
+    output = Path(args.out)
+    if not output.parent.is_dir():
+        raise KVPackError(f"the folder of --out {output} does not exist.")
+    if args.from_profile:  # another budget for measurements already made: no model run
+        profile = reallocate(load_profile(args.from_profile), args.budget_bits)
+        profile.save(output)
+        print(summary_table(profile))
+        print(f"wrote {output} (measurements of {args.from_profile}): use it with --cache {output}")
+        return 0
     base = as_config(args.base)  # bad arguments fail before the model loads
     if base.layer_bits:
         raise KVPackError(f"--base {args.base} already has per-layer bits; give a uniform spec (only bits vary).")
@@ -357,9 +366,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         raise KVPackError(f"--bits {args.bits!r}: give comma-separated bit widths, e.g. 2,3,4,8.") from exc
     if args.tokens < 2:
         raise KVPackError(f"--tokens {args.tokens}: calibration needs at least 2 tokens.")
-    output = Path(args.out)
-    if not output.parent.is_dir():
-        raise KVPackError(f"the folder of --out {output} does not exist.")
     if args.threads:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -558,6 +564,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--device", default="cpu")
     cal.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
     cal.add_argument("-o", "--out", required=True, help="the profile to write (e.g. profile.json)")
+    cal.add_argument(
+        "--from",
+        dest="from_profile",
+        default=None,
+        help="re-allocate the measurements of this profile within --budget-bits (no model run; its model, base, "
+        "bits and text are kept, the other options are ignored)",
+    )
     cal.set_defaults(func=cmd_calibrate)
 
     report = sub.add_parser("report", help="Markdown tables and PNG plots from a compare JSON")
