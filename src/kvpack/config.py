@@ -171,8 +171,12 @@ class CacheConfig:
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, with the schema version."""
-        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        """JSON-ready form, with the schema version. `layer_bits` only when set: a uniform config keeps the layout
+        that kvpack versions without per-layer bits read."""
+        data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        if not self.layer_bits:
+            del data["layer_bits"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheConfig:
