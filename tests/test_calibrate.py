@@ -298,3 +298,16 @@ def test_cli_refuses_bad_options_before_loading(tmp_path: Path, capsys: pytest.C
     assert "--bits '2,x'" in capsys.readouterr().err
     assert cli.main([*base, "--budget-bits", "3", "--base", "k4v4-l22"]) == 2
     assert "already has per-layer bits" in capsys.readouterr().err
+
+
+def test_compare_names_a_profile_by_its_file(llama: PreTrainedModel, tmp_path: Path) -> None:
+    from kvpack.bench.caches import make_cache, parse_cache_name
+
+    profile = make_profile()
+    profile.save(tmp_path / "tiny-5.json")
+    spec = parse_cache_name(str(tmp_path / "tiny-5.json"))
+    assert (spec.name, spec.kind, spec.profile) == ("profile:tiny-5", "kvpack", str(tmp_path / "tiny-5.json"))
+    assert spec.bits_per_value() == profile.config.bits_per_value
+    assert make_cache(spec, llama.config).cache_config == profile.config
+    with_backend = parse_cache_name(f"{tmp_path / 'tiny-5.json'}@torch")
+    assert with_backend.name == "profile:tiny-5@torch" and make_cache(with_backend, llama.config).backend == "torch"
