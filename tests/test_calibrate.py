@@ -311,3 +311,15 @@ def test_compare_names_a_profile_by_its_file(llama: PreTrainedModel, tmp_path: P
     assert make_cache(spec, llama.config).cache_config == profile.config
     with_backend = parse_cache_name(f"{tmp_path / 'tiny-5.json'}@torch")
     assert with_backend.name == "profile:tiny-5@torch" and make_cache(with_backend, llama.config).backend == "torch"
+
+
+def test_a_base_whose_groups_do_not_fit_the_model_fails_before_measuring(llama: PreTrainedModel) -> None:
+    from types import SimpleNamespace
+
+    from kvpack.calibrate import calibrate
+
+    def tokenizer(text: str, return_tensors: str) -> SimpleNamespace:
+        return SimpleNamespace(input_ids=torch.randint(0, 128, (1, 600)))
+
+    with pytest.raises(ConfigError, match="groups of 32, which do not divide this model's head_dim 16"):
+        calibrate(llama, tokenizer, 5.0, base="k4v4-gk16-gv32")

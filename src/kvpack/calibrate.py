@@ -601,6 +601,12 @@ def calibrate(
     path = Path(data) if data is not None else calibration_data_path()
     ids, sha256 = load_tokens(path, tokenizer, tokens)
     fingerprint = ProfileModel.of(model, model_name)
+    for name, spec in (("key", base_config.key), ("value", base_config.value)):
+        if spec.axis == "token" and fingerprint.head_dim % spec.group_size:
+            raise ConfigError(
+                f"the base {base_config.spec} groups {name}s per token in groups of {spec.group_size}, which do not "
+                f"divide this model's head_dim {fingerprint.head_dim}; pick a group size that divides it."
+            )
     start = time.perf_counter()
     key_kl, value_kl = measure_sensitivity(model, ids, base_config, candidates, progress)
     allocation = allocate(
