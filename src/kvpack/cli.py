@@ -12,7 +12,7 @@ from typing import Any
 
 from kvpack.attention.registry import CACHE_BACKENDS
 from kvpack.bench.compare import DEFAULT_CACHES
-from kvpack.config import CacheConfig, parse_spec
+from kvpack.config import CacheConfig, as_config
 from kvpack.errors import KVPackError
 from kvpack.weights import WEIGHT_CHOICES
 
@@ -114,7 +114,7 @@ def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
     assert prefix is not None
     if prefix.shape[0] != 1:
         raise KVPackError(f"{args.prefix_cache} holds a batch of {prefix.shape[0]} prompts; generate continues one.")
-    if args.cache is not None and parse_spec(args.cache) != cache.cache_config:
+    if args.cache is not None and as_config(args.cache) != cache.cache_config:
         raise KVPackError(
             f"--cache {args.cache} differs from the prefix cache's {cache.cache_config.spec}; omit --cache (the file's "
             "config is used) or rebuild the prefix cache with that spec."
@@ -174,7 +174,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvpack.weights import weight_nbytes
 
     # Bad arguments fail before the model loads.
-    config = parse_spec(args.cache or DEFAULT_SPEC)
+    config = as_config(args.cache or DEFAULT_SPEC)
     if args.prefix_cache is None:
         prompt = _read_prompt(args)
     elif not Path(args.prefix_cache).is_file():
@@ -190,7 +190,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     cached, load_s = 0, 0.0
     if args.prefix_cache is None:
         inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
-        cache = KVPackCache(model.config, config, backend=args.backend)
+        # A profile's path, not its config: KVPackCache checks that it was made for this model.
+        cache = KVPackCache(model.config, args.cache or DEFAULT_SPEC, backend=args.backend)
     else:
         cache, inputs, load_s = _load_prefix(args, model, tokenizer)
         config = cache.cache_config
@@ -256,7 +257,7 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     from kvpack.cache.persist import prefix_cache, read_cache_file
     from kvpack.models import DEFAULT_MODEL, load_model
 
-    config = parse_spec(args.cache)
+    config = as_config(args.cache)
     text = _read_prompt(args)
     output = Path(args.output)
     if not output.parent.is_dir():
@@ -325,7 +326,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_spec(args: argparse.Namespace) -> int:
     """Explain a cache spec string."""
-    config: CacheConfig = parse_spec(args.spec)
+    config: CacheConfig = as_config(args.spec)
     print(f"spec: {config.spec}")
     for name, spec in (("keys", config.key), ("values", config.value)):
         print(
@@ -333,7 +334,55 @@ def cmd_spec(args: argparse.Namespace) -> int:
             f"{spec.bits_per_value:g} bits per value with float16 scale and zero"
             + (f" and {spec.outliers} exact outlier(s) per group" if spec.outliers else "")
         )
+    if config.layer_bits:
+        per_layer = ", ".join(f"{i}: k{k}v{v}" for i, (k, v) in enumerate(config.layer_bits))
+        print(f"  per-layer bits (replace the bits above): {per_layer}")
     print(f"  residual: newest {config.residual} tokens in full precision; sinks: first {config.sinks} tokens")
+    print(f"  average: {config.bits_per_value:.4g} bits per value (metadata included; sinks and residual excluded)")
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    """Measure per-layer sensitivity on the calibration text, allocate bits within a budget, write a profile."""
+    import torch
+
+    from kvpack.calibrate import calibrate, load_profile, reallocate, summary_table
+    from kvpack.models import DEFAULT_MODEL, load_model
+
+    output = Path(args.out)
+    if not output.parent.is_dir():
+        raise KVPackError(f"the folder of --out {output} does not exist.")
+    if args.from_profile:  # another budget for measurements already made: no model run
+        profile = reallocate(load_profile(args.from_profile), args.budget_bits)
+        profile.save(output)
+        print(summary_table(profile))
+        print(f"wrote {output} (measurements of {args.from_profile}): use it with --cache {output}")
+        return 0
+    base = as_config(args.base)  # bad arguments fail before the model loads
+    if base.layer_bits:
+        raise KVPackError(f"--base {args.base} already has per-layer bits; give a uniform spec (only bits vary).")
+    try:
+        candidates = tuple(int(b) for b in args.bits.split(","))
+    except ValueError as exc:
+        raise KVPackError(f"--bits {args.bits!r}: give comma-separated bit widths, e.g. 2,3,4,8.") from exc
+    if args.tokens < 2:
+        raise KVPackError(f"--tokens {args.tokens}: calibration needs at least 2 tokens.")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    profile = calibrate(
+        model,
+        tokenizer,
+        args.budget_bits,
+        base=base,
+        candidates=candidates,
+        tokens=args.tokens,
+        data=args.data,
+        model_name=args.model or DEFAULT_MODEL,
+    )
+    profile.save(output)
+    print(summary_table(profile))
+    print(f"wrote {output}: use it with --cache {output}")
     return 0
 
 
@@ -495,6 +544,35 @@ def build_parser() -> argparse.ArgumentParser:
     _add_measure_options(ppl, tokens=2048)
     ppl.add_argument("--json", default=None, help="also write the result as JSON")
     ppl.set_defaults(func=cmd_ppl)
+
+    cal = sub.add_parser(
+        "calibrate",
+        help="per-layer bits within a budget, from measured sensitivity; writes a profile",
+        description="Measure, on the calibration text, how much each layer's keys and values at each bit width "
+        "change the next-token distributions (mean KL vs the exact model, one tensor quantized at a time, as the "
+        "cache would store it), choose the per-layer bits that minimise the summed KL within the budget (exact "
+        "dynamic program), and write a JSON profile that --cache accepts in place of a spec.",
+    )
+    cal.add_argument("--budget-bits", type=float, required=True, help="average bits per value, metadata included")
+    cal.add_argument(
+        "--base", default="k4v4-s4-rot", help="spec whose options are kept, only bits vary (default k4v4-s4-rot)"
+    )
+    cal.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
+    cal.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
+    cal.add_argument("--data", default=None, help="a UTF-8 text file (default: kvpack's calibration text)")
+    cal.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
+    cal.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    cal.add_argument("--device", default="cpu")
+    cal.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
+    cal.add_argument("-o", "--out", required=True, help="the profile to write (e.g. profile.json)")
+    cal.add_argument(
+        "--from",
+        dest="from_profile",
+        default=None,
+        help="re-allocate the measurements of this profile within --budget-bits (no model run; its model, base, "
+        "bits and text are kept, the other options are ignored)",
+    )
+    cal.set_defaults(func=cmd_calibrate)
 
     report = sub.add_parser("report", help="Markdown tables and PNG plots from a compare JSON")
     report.add_argument("json", help="a JSON written by `kvpack compare`")

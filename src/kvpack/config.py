@@ -7,6 +7,10 @@ A spec string is the short form used on the command line and in result tables:
     k4v4-g32-r64-s4       ... and 4 full-precision "sink" tokens at the start
     k2v2-s4-rot           keys and values rotated (randomized Hadamard) before quantization; -rotk / -rotv: one
     k2v2-o1               1 outlier per group kept exactly (float16 + position) for keys and values; -ok1 / -ov1: one
+    k4v4-s4-rot-l4342...  per-layer bits: two digits per decoder layer, key then value bits (layer 0: 4-bit keys,
+                          3-bit values; layer 1: 4 and 2; ...); they replace the head's bits in every layer
+
+A calibrated profile (`kvpack calibrate`, a `.json` file) is accepted wherever a spec string is (`as_config`).
 
 `parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The same fields build the
 Python API (`CacheConfig(...)`), the CLI and the JSON form (`to_dict` / `from_dict`).
@@ -14,6 +18,7 @@ Python API (`CacheConfig(...)`), the CLI and the JSON form (`to_dict` / `from_di
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
@@ -89,12 +94,17 @@ class CacheConfig:
         protected too: at any time the last `residual` tokens are never quantized.
     sinks: the first tokens of the sequence kept exactly (default 0). Not used by sliding-window layers,
         whose window moves past them.
+    layer_bits: per-layer bit widths, one `(key_bits, value_bits)` per decoder layer of the model (every layer,
+        including any without a cache), or empty (default): `key` and `value` in every layer. When set, layer `i`
+        uses `for_layer(i)`: `key`/`value` with their bits replaced, everything else (group sizes, axes,
+        rotation, residual, sinks) shared.
     """
 
     key: QuantSpec = field(default_factory=_key_spec)
     value: QuantSpec = field(default_factory=_value_spec)
     residual: int = 128
     sinks: int = 0
+    layer_bits: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, QuantSpec) or not isinstance(self.value, QuantSpec):
@@ -103,6 +113,42 @@ class CacheConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be a non-negative integer.")
+        if not isinstance(self.layer_bits, tuple) or not all(
+            isinstance(pair, tuple) and len(pair) == 2 and all(type(b) is int for b in pair) for pair in self.layer_bits
+        ):
+            raise ConfigError(
+                f"layer_bits={self.layer_bits!r} must be a tuple of (key_bits, value_bits) integer pairs, "
+                "one per layer."
+            )
+        for idx, pair in enumerate(self.layer_bits):
+            if not set(pair) <= set(SUPPORTED_BITS):
+                raise ConfigError(f"layer_bits[{idx}]={pair}: bits must be among {SUPPORTED_BITS}.")
+
+    def for_layer(self, idx: int) -> CacheConfig:
+        """The configuration layer `idx` uses: this one without per-layer bits, its bits those of layer `idx`.
+
+        Raises ConfigError when `idx` is not a layer of `layer_bits` (when it is set).
+        """
+        if not self.layer_bits:
+            return self
+        if not 0 <= idx < len(self.layer_bits):
+            raise ConfigError(f"layer {idx} is outside the {len(self.layer_bits)} layers of layer_bits.")
+        key_bits, value_bits = self.layer_bits[idx]
+        return replace(
+            self, key=replace(self.key, bits=key_bits), value=replace(self.value, bits=value_bits), layer_bits=()
+        )
+
+    def average_bits(self, key_dim: int = 1, value_dim: int = 1) -> float:
+        """Stored bits per quantized value, scales and zeros included (sinks and residual excluded), averaged over
+        layers and over keys and values weighted by their element counts (`key_dim`, `value_dim`: head dims)."""
+        layers = [self.for_layer(i) for i in range(len(self.layer_bits))] or [self]
+        total = sum(c.key.bits_per_value * key_dim + c.value.bits_per_value * value_dim for c in layers)
+        return total / (len(layers) * (key_dim + value_dim))
+
+    @property
+    def bits_per_value(self) -> float:
+        """`average_bits()` for keys and values of equal head dims (every supported model so far)."""
+        return self.average_bits()
 
     @property
     def block_tokens(self) -> int:
@@ -135,11 +181,17 @@ class CacheConfig:
             parts += [f"o{self.key.outliers}"] if self.key.outliers else []
         else:
             parts += [f"o{name}{n}" for name, n in (("k", self.key.outliers), ("v", self.value.outliers)) if n]
+        if self.layer_bits:
+            parts.append("l" + "".join(f"{k}{v}" for k, v in self.layer_bits))
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form, with the schema version."""
-        return {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        """JSON-ready form, with the schema version. `layer_bits` only when set: a uniform config keeps the layout
+        that kvpack versions without per-layer bits read."""
+        data = {"schema_version": SCHEMA_VERSION, **asdict(self)}
+        if not self.layer_bits:
+            del data["layer_bits"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CacheConfig:
@@ -156,7 +208,8 @@ class CacheConfig:
         try:
             key = QuantSpec(**data.pop("key"))
             value = QuantSpec(**data.pop("value"))
-            return cls(key=key, value=value, **data)
+            layer_bits = tuple(tuple(pair) for pair in data.pop("layer_bits", ()))
+            return cls(key=key, value=value, layer_bits=layer_bits, **data)
         except (TypeError, KeyError) as exc:
             raise ConfigError(f"malformed cache config {data!r}: {exc}") from exc
 
@@ -164,6 +217,7 @@ class CacheConfig:
 _HEAD = re.compile(r"^k(\d+)v(\d+)$")
 _OPTION = re.compile(r"^(gk|gv|g|r|s)(\d+)$")
 _OUTLIERS = re.compile(r"^o(k|v)?(\d+)$")
+_LAYER_BITS = re.compile(r"^l\d+$")
 
 
 def parse_spec(spec: str) -> CacheConfig:
@@ -173,7 +227,7 @@ def parse_spec(spec: str) -> CacheConfig:
     """
     grammar = (
         "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc]"
-        "[-rot|-rotk|-rotv][-o<outliers>|-ok<outliers>-ov<outliers>], "
+        "[-rot|-rotk|-rotv][-o<outliers>|-ok<outliers>-ov<outliers>][-l<key bits><value bits> per layer], "
         "e.g. 'k4v2' or 'k8v8-g64-r128'"
     )
     if not isinstance(spec, str):
@@ -189,6 +243,7 @@ def parse_spec(spec: str) -> CacheConfig:
     value = replace(defaults.value, bits=int(match.group(2)))
     residual, sinks = defaults.residual, defaults.sinks
     pending_outliers: dict[str, int] = {}
+    layer_bits: tuple[tuple[int, int], ...] = ()
     for option in options:
         if option == "kt":
             key = replace(key, axis="token")
@@ -201,6 +256,15 @@ def parse_spec(spec: str) -> CacheConfig:
                 key = replace(key, rotation="hadamard")
             if option != "rotk":
                 value = replace(value, rotation="hadamard")
+            continue
+        if _LAYER_BITS.match(option):
+            digits = [int(d) for d in option[1:]]
+            if len(digits) % 2:
+                raise ConfigError(
+                    f"per-layer bits {option!r} in cache spec {spec!r}: need two digits per layer (key then value "
+                    f"bits), got {len(digits)} digits."
+                )
+            layer_bits = tuple(zip(digits[::2], digits[1::2], strict=True))
             continue
         outliers = _OUTLIERS.match(option)
         if outliers is not None:  # before the group sizes: outliers are checked against the final group size
@@ -223,13 +287,21 @@ def parse_spec(spec: str) -> CacheConfig:
             key = replace(key, outliers=count)
         if "v" in which:
             value = replace(value, outliers=count)
-    return CacheConfig(key=key, value=value, residual=residual, sinks=sinks)
+    return CacheConfig(key=key, value=value, residual=residual, sinks=sinks, layer_bits=layer_bits)
 
 
-def as_config(config: CacheConfig | str) -> CacheConfig:
-    """Accept either a `CacheConfig` or a spec string."""
+def as_config(config: CacheConfig | str | os.PathLike[str]) -> CacheConfig:
+    """Accept a `CacheConfig`, a spec string, or the path of a calibrated profile (a `.json` file written by
+    `kvpack calibrate`; see `kvpack.calibrate.Profile`). A missing, invalid or other-version profile raises
+    ConfigError."""
     if isinstance(config, CacheConfig):
         return config
+    from kvpack.calibrate import is_profile_path, load_profile
+
+    if is_profile_path(config):
+        return load_profile(config).config
     if isinstance(config, str):
         return parse_spec(config)
-    raise ConfigError(f"expected a CacheConfig or a spec string like 'k4v4', got {type(config).__name__}.")
+    raise ConfigError(
+        f"expected a CacheConfig, a spec string like 'k4v4' or a profile .json path, got {type(config).__name__}."
+    )

@@ -4,6 +4,7 @@
     fp-prealloc                  a full-precision cache in preallocated buffers (no copy of the whole cache per
                                  step, unlike DynamicCache's torch.cat): the strongest fp baseline for speed
     k4v4, k8v8-g64-r128, ...     kvpack (see kvpack.config)
+    profile.json[@backend]       a calibrated per-layer profile (`kvpack calibrate`), named `profile:<file stem>`
     k4v4@cpu, k4v4@dense, ...    kvpack with an attention backend (auto, torch, cpu, numba; dense = dequantize in
                                  the cache and let the model's attention read it); default auto
     quanto-int4, quanto-int2     transformers' QuantizedCache, optimum-quanto backend
@@ -18,13 +19,15 @@ from __future__ import annotations
 import importlib.util
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvpack.attention.registry import check_backend
-from kvpack.config import parse_spec
+from kvpack.calibrate import is_profile_path
+from kvpack.config import CacheConfig, as_config
 from kvpack.errors import ConfigError, KVPackError
 
 _PEER = re.compile(r"^(quanto|hqq)-int(\d)((?:-(?:g\d+|r\d+|axis[01]))*)$")
@@ -40,17 +43,21 @@ class CacheSpec:
     notes: list[str] = field(default_factory=list)
     peer: dict[str, Any] = field(default_factory=dict)
     backend: str = "auto"
+    profile: str | None = None  # a profile's path (kind "kvpack"); `name` is then its short label
 
     @property
     def feed_first_tokens_together(self) -> int:
         """Tokens to feed in the first call of a streamed run (a workaround some peers need)."""
         return 2 if self.peer.get("backend") == "hqq" else 1
 
+    def config(self) -> CacheConfig:
+        """The kvpack cache config (kind "kvpack" only)."""
+        return as_config(self.profile or self.name.partition("@")[0])
+
     def bits_per_value(self) -> float | None:
         """Nominal stored bits per cached value (codes + metadata), when defined."""
         if self.kind == "kvpack":
-            config = parse_spec(self.name)
-            return (config.key.bits_per_value + config.value.bits_per_value) / 2
+            return self.config().bits_per_value
         if self.kind == "peer":
             # HF's quantized caches store one scale and one shift per group, in the model's float32 here
             # (quanto) or in float32 metadata (HQQ); counted by cache_nbytes, not assumed here.
@@ -88,7 +95,7 @@ def parse_cache_name(name: str) -> CacheSpec:
         return spec
     spec_text, _, backend = name.partition("@")
     try:
-        config = parse_spec(spec_text)
+        config = as_config(spec_text)
         if backend:
             check_backend(backend)
     except ConfigError as exc:
@@ -96,9 +103,12 @@ def parse_cache_name(name: str) -> CacheSpec:
             f"unknown cache {name!r}: use 'fp', a kvpack spec (e.g. k4v4) or a peer "
             f"(quanto-int4, quanto-int2, hqq-int8, hqq-int4-axis1, ...[-g64][-r128]). ({exc})"
         ) from exc
+    # A profile's spec holds two digits per layer: tables name it by its file instead (the JSON keeps the path).
+    profile = spec_text if is_profile_path(spec_text) else None
+    label = f"profile:{Path(spec_text).stem}" if profile else config.spec
     if backend and backend != "auto":
-        return CacheSpec(name=f"{config.spec}@{backend}", kind="kvpack", backend=backend)
-    return CacheSpec(name=config.spec, kind="kvpack")
+        return CacheSpec(name=f"{label}@{backend}", kind="kvpack", backend=backend, profile=profile)
+    return CacheSpec(name=label, kind="kvpack", profile=profile)
 
 
 def make_cache(spec: CacheSpec, model_config: Any) -> Any:
@@ -112,7 +122,7 @@ def make_cache(spec: CacheSpec, model_config: Any) -> Any:
     if spec.kind == "kvpack":
         from kvpack.cache import KVPackCache
 
-        return KVPackCache(model_config, spec.name.partition("@")[0], backend=spec.backend)
+        return KVPackCache(model_config, spec.profile or spec.name.partition("@")[0], backend=spec.backend)
     require_packages(spec)
     from transformers import QuantizedCache
 

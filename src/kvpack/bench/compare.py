@@ -234,6 +234,8 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
             print(f"  {key}: PPL {by_key[key].perplexity:.3f}", file=sys.stderr)
         row = by_key[key].summary(reference)
         row.update(cache=spec.name, weights=weights, weight_bytes=result["weights"][weights])
+        if spec.profile is not None:  # the table's label is short; the JSON keeps the file and the full spec
+            row.update(profile=spec.profile, spec=spec.config().spec, bits_per_value=spec.bits_per_value())
         if weights != "fp":
             same_cache = by_key[spec.name].perplexity
             row["delta_ppl_vs_fp_weights_pct"] = 100 * (by_key[key].perplexity / same_cache - 1)

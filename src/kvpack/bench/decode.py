@@ -55,9 +55,12 @@ def _layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -
     """`layers` independent (AttentionInputs, fp32 keys/values) pairs of `tokens` tokens with the model's shapes."""
     from kvpack.attention.reference import AttentionInputs
     from kvpack.config import parse_spec
+    from kvpack.errors import ConfigError
     from kvpack.quant.tensor import PackedTensor
 
     cache_config = parse_spec(spec)
+    if cache_config.layer_bits:
+        raise ConfigError(f"{spec}: per-layer bits (-l...) are not supported by this benchmark; give a uniform spec.")
     text = config.get_text_config(decoder=True)
     kv_heads = text.num_key_value_heads
     dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads

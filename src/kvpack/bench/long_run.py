@@ -33,6 +33,7 @@ import torch
 from kvpack.bench.compare import result_header
 from kvpack.bench.memory import _release_freed_memory, _rss_bytes, packed_bytes
 from kvpack.config import parse_spec
+from kvpack.errors import ConfigError
 
 DEFAULT_RESULTS = Path("benchmarks/results/long_run.json")
 
@@ -157,6 +158,10 @@ def run_long(args: argparse.Namespace) -> dict[str, Any]:
         use_kvpack_attention(model)
     prepare(args.backend)
     config = parse_spec(args.spec)
+    if config.layer_bits:
+        raise ConfigError(
+            f"{args.spec}: per-layer bits (-l...) are not supported by this benchmark; give a uniform spec."
+        )
     text = model.config
     rows = text.num_hidden_layers * text.num_key_value_heads
     block = config.block_tokens

@@ -184,6 +184,11 @@ def parse_cache(name: str | CacheConfig) -> CacheKind:
         raise ConfigError(
             f"unknown cache {name!r}: use fp16, bf16, fp32 or a kvpack spec such as k4v4 ({exc})"
         ) from exc
+    if config.layer_bits:
+        raise ConfigError(
+            f"{name}: per-layer bits (-l...) are not supported by this benchmark (its byte model is per spec); "
+            "give a uniform spec."
+        )
     return CacheKind(name=config.spec, config=config)
 
 

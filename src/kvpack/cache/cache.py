@@ -12,7 +12,7 @@ from transformers.cache_utils import Cache, DummyLayer
 from kvpack.attention.registry import ATTENTION_NAME
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
 from kvpack.config import CacheConfig, as_config
-from kvpack.errors import UnsupportedModelError
+from kvpack.errors import ConfigError, UnsupportedModelError
 
 # Layer types whose cache is plain per-head keys/values, and how kvpack stores them.
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
@@ -88,8 +88,15 @@ class KVPackCache(Cache):
     prefill_s: float | None
     """Seconds the prefill of `prefix_ids` took (measured by `kvpack.prefix_cache`, or read from the file)."""
 
-    def __init__(self, config: PretrainedConfig | Any, cache_config: CacheConfig | str = "k4v4", backend: str = "auto"):
-        """config: the model's config (or the model itself); cache_config: a `CacheConfig` or a spec string.
+    def __init__(
+        self,
+        config: PretrainedConfig | Any,
+        cache_config: CacheConfig | str | os.PathLike[str] = "k4v4",
+        backend: str = "auto",
+    ):
+        """config: the model's config (or the model itself); cache_config: a `CacheConfig`, a spec string or a
+        calibrated profile's path (see `kvpack.config.as_config`). Per-layer bits (`CacheConfig.layer_bits`) must
+        name every layer of the model (else ConfigError); each layer is built from `cache_config.for_layer(idx)`.
 
         backend: the attention backend when the model runs kvpack's attention (`kvpack.use_kvpack_attention`):
         `auto`, `torch`, `cpu` or `numba` (see `kvpack.attention`); `dense` dequantizes in the cache instead.
@@ -100,18 +107,34 @@ class KVPackCache(Cache):
 
         if not isinstance(config, PretrainedConfig) and isinstance(getattr(config, "config", None), PretrainedConfig):
             config = config.config
-        self.cache_config = as_config(cache_config)
+        from kvpack.calibrate import is_profile_path, load_profile
+
+        if is_profile_path(cache_config):
+            profile = load_profile(cache_config)  # type: ignore[arg-type]
+            profile.check_model(config)
+            self.cache_config = profile.config
+        else:
+            self.cache_config = as_config(cache_config)
         self.backend = check_backend(backend)
         # Read at every update (cheap), so switching the model's attention implementation is always honoured.
         self._text_config = config.get_text_config(decoder=True)
+        plan = _layer_plan(config)
+        per_layer = self.cache_config.layer_bits
+        if per_layer and len(per_layer) != len(plan):
+            raise ConfigError(
+                f"the cache config has per-layer bits for {len(per_layer)} layers, but this model has {len(plan)} "
+                "layers: a calibrated profile fits only the model it was made for "
+                "(run `kvpack calibrate` for this one)."
+            )
         layers: list[Any] = []
-        for idx, (layer_type, window) in enumerate(_layer_plan(config)):
+        for idx, (layer_type, window) in enumerate(plan):
+            layer_config = self.cache_config.for_layer(idx)
             if layer_type == "dummy":
                 layers.append(DummyLayer())
             elif window is not None:
-                layers.append(PackedSlidingLayer(self.cache_config, sliding_window=window, layer_idx=idx))
+                layers.append(PackedSlidingLayer(layer_config, sliding_window=window, layer_idx=idx))
             else:
-                layers.append(PackedLayer(self.cache_config, layer_idx=idx))
+                layers.append(PackedLayer(layer_config, layer_idx=idx))
         super().__init__(layers=layers)
         self.prefix_ids = None
         self.prefill_s = None

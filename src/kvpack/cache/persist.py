@@ -394,8 +394,8 @@ class CacheFile:
                     sink_values=tensors["sink_values"],
                     residual_keys=tensors["residual_keys"],
                     residual_values=tensors["residual_values"],
-                    packed_keys=packed("packed_keys", config.key),
-                    packed_values=packed("packed_values", config.value),
+                    packed_keys=packed("packed_keys", config.for_layer(idx).key),
+                    packed_values=packed("packed_values", config.for_layer(idx).value),
                     shadow_keys=tensors["shadow_keys"],
                     shadow_values=tensors["shadow_values"],
                     record_past=entry.record_past,
@@ -669,7 +669,8 @@ def _expected_tensors(header: CacheFileHeader) -> dict[str, tuple[str, tuple[int
         for name in _DENSE_TENSORS:
             expected[f"layers.{idx}.{name}"] = (_ST_NAMES[dtype], (batch, heads, lengths[name.split("_")[0]], dim))
         if entry.packed_len:
-            for name, spec in (("packed_keys", config.key), ("packed_values", config.value)):
+            layer_config = config.for_layer(idx)
+            for name, spec in (("packed_keys", layer_config.key), ("packed_values", layer_config.value)):
                 for part, shape in zip(
                     _packed_parts(spec), _packed_shapes(spec, batch, heads, dim, entry.packed_len), strict=True
                 ):
@@ -705,6 +706,11 @@ def _check_layers(header: CacheFileHeader) -> None:
     plan = header.model.layer_plan
     if len(plan) != len(header.layers):
         raise CacheFormatError(f"it has {len(header.layers)} layers, but its model has {len(plan)}", "layers")
+    if config.layer_bits and len(config.layer_bits) != len(plan):
+        raise CacheFormatError(
+            f"its cache config has per-layer bits for {len(config.layer_bits)} layers, but its model has {len(plan)}",
+            "layers",
+        )
     for spec, name in ((config.key, "key"), (config.value, "value")):
         if spec.axis == "token" and header.model.head_dim % spec.group_size:
             raise CacheFormatError(f"head_dim {header.model.head_dim} does not fit the {name} group", "layers")

@@ -1,0 +1,662 @@
+"""Calibrated per-layer bit allocation (`kvpack calibrate`): measure, allocate, write a profile.
+
+1. Sensitivity. For each layer, for its keys and its values separately, and for each candidate bit width, the
+   damage done when only that tensor of that layer is quantized (everything else exact): the mean
+   KL(exact || perturbed) of the next-token distributions over the calibration tokens (`n - 1` predictions, as
+   `kvpack.eval.perplexity` streams them). It is measured with full-sequence forwards, not a token-by-token
+   stream: a registered attention function quantize-dequantizes the chosen tensor exactly as a `KVPackCache`
+   stores it (`PackedTensor.quantize(...).dequantize()`, blocks of `block_tokens` aligned after the sinks) and lets
+   each query see what the cache would hold when that query is decoded one token at a time:
+     - the first `sinks` tokens exact;
+     - of the later tokens, the oldest `P(m) = max(0, (m - residual) // block) * block` quantized, where `m` is the
+       number of non-sink tokens stored before the query (the flush rule of `PackedLayer`: whole blocks leave the
+       residual window once it holds `residual + block` tokens); the rest, and the query's own token, exact.
+   This is the streamed cache's content token for token, so the emulation's only approximations are float
+   rounding (a different order of operations in attention) and that it models single-token decoding: a cache
+   filled by a long prefill chunk lets the chunk's queries see its own tokens exactly (see `PackedLayer.update`).
+   Layers before the perturbed one are not recomputed: they return the outputs recorded in the exact pass.
+2. Allocation. Choose one candidate per (layer, tensor) minimising the sum of the measured KLs (an additive
+   model of the damage) subject to the average stored bits per value (codes + fp16 scale and zero per group; keys
+   and values weighted by their head dims; sinks and residual excluded, as in `CacheConfig.bits_per_value`) being
+   at most the budget. Metadata bits do not depend on the bit width, so the constraint is on the integer sum of
+   code bits and an exact dynamic program over it (a multiple-choice knapsack) solves it: no Lagrangian gap.
+3. A versioned JSON profile (`Profile`) records the choice, the sensitivity table and what it was measured on;
+   `kvpack.config.as_config` accepts its path wherever a spec string is accepted.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpack.config import SUPPORTED_BITS, CacheConfig, QuantSpec
+from kvpack.errors import ConfigError
+
+PROFILE_FORMAT = "kvpack.profile"
+PROFILE_SCHEMA_VERSION = 1
+DEFAULT_BASE = "k4v4-s4-rot"
+DEFAULT_BITS = (2, 3, 4, 8)
+DEFAULT_TOKENS = 512
+TENSORS = ("key", "value")
+_ATTENTION_NAME = "kvpack_calibrate"
+
+
+# -- the model a profile is for --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProfileModel:
+    """What a profile's per-layer choice depends on: the model's name (a label) and its cache's shape."""
+
+    name: str
+    architecture: str
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, model_or_config: Any, name: str) -> ProfileModel:
+        """The fingerprint of a model (or its config)."""
+        from kvpack.cache.cache import _layer_plan
+
+        config = getattr(model_or_config, "config", model_or_config)
+        text = config.get_text_config(decoder=True)
+        heads = text.num_attention_heads
+        return cls(
+            name=name,
+            architecture=str(getattr(text, "model_type", type(text).__name__)),
+            layers=len(_layer_plan(config)),
+            kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
+        )
+
+    def mismatch(self, other: ProfileModel) -> str | None:
+        """None when `other` has the same cache shape, else what differs (the name is a label, not compared)."""
+        for field_name in ("architecture", "layers", "kv_heads", "head_dim"):
+            ours, theirs = getattr(self, field_name), getattr(other, field_name)
+            if ours != theirs:
+                return f"{field_name} {ours} (profile) vs {theirs} (model)"
+        return None
+
+
+# -- the profile -----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Profile:
+    """A calibrated per-layer allocation and what it was measured on (the JSON file `kvpack calibrate` writes).
+
+    config: the cache config (its `layer_bits` is the choice). model: the model it was calibrated for. data_name,
+    data_sha256, tokens: the calibration text and how many of its tokens were used. budget_bits, average_bits: the
+    budget and the achieved `config.average_bits` (bits per value, metadata included). candidates: the measured
+    bit widths. key_kl, value_kl: `[layer][candidate]` mean KL when only that tensor is quantized at that width.
+    """
+
+    config: CacheConfig
+    base: str
+    model: ProfileModel
+    data_name: str
+    data_sha256: str
+    tokens: int
+    budget_bits: float
+    average_bits: float
+    candidates: tuple[int, ...]
+    key_kl: list[list[float]]
+    value_kl: list[list[float]]
+    seconds: float = 0.0
+    kvpack_version: str = ""
+    created: str = ""
+    path: Path | None = field(default=None, compare=False)
+
+    @property
+    def label(self) -> str:
+        """A short name for tables: `profile:<file stem>` (the canonical spec holds two digits per layer)."""
+        return f"profile:{self.path.stem}" if self.path is not None else f"profile:{self.config.spec}"
+
+    @property
+    def predicted_kl(self) -> float:
+        """Sum of the measured KLs of the chosen bit widths (the additive model's prediction)."""
+        return sum(
+            self.key_kl[i][self.candidates.index(k)] + self.value_kl[i][self.candidates.index(v)]
+            for i, (k, v) in enumerate(self.config.layer_bits)
+        )
+
+    def check_model(self, model_or_config: Any) -> None:
+        """Raise ConfigError when the profile was made for a model whose cache has another shape."""
+        ours = ProfileModel.of(model_or_config, self.model.name)
+        problem = self.model.mismatch(ours)
+        if problem is not None:
+            where = f" ({self.path})" if self.path else ""
+            raise ConfigError(
+                f"the profile{where} was calibrated for {self.model.name} ({self.model.architecture}, "
+                f"{self.model.layers} layers), not this model: {problem}. Run `kvpack calibrate` for this model."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (see the module doc)."""
+        return {
+            "format": PROFILE_FORMAT,
+            "schema_version": PROFILE_SCHEMA_VERSION,
+            "kvpack_version": self.kvpack_version,
+            "created": self.created,
+            "model": {
+                "name": self.model.name,
+                "architecture": self.model.architecture,
+                "layers": self.model.layers,
+                "kv_heads": self.model.kv_heads,
+                "head_dim": self.model.head_dim,
+            },
+            "data": {"name": self.data_name, "sha256": self.data_sha256, "tokens": self.tokens},
+            "base": self.base,
+            "candidates": list(self.candidates),
+            "budget_bits": self.budget_bits,
+            "average_bits": self.average_bits,
+            "predicted_kl": self.predicted_kl,
+            "seconds": self.seconds,
+            "spec": self.config.spec,
+            "cache_config": self.config.to_dict(),
+            "layers": [
+                {
+                    "layer": i,
+                    "key_bits": k,
+                    "value_bits": v,
+                    "key_kl": dict(zip(map(str, self.candidates), self.key_kl[i], strict=True)),
+                    "value_kl": dict(zip(map(str, self.candidates), self.value_kl[i], strict=True)),
+                }
+                for i, (k, v) in enumerate(self.config.layer_bits)
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "profile") -> Profile:
+        """Inverse of `to_dict`; raises ConfigError naming what is missing or wrong."""
+        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
+            raise ConfigError(f'{where} is not a kvpack profile (no "format": "{PROFILE_FORMAT}").')
+        version = data.get("schema_version")
+        if version != PROFILE_SCHEMA_VERSION:
+            raise ConfigError(
+                f"{where} has profile schema_version {version!r}; this kvpack reads version {PROFILE_SCHEMA_VERSION}: "
+                "re-run `kvpack calibrate` with this version."
+            )
+        try:
+            config = CacheConfig.from_dict(data["cache_config"])
+            candidates = tuple(int(b) for b in data["candidates"])
+            layers = data["layers"]
+            key_kl = [[float(row["key_kl"][str(b)]) for b in candidates] for row in layers]
+            value_kl = [[float(row["value_kl"][str(b)]) for b in candidates] for row in layers]
+            chosen = tuple((int(row["key_bits"]), int(row["value_bits"])) for row in layers)
+            model = ProfileModel(**data["model"])
+            profile = cls(
+                config=config,
+                base=str(data["base"]),
+                model=model,
+                data_name=str(data["data"]["name"]),
+                data_sha256=str(data["data"]["sha256"]),
+                tokens=int(data["data"]["tokens"]),
+                budget_bits=float(data["budget_bits"]),
+                average_bits=float(data["average_bits"]),
+                candidates=candidates,
+                key_kl=key_kl,
+                value_kl=value_kl,
+                seconds=float(data.get("seconds", 0.0)),
+                kvpack_version=str(data.get("kvpack_version", "")),
+                created=str(data.get("created", "")),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            if isinstance(exc, ConfigError):
+                raise ConfigError(f"{where}: {exc}") from exc
+            raise ConfigError(f"{where} is malformed: {type(exc).__name__}: {exc}") from exc
+        if config.layer_bits != chosen or len(chosen) != model.layers:
+            raise ConfigError(
+                f"{where} is inconsistent: its cache config has per-layer bits for {len(config.layer_bits)} layers "
+                f"({config.spec}), its layer table {len(chosen)} rows, its model {model.layers} layers."
+            )
+        return profile
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the profile as indented JSON."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
+        self.path = path
+
+
+def is_profile_path(config: Any) -> bool:
+    """Whether `config` names a profile file (a path object, or a string ending in `.json`)."""
+    return isinstance(config, os.PathLike) or (isinstance(config, str) and config.strip().lower().endswith(".json"))
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read a profile written by `kvpack calibrate`; ConfigError when it is missing, not JSON, or not a profile."""
+    path = Path(str(path).strip()) if isinstance(path, str) else Path(path)
+    if not path.is_file():
+        raise ConfigError(f"profile {path} does not exist; make one with `kvpack calibrate -o {path}`.")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ConfigError(f"profile {path} is not valid JSON ({exc}); make it again with `kvpack calibrate`.") from exc
+    profile = Profile.from_dict(data, where=f"profile {path}")
+    profile.path = path
+    return profile
+
+
+# -- emulated sensitivity --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Target:
+    """What the calibration attention function quantizes: `tensors` of layer `layer` with `config`."""
+
+    layer: int
+    tensors: tuple[str, ...]
+    config: CacheConfig
+
+
+@dataclass
+class _Pass:
+    """The state of one emulated forward pass (read by `_calibration_attention`)."""
+
+    target: _Target | None = None
+
+
+_active = _Pass()
+
+
+def packed_until(stored: torch.Tensor, config: CacheConfig) -> torch.Tensor:
+    """Non-sink tokens a `PackedLayer` holds quantized after receiving `stored` non-sink tokens, one at a time."""
+    block = config.block_tokens
+    return (stored - config.residual).div(block, rounding_mode="floor").clamp(min=0) * block
+
+
+def quantized_mask(tokens: int, config: CacheConfig, device: torch.device | None = None) -> torch.Tensor:
+    """bool `[tokens, tokens]`: entry `[t, j]` is whether the query at position `t`, decoded one token at a time,
+    reads key/value `j` from packed (quantized) storage (see the module doc)."""
+    t = torch.arange(tokens, device=device)
+    stored = (t - config.sinks).clamp(min=0)  # non-sink tokens in the cache when token t arrives
+    limit = config.sinks + packed_until(stored, config)
+    return (t[None, :] >= config.sinks) & (t[None, :] < limit[:, None])
+
+
+def emulate_stored(x: torch.Tensor, spec: QuantSpec, config: CacheConfig) -> torch.Tensor:
+    """`x` `[batch, heads, tokens, dim]` with the tokens a streamed cache ends up packing quantize-dequantized.
+
+    Those are the `packed_until(tokens - 1 - sinks)` tokens after the sinks (whole blocks), what the last query
+    reads packed; every earlier query reads a prefix of the same blocks, which are quantized identically (blocks
+    are independent). Other tokens are returned unchanged.
+    """
+    from kvpack.quant.tensor import PackedTensor
+
+    tokens = x.shape[2]
+    start = config.sinks
+    end = start + int(packed_until(torch.tensor(max(tokens - 1 - start, 0)), config))
+    if end == start:
+        return x
+    out = x.clone()
+    out[:, :, start:end] = PackedTensor.quantize(x[:, :, start:end], spec).dequantize(x.dtype)
+    return out
+
+
+def _calibration_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """SDPA, except in the target layer: attention that reads each key/value as the streamed cache would hold it."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    target = _active.target
+    tokens, queries = key.shape[2], query.shape[2]  # the queries are the last `queries` of the `tokens` positions
+    if target is None or getattr(module, "layer_idx", None) != target.layer:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    config = target.config
+    mask = quantized_mask(tokens, config, key.device)[tokens - queries :]
+    if not bool(mask.any()):  # nothing packed yet: exactly what the cache gives
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
+        raise ConfigError("kvpack calibrate does not emulate logit soft-capping or attention sinks (s_aux).")
+    if scaling is None:
+        scaling = query.shape[-1] ** -0.5
+    groups = query.shape[1] // key.shape[1]
+
+    def expand(x: torch.Tensor) -> torch.Tensor:
+        return x.repeat_interleave(groups, dim=1) if groups > 1 else x
+
+    scores = (query.float() @ expand(key).float().transpose(-1, -2)) * scaling
+    if "key" in target.tensors:
+        stored = emulate_stored(key, config.key, config)
+        scores = torch.where(mask, (query.float() @ expand(stored).float().transpose(-1, -2)) * scaling, scores)
+    if attention_mask is None:
+        positions = torch.arange(tokens, device=key.device)
+        causal = positions[None, :] <= positions[tokens - queries :, None]
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., -tokens:], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., -tokens:].float()
+    probs = torch.softmax(scores, dim=-1)
+    if "value" in target.tensors:
+        stored = emulate_stored(value, config.value, config)
+        out = (probs * ~mask) @ expand(value).float() + (probs * mask) @ expand(stored).float()
+    else:
+        out = probs @ expand(value).float()
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+@contextmanager
+def _calibration_attention_on(model: Any) -> Iterator[None]:
+    """Run `model` with `_calibration_attention`, restoring its attention implementation afterwards."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(_ATTENTION_NAME, _calibration_attention)
+    AttentionMaskInterface.register(_ATTENTION_NAME, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(_ATTENTION_NAME)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+        _active.target = None
+
+
+def _decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
+    for path in ("model.layers", "model.model.layers", "model.language_model.layers"):
+        obj = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, torch.nn.ModuleList):
+            return list(obj)
+    raise ConfigError(f"kvpack calibrate cannot find the decoder layers of {type(model).__name__}.")
+
+
+class SensitivityMeter:
+    """Mean KL(exact || perturbed) over the next-token predictions of `ids` `[1, tokens]`, for perturbations of one
+    layer's keys and/or values stored with configs that share `base`'s sinks, residual and block (see the module
+    doc).
+
+    Queries before position `sinks + residual + block` read nothing packed, so their predictions, and every layer's
+    keys and values there, are exact whatever is perturbed: they run once, into a `DynamicCache`, and each
+    measurement runs the rest of the tokens on it (then crops it back). The exact pass of the rest runs once too,
+    recording each decoder layer's output: a measurement on layer `l` reuses the outputs of the layers before `l`.
+    Predictions of the exact prefix count as zeros in the mean, as a streamed run's do.
+    """
+
+    def __init__(self, model: Any, ids: torch.Tensor, base: CacheConfig):
+        from transformers import DynamicCache
+
+        self.model = model
+        self.base = base
+        self.ids = ids.to(model.device)
+        self.layers = _decoder_layers(model)
+        self.predictions = self.ids.shape[1] - 1
+        self.prefix = min(base.sinks + base.residual + base.block_tokens, self.predictions)
+        self.cache = DynamicCache(config=model.config)
+        if self.prefix:
+            with torch.no_grad(), _calibration_attention_on(model):
+                model(self.ids[:, : self.prefix], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+        self._outputs: list[Any] = [None] * len(self.layers)
+        hooks = [
+            layer.register_forward_hook(lambda _m, _a, out, i=i: self._outputs.__setitem__(i, out))
+            for i, layer in enumerate(self.layers)
+        ]
+        try:
+            self.reference = self._logprobs(None)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self._probs = self.reference.exp()
+        self._neg_entropy = float((self._probs * self.reference).sum())
+
+    def _logprobs(self, target: _Target | None) -> torch.Tensor:
+        """`[predictions - prefix, vocab]` float64 log-probabilities of the next tokens after the exact prefix, with
+        `target` perturbed (float64 so that the KL of a small perturbation is not lost in rounding)."""
+        if self.prefix == self.predictions:
+            return torch.empty(0, 1, dtype=torch.float64)
+        originals: list[tuple[torch.nn.Module, Callable[..., Any] | None]] = []
+        if target is not None:  # the layers before the perturbed one give what they gave in the exact pass
+            for i in range(target.layer):
+                layer, recorded = self.layers[i], self._outputs[i]
+                originals.append((layer, layer.__dict__.get("forward")))
+                layer.forward = lambda *args, recorded=recorded, **kwargs: recorded
+        _active.target = target
+        try:
+            with torch.no_grad(), _calibration_attention_on(self.model):
+                out = self.model(self.ids[:, self.prefix :], past_key_values=self.cache, use_cache=True)
+                logits = out.logits[0, :-1].double()
+        finally:
+            _active.target = None
+            cache_layers: list[Any] = list(self.cache.layers)
+            for cache_layer in cache_layers:  # (the skipped layers did not grow)
+                if cache_layer.get_seq_length() > self.prefix:
+                    cache_layer.crop(self.prefix - cache_layer.get_seq_length())
+            for layer, forward in originals:
+                if forward is None:
+                    del layer.forward  # the instance attribute: the class's forward shows again
+                else:
+                    layer.forward = forward
+        return torch.log_softmax(logits, dim=-1)
+
+    def kl(self, layer: int, tensors: Sequence[str], config: CacheConfig) -> float:
+        """Mean KL(exact || perturbed) when `tensors` (`key`, `value`) of `layer` are stored as `config` says."""
+        shared = ("sinks", "residual", "block_tokens")
+        if any(getattr(config, name) != getattr(self.base, name) for name in shared):
+            raise ConfigError(f"{config.spec} differs from the meter's base {self.base.spec} in sinks/residual/block.")
+        perturbed = self._logprobs(_Target(layer, tuple(tensors), config))
+        if torch.equal(perturbed, self.reference):  # (exactly 0, not a difference of two rounded sums)
+            return 0.0
+        return (self._neg_entropy - float((self._probs * perturbed).sum())) / self.predictions
+
+
+def measure_sensitivity(
+    model: Any,
+    ids: torch.Tensor,
+    base: CacheConfig,
+    candidates: Sequence[int],
+    progress: bool = True,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """`(key_kl, value_kl)`, each `[layer][candidate]`: the mean KL when only that tensor of that layer is
+    quantized with `base` at that bit width (see the module doc). Layers without a cache get zeros."""
+    from tqdm import tqdm
+
+    from kvpack.cache.cache import _layer_plan
+
+    plan = _layer_plan(model.config)
+    meter = SensitivityMeter(model, ids, base)
+    table: dict[str, list[list[float]]] = {name: [[0.0] * len(candidates) for _ in plan] for name in TENSORS}
+    jobs = [
+        (layer, name, b_idx, bits)
+        for layer, (kind, window) in enumerate(plan)
+        if kind != "dummy"
+        for name in TENSORS
+        for b_idx, bits in enumerate(candidates)
+    ]
+    for layer, name, b_idx, bits in tqdm(jobs, desc="calibrate", disable=not progress, unit="run"):
+        if plan[layer][1] is not None:
+            raise ConfigError(
+                f"layer {layer} is a sliding-window layer; kvpack calibrate emulates full-attention layers only."
+            )
+        spec = getattr(base, name)
+        config = replace(base, layer_bits=(), **{name: replace(spec, bits=bits)})
+        table[name][layer][b_idx] = meter.kl(layer, (name,), config)
+    return table["key"], table["value"]
+
+
+# -- allocation ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Allocation:
+    """The chosen `(key_bits, value_bits)` per layer, their summed KL and average bits per value."""
+
+    layer_bits: tuple[tuple[int, int], ...]
+    total_kl: float
+    average_bits: float
+
+
+def allocate(
+    key_kl: Sequence[Sequence[float]],
+    value_kl: Sequence[Sequence[float]],
+    candidates: Sequence[int],
+    base: CacheConfig,
+    budget_bits: float,
+    key_dim: int = 1,
+    value_dim: int = 1,
+) -> Allocation:
+    """Per-layer bits minimising the summed KL with `CacheConfig.average_bits(key_dim, value_dim) <= budget_bits`.
+
+    key_kl, value_kl: `[layer][candidate]`. Exact: a dynamic program over the integer sum of code bits weighted by
+    the head dims (the metadata bits do not depend on the bit widths). Among optima, the fewest bits. Raises
+    ConfigError when even the smallest candidate everywhere exceeds the budget.
+    """
+    if len(key_kl) != len(value_kl) or not key_kl:
+        raise ConfigError("allocate needs one key row and one value row per layer.")
+    if not candidates or any(b not in SUPPORTED_BITS for b in candidates):
+        raise ConfigError(f"candidate bits {tuple(candidates)} must be among {SUPPORTED_BITS}.")
+    n_layers = len(key_kl)
+    unit = math.gcd(key_dim, value_dim)
+    weights = {"key": key_dim // unit, "value": value_dim // unit}
+    # Budget on code bits: budget * elements - metadata bits, in units of `unit` elements' bits, exactly.
+    meta = Fraction(32, base.key.group_size) * key_dim + Fraction(32, base.value.group_size) * value_dim
+    capacity = math.floor((Fraction(str(budget_bits)) * (key_dim + value_dim) - meta) * n_layers / unit)
+    items = [(name, layer) for layer in range(n_layers) for name in TENSORS]
+    rows = {"key": key_kl, "value": value_kl}
+    minimum = sum(min(candidates) * weights[name] for name, _ in items)
+    if minimum > capacity:
+        floor_config = replace(base, layer_bits=tuple((min(candidates),) * 2 for _ in range(n_layers)))
+        raise ConfigError(
+            f"budget {budget_bits} bits per value is below the smallest allocation, {min(candidates)} bits everywhere "
+            f"({floor_config.average_bits(key_dim, value_dim):g} bits per value with its metadata)."
+        )
+    # best[c]: (kl, choices) of the items so far using exactly c code-bit units; dict keeps only reachable c.
+    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+    for name, layer in items:
+        row = rows[name][layer]
+        if len(row) != len(candidates):
+            raise ConfigError(f"layer {layer} {name} row has {len(row)} entries for {len(candidates)} candidates.")
+        step: dict[int, tuple[float, tuple[int, ...]]] = {}
+        for used, (kl, chosen) in best.items():
+            for bits, cost in zip(candidates, row, strict=True):
+                total = used + bits * weights[name]
+                if total > capacity:
+                    continue
+                candidate = (kl + float(cost), (*chosen, bits))
+                if total not in step or candidate[0] < step[total][0]:
+                    step[total] = candidate
+        best = step
+    used, (total_kl, chosen) = min(best.items(), key=lambda entry: (entry[1][0], entry[0]))
+    layer_bits = tuple((chosen[2 * i], chosen[2 * i + 1]) for i in range(n_layers))
+    config = replace(base, layer_bits=layer_bits)
+    return Allocation(layer_bits, total_kl, config.average_bits(key_dim, value_dim))
+
+
+# -- the whole run ---------------------------------------------------------------------------------------------------
+
+
+def calibrate(
+    model: Any,
+    tokenizer: Any,
+    budget_bits: float,
+    base: CacheConfig | str = DEFAULT_BASE,
+    candidates: Sequence[int] = DEFAULT_BITS,
+    tokens: int = DEFAULT_TOKENS,
+    data: str | os.PathLike[str] | None = None,
+    model_name: str = "model",
+    progress: bool = True,
+) -> Profile:
+    """Measure the sensitivity of `model` on the calibration text and allocate bits within `budget_bits`.
+
+    base: the spec whose every option (group sizes, axes, residual, sinks, rotation) is kept; only bits vary.
+    data: a UTF-8 text file (default: kvpack's calibration text); its first `tokens` tokens are used.
+    """
+    import kvpack
+    from kvpack.config import as_config
+    from kvpack.eval.perplexity import calibration_data_path, load_tokens
+
+    base_config = as_config(base)
+    if base_config.layer_bits:
+        raise ConfigError(f"the base spec {base_config.spec} already has per-layer bits; give a uniform spec.")
+    candidates = tuple(sorted(set(candidates)))
+    path = Path(data) if data is not None else calibration_data_path()
+    ids, sha256 = load_tokens(path, tokenizer, tokens)
+    fingerprint = ProfileModel.of(model, model_name)
+    for name, spec in (("key", base_config.key), ("value", base_config.value)):
+        if spec.axis == "token" and fingerprint.head_dim % spec.group_size:
+            raise ConfigError(
+                f"the base {base_config.spec} groups {name}s per token in groups of {spec.group_size}, which do not "
+                f"divide this model's head_dim {fingerprint.head_dim}; pick a group size that divides it."
+            )
+    start = time.perf_counter()
+    key_kl, value_kl = measure_sensitivity(model, ids, base_config, candidates, progress)
+    allocation = allocate(
+        key_kl, value_kl, candidates, base_config, budget_bits, fingerprint.head_dim, fingerprint.head_dim
+    )
+    seconds = time.perf_counter() - start
+    return Profile(
+        config=replace(base_config, layer_bits=allocation.layer_bits),
+        base=base_config.spec,
+        model=fingerprint,
+        data_name=path.name,
+        data_sha256=sha256,
+        tokens=tokens,
+        budget_bits=budget_bits,
+        average_bits=allocation.average_bits,
+        candidates=candidates,
+        key_kl=key_kl,
+        value_kl=value_kl,
+        seconds=seconds,
+        kvpack_version=kvpack.__version__,
+        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
+
+
+def reallocate(profile: Profile, budget_bits: float) -> Profile:
+    """The profile of the same measurements allocated within another budget (no model run)."""
+    dim = profile.model.head_dim
+    base = replace(profile.config, layer_bits=())
+    allocation = allocate(profile.key_kl, profile.value_kl, profile.candidates, base, budget_bits, dim, dim)
+    return replace(
+        profile,
+        config=replace(base, layer_bits=allocation.layer_bits),
+        budget_bits=budget_bits,
+        average_bits=allocation.average_bits,
+        path=None,
+    )
+
+
+def summary_table(profile: Profile) -> str:
+    """The per-layer choice and KLs as a Markdown table, then the totals."""
+    bits = profile.candidates
+    head = "| layer | K bits | V bits | " + " | ".join(f"K KL@{b}" for b in bits) + " | "
+    head += " | ".join(f"V KL@{b}" for b in bits) + " |"
+    lines = [head, "|" + "---|" * (3 + 2 * len(bits))]
+    for i, (k, v) in enumerate(profile.config.layer_bits):
+        kls = " | ".join(f"{x:.2e}" for x in (*profile.key_kl[i], *profile.value_kl[i]))
+        lines.append(f"| {i} | {k} | {v} | {kls} |")
+    lines.append(
+        f"\nbudget {profile.budget_bits:g} bits/value, achieved {profile.average_bits:.4g} (metadata included); "
+        f"summed KL {profile.predicted_kl:.4g} (additive model); base {profile.base}; "
+        f"{profile.tokens} tokens of {profile.data_name}; {profile.seconds:.0f} s"
+    )
+    return "\n".join(lines)
