@@ -256,9 +256,10 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
 
 @dataclass
 class _Target:
-    """What the calibration attention function quantizes: `tensors` of layer `layer` with `config`."""
+    """What the calibration attention function quantizes: `tensors` of layer `layer` (every layer when None) with
+    `config` (its `for_layer` config in each layer)."""
 
-    layer: int
+    layer: int | None
     tensors: tuple[str, ...]
     config: CacheConfig
 
@@ -322,11 +323,12 @@ def _calibration_attention(
 
     target = _active.target
     tokens, queries = key.shape[2], query.shape[2]  # the queries are the last `queries` of the `tokens` positions
-    if target is None or getattr(module, "layer_idx", None) != target.layer:
+    layer_idx = getattr(module, "layer_idx", None)
+    if target is None or (target.layer is not None and layer_idx != target.layer):
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    config = target.config
+    config = target.config.for_layer(layer_idx) if target.config.layer_bits else target.config
     mask = quantized_mask(tokens, config, key.device)[tokens - queries :]
     if not bool(mask.any()):  # nothing packed yet: exactly what the cache gives
         return sdpa_attention_forward(
@@ -436,7 +438,7 @@ class SensitivityMeter:
             return torch.empty(0, 1, dtype=torch.float64)
         originals: list[tuple[torch.nn.Module, Callable[..., Any] | None]] = []
         if target is not None:  # the layers before the perturbed one give what they gave in the exact pass
-            for i in range(target.layer):
+            for i in range(target.layer or 0):
                 layer, recorded = self.layers[i], self._outputs[i]
                 originals.append((layer, layer.__dict__.get("forward")))
                 layer.forward = lambda *args, recorded=recorded, **kwargs: recorded
@@ -458,8 +460,9 @@ class SensitivityMeter:
                     layer.forward = forward
         return torch.log_softmax(logits, dim=-1)
 
-    def kl(self, layer: int, tensors: Sequence[str], config: CacheConfig) -> float:
-        """Mean KL(exact || perturbed) when `tensors` (`key`, `value`) of `layer` are stored as `config` says."""
+    def kl(self, layer: int | None, tensors: Sequence[str], config: CacheConfig) -> float:
+        """Mean KL(exact || perturbed) when `tensors` (`key`, `value`) of `layer` are stored as `config` says; with
+        `layer=None`, those tensors of every layer at once (a whole cache config, per-layer bits included)."""
         shared = ("sinks", "residual", "block_tokens")
         if any(getattr(config, name) != getattr(self.base, name) for name in shared):
             raise ConfigError(f"{config.spec} differs from the meter's base {self.base.spec} in sinks/residual/block.")
