@@ -6,6 +6,8 @@ A spec string is the short form used on the command line and in result tables:
     k8v8-g64-r128         groups of 64, a full-precision residual window of 128 tokens
     k4v4-g32-r64-s4       ... and 4 full-precision "sink" tokens at the start
     k2v2-s4-rot           keys and values rotated (randomized Hadamard) before quantization; -rotk / -rotv: one
+    k2v2-rot-cb-clip      fitted non-uniform levels (codebook `lloyd1`) and MSE-optimal clipping of each group's range;
+                          -cbk / -cbv and -clipk / -clipv: keys or values only
 
 `parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The same fields build the
 Python API (`CacheConfig(...)`), the CLI and the JSON form (`to_dict` / `from_dict`).
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from kvpack.errors import ConfigError
+from kvpack.quant.codebooks import CODEBOOKS, FITTED_CODEBOOK, Codebook
 from kvpack.quant.rotation import ROTATIONS, Rotation
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -38,12 +41,19 @@ class QuantSpec:
         groups of `group_size` consecutive channels (KIVI's choice for values).
     rotation: "hadamard" stores `x @ R` with R a fixed orthogonal (randomized Hadamard) matrix of the head dim, and
         reads back `y @ R.T` (see `kvpack.quant.rotation`); "none" (default) stores x.
+    codebook: the reconstruction levels of the codes, `level[c] * scale + zero`: "uniform" (default) is
+        level[c] = c; "lloyd1" uses levels fitted offline per bit width and axis (see `kvpack.quant.codebooks`).
+        Not for 8 bits (ConfigError).
+    clip: when True, each group's range is shrunk where that lowers the group's squared reconstruction error
+        (a small grid search, see `kvpack.quant.affine.quantize_groups`); False (default) uses its min and max.
     """
 
     bits: int = 4
     group_size: int = 64
     axis: Axis = "token"
     rotation: Rotation = "none"
+    codebook: Codebook = "uniform"
+    clip: bool = False
 
     def __post_init__(self) -> None:
         if type(self.bits) is not int or self.bits not in SUPPORTED_BITS:
@@ -54,6 +64,15 @@ class QuantSpec:
             raise ConfigError(f"axis={self.axis!r} is not supported; use 'channel' or 'token'.")
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation={self.rotation!r} is not supported; use one of {ROTATIONS}.")
+        if self.codebook not in CODEBOOKS:
+            raise ConfigError(f"codebook={self.codebook!r} is not supported; use one of {CODEBOOKS}.")
+        if self.codebook != "uniform" and self.bits == 8:
+            raise ConfigError(
+                f"codebook={self.codebook!r} is for 2, 3 and 4 bits; 8-bit codes are already finer than float16 "
+                "keys/values need, so use codebook='uniform' there (in a spec: -cbk or -cbv for the other tensor)."
+            )
+        if not isinstance(self.clip, bool):
+            raise ConfigError(f"clip={self.clip!r} must be True or False.")
 
     @property
     def bits_per_value(self) -> float:
@@ -120,6 +139,12 @@ class CacheConfig:
         rotated = (self.key.rotation != "none", self.value.rotation != "none")
         if any(rotated):
             parts.append({(True, True): "rot", (True, False): "rotk", (False, True): "rotv"}[rotated])
+        for option, flags in (
+            ("cb", (self.key.codebook != "uniform", self.value.codebook != "uniform")),
+            ("clip", (self.key.clip, self.value.clip)),
+        ):
+            if any(flags):
+                parts.append(option + {(True, True): "", (True, False): "k", (False, True): "v"}[flags])
         return "-".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,7 +182,7 @@ def parse_spec(spec: str) -> CacheConfig:
     """
     grammar = (
         "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc]"
-        "[-rot|-rotk|-rotv], "
+        "[-rot|-rotk|-rotv][-cb|-cbk|-cbv][-clip|-clipk|-clipv], "
         "e.g. 'k4v2' or 'k8v8-g64-r128'"
     )
     if not isinstance(spec, str):
@@ -184,6 +209,18 @@ def parse_spec(spec: str) -> CacheConfig:
                 key = replace(key, rotation="hadamard")
             if option != "rotk":
                 value = replace(value, rotation="hadamard")
+            continue
+        if option in ("cb", "cbk", "cbv"):
+            if option != "cbv":
+                key = replace(key, codebook=FITTED_CODEBOOK)
+            if option != "cbk":
+                value = replace(value, codebook=FITTED_CODEBOOK)
+            continue
+        if option in ("clip", "clipk", "clipv"):
+            if option != "clipv":
+                key = replace(key, clip=True)
+            if option != "clipk":
+                value = replace(value, clip=True)
             continue
         opt = _OPTION.match(option)
         if opt is None:
