@@ -267,6 +267,8 @@ def supports(inputs: AttentionInputs) -> str | None:
         return "the numba kernel reads the KIVI layout only (keys per channel, values per token)"
     if key.rotation != "none" or value.rotation != "none":
         return "the numba kernel does not read rotated packed data (use the cpu or torch backend)"
+    if key.codebook != "uniform" or value.codebook != "uniform":
+        return "the numba kernel reads uniform codes only, not codebooks (use the cpu or torch backend)"
     return None
 
 
