@@ -246,8 +246,24 @@ def test_to_dict_layout() -> None:
     config = parse_spec("k8v2-gk32-gv128-r64-s4-vc")
     assert config.to_dict() == {
         "schema_version": SCHEMA_VERSION,
-        "key": {"bits": 8, "group_size": 32, "axis": "channel", "rotation": "none", "outliers": 0},
-        "value": {"bits": 2, "group_size": 128, "axis": "channel", "rotation": "none", "outliers": 0},
+        "key": {
+            "bits": 8,
+            "group_size": 32,
+            "axis": "channel",
+            "rotation": "none",
+            "codebook": "uniform",
+            "clip": False,
+            "outliers": 0,
+        },
+        "value": {
+            "bits": 2,
+            "group_size": 128,
+            "axis": "channel",
+            "rotation": "none",
+            "codebook": "uniform",
+            "clip": False,
+            "outliers": 0,
+        },
         "residual": 64,
         "sinks": 4,
     }

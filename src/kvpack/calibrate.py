@@ -328,7 +328,7 @@ def _calibration_attention(
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    config = target.config.for_layer(layer_idx) if target.config.layer_bits else target.config
+    config = target.config.for_layer(int(layer_idx or 0)) if target.config.layer_bits else target.config
     mask = quantized_mask(tokens, config, key.device)[tokens - queries :]
     if not bool(mask.any()):  # nothing packed yet: exactly what the cache gives
         return sdpa_attention_forward(

@@ -7,6 +7,8 @@ A spec string is the short form used on the command line and in result tables:
     k4v4-g32-r64-s4       ... and 4 full-precision "sink" tokens at the start
     k2v2-s4-rot           keys and values rotated (randomized Hadamard) before quantization; -rotk / -rotv: one
     k2v2-o1               1 outlier per group kept exactly (float16 + position) for keys and values; -ok1 / -ov1: one
+    k2v2-rot-cb-clip      fitted non-uniform levels (codebook `lloyd1`) and MSE-optimal clipping of each group's range;
+                          -cbk / -cbv and -clipk / -clipv: keys or values only
     k4v4-s4-rot-l4342...  per-layer bits: two digits per decoder layer, key then value bits (layer 0: 4-bit keys,
                           3-bit values; layer 1: 4 and 2; ...); they replace the head's bits in every layer
 
@@ -24,6 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from kvpack.errors import ConfigError
+from kvpack.quant.codebooks import CODEBOOKS, FITTED_CODEBOOK, Codebook
 from kvpack.quant.rotation import ROTATIONS, Rotation
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -44,6 +47,11 @@ class QuantSpec:
         groups of `group_size` consecutive channels (KIVI's choice for values).
     rotation: "hadamard" stores `x @ R` with R a fixed orthogonal (randomized Hadamard) matrix of the head dim, and
         reads back `y @ R.T` (see `kvpack.quant.rotation`); "none" (default) stores x.
+    codebook: the reconstruction levels of the codes, `level[c] * scale + zero`: "uniform" (default) is
+        level[c] = c; "lloyd1" uses levels fitted offline per bit width and axis (see `kvpack.quant.codebooks`).
+        Not for 8 bits (ConfigError).
+    clip: when True, each group's range is shrunk where that lowers the group's squared reconstruction error
+        (a small grid search, see `kvpack.quant.affine.quantize_groups`); False (default) uses its min and max.
     outliers: entries per group kept exactly (a float16 value and a uint8 position in the group), the ones that
         most widen the group's range (see `kvpack.quant.outliers`); the scale and zero cover the others only. 0
         (default) stores none. Must be smaller than `group_size`.
@@ -53,6 +61,8 @@ class QuantSpec:
     group_size: int = 64
     axis: Axis = "token"
     rotation: Rotation = "none"
+    codebook: Codebook = "uniform"
+    clip: bool = False
     outliers: int = 0
 
     def __post_init__(self) -> None:
@@ -64,6 +74,15 @@ class QuantSpec:
             raise ConfigError(f"axis={self.axis!r} is not supported; use 'channel' or 'token'.")
         if self.rotation not in ROTATIONS:
             raise ConfigError(f"rotation={self.rotation!r} is not supported; use one of {ROTATIONS}.")
+        if self.codebook not in CODEBOOKS:
+            raise ConfigError(f"codebook={self.codebook!r} is not supported; use one of {CODEBOOKS}.")
+        if self.codebook != "uniform" and self.bits == 8:
+            raise ConfigError(
+                f"codebook={self.codebook!r} is for 2, 3 and 4 bits; 8-bit codes are already finer than float16 "
+                "keys/values need, so use codebook='uniform' there (in a spec: -cbk or -cbv for the other tensor)."
+            )
+        if not isinstance(self.clip, bool):
+            raise ConfigError(f"clip={self.clip!r} must be True or False.")
         if type(self.outliers) is not int or not 0 <= self.outliers < self.group_size:
             raise ConfigError(
                 f"outliers={self.outliers!r} is not supported with group_size={self.group_size}; use an integer from 0 "
@@ -177,6 +196,12 @@ class CacheConfig:
         rotated = (self.key.rotation != "none", self.value.rotation != "none")
         if any(rotated):
             parts.append({(True, True): "rot", (True, False): "rotk", (False, True): "rotv"}[rotated])
+        for option, flags in (
+            ("cb", (self.key.codebook != "uniform", self.value.codebook != "uniform")),
+            ("clip", (self.key.clip, self.value.clip)),
+        ):
+            if any(flags):
+                parts.append(option + {(True, True): "", (True, False): "k", (False, True): "v"}[flags])
         if self.key.outliers == self.value.outliers:
             parts += [f"o{self.key.outliers}"] if self.key.outliers else []
         else:
@@ -227,7 +252,8 @@ def parse_spec(spec: str) -> CacheConfig:
     """
     grammar = (
         "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc]"
-        "[-rot|-rotk|-rotv][-o<outliers>|-ok<outliers>-ov<outliers>][-l<key bits><value bits> per layer], "
+        "[-rot|-rotk|-rotv][-cb|-cbk|-cbv][-clip|-clipk|-clipv][-o<outliers>|-ok<outliers>-ov<outliers>]"
+        "[-l<key bits><value bits> per layer], "
         "e.g. 'k4v2' or 'k8v8-g64-r128'"
     )
     if not isinstance(spec, str):
@@ -256,6 +282,18 @@ def parse_spec(spec: str) -> CacheConfig:
                 key = replace(key, rotation="hadamard")
             if option != "rotk":
                 value = replace(value, rotation="hadamard")
+            continue
+        if option in ("cb", "cbk", "cbv"):
+            if option != "cbv":
+                key = replace(key, codebook=FITTED_CODEBOOK)
+            if option != "cbk":
+                value = replace(value, codebook=FITTED_CODEBOOK)
+            continue
+        if option in ("clip", "clipk", "clipv"):
+            if option != "clipv":
+                key = replace(key, clip=True)
+            if option != "clipk":
+                value = replace(value, clip=True)
             continue
         if _LAYER_BITS.match(option):
             digits = [int(d) for d in option[1:]]

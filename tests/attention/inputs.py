@@ -14,10 +14,11 @@ def make_inputs(
     batch: int, kv_heads: int, packed_blocks: int, exact: int, sinks: int, key_bits: int, value_bits: int,
     group: int, dim: int = 64, dtype: torch.dtype = torch.float32, seed: int = 0, backend: str = "auto",
     value_group: int | None = None, key_rotation: str = "none", value_rotation: str = "none",
+    key_codebook: str = "uniform", value_codebook: str = "uniform", clip: bool = False,
 ) -> AttentionInputs:  # fmt: skip
     """Random keys and values `[batch, kv_heads, tokens, dim]` (one outlier channel): `packed_blocks` blocks of
     `group` tokens quantized in the KIVI layout (values in groups of `value_group` channels, default `group`;
-    each stored rotated as asked), then `exact` tokens after `sinks` exact sinks."""
+    each stored rotated, with a codebook and clipped as asked), then `exact` tokens after `sinks` exact sinks."""
     gen = torch.Generator().manual_seed(seed)
     packed = packed_blocks * group
 
@@ -28,8 +29,15 @@ def make_inputs(
 
     packed_keys = packed_values = None
     if packed:
-        key_spec = QuantSpec(key_bits, group, "channel", key_rotation)  # type: ignore[arg-type]
-        value_spec = QuantSpec(value_bits, value_group or group, "token", value_rotation)  # type: ignore[arg-type]
+        key_spec = QuantSpec(key_bits, group, "channel", key_rotation, key_codebook, clip)  # type: ignore[arg-type]
+        value_spec = QuantSpec(
+            value_bits,
+            value_group or group,
+            "token",
+            value_rotation,
+            value_codebook,
+            clip,  # type: ignore[arg-type]
+        )
         packed_keys = PackedTensor.quantize(rand(packed), key_spec)
         packed_values = PackedTensor.quantize(rand(packed), value_spec)
     return AttentionInputs(

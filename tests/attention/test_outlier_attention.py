@@ -37,8 +37,8 @@ def outlier_inputs(
         return torch.where(spikes, 12 * torch.randn(x.shape, generator=gen), x)
 
     packed = blocks * group
-    key = QuantSpec(bits, group, "channel", rotation, outliers)  # type: ignore[arg-type]
-    value = QuantSpec(bits, group, "token", rotation, outliers)  # type: ignore[arg-type]
+    key = QuantSpec(bits, group, "channel", rotation, outliers=outliers)  # type: ignore[arg-type]
+    value = QuantSpec(bits, group, "token", rotation, outliers=outliers)  # type: ignore[arg-type]
     return AttentionInputs(
         exact_keys=rand(sinks + exact), exact_values=rand(sinks + exact),
         packed_keys=PackedTensor.quantize(rand(packed), key), packed_values=PackedTensor.quantize(rand(packed), value),

@@ -120,3 +120,21 @@ K4V4_MIN_TOP1_AGREEMENT = 12 / 16
 # the 8-bit cache reproduces the greedy output exactly (dense and fused); the 4-bit one (fused path) measured 15 of
 # 16 (one flip, where the full-precision top-2 logits are close). Allowed: 14 of 16.
 GEMMA3_270M_K4V4_MIN_TOP1_AGREEMENT = 14 / 16
+
+
+def codebook_max_abs_error(levels: torch.Tensor, scale: torch.Tensor, x_hat: torch.Tensor, bits: int) -> torch.Tensor:
+    """Largest |x - x_hat| allowed with a codebook (`level[c] * scale + zero`, no clipping), in float64.
+
+    Why `half_gap * scale`: every element lies in its group's range [zero, zero + qmax * scale] and gets its nearest
+    level, so it is at most half the widest gap between neighbouring levels away, or as far as the range's ends are
+    from the outer levels (`levels[0]` and `qmax - levels[-1]`).
+    Slack, float32 rounding only: the position (x - zero) / scale as in `max_abs_error`, (qmax + 1) * eps32 steps;
+    the midpoints between levels (one rounding of numbers <= qmax: <= qmax * u steps); level * scale (no longer exact,
+    the levels are not integers: <= u * qmax * scale); adding zero (eps32 * |x_hat|). 2 * (qmax + 1) * eps32 steps
+    covers the first three.
+    """
+    qmax = (1 << bits) - 1
+    lv = levels.double()
+    half_gap = max(float(lv[0]), qmax - float(lv[-1]), float((lv[1:] - lv[:-1]).max()) / 2)
+    scale64 = scale.double()
+    return scale64 * (half_gap + 2 * (qmax + 1) * F32_EPS) + F32_EPS * x_hat.double().abs()

@@ -121,7 +121,8 @@ def cpu_attention(
     """`reference_attention`, computed by the C++ kernel. Same shapes and result (within float error).
 
     Packed keys stored rotated (`QuantSpec.rotation`) are scored with the query rotated the same way; packed values
-    stored rotated are turned back once, in the kernel's merge of its partial results.
+    stored rotated are turned back once, in the kernel's merge of its partial results. Codes of a codebook
+    (`QuantSpec.codebook`) are read through its level table.
     """
     kernel = extension()
     batch, heads, queries, dim = query.shape
@@ -138,7 +139,7 @@ def cpu_attention(
     if pk is None or pv is None:
         out = kernel.packed_attention(
             q, q, row_query, empty, empty, empty, empty, empty, empty, 0, exact_keys, exact_values, bias,
-            inputs.sink_len, 8, 8, 16, 1, empty,
+            inputs.sink_len, 8, 8, 16, 1, empty, empty, empty,
         )  # fmt: skip
     else:
         blocks = pk.codes.shape[2]
@@ -148,10 +149,12 @@ def cpu_attention(
         chunk_blocks = max(-(-blocks // chunks_per_head), -(-_MIN_CHUNK_TOKENS // group), 1)
         q_packed = q if pk.spec.rotation == "none" else rotate(q, pk.spec.rotation).contiguous()
         value_rotation = empty if pv.spec.rotation == "none" else rotation_matrix(pv.shape[-1])
+        key_levels = empty if pk.levels is None else pk.levels  # codebooks: code c reads as level[c]
+        value_levels = empty if pv.levels is None else pv.levels
         out = kernel.packed_attention(
             q, q_packed, row_query, pk.codes, pk.scale, pk.zero, pv.codes, pv.scale, pv.zero, blocks, exact_keys,
             exact_values, bias, inputs.sink_len, pk.spec.bits, pv.spec.bits, pv.spec.group_size, chunk_blocks,
-            value_rotation,
+            value_rotation, key_levels, value_levels,
         )  # fmt: skip
     value_dim = inputs.exact_values.shape[-1]
     return out.reshape(batch, heads, queries, value_dim).transpose(1, 2).to(query.dtype)

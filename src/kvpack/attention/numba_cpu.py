@@ -269,6 +269,8 @@ def supports(inputs: AttentionInputs) -> str | None:
         return "the numba kernel does not read rotated packed data (use the cpu or torch backend)"
     if key.outliers or value.outliers:
         return "the numba kernel does not read outlier entries ('-o' specs; the torch backend does)"
+    if key.codebook != "uniform" or value.codebook != "uniform":
+        return "the numba kernel reads uniform codes only, not codebooks (use the cpu or torch backend)"
     return None
 
 

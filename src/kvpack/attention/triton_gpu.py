@@ -65,6 +65,8 @@ def supports(inputs: AttentionInputs) -> str | None:
         return "the triton kernel does not read rotated packed data yet (the torch backend does)"
     if key.spec.outliers or value.spec.outliers:
         return "the triton kernel does not read outlier entries ('-o' specs; the torch backend does)"
+    if key.spec.codebook != "uniform" or value.spec.codebook != "uniform":
+        return "the triton kernel reads uniform codes only, not codebooks (the torch backend does)"
     group = key.spec.group_size
     if group % 16 or group & (group - 1):
         return f"the triton kernel needs a key group size that is a power of two from 16 (got {group})"

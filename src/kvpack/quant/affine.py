@@ -3,13 +3,23 @@
 A group of values `x` is stored as integer codes `c` in `[0, 2**bits - 1]` with one float16 `scale`
 and one float16 `zero` (the group's minimum, rounded down):
 
-    x ~= c * scale + zero
+    x ~= level[c] * scale + zero
+
+where `level` is the codebook (`kvpack.quant.codebooks`): `level[c] = c` for the default uniform codes, or a
+fitted table of 2**bits sorted levels inside `[0, 2**bits - 1]`; each element gets its nearest level.
 
 Scales and zeros are float16 whatever the model dtype: 2 bytes each (the convention of KIVI and of
 transformers' quantized cache), enough range for keys and values (|x| <= 65504), and 11 bits of
 precision, which bfloat16 (8 bits) would not give. The codes are computed from the *rounded* float16
-scale and zero, with the zero rounded down and the scale rounded up, so that every element is within
-half a step (`scale / 2`) of its reconstruction: no clamping ever happens.
+scale and zero, with the zero rounded down and the scale rounded up, so that without clipping every element
+of a uniform group is within half a step (`scale / 2`) of its reconstruction (within half the widest gap
+between neighbouring levels, or the distance from the range's ends to the outer levels, with a codebook): no
+clamping ever happens.
+
+With `clip=True` the range is chosen by a grid search over ranges shrunk from [min, max] (`CLIP_CUTS`), keeping
+the one with the smallest squared reconstruction error of the group; elements outside a shrunk range are clamped
+to its end, so they may lie farther than half a step from their reconstruction. The unshrunk range is one of the
+candidates and wins ties, so clipping never increases a group's error.
 """
 
 from __future__ import annotations
@@ -45,8 +55,50 @@ def _round_fp16(x: torch.Tensor, toward: float) -> torch.Tensor:
     return torch.where(wrong_way, stepped, rounded)
 
 
-def quantize_groups(groups: torch.Tensor, bits: int) -> AffineGroups:
+# Clipping candidates: (fraction of the range cut at the bottom, fraction cut at the top). The first is no cut.
+CLIP_CUTS: tuple[tuple[float, float], ...] = tuple((0.025 * i, 0.025 * i) for i in range(11))
+
+
+def _scale_zero(low: torch.Tensor, high: torch.Tensor, qmax: int, uniform: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """float16 zero (rounded down) and scale (rounded up) covering [low, high] in qmax steps.
+
+    A constant group's scale is 1 with uniform codes (code 0 is then `zero` exactly), 0 with a codebook (whose lowest
+    level need not be 0: every code is then `zero`).
+    """
+    zero = _round_fp16(low, toward=float("-inf"))
+    scale = _round_fp16((high - zero.float()) / qmax, toward=float("inf"))
+    if uniform:
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    return scale, zero
+
+
+def _encode(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, qmax: int, levels: torch.Tensor | None
+) -> torch.Tensor:
+    """Codes of float32 groups `x`: the nearest level (uniform: round to nearest), clamped to the range's ends."""
+    divisor = scale.float() if levels is None else torch.where(scale == 0, 1.0, scale.float())
+    steps = (x - zero.float().unsqueeze(-1)) / divisor.unsqueeze(-1)
+    if levels is None:
+        return torch.round(steps).clamp_(0, qmax).to(torch.uint8)
+    midpoints = (levels[1:] + levels[:-1]) * 0.5
+    return torch.bucketize(steps.contiguous(), midpoints).to(torch.uint8)
+
+
+def _decode(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, levels: torch.Tensor | None) -> torch.Tensor:
+    """`level[c] * scale + zero` in float32 (no clamping)."""
+    steps = codes.float() if levels is None else levels[codes.long()]
+    return steps * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
+
+
+def quantize_groups(
+    groups: torch.Tensor, bits: int, levels: torch.Tensor | None = None, clip: bool = False
+) -> AffineGroups:
     """Quantize each group along the last dimension of `groups` to `bits`-bit codes.
+
+    levels: the codebook, float32 `[2**bits]` sorted inside `[0, 2**bits - 1]` (see `kvpack.quant.codebooks`), or
+        None for uniform codes (level[c] = c).
+    clip: choose each group's range among `CLIP_CUTS` (shrunk from [min, max]) by its squared reconstruction error;
+        vectorized over groups, one pass per candidate.
 
     Raises NonFiniteError when a value is NaN/Inf or outside the float16 range (|x| > 65504): such values
     have no faithful float16 scale/zero, and kvpack never silently stores a wrong number.
@@ -63,22 +115,41 @@ def quantize_groups(groups: torch.Tensor, bits: int) -> AffineGroups:
             "full precision."
         )
     qmax = (1 << bits) - 1
-    zero = _round_fp16(low, toward=float("-inf"))
-    scale = _round_fp16((high - zero.float()) / qmax, toward=float("inf"))
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # constant group: any scale gives code 0
-    codes = torch.round((x - zero.float().unsqueeze(-1)) / scale.float().unsqueeze(-1))
-    codes = codes.clamp_(0, qmax).to(torch.uint8)
+    if levels is not None:
+        levels = levels.to(device=x.device, dtype=torch.float32)
+    scale, zero = _scale_zero(low, high, qmax, levels is None)
+    codes = _encode(x, scale, zero, qmax, levels)
+    if clip and x.numel():
+        best = ((_decode(codes, scale, zero, levels) - x) ** 2).sum(dim=-1)
+        span = high - low
+        for cut_low, cut_high in CLIP_CUTS[1:]:
+            cand_scale, cand_zero = _scale_zero(low + span * cut_low, high - span * cut_high, qmax, levels is None)
+            cand_codes = _encode(x, cand_scale, cand_zero, qmax, levels)
+            error = ((_decode(cand_codes, cand_scale, cand_zero, levels) - x) ** 2).sum(dim=-1)
+            better = error < best  # strict: ties keep the wider range
+            best = torch.where(better, error, best)
+            scale = torch.where(better, cand_scale, scale)
+            zero = torch.where(better, cand_zero, zero)
+            codes = torch.where(better.unsqueeze(-1), cand_codes, codes)
     return AffineGroups(codes=codes, scale=scale, zero=zero)
 
 
-def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """`codes * scale + zero` in float32, cast to `dtype`; scale/zero broadcast over the last dimension.
+def dequantize_groups(
+    codes: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    dtype: torch.dtype,
+    levels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`level[codes] * scale + zero` in float32 (`codes * scale + zero` when `levels` is None), cast to `dtype`;
+    scale/zero broadcast over the last dimension.
 
     Results are clamped to ±65504: inputs never exceed it (`quantize_groups` refuses them), but a
     reconstruction may overshoot by up to half a step, which float16 would turn into inf.
     """
-    values = codes.float() * scale.float().unsqueeze(-1) + zero.float().unsqueeze(-1)
-    return values.clamp_(-FP16_MAX, FP16_MAX).to(dtype)
+    if levels is not None:
+        levels = levels.to(device=codes.device, dtype=torch.float32)
+    return _decode(codes, scale, zero, levels).clamp_(-FP16_MAX, FP16_MAX).to(dtype)
 
 
 def to_groups(x: torch.Tensor, group_size: int, axis: Axis) -> torch.Tensor:

@@ -11,6 +11,7 @@ import torch
 from kvpack.config import QuantSpec
 from kvpack.errors import ShapeError
 from kvpack.quant.affine import dequantize_groups, from_groups, quantize_groups, to_groups
+from kvpack.quant.codebooks import codebook_levels
 from kvpack.quant.outliers import restore_outliers, split_outliers
 from kvpack.quant.packing import pack, unpack
 from kvpack.quant.rotation import rotate, unrotate
@@ -53,12 +54,14 @@ class PackedTensor:
         """Quantize `x` `[..., tokens, channels]` (any float dtype, any strides) with `spec`.
 
         With `spec.rotation`, the codes hold `x @ R` (see `kvpack.quant.rotation`); `dequantize` undoes it.
+        `spec.codebook` and `spec.clip` choose the levels and the ranges (see `kvpack.quant.affine.quantize_groups`).
         """
         if spec.rotation != "none":
             x = rotate(x, spec.rotation)
+        levels = codebook_levels(spec.codebook, spec.bits, spec.axis, x.device)
         groups = to_groups(x, spec.group_size, spec.axis)
         outliers = split_outliers(groups, spec.outliers) if spec.outliers else None
-        grouped = quantize_groups(groups if outliers is None else outliers.rest, spec.bits)
+        grouped = quantize_groups(groups if outliers is None else outliers.rest, spec.bits, levels, spec.clip)
         codes = grouped.codes
         if spec.axis == "token":
             codes = from_groups(codes, "token")  # one row of all channels per token
@@ -81,16 +84,22 @@ class PackedTensor:
             groups = codes.reshape(*codes.shape[:-1], channels // g, g)
         else:
             groups = unpack(self.codes, self.spec.bits, g)
+        levels = self.levels
         if self.spec.rotation == "none" and self.outlier_values is None:
-            values = dequantize_groups(groups, self.scale, self.zero, dtype)
+            values = dequantize_groups(groups, self.scale, self.zero, dtype, levels)
             return from_groups(values, self.spec.axis).reshape(*self.shape[:-2], tokens, channels)
-        values = dequantize_groups(groups, self.scale, self.zero, torch.float32)
+        values = dequantize_groups(groups, self.scale, self.zero, torch.float32, levels)
         if self.outlier_values is not None and self.outlier_positions is not None:
             values = restore_outliers(values, self.outlier_values, self.outlier_positions)
         if self.spec.rotation == "none":
             return from_groups(values, self.spec.axis).reshape(*self.shape[:-2], tokens, channels).to(dtype)
         rotated = from_groups(values, self.spec.axis)
         return unrotate(rotated, self.spec.rotation).reshape(*self.shape[:-2], tokens, channels).to(dtype)
+
+    @property
+    def levels(self) -> torch.Tensor | None:
+        """The codebook's float32 level table `[2**bits]` on the codes' device, or None for uniform codes."""
+        return codebook_levels(self.spec.codebook, self.spec.bits, self.spec.axis, self.codes.device)
 
     def dequantize_rotated(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The stored (rotated, when `spec.rotation` is set) `[..., tokens, channels]` tensor in `dtype`."""

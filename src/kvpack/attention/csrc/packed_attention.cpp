@@ -14,6 +14,8 @@
 //   bias         float32 [B, Q, total tokens] additive, or an empty tensor
 //   value_rotation  float32 [Dv, Dv] R_v when the packed values are stored rotated (their share of the output is
 //                turned back with R_v^T when the items are merged), or an empty tensor
+//   key_levels, value_levels  float32 [2**bits] codebook levels (code c stands for level[c] * scale + zero; bits
+//                <= 4), or an empty tensor for uniform codes (level[c] = c)
 // Output: float32 [B, H, R, Dv].
 //
 // Every (batch, kv head) is split into chunks of packed blocks plus one item for the exact tokens; items run in
@@ -88,9 +90,10 @@ constexpr int per_byte(int bits) { return 8 % bits == 0 ? 8 / bits : 1; }
 
 // The codes of `rows` packed rows of `n` codes each, as floats in "planar" order: within a row, sub-code i of
 // every byte first (slot i * n / per_byte + j holds code j * per_byte + i), which needs no shuffles. 3-bit rows
-// are unpacked in order.
-template <int BITS>
-inline void unpack_planar(const uint8_t* __restrict codes, int rows, int n, float* __restrict out) {
+// are unpacked in order. With LUT, code c becomes lut[c] (a codebook's level) instead of c.
+template <int BITS, bool LUT>
+inline void unpack_planar(const uint8_t* __restrict codes, int rows, int n, float* __restrict out,
+                          const float* __restrict lut) {
   constexpr int kPer = per_byte(BITS);
   constexpr uint8_t kMask = (1 << BITS) - 1;
   if constexpr (BITS == 3) {
@@ -98,7 +101,10 @@ inline void unpack_planar(const uint8_t* __restrict codes, int rows, int n, floa
       for (int j = 0; j < n / 8; ++j) {
         const uint8_t* b = codes + (row * n + 8 * j) * 3 / 8;
         const uint32_t w = b[0] | (b[1] << 8) | (b[2] << 16);
-        for (int i = 0; i < 8; ++i) out[row * n + 8 * j + i] = static_cast<float>((w >> (3 * i)) & 7);
+        for (int i = 0; i < 8; ++i) {
+          const uint32_t code = (w >> (3 * i)) & 7;
+          out[row * n + 8 * j + i] = LUT ? lut[code] : static_cast<float>(code);
+        }
       }
   } else {
     const int bytes = n / kPer;
@@ -106,8 +112,12 @@ inline void unpack_planar(const uint8_t* __restrict codes, int rows, int n, floa
       const uint8_t* src = codes + row * bytes;
       float* dst = out + row * n;
       for (int i = 0; i < kPer; ++i) {
+        if constexpr (LUT) {
+          for (int j = 0; j < bytes; ++j) dst[i * bytes + j] = lut[(src[j] >> (i * BITS)) & kMask];
+        } else {
 #pragma omp simd
-        for (int j = 0; j < bytes; ++j) dst[i * bytes + j] = static_cast<float>((src[j] >> (i * BITS)) & kMask);
+          for (int j = 0; j < bytes; ++j) dst[i * bytes + j] = static_cast<float>((src[j] >> (i * BITS)) & kMask);
+        }
       }
     }
   }
@@ -167,10 +177,13 @@ void gemm_rows(const float* a, int lda, const float* b, int64_t ldb, int R, int 
 // One pass reads U 16-byte pieces of every row, at byte0: each piece holds 16 codes of each of the byte's PER
 // planes, so the pass fills U * PER output tiles (plane i, piece u -> columns i * bytes + byte0 + 16u ...), with
 // RT * U * PER accumulators in registers. AVX-512 intrinsics where the compiler's own vectorisation goes through
-// memory (measured: a store-forwarding stall per row); plain loops that vectorise elsewhere.
-template <int BITS, int RT, int U>
+// memory (measured: a store-forwarding stall per row); plain loops that vectorise elsewhere. With LUT (bits <= 4), a
+// code c reads as lut[c] (16 floats, a codebook's levels): one in-register permute instead of the int-to-float.
+template <int BITS, int RT, int U, bool LUT>
 inline void packed_pass(const float* const* a_tiles, int lda, const uint8_t* __restrict codes, int64_t row_stride,
-                        const int* rows, int K, int bytes, int byte0, float* __restrict out, int ldo, bool accumulate) {
+                        const int* rows, int K, int bytes, int byte0, float* __restrict out, int ldo, bool accumulate,
+                        const float* __restrict lut) {
+  static_assert(!LUT || BITS <= 4, "codebooks are for 2, 3 and 4 bits");
   constexpr int kPer = per_byte(BITS), kTiles = U * kPer;
   constexpr uint32_t kMask = (1u << BITS) - 1;
   int column[kTiles];
@@ -182,6 +195,7 @@ inline void packed_pass(const float* const* a_tiles, int lda, const uint8_t* __r
     }
 #if defined(__AVX512F__)
   const __m512i mask = _mm512_set1_epi32(kMask);
+  const __m512 table = LUT ? _mm512_loadu_ps(lut) : _mm512_setzero_ps();
   __m512 acc[RT][kTiles];
   for (int r = 0; r < RT; ++r)
     for (int t = 0; t < kTiles; ++t)
@@ -193,7 +207,7 @@ inline void packed_pass(const float* const* a_tiles, int lda, const uint8_t* __r
       for (int i = 0; i < kPer; ++i) {
         __m512i field = i == 0 ? wide : _mm512_srli_epi32(wide, i * BITS);
         if (i + 1 < kPer) field = _mm512_and_si512(field, mask);  // the top field has nothing above it
-        const __m512 b = _mm512_cvtepi32_ps(field);
+        const __m512 b = LUT ? _mm512_permutexvar_ps(field, table) : _mm512_cvtepi32_ps(field);
         for (int r = 0; r < RT; ++r)
           acc[r][i * U + u] = _mm512_fmadd_ps(_mm512_set1_ps(a[i * U + u][r * lda + k]), b, acc[r][i * U + u]);
       }
@@ -211,9 +225,13 @@ inline void packed_pass(const float* const* a_tiles, int lda, const uint8_t* __r
     for (int u = 0; u < U; ++u)
       for (int i = 0; i < kPer; ++i) {
         float b[kLanes];
+        if constexpr (LUT) {
+          for (int l = 0; l < kLanes; ++l) b[l] = lut[(static_cast<uint32_t>(src[u * kLanes + l]) >> (i * BITS)) & kMask];
+        } else {
 #pragma omp simd
-        for (int l = 0; l < kLanes; ++l)
-          b[l] = static_cast<float>((static_cast<uint32_t>(src[u * kLanes + l]) >> (i * BITS)) & kMask);
+          for (int l = 0; l < kLanes; ++l)
+            b[l] = static_cast<float>((static_cast<uint32_t>(src[u * kLanes + l]) >> (i * BITS)) & kMask);
+        }
         for (int r = 0; r < RT; ++r) {
           const float ak = a[i * U + u][r * lda + k];
 #pragma omp simd
@@ -227,25 +245,27 @@ inline void packed_pass(const float* const* a_tiles, int lda, const uint8_t* __r
 #endif
 }
 
-template <int BITS, int RT>
+template <int BITS, int RT, bool LUT>
 void packed_passes(const float* const* a_tiles, int lda, const uint8_t* codes, int64_t row_stride, const int* rows,
-                   int K, int bytes, float* out, int ldo, bool accumulate) {
+                   int K, int bytes, float* out, int ldo, bool accumulate, const float* lut) {
   // Up to 4 output tiles per pass (RT * 4 accumulators): U pieces of 16 bytes, U * codes per byte <= 4.
   constexpr int kMaxU = std::max(1, 4 / per_byte(BITS));
   int byte0 = 0;
   if constexpr (kMaxU >= 4)
     for (; byte0 + 4 * kLanes <= bytes; byte0 += 4 * kLanes)
-      packed_pass<BITS, RT, 4>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate);
+      packed_pass<BITS, RT, 4, LUT>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate,
+                                   lut);
   if constexpr (kMaxU >= 2)
     for (; byte0 + 2 * kLanes <= bytes; byte0 += 2 * kLanes)
-      packed_pass<BITS, RT, 2>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate);
+      packed_pass<BITS, RT, 2, LUT>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate,
+                                   lut);
   for (; byte0 < bytes; byte0 += kLanes)
-    packed_pass<BITS, RT, 1>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate);
+    packed_pass<BITS, RT, 1, LUT>(a_tiles, lda, codes, row_stride, rows, K, bytes, byte0, out, ldo, accumulate, lut);
 }
 
-template <int BITS>
+template <int BITS, bool LUT>
 void packed_gemm_rows(const float* const* a_tiles, int lda, const uint8_t* codes, int64_t row_stride, const int* rows,
-                      int R, int K, int N, float* out, int ldo, bool accumulate) {
+                      int R, int K, int N, float* out, int ldo, bool accumulate, const float* lut) {
   constexpr int kMaxTiles = 16;  // N <= 256
   const float* shifted[kMaxTiles];
   const int bytes = N / per_byte(BITS);
@@ -253,12 +273,26 @@ void packed_gemm_rows(const float* const* a_tiles, int lda, const uint8_t* codes
     for (int t = 0; t < N / kLanes; ++t) shifted[t] = a_tiles[t] + r * lda;
     float* o = out + r * ldo;
     switch (std::min(4, R - r)) {
-      case 4: packed_passes<BITS, 4>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate); break;
-      case 3: packed_passes<BITS, 3>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate); break;
-      case 2: packed_passes<BITS, 2>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate); break;
-      default: packed_passes<BITS, 1>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate);
+      case 4: packed_passes<BITS, 4, LUT>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate, lut); break;
+      case 3: packed_passes<BITS, 3, LUT>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate, lut); break;
+      case 2: packed_passes<BITS, 2, LUT>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate, lut); break;
+      default: packed_passes<BITS, 1, LUT>(shifted, lda, codes, row_stride, rows, K, bytes, o, ldo, accumulate, lut);
     }
   }
+}
+
+// packed_gemm_rows reading code c as lut[c] when `lut` is given (a codebook: 2 or 4 bits here), else as c.
+template <int BITS>
+inline void packed_gemm_rows_levels(const float* const* a_tiles, int lda, const uint8_t* codes, int64_t row_stride,
+                                    const int* rows, int R, int K, int N, float* out, int ldo, bool accumulate,
+                                    const float* lut) {
+  if constexpr (BITS <= 4) {
+    if (lut) {
+      packed_gemm_rows<BITS, true>(a_tiles, lda, codes, row_stride, rows, R, K, N, out, ldo, accumulate, lut);
+      return;
+    }
+  }
+  packed_gemm_rows<BITS, false>(a_tiles, lda, codes, row_stride, rows, R, K, N, out, ldo, accumulate, nullptr);
 }
 
 // Whether packed rows of n codes can be read by packed_gemm_rows.
@@ -299,6 +333,8 @@ struct Layer {
   int64_t ek_s0, ek_s1, ek_s2, ev_s0, ev_s1, ev_s2;  // and of the exact tokens
   int64_t bias_s0, bias_s1;
   int H, R, D, Dv, G, VG, blocks, n_exact, sink_len, key_bits, value_bits;
+  bool key_lut, value_lut;                     // codebook levels in key_levels / value_levels (else uniform codes)
+  alignas(64) float key_levels[16], value_levels[16];  // zero-padded to 16 (one AVX-512 register)
 };
 
 #if defined(__AVX512F__)
@@ -407,6 +443,8 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
   constexpr int kFusedKB = KB == 3 ? 8 : KB, kFusedVB = VB == 3 ? 8 : VB;  // (3 bits never take the fused path)
   const bool keys_fused = fusable(KB, G);
   bool values_fused = fusable(VB, Dv);
+  const float* key_lut = L.key_lut ? L.key_levels : nullptr;
+  const float* value_lut = L.value_lut ? L.value_levels : nullptr;
 
   int* ints = scratch_ints(G + Dv);
   int* token_of_slot = ints;             // [G]: the token of each planar key slot
@@ -473,9 +511,13 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
       base[r] = dot(q + r * D, kzero, D);
     }
     if (keys_fused) {
-      packed_gemm_rows<kFusedKB>(qs_tiles, D, L.key_codes + key_at, G * KB / 8, nullptr, R, D, G, scores, G, false);
+      packed_gemm_rows_levels<kFusedKB>(qs_tiles, D, L.key_codes + key_at, G * KB / 8, nullptr, R, D, G, scores, G,
+                                        false, key_lut);
     } else {
-      unpack_planar<KB>(L.key_codes + key_at, D, G, key_tile);
+      if (L.key_lut)
+        unpack_planar<KB, true>(L.key_codes + key_at, D, G, key_tile, L.key_levels);
+      else
+        unpack_planar<KB, false>(L.key_codes + key_at, D, G, key_tile, nullptr);
       gemm_rows(qs, D, key_tile, G, R, D, G, scores, G, false);
     }
     const int64_t token0 = static_cast<int64_t>(block) * G;
@@ -512,10 +554,13 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
 #pragma omp simd
           for (int slot = 0; slot < G; ++slot) dst[slot] = weights[slot] * scale[slot];
         }
-      packed_gemm_rows<kFusedVB>(value_tiles, G, L.value_codes + values_at, Dv * VB / 8, token_of_slot, R, G, Dv,
-                                 planar, Dv, true);
+      packed_gemm_rows_levels<kFusedVB>(value_tiles, G, L.value_codes + values_at, Dv * VB / 8, token_of_slot, R, G,
+                                        Dv, planar, Dv, true, value_lut);
     } else {
-      unpack_planar<VB>(L.value_codes + values_at, G, Dv, raw_values);
+      if (L.value_lut)
+        unpack_planar<VB, true>(L.value_codes + values_at, G, Dv, raw_values, L.value_levels);
+      else
+        unpack_planar<VB, false>(L.value_codes + values_at, G, Dv, raw_values, nullptr);
       for (int slot = 0; slot < G; ++slot) {
         const int t = token_of_slot[slot];
         const float* src = raw_values + t * Dv;
@@ -585,7 +630,8 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor q_packed, torch::T
                                torch::Tensor value_scale, torch::Tensor value_zero, int64_t blocks,
                                torch::Tensor exact_keys, torch::Tensor exact_values, torch::Tensor bias,
                                int64_t sink_len, int64_t key_bits, int64_t value_bits, int64_t value_group,
-                               int64_t chunk_blocks, torch::Tensor value_rotation) {
+                               int64_t chunk_blocks, torch::Tensor value_rotation, torch::Tensor key_levels,
+                               torch::Tensor value_levels) {
   TORCH_CHECK(q.is_contiguous() && q.dtype() == torch::kFloat32, "kvpack: q must be contiguous float32");
   TORCH_CHECK(q_packed.is_contiguous() && q_packed.sizes() == q.sizes() && q_packed.dtype() == torch::kFloat32,
               "kvpack: q_packed must be contiguous float32 shaped like q");
@@ -604,6 +650,18 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor q_packed, torch::T
   L.ev_s0 = exact_values.stride(0), L.ev_s1 = exact_values.stride(1), L.ev_s2 = exact_values.stride(2);
   L.H = H, L.R = R, L.D = D, L.Dv = Dv, L.blocks = blocks, L.n_exact = exact_keys.size(2), L.sink_len = sink_len;
   L.key_bits = key_bits, L.value_bits = value_bits, L.VG = value_group;
+  // Codebook levels, copied into the zero-padded tables every item reads (one 64-byte line each).
+  auto set_levels = [](const torch::Tensor& levels, int64_t bits, float* table, bool* on, const char* name) {
+    *on = levels.numel() > 0;
+    std::fill(table, table + 16, 0.0f);
+    if (!*on) return;
+    TORCH_CHECK(bits <= 4 && levels.numel() == (int64_t{1} << bits) && levels.dtype() == torch::kFloat32 &&
+                    levels.is_contiguous(),
+                "kvpack: ", name, " must be contiguous float32 [2**bits] with bits <= 4");
+    std::copy(levels.data_ptr<float>(), levels.data_ptr<float>() + levels.numel(), table);
+  };
+  set_levels(key_levels, key_bits, L.key_levels, &L.key_lut, "key_levels");
+  set_levels(value_levels, value_bits, L.value_levels, &L.value_lut, "value_levels");
   if (blocks > 0) {
     L.key_codes = key_codes.data_ptr<uint8_t>();
     L.key_scale = key_scale.data_ptr<at::Half>();

@@ -1,0 +1,89 @@
+"""Attention backends on packed data with codebooks (`QuantSpec.codebook`) and clipped ranges (`QuantSpec.clip`).
+
+Clipping changes only scales and zeros, so every backend reads it; codebooks change what a code means, so a backend
+either reads the level table (torch, cpu) or refuses the data with a reason (numba, triton) and `auto` passes it by.
+Same definition and tolerance as `test_kernels.py`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import platform
+
+import pytest
+import torch
+
+from kvpack.attention import cpu, numba_cpu, triton_gpu
+from kvpack.attention.reference import attention_bias
+from kvpack.attention.registry import attend
+from kvpack.errors import BackendUnavailableError
+from kvpack.quant.codebooks import FITTED_CODEBOOK
+from tests.attention.inputs import check, make_inputs, naive, padding_mask
+
+CB = FITTED_CODEBOOK
+Params = tuple[tuple[int, int], str, str, bool, str, int, int, int, int, int]
+READERS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None)
+ALL = READERS + ["numba"] * bool(importlib.util.find_spec("numba"))
+GRID: list[Params] = [
+    # bits (k, v), key codebook, value codebook, clip, rotation, head dim, value group, packed blocks, rep, queries
+    ((4, 4), CB, CB, False, "none", 64, 64, 3, 3, 1),  # fused keys and values (AVX-512: permute lookup)
+    ((2, 2), CB, CB, True, "none", 64, 32, 4, 2, 2),
+    ((3, 3), CB, CB, False, "none", 64, 32, 2, 1, 1),  # 3 bits: unpacked into a tile through the table
+    ((4, 2), CB, "uniform", True, "hadamard", 64, 32, 3, 2, 1),
+    ((2, 4), "uniform", CB, False, "none", 128, 32, 2, 4, 1),
+    ((8, 3), "uniform", CB, True, "none", 64, 16, 2, 1, 3),  # 8-bit keys stay uniform
+    ((4, 4), "uniform", "uniform", True, "none", 64, 64, 3, 3, 1),  # clip alone
+]
+
+
+def run(backend: str, params: Params) -> None:
+    bits, key_cb, value_cb, clip, rotation, dim, value_group, blocks, rep, queries = params
+    inputs = make_inputs(
+        2, 2, blocks, 5, 1, *bits, 32, dim=dim, backend=backend, value_group=value_group, key_rotation=rotation,
+        value_rotation=rotation, key_codebook=key_cb, value_codebook=value_cb, clip=clip,
+    )  # fmt: skip
+    query = torch.randn(2, 2 * rep, queries, dim, generator=torch.Generator().manual_seed(6))
+    mask = padding_mask(2, queries, inputs.total_tokens, pad=7)
+    expected = naive(query, inputs, attention_bias(mask, 2, queries, inputs.total_tokens), scaling=dim**-0.5)
+    check(attend(query, inputs, mask, scaling=dim**-0.5), expected, inputs)
+
+
+@pytest.mark.parametrize("backend", READERS)
+@pytest.mark.parametrize("params", GRID)
+def test_backends_read_codebooks_and_clipped_ranges(backend: str, params: Params) -> None:
+    torch.set_num_threads(1)
+    run(backend, params)
+
+
+@pytest.mark.parametrize("backend", [b for b in ALL if b not in READERS])
+def test_clipped_uniform_data_runs_everywhere(backend: str) -> None:
+    torch.set_num_threads(1)
+    run(backend, ((4, 2), "uniform", "uniform", True, "none", 64, 32, 3, 2, 1))
+
+
+def test_numba_and_triton_refuse_codebooks_and_auto_passes_them_by() -> None:
+    inputs = make_inputs(1, 1, 2, 3, 0, 4, 4, 32, value_codebook=CB)
+    assert "codebook" in (numba_cpu.supports(inputs) or "")
+    if triton_gpu.interpreting():
+        assert "codebook" in (triton_gpu.supports(inputs) or "")
+    query = torch.randn(1, 1, 1, 64)
+    if importlib.util.find_spec("numba"):
+        inputs.backend = "numba"
+        with pytest.raises(BackendUnavailableError, match="codebook"):
+            attend(query, inputs, None, 0.125)
+    inputs.backend = "auto"
+    check(attend(query, inputs, None, 0.125), naive(query, inputs, None, 0.125), inputs)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    platform.machine() != "x86_64" or cpu.why_unavailable() is not None, reason="needs an x86-64 C++ compiler"
+)
+def test_portable_build_reads_codebooks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's table lookups without AVX-512 (built for AVX2, ~40 s once): the plain-loop path."""
+    portable = cpu.extension("x86-64-v3")
+    assert "AVX-512" not in portable.simd_path()
+    monkeypatch.setattr(cpu, "extension", lambda: portable)
+    torch.set_num_threads(1)
+    for params in GRID[:4]:
+        run("cpu", params)
