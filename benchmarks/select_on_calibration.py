@@ -25,10 +25,10 @@ from kvpack.models import load_model
 
 CANDIDATES = (
     "k8v8,k8v8-s4,"
-    "k4v4,k4v4-s4,k4v4-s4-rot,k4v4-s4-rotv,k4v4-s16-rot,k4v4-s4-rot-ov1,k4v4-g128-s4-rot-o1,"
-    "k3v3-s4,k3v3-s4-rot,k3v3-s4-rotv,k3v3-s4-rot-ov1,k3v3-g128-s4-rot-o1,k4v2-s4-rot,k3v4-g128-s4-rot,"
-    "k2v2-s4,k2v2-s4-rot,k2v2-s16-rot,k2v2-s4-rotk,k2v2-s4-rot-ov1,k2v2-g128-s4-rot-o1,k2v2-g128-s4-rot-ov1,"
-    "k3v2-g128-s4-rot,k2v3-g128-s4-rot,"
+    "k4v4,k4v4-s4,k4v4-s4-rot,k4v4-s4-rotv,k4v4-s16-rot,k4v4-s4-rot-ov1,k4v4-gk128-gv64-s4-rot-o1,"
+    "k3v3-s4,k3v3-s4-rot,k3v3-s4-rotv,k3v3-s4-rot-ov1,k3v3-gk128-gv64-s4-rot-o1,k4v2-s4-rot,k3v4-gk128-gv64-s4-rot,"
+    "k2v2-s4,k2v2-s4-rot,k2v2-s16-rot,k2v2-s4-rotk,k2v2-s4-rot-ov1,k2v2-gk128-gv64-s4-rot-o1,k2v2-gk128-gv64-s4-rot-ov1,"
+    "k3v2-gk128-gv64-s4-rot,k2v3-gk128-gv64-s4-rot,"
     "benchmarks/profiles/smollm2-3.5.json,benchmarks/profiles/smollm2-3.0.json,benchmarks/profiles/smollm2-2.5.json"
 )
 

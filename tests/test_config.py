@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from kvpack.config import (
+    PRESETS,
     SCHEMA_VERSION,
     SUPPORTED_BITS,
     SUPPORTED_GROUP_SIZES,
@@ -328,3 +329,25 @@ def test_from_dict_malformed_fields(data: dict[str, Any]) -> None:
 def test_from_dict_not_an_object(data: Any) -> None:
     with pytest.raises(ConfigError, match="must be a JSON object"):
         CacheConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    ("name", "bits"), [("balanced", 4.5), ("compact", 3.5), ("max-compression", 2.5), (" Balanced ", 4.5)]
+)
+def test_presets_resolve_to_their_spec_and_size_class(name: str, bits: float) -> None:
+    config = as_config(name)
+    assert config == parse_spec(PRESETS[name.strip().lower()])
+    assert config.bits_per_value == bits
+    assert parse_spec(config.spec) == config  # a preset's table label is its full, canonical spec
+
+
+def test_every_preset_is_a_valid_spec_with_sinks_and_rotation() -> None:
+    for spec in PRESETS.values():
+        config = parse_spec(spec)
+        assert config.sinks > 0
+        assert config.key.rotation != "none" and config.value.rotation != "none"
+
+
+def test_unknown_name_is_not_taken_for_a_preset() -> None:
+    with pytest.raises(ConfigError, match="cannot parse cache spec"):
+        as_config("balance")

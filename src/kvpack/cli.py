@@ -12,7 +12,7 @@ from typing import Any
 
 from kvpack.attention.registry import CACHE_BACKENDS
 from kvpack.bench.compare import DEFAULT_CACHES
-from kvpack.config import CacheConfig, as_config
+from kvpack.config import PRESETS, CacheConfig, as_config
 from kvpack.errors import KVPackError
 from kvpack.weights import WEIGHT_CHOICES
 
@@ -327,6 +327,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_spec(args: argparse.Namespace) -> int:
     """Explain a cache spec string."""
     config: CacheConfig = as_config(args.spec)
+    if args.spec.strip().lower() in PRESETS:
+        print(f"preset {args.spec.strip().lower()}: {PRESETS[args.spec.strip().lower()]}")
     print(f"spec: {config.spec}")
     for name, spec in (("keys", config.key), ("values", config.value)):
         print(
@@ -334,6 +336,13 @@ def cmd_spec(args: argparse.Namespace) -> int:
             f"{spec.bits_per_value:g} bits per value with float16 scale and zero"
             + (f" and {spec.outliers} exact outlier(s) per group" if spec.outliers else "")
         )
+        extras = [
+            "rotated (randomized Hadamard) before quantization" if spec.rotation != "none" else "",
+            f"non-uniform levels (codebook {spec.codebook})" if spec.codebook != "uniform" else "",
+            "range clipped to the group's least squared error" if spec.clip else "",
+        ]
+        if any(extras):
+            print(f"    {'; '.join(e for e in extras if e)}")
     if config.layer_bits:
         per_layer = ", ".join(f"{i}: k{k}v{v}" for i, (k, v) in enumerate(config.layer_bits))
         print(f"  per-layer bits (replace the bits above): {per_layer}")

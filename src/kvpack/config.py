@@ -12,7 +12,8 @@ A spec string is the short form used on the command line and in result tables:
     k4v4-s4-rot-l4342...  per-layer bits: two digits per decoder layer, key then value bits (layer 0: 4-bit keys,
                           3-bit values; layer 1: 4 and 2; ...); they replace the head's bits in every layer
 
-A calibrated profile (`kvpack calibrate`, a `.json` file) is accepted wherever a spec string is (`as_config`).
+A preset name (`balanced`, `compact`, `max-compression`: see `PRESETS`) and a calibrated profile (`kvpack calibrate`,
+a `.json` file) are accepted wherever a spec string is (`as_config`).
 
 `parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The same fields build the
 Python API (`CacheConfig(...)`), the CLI and the JSON form (`to_dict` / `from_dict`).
@@ -328,12 +329,27 @@ def parse_spec(spec: str) -> CacheConfig:
     return CacheConfig(key=key, value=value, residual=residual, sinks=sinks, layer_bits=layer_bits)
 
 
+PRESETS: dict[str, str] = {
+    "balanced": "k4v4-s4-rot",
+    "compact": "k4v2-s4-rot",
+    "max-compression": "k2v2-s4-rot-clipk",
+}
+"""Named configurations, one per size class (~4.5, ~3.5 and ~2.5 stored bits per value), each the config that
+measured best at its bit width on kvpack's calibration text (`benchmarks/select_on_calibration.py`;
+`benchmarks/results/selection_calibration.md`), never on the evaluation text. Model-agnostic: a profile calibrated
+for one model (`kvpack calibrate`) can do better at the same bits. The README gives their measured quality."""
+
+DEFAULT_PRESET = "balanced"
+
+
 def as_config(config: CacheConfig | str | os.PathLike[str]) -> CacheConfig:
-    """Accept a `CacheConfig`, a spec string, or the path of a calibrated profile (a `.json` file written by
-    `kvpack calibrate`; see `kvpack.calibrate.Profile`). A missing, invalid or other-version profile raises
-    ConfigError."""
+    """Accept a `CacheConfig`, a preset name (`PRESETS`), a spec string, or the path of a calibrated profile (a
+    `.json` file written by `kvpack calibrate`; see `kvpack.calibrate.Profile`). A missing, invalid or other-version
+    profile raises ConfigError."""
     if isinstance(config, CacheConfig):
         return config
+    if isinstance(config, str) and config.strip().lower() in PRESETS:
+        return parse_spec(PRESETS[config.strip().lower()])
     from kvpack.calibrate import is_profile_path, load_profile
 
     if is_profile_path(config):
@@ -341,5 +357,6 @@ def as_config(config: CacheConfig | str | os.PathLike[str]) -> CacheConfig:
     if isinstance(config, str):
         return parse_spec(config)
     raise ConfigError(
-        f"expected a CacheConfig, a spec string like 'k4v4' or a profile .json path, got {type(config).__name__}."
+        f"expected a CacheConfig, a preset ({', '.join(PRESETS)}), a spec string like 'k4v4' or a profile .json "
+        f"path, got {type(config).__name__}."
     )
