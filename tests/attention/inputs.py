@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import platform
+
+import pytest
 import torch
 
+from kvpack.attention import cpu
 from kvpack.attention.reference import AttentionInputs
 from kvpack.config import QuantSpec
 from kvpack.quant.tensor import PackedTensor
@@ -70,3 +74,16 @@ def check(out: torch.Tensor, expected: torch.Tensor, inputs: AttentionInputs) ->
     scale = inputs.dense()[1].abs().max().item()
     error = (out.double() - expected).abs().max().item()
     assert error <= ATTENTION_REL_TOL * scale, f"max error {error:.3g} > {ATTENTION_REL_TOL} x {scale:.3g}"
+
+
+needs_x86_compiler = pytest.mark.skipif(
+    platform.machine() != "x86_64" or cpu.why_unavailable() is not None, reason="needs an x86-64 C++ compiler"
+)
+
+
+def use_portable_build(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the cpu backend use the kernel built without AVX-512 (for AVX2, ~40 s once), on one thread."""
+    portable = cpu.extension("x86-64-v3")
+    assert "AVX-512" not in portable.simd_path()
+    monkeypatch.setattr(cpu, "extension", lambda: portable)
+    torch.set_num_threads(1)

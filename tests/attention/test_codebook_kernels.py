@@ -8,7 +8,6 @@ Same definition and tolerance as `test_kernels.py`.
 from __future__ import annotations
 
 import importlib.util
-import platform
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from kvpack.attention.reference import attention_bias
 from kvpack.attention.registry import attend
 from kvpack.errors import BackendUnavailableError
 from kvpack.quant.codebooks import FITTED_CODEBOOK
-from tests.attention.inputs import check, make_inputs, naive, padding_mask
+from tests.attention.inputs import check, make_inputs, naive, needs_x86_compiler, padding_mask, use_portable_build
 
 CB = FITTED_CODEBOOK
 Params = tuple[tuple[int, int], str, str, bool, str, int, int, int, int, int]
@@ -76,14 +75,9 @@ def test_numba_and_triton_refuse_codebooks_and_auto_passes_them_by() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    platform.machine() != "x86_64" or cpu.why_unavailable() is not None, reason="needs an x86-64 C++ compiler"
-)
+@needs_x86_compiler
 def test_portable_build_reads_codebooks(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel's table lookups without AVX-512 (built for AVX2, ~40 s once): the plain-loop path."""
-    portable = cpu.extension("x86-64-v3")
-    assert "AVX-512" not in portable.simd_path()
-    monkeypatch.setattr(cpu, "extension", lambda: portable)
-    torch.set_num_threads(1)
+    use_portable_build(monkeypatch)
     for params in GRID[:4]:
         run("cpu", params)

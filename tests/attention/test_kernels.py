@@ -8,7 +8,6 @@ the naive dense computation here, the chunked torch reference, and the fused CPU
 from __future__ import annotations
 
 import importlib.util
-import platform
 
 import pytest
 import torch
@@ -17,7 +16,7 @@ from kvpack.attention import cpu
 from kvpack.attention.reference import attention_bias, reference_attention
 from kvpack.attention.registry import attend
 from kvpack.errors import BackendUnavailableError
-from tests.attention.inputs import check, make_inputs, naive, padding_mask
+from tests.attention.inputs import check, make_inputs, naive, needs_x86_compiler, padding_mask, use_portable_build
 
 BACKENDS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None) + ["numba"] * bool(importlib.util.find_spec("numba"))
 GRID = [
@@ -117,15 +116,10 @@ def test_numba_refuses_rotated_data_and_auto_passes_it_by() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(
-    platform.machine() != "x86_64" or cpu.why_unavailable() is not None, reason="needs an x86-64 C++ compiler"
-)
+@needs_x86_compiler
 def test_portable_build_matches_the_definition(monkeypatch: pytest.MonkeyPatch) -> None:
     """The kernel's loops for CPUs without AVX-512 (built for AVX2 here, ~40 s once) over part of both grids."""
-    portable = cpu.extension("x86-64-v3")
-    assert "AVX-512" not in portable.simd_path()
-    monkeypatch.setattr(cpu, "extension", lambda: portable)
-    torch.set_num_threads(1)
+    use_portable_build(monkeypatch)
     for bits, group, blocks, exact, sinks, batch, kv_heads, rep, queries in GRID[::2]:
         inputs = make_inputs(batch, kv_heads, blocks, max(exact, queries), sinks, *bits, group, backend="cpu")
         query = torch.randn(batch, kv_heads * rep, queries, 64, generator=torch.Generator().manual_seed(1))
