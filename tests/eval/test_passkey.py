@@ -197,6 +197,8 @@ def test_bad_arguments_are_config_errors(parse: Any, text: str) -> None:
 
 def test_caches_are_canonical_spec_names() -> None:
     assert passkey.parse_caches("fp, k4v4,k4v4-g64-r128,k2v2-r32") == ["fp", "k4v4-g64-r128", "k2v2-g64-r32"]
+    profile = "benchmarks/profiles/smollm2-3.5.json"  # a profile keeps its path: its table label does not parse back
+    assert passkey.parse_caches(f"fp,{profile},balanced") == ["fp", profile, "k4v4-g64-r128-s4-rot"]
 
 
 # -- the run ------------------------------------------------------------------------------------------------

@@ -231,13 +231,15 @@ def parse_depths(text: str) -> list[float]:
 
 
 def parse_caches(text: str | Sequence[str]) -> list[str]:
-    """Cache names as `kvpack compare` takes them ("fp", kvpack specs, peers), canonicalised (k4v4 -> k4v4-g64-r128)."""
+    """Cache names as `kvpack compare` takes them ("fp", kvpack specs, peers), canonicalised (k4v4 -> k4v4-g64-r128);
+    profiles by their path."""
     parts = text.split(",") if isinstance(text, str) else list(text)
     names: list[str] = []
     for part in (p.strip() for p in parts):
         if not part:
             continue
-        name = parse_cache_name(part).name
+        spec = parse_cache_name(part)
+        name = spec.profile or spec.name  # a profile's label (profile:<stem>) does not parse back: keep its path
         if name not in names:
             names.append(name)
     if not names:
