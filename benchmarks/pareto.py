@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -98,7 +99,8 @@ def main() -> None:
                 [p[0] for p in points], [max(p[1], 1e-4) for p in points], marker=marker, color=colour, label=kind
             )
             for b, value, name in points:
-                ax.annotate(name, (b, max(value, 1e-4)), fontsize=6, xytext=(3, 3), textcoords="offset points")
+                short = re.sub(r"-l\d+$", "-l<per-layer>", name)  # a profile's two digits per layer
+                ax.annotate(short, (b, max(value, 1e-4)), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.set_yscale("log")
         ax.set_xlabel("stored bits per value (codes + metadata)")
         ax.set_ylabel(label + " (log)")
