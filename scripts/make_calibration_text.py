@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import pydoc_data.topics
 import sys
 from pathlib import Path
-
-import pydoc_data.topics
 
 OUT = Path(__file__).resolve().parents[1] / "src" / "kvpack" / "data" / "calibration.txt"
 
