@@ -194,13 +194,8 @@ class CacheConfig:
             parts.append("kt")
         if self.value.axis != "token":
             parts.append("vc")
-        rotated = (self.key.rotation != "none", self.value.rotation != "none")
-        if any(rotated):
-            parts.append({(True, True): "rot", (True, False): "rotk", (False, True): "rotv"}[rotated])
-        for option, flags in (
-            ("cb", (self.key.codebook != "uniform", self.value.codebook != "uniform")),
-            ("clip", (self.key.clip, self.value.clip)),
-        ):
+        for option, (name, _, default) in _FLAG_OPTIONS.items():
+            flags = (getattr(self.key, name) != default, getattr(self.value, name) != default)
             if any(flags):
                 parts.append(option + {(True, True): "", (True, False): "k", (False, True): "v"}[flags])
         if self.key.outliers == self.value.outliers:
@@ -241,6 +236,13 @@ class CacheConfig:
 
 
 _HEAD = re.compile(r"^k(\d+)v(\d+)$")
+# Per-tensor switches of a spec: option -> (QuantSpec field, the value the option sets, the field's default).
+_FLAG_OPTIONS: dict[str, tuple[str, Any, Any]] = {
+    "rot": ("rotation", "hadamard", "none"),
+    "cb": ("codebook", FITTED_CODEBOOK, "uniform"),
+    "clip": ("clip", True, False),
+}
+_FLAG = re.compile(r"^(rot|cb|clip)(k|v)?$")
 _OPTION = re.compile(r"^(gk|gv|g|r|s)(\d+)$")
 _OUTLIERS = re.compile(r"^o(k|v)?(\d+)$")
 _LAYER_BITS = re.compile(r"^l\d+$")
@@ -278,23 +280,13 @@ def parse_spec(spec: str) -> CacheConfig:
         if option == "vc":
             value = replace(value, axis="channel")
             continue
-        if option in ("rot", "rotk", "rotv"):
-            if option != "rotv":
-                key = replace(key, rotation="hadamard")
-            if option != "rotk":
-                value = replace(value, rotation="hadamard")
-            continue
-        if option in ("cb", "cbk", "cbv"):
-            if option != "cbv":
-                key = replace(key, codebook=FITTED_CODEBOOK)
-            if option != "cbk":
-                value = replace(value, codebook=FITTED_CODEBOOK)
-            continue
-        if option in ("clip", "clipk", "clipv"):
-            if option != "clipv":
-                key = replace(key, clip=True)
-            if option != "clipk":
-                value = replace(value, clip=True)
+        flag = _FLAG.match(option)
+        if flag is not None:  # -rot, -cb, -clip: both tensors; with a k or v suffix, keys or values only
+            name, setting, _ = _FLAG_OPTIONS[flag.group(1)]
+            if flag.group(2) != "v":
+                key = replace(key, **{name: setting})
+            if flag.group(2) != "k":
+                value = replace(value, **{name: setting})
             continue
         if _LAYER_BITS.match(option):
             digits = [int(d) for d in option[1:]]
