@@ -40,6 +40,24 @@ def device() -> torch.device:
 
 
 @pytest.fixture(scope="session")
+def triton_device() -> torch.device:
+    """Where the triton backend's tests run its kernels: CUDA when there is a GPU; else CPU, with the kernels
+    interpreted (TRITON_INTERPRET, set above). Skips without triton."""
+    triton = pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    from kvpack.attention import triton_gpu
+
+    if not triton_gpu.interpreting():
+        pytest.skip("no GPU, and TRITON_INTERPRET is set to false")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(triton.language.zeros, InterpretedFunction):
+        pytest.fail("triton was imported before tests/conftest.py set TRITON_INTERPRET=1: its kernels would not run")
+    return torch.device("cpu")
+
+
+@pytest.fixture(scope="session")
 def default_model(device: torch.device):
     """(model, tokenizer) of the embedded default model, float32, on the test device."""
     from kvpack.models import load_model

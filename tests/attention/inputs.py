@@ -50,6 +50,18 @@ def make_inputs(
     )  # fmt: skip
 
 
+def on(inputs: AttentionInputs, device: torch.device, backend: str = "triton") -> AttentionInputs:
+    """`inputs` on `device` (the triton backend's tests: `triton_device`), to be read by `backend`."""
+
+    def move(packed: PackedTensor | None) -> PackedTensor | None:
+        return None if packed is None else packed.map_parts(lambda t: t.to(device))
+
+    return AttentionInputs(
+        inputs.exact_keys.to(device), inputs.exact_values.to(device), move(inputs.packed_keys),
+        move(inputs.packed_values), inputs.sink_len, backend=backend,
+    )  # fmt: skip
+
+
 def naive(query: torch.Tensor, inputs: AttentionInputs, bias: torch.Tensor | None, scaling: float) -> torch.Tensor:
     keys, values = inputs.dense(torch.float64)
     rep = query.shape[1] // keys.shape[1]

@@ -22,46 +22,16 @@ from kvpack.attention import triton_gpu
 from kvpack.attention.reference import AttentionInputs, attention_bias
 from kvpack.attention.registry import attend, resolve_backend
 from kvpack.errors import BackendUnavailableError
-from kvpack.quant.tensor import PackedTensor
-from tests.attention.inputs import check, make_inputs, naive, padding_mask
+from tests.attention.inputs import check, make_inputs, naive, on, padding_mask
 from tests.attention.test_fused_cache import FUSED_LOGIT_TOL, step_logits
+from tests.attention.test_outlier_attention import outlier_inputs
+from tests.attention.triton_compile import VARIANTS
 from tests.cache.test_cache import llama_config, prompt
 
 triton = pytest.importorskip("triton")
 
 ROOT = Path(__file__).resolve().parents[2]
 ON_GPU = torch.cuda.is_available()
-
-
-@pytest.fixture(scope="module")
-def triton_device() -> torch.device:
-    """CUDA when there is a GPU; else CPU, with the kernels interpreted (tests/conftest.py says why it, and not
-    this module, sets TRITON_INTERPRET)."""
-    if ON_GPU:
-        return torch.device("cuda")
-    if not triton_gpu.interpreting():
-        pytest.skip("no GPU, and TRITON_INTERPRET is set to false")
-    from triton.runtime.interpreter import InterpretedFunction
-
-    if not isinstance(triton.language.zeros, InterpretedFunction):
-        pytest.fail("triton was imported before tests/conftest.py set TRITON_INTERPRET=1: its kernels would not run")
-    return torch.device("cpu")
-
-
-def on(inputs: AttentionInputs, device: torch.device) -> AttentionInputs:
-    """`inputs` on `device`, for the triton backend."""
-
-    def move(packed: PackedTensor | None) -> PackedTensor | None:
-        if packed is None:
-            return None
-        return PackedTensor(
-            packed.codes.to(device), packed.scale.to(device), packed.zero.to(device), packed.shape, packed.spec
-        )
-
-    return AttentionInputs(
-        inputs.exact_keys.to(device), inputs.exact_values.to(device), move(inputs.packed_keys),
-        move(inputs.packed_values), inputs.sink_len, backend="triton",
-    )  # fmt: skip
 
 
 def run(
@@ -158,10 +128,34 @@ def test_attend_runs_triton_when_asked_and_auto_keeps_cpu_tensors_on_cpu_kernels
     assert (resolve_backend(inputs) == "triton") == ON_GPU  # CPU tensors never go to the interpreter by themselves
 
 
-def test_refuses_rotated_packed_data(triton_device: torch.device) -> None:
-    inputs = on(make_inputs(1, 1, 2, 3, 0, 4, 4, 16, backend="triton", value_rotation="hadamard"), triton_device)
-    with pytest.raises(BackendUnavailableError, match="rotated"):
-        attend(torch.randn(1, 1, 1, 64).to(triton_device), inputs, None, 0.125)
+ROTATED = [
+    # key rotation, value rotation, bits (k, v), head dim, query heads per kv head, queries
+    ("hadamard", "none", (4, 4), 64, 1, 1),  # keys only; one row: the elementwise path
+    ("none", "hadamard", (4, 2), 64, 2, 1),  # values only; two rows: the tensor-core path
+    ("hadamard", "hadamard", (2, 4), 64, 1, 2),  # both; two new tokens
+    ("hadamard", "hadamard", (3, 3), 48, 2, 1),  # head dim not a power of two: a random orthogonal matrix
+]
+
+
+@pytest.mark.parametrize(("key_rotation", "value_rotation", "bits", "dim", "rep", "queries"), ROTATED)
+def test_reads_rotated_packed_data(
+    triton_device: torch.device, key_rotation: str, value_rotation: str, bits: tuple[int, int], dim: int, rep: int,
+    queries: int,
+) -> None:  # fmt: skip
+    """Packed data stored rotated, with exact sinks and residual that are not: three packed splits (each turned back
+    on its own) and the exact splits merged."""
+    inputs = make_inputs(1, 2, 3, 5, 1, *bits, 16, dim=dim, key_rotation=key_rotation, value_rotation=value_rotation)
+    query = torch.randn(1, 2 * rep, queries, dim, generator=torch.Generator().manual_seed(7))
+    mask = padding_mask(1, queries, inputs.total_tokens, pad=5)
+    expected = naive(query, inputs, attention_bias(mask, 1, queries, inputs.total_tokens), scaling=0.125)
+    check(run(inputs, query, mask, triton_device, split_blocks=1), expected, inputs)
+
+
+@pytest.mark.parametrize("rotation", ["none", "hadamard"])
+def test_refuses_outliers_with_a_reason(triton_device: torch.device, rotation: str) -> None:
+    inputs = on(outlier_inputs(4, 1, 16, 2, 3, 0, rotation=rotation, backend="triton"), triton_device)
+    with pytest.raises(BackendUnavailableError, match="does not read outlier entries"):
+        attend(torch.randn(2, 2, 1, 64).to(triton_device), inputs, None, 0.125)
 
 
 @pytest.mark.skipif(ON_GPU, reason="this machine has a GPU")
@@ -183,13 +177,15 @@ def test_cpu_backends_refuse_cuda_tensors(packed_blocks: int) -> None:
         assert "CPU tensors only" in str(supports(inputs))
 
 
-def test_fused_cache_generates_as_the_dense_path(triton_device: torch.device) -> None:
-    """End to end in a tiny model: decode steps of 1-3 tokens read the packed cache through the triton kernel."""
+@pytest.mark.parametrize("spec", ["k4v2-g16-r16-s2", "k4v2-g16-r16-s2-rot-cb"])
+def test_fused_cache_generates_as_the_dense_path(triton_device: torch.device, spec: str) -> None:
+    """End to end in a tiny model: decode steps of 1-3 tokens read the packed cache through the triton kernel
+    (plain, and rotated with codebooks as the recommended configs are)."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(llama_config()).eval().to(triton_device)
     ids = prompt(batch=2, tokens=56, seed=3).to(triton_device)
-    dense = step_logits(model, KVPackCache(model, "k4v2-g16-r16-s2"), ids, prefill=37, fused=False)
-    cache = KVPackCache(model, "k4v2-g16-r16-s2", backend="triton")
+    dense = step_logits(model, KVPackCache(model, spec), ids, prefill=37, fused=False)
+    cache = KVPackCache(model, spec, backend="triton")
     fused = step_logits(model, cache, ids, prefill=37, fused=True)
     assert (fused - dense).abs().max().item() <= FUSED_LOGIT_TOL
     assert all(layer.packed_length > 0 for layer in cache.layers if hasattr(layer, "packed_length"))
@@ -204,4 +200,4 @@ def test_kernels_compile_for_hopper() -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     kernels = [line for line in result.stdout.splitlines() if '"kernel": "partials"' in line]
-    assert len(kernels) == 4, result.stdout
+    assert len(kernels) == len(VARIANTS), result.stdout

@@ -26,13 +26,20 @@ import torch
 from tests.attention.inputs import make_inputs, padding_mask
 
 SM90 = 90
-# (key bits, value bits), group, kv heads, query heads per kv head, queries, padded, head dim, dtype: the paths of
-# the kernel (one row, tensor-core rows, 3-bit codes, bool mask, float32 exact tokens, head dim 256).
+# Packed data stored rotated, with codebooks: the float32 rotated query and the level tables' gathers.
+_ROTATED_CODEBOOKS = {
+    "key_rotation": "hadamard", "value_rotation": "hadamard", "key_codebook": "lloyd1", "value_codebook": "lloyd1",
+}  # fmt: skip
+# (key bits, value bits), group, kv heads, query heads per kv head, queries, padded, head dim, dtype, and what else
+# `make_inputs` is asked: the paths of the kernel (one row, tensor-core rows, 3-bit codes, bool mask, float32 exact
+# tokens, head dim 256, codebooks on both paths).
 VARIANTS = [
-    ((4, 4), 64, 2, 1, 1, False, 128, torch.float16),
-    ((4, 4), 64, 2, 4, 1, False, 128, torch.bfloat16),
-    ((3, 2), 32, 2, 8, 2, True, 128, torch.float32),
-    ((2, 8), 128, 1, 1, 1, True, 256, torch.float16),
+    ((4, 4), 64, 2, 1, 1, False, 128, torch.float16, {}),
+    ((4, 4), 64, 2, 4, 1, False, 128, torch.bfloat16, {}),
+    ((3, 2), 32, 2, 8, 2, True, 128, torch.float32, {}),
+    ((2, 8), 128, 1, 1, 1, True, 256, torch.float16, {}),
+    ((4, 4), 64, 2, 1, 1, False, 128, torch.float16, _ROTATED_CODEBOOKS),
+    ((3, 2), 32, 2, 4, 1, True, 128, torch.bfloat16, _ROTATED_CODEBOOKS),
 ]
 
 
@@ -114,8 +121,8 @@ def compile_variants() -> list[dict[str, Any]]:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     rows = []
     with _compiling_for_sm90() as compiled:
-        for bits, group, kv_heads, rep, queries, padded, dim, dtype in VARIANTS:
-            inputs = make_inputs(1, kv_heads, 2, 5, 0, *bits, group, dim=dim, dtype=dtype)
+        for bits, group, kv_heads, rep, queries, padded, dim, dtype, options in VARIANTS:
+            inputs = make_inputs(1, kv_heads, 2, 5, 0, *bits, group, dim=dim, dtype=dtype, **options)
             query = torch.zeros(1, kv_heads * rep, queries, dim, dtype=dtype)
             mask = padding_mask(1, queries, inputs.total_tokens, pad=3) if padded else None
             triton_gpu.triton_attention(query, inputs, mask, 0.1)

@@ -1,8 +1,9 @@
 """The Triton backend: decode attention read straight from the packed cache on CUDA GPUs.
 
 The kernels are in `kvpack.attention.triton_kernels` (how the work is split and what is computed where is
-described there); this module decides whether they apply, splits the tokens and launches them. It imports
-triton only when the backend runs, so importing kvpack never does.
+described there); this module decides whether they apply, splits the tokens and launches them, and does in torch
+the little that rotated packed data needs around them (the rotated query; turning the values' sums back). It
+imports triton only when the backend runs, so importing kvpack never does.
 
 Status: tested against the definition under Triton's interpreter (`TRITON_INTERPRET=1`, which runs the same
 kernels on CPU tensors, slowly) and compiled for sm_90 (H100), but not yet run or timed on a GPU:
@@ -19,6 +20,7 @@ from types import ModuleType
 import torch
 
 from kvpack.attention.reference import AttentionInputs
+from kvpack.quant.rotation import rotate, unrotate
 
 # Triton's own spellings of true for TRITON_INTERPRET.
 _TRUE = ("1", "true", "on", "yes")
@@ -61,12 +63,8 @@ def supports(inputs: AttentionInputs) -> str | None:
     key, value = inputs.packed_keys, inputs.packed_values
     if key.spec.axis != "channel" or value.spec.axis != "token":
         return "the triton kernel reads the KIVI layout only (keys per channel, values per token)"
-    if key.spec.rotation != "none" or value.spec.rotation != "none":
-        return "the triton kernel does not read rotated packed data yet (the torch backend does)"
     if key.spec.outliers or value.spec.outliers:
         return "the triton kernel does not read outlier entries ('-o' specs; the torch backend does)"
-    if key.spec.codebook != "uniform" or value.spec.codebook != "uniform":
-        return "the triton kernel reads uniform codes only, not codebooks (the torch backend does)"
     group = key.spec.group_size
     if group % 16 or group & (group - 1):
         return f"the triton kernel needs a key group size that is a power of two from 16 (got {group})"
@@ -134,6 +132,11 @@ def triton_attention(
 ) -> torch.Tensor:
     """`reference_attention`, computed by the Triton kernels. Same shapes and result (within float error).
 
+    Packed keys stored rotated (`QuantSpec.rotation`) are scored with the query rotated the same way, computed here
+    once per call; the value sums of the packed splits, in the basis of packed values stored rotated, are turned
+    back here between the two launches. Both are float32 matmuls in torch, so they follow torch's float32 matmul
+    precision as the torch backend does (float32 unless TF32 was allowed). Codes of a codebook
+    (`QuantSpec.codebook`) are read through its level table.
     split_blocks: packed blocks per program (default: `default_split_blocks`); tests set it to exercise the merge.
     """
     kernels = _kernels()
@@ -149,15 +152,26 @@ def triton_attention(
     no_bytes, no_halves = _placeholders(device)
 
     pk, pv = inputs.packed_keys, inputs.packed_values
+    query_pair = query[None].expand(2, *query.shape)  # [for exact keys, for packed keys]: the same by default
+    key_levels = value_levels = None  # codebooks' level tables
     if pk is not None and pv is not None:
         blocks, group = pk.codes.shape[2], pk.spec.group_size
         key_bits, value_bits, value_group = pk.spec.bits, pv.spec.bits, pv.spec.group_size
-        key_args = (pk.codes, pk.codes.stride(), pk.scale, pk.scale.stride(), pk.zero, pk.zero.stride())
-        value_args = (pv.codes, pv.codes.stride(), pv.scale, pv.scale.stride(), pv.zero, pv.zero.stride())
+        key_levels, value_levels = pk.levels, pv.levels
+        key_args = (
+            pk.codes, pk.codes.stride(), no_halves if key_levels is None else key_levels,
+            pk.scale, pk.scale.stride(), pk.zero, pk.zero.stride(),
+        )  # fmt: skip
+        value_args = (
+            pv.codes, pv.codes.stride(), no_halves if value_levels is None else value_levels,
+            pv.scale, pv.scale.stride(), pv.zero, pv.zero.stride(),
+        )  # fmt: skip
+        if pk.spec.rotation != "none":  # packed keys stored rotated are scored with the query rotated the same way
+            query_pair = torch.stack([query.float(), rotate(query, pk.spec.rotation)])
     else:  # nothing packed yet: the packed loop never runs, these only fill the signature
         blocks, group, key_bits, value_bits, value_group = 0, 16, 8, 8, 16
-        key_args = (no_bytes, (0,) * 5, no_halves, (0,) * 4, no_halves, (0,) * 4)
-        value_args = (no_bytes, (0,) * 4, no_halves, (0,) * 4, no_halves, (0,) * 4)
+        key_args = (no_bytes, (0,) * 5, no_halves, no_halves, (0,) * 4, no_halves, (0,) * 4)
+        value_args = (no_bytes, (0,) * 4, no_halves, no_halves, (0,) * 4, no_halves, (0,) * 4)
 
     mask_args: tuple[torch.Tensor, tuple[int, ...]] = (no_bytes, (0, 0, 0))
     mask_kind = 0 if queries == 1 else 1  # 1: causal among the new tokens
@@ -185,14 +199,19 @@ def triton_attention(
     precision = "ieee" if torch.version.hip else "tf32x3"
     ek, ev = inputs.exact_keys, inputs.exact_values
     kernels.partials[(splits, batch * kv_heads, row_tiles)](
-        query, query.stride(), ek, ek.stride(), ev, ev.stride(), *key_args, *value_args, *mask_args,
+        query_pair, query_pair.stride(), ek, ek.stride(), ev, ev.stride(), *key_args, *value_args, *mask_args,
         top, total, acc,
         scaling, kv_heads, rep, queries, rows, dim, value_dim, value_group,
         n_exact, inputs.sink_len, blocks, split_blocks, packed_splits, exact_per_split, tokens - queries,
         D_PAD=_power_of_two(dim), DV_PAD=_power_of_two(value_dim), G=group, KB=key_bits, VB=value_bits,
         BLOCK_R=tile_rows, BLOCK_T=min(tile_tokens, group), BLOCK_E=tile_tokens, MASK_KIND=mask_kind,
-        PRECISION=precision, num_warps=warps,
+        PRECISION=precision, KEY_LEVELS=key_levels is not None, VALUE_LEVELS=value_levels is not None,
+        num_warps=warps,
     )  # fmt: skip
+    if pv is not None and pv.spec.rotation != "none" and packed_splits:
+        # The packed splits' value sums are sums of stored values, x @ R: the merge is linear in them, so turning
+        # them back here, once per split rather than once per token, gives the merge plain sums.
+        acc[:, :packed_splits] = unrotate(acc[:, :packed_splits], pv.spec.rotation)
     kernels.merge[(batch * kv_heads, rows)](
         top, total, acc, out, out.stride(), kv_heads, rep, queries, rows, splits, value_dim,
         DV_PAD=_power_of_two(value_dim), BLOCK_S=16,

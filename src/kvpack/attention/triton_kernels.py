@@ -17,6 +17,10 @@ Decode attention over one layer's packed cache, flash-decoding style, in two lau
 Packed data is dequantized in registers, never written back. For keys, the per-channel scale is folded into the
 query and the zero point into a per-row constant: over a block, `q . (c * s + z) = (q * s) . c + q . z`. Values
 are dequantized per element (`c * s + z`, the scale and zero of the token's channel group) before the product.
+Codes of a codebook read as its level (`level[c] * s + z`: the same identity with `level[c]` for `c`), gathered
+from its table of 2**bits floats. Packed data stored rotated (`x @ R`, `kvpack.quant.rotation`) is read as stored:
+rotated keys are scored with the rotated query (`q R . k R = q . k`), which the caller computes once, and the
+packed splits' value sums stay rotated until the caller turns them back (`acc R.T`) between the two launches.
 A single query row (multi-head decode) is computed with elementwise products and sums in float32; more rows use
 `tl.dot` on tiles of 16 rows with `tf32x3` precision (three tf32 tensor-core products: float32 accuracy; one
 tf32 product would be off by ~1e-3, far outside kvpack's attention tolerance). The interpreter computes `tl.dot`
@@ -34,10 +38,14 @@ _NEG_LARGE = tl.constexpr(NEG_LARGE)  # running maxima start here: a fully maske
 
 
 @triton.jit
-def _unpack(ptr, row_stride, row_valid, n_valid, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+def _unpack(
+    ptr, row_stride, row_valid, n_valid, levels_ptr,
+    ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr, LEVELS: tl.constexpr,
+):  # fmt: skip
     """Codes `[ROWS, N]` (float32) of ROWS packed rows of N codes (`packing.py`: a little-endian bit stream per row)
     that start at `ptr`, `row_stride` bytes apart; rows where `row_valid` is False and codes from `n_valid` on
-    read as 0.
+    read as code 0. With LEVELS (a codebook), code c reads as `levels_ptr[c]`, float32 (`kvpack.quant.codebooks`);
+    else as c.
 
     2 and 4 bits: each row's bytes are read once, contiguously, and their fields put in order with `join` (a
     register shuffle). 8 bits: the bytes are the codes. 3 bits: codes straddle bytes, so each code reads the two
@@ -69,7 +77,15 @@ def _unpack(ptr, row_stride, row_valid, n_valid, ROWS: tl.constexpr, N: tl.const
             low = tl.join(packed & 3, (packed >> 4) & 3)
             high = tl.join((packed >> 2) & 3, packed >> 6)
             codes = tl.join(low, high).reshape(ROWS, N)
-    return codes.to(tl.float32)
+    if LEVELS:
+        # The table of 2**BITS floats is loaded whole and gathered from in registers: on sm_90 that takes fewer
+        # registers than a load per code from global memory (164 against 184 for 4-bit keys and values, one row,
+        # head dim 128; 228 against 255 with tensor-core rows). Every code, the masked ones (0) included, is in it.
+        table = tl.load(levels_ptr + tl.arange(0, 1 << BITS))
+        values = tl.gather(table, codes.reshape(ROWS * N), 0).reshape(ROWS, N)
+    else:
+        values = codes.to(tl.float32)
+    return values
 
 
 @triton.jit
@@ -116,11 +132,13 @@ def _softmax_step(scores, values, top, total, acc, USE_DOT: tl.constexpr, PRECIS
     ]
 )  # fmt: skip
 def partials(
-    q_ptr, q_strides,  # query [batch, heads, queries, dim]
+    q_ptr, q_strides,  # [2, batch, heads, queries, dim]: the query for exact keys, then for keys as packed (below)
     ek_ptr, ek_strides, ev_ptr, ev_strides,  # exact keys / values [batch, kv_heads, n_exact, dim / value_dim]
     kc_ptr, kc_strides,  # key codes uint8 [batch, kv_heads, >= blocks, dim, G * KB / 8]
+    kl_ptr,  # the keys' codebook levels float32 [2**KB] (read only with KEY_LEVELS)
     ks_ptr, ks_strides, kz_ptr, kz_strides,  # key scale / zero float16 [batch, kv_heads, >= blocks, dim]
     vc_ptr, vc_strides,  # value codes uint8 [batch, kv_heads, >= blocks * G, value_dim * VB / 8]
+    vl_ptr,  # the values' codebook levels float32 [2**VB] (read only with VALUE_LEVELS)
     vs_ptr, vs_strides, vz_ptr, vz_strides,  # value scale / zero float16 [batch, kv_heads, >= tokens, groups]
     mask_ptr, mask_strides,  # mask [batch, queries, tokens] (MASK_KIND 2, 3)
     top_ptr, total_ptr, acc_ptr,  # partials float32 [batch * kv_heads, splits, rows] and [..., rows, value_dim]
@@ -128,9 +146,15 @@ def partials(
     n_exact, sink_len, blocks, blocks_per_split, packed_splits, exact_per_split, causal_last,
     D_PAD: tl.constexpr, DV_PAD: tl.constexpr, G: tl.constexpr, KB: tl.constexpr, VB: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, MASK_KIND: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, KEY_LEVELS: tl.constexpr, VALUE_LEVELS: tl.constexpr,
 ):  # fmt: skip
-    """The partial softmax state of one split of the tokens, for one tile of one kv head's query rows."""
+    """The partial softmax state of one split of the tokens, for one tile of one kv head's query rows.
+
+    Packed data is read as stored: packed keys are scored with the query as they are stored (`q_ptr[1]`: rotated
+    for rotated keys; the query itself, by a stride of 0, otherwise), exact keys with the query (`q_ptr[0]`); the
+    value sums of packed splits are left in the values' stored basis (the caller turns them back before `merge`,
+    which is linear in them).
+    """
     USE_DOT: tl.constexpr = BLOCK_R >= 16
     split = tl.program_id(0)
     bh = tl.program_id(1)
@@ -145,8 +169,11 @@ def partials(
     d_valid = d < dim
     c = tl.arange(0, DV_PAD)
     c_valid = c < value_dim
-    q_at = q_ptr + b * q_strides[0] + (h * rep + r // queries)[:, None] * q_strides[1]
-    q = tl.load(q_at + row_query[:, None] * q_strides[2] + d[None, :] * q_strides[3], mask=row_valid[:, None] & d_valid)
+    # A program reads packed blocks or exact tokens, never both (see the loops): one query, chosen here, serves it.
+    # (Loading both queries, each for its loop, takes ~40 more registers on the one-row path.)
+    q_ptr += (split < packed_splits).to(tl.int64) * q_strides[0] + b * q_strides[1]
+    q_at = q_ptr + (h * rep + r // queries)[:, None] * q_strides[2] + row_query[:, None] * q_strides[3]
+    q = tl.load(q_at + d[None, :] * q_strides[4], mask=row_valid[:, None] & d_valid[None, :], other=0.0)
     q = q.to(tl.float32) * scaling
     mask_ptr += b * mask_strides[0]
     mask_rows = (mask_strides[1], mask_strides[2])
@@ -174,7 +201,7 @@ def partials(
         k_scale = tl.load(ks_ptr + block * ks_strides[2] + d * ks_strides[3], mask=d_valid, other=0.0)
         k_zero = tl.load(kz_ptr + block * kz_strides[2] + d * kz_strides[3], mask=d_valid, other=0.0)
         k_at = kc_ptr + block * kc_strides[2] + (tile % TILES) * (BLOCK_T * KB // 8)
-        k_codes = _unpack(k_at, kc_strides[3], d_valid, BLOCK_T, D_PAD, BLOCK_T, KB)  # [D, BLOCK_T]
+        k_codes = _unpack(k_at, kc_strides[3], d_valid, BLOCK_T, kl_ptr, D_PAD, BLOCK_T, KB, KEY_LEVELS)  # [D, BT]
         scores = _matmul(q * k_scale.to(tl.float32)[None, :], k_codes, USE_DOT, PRECISION)
         scores += tl.sum(q * k_zero.to(tl.float32)[None, :], axis=1)[:, None]
         token = tile * BLOCK_T + t
@@ -182,7 +209,9 @@ def partials(
             scores, sink_len + token, row_query, tile_valid, mask_ptr, mask_rows, causal_last, MASK_KIND
         )
         v_at = vc_ptr + tile * BLOCK_T * vc_strides[2]
-        v_codes = _unpack(v_at, vc_strides[2], tile_tokens, value_dim, BLOCK_T, DV_PAD, VB)  # [BLOCK_T, DV]
+        v_codes = _unpack(
+            v_at, vc_strides[2], tile_tokens, value_dim, vl_ptr, BLOCK_T, DV_PAD, VB, VALUE_LEVELS
+        )  # [BLOCK_T, DV]
         v_params = token[:, None] * vs_strides[2] + group[None, :] * vs_strides[3]
         v_scale = tl.load(vs_ptr + v_params, mask=c_valid[None, :], other=0.0).to(tl.float32)
         v_params = token[:, None] * vz_strides[2] + group[None, :] * vz_strides[3]
