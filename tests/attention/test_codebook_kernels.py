@@ -1,7 +1,7 @@
 """Attention backends on packed data with codebooks (`QuantSpec.codebook`) and clipped ranges (`QuantSpec.clip`).
 
 Clipping changes only scales and zeros, so every backend reads it; codebooks change what a code means, so a backend
-either reads the level table (torch, cpu) or refuses the data with a reason (numba, triton) and `auto` passes it by.
+either reads the level table (torch, cpu, triton) or refuses the data with a reason (numba) and `auto` passes it by.
 Same definition and tolerance as `test_kernels.py`.
 """
 
@@ -12,12 +12,12 @@ import importlib.util
 import pytest
 import torch
 
-from kvpack.attention import cpu, numba_cpu, triton_gpu
+from kvpack.attention import cpu, numba_cpu
 from kvpack.attention.reference import attention_bias
 from kvpack.attention.registry import attend
 from kvpack.errors import BackendUnavailableError
 from kvpack.quant.codebooks import FITTED_CODEBOOK
-from tests.attention.inputs import check, make_inputs, naive, needs_x86_compiler, padding_mask, use_portable_build
+from tests.attention.inputs import check, make_inputs, naive, needs_x86_compiler, on, padding_mask, use_portable_build
 
 CB = FITTED_CODEBOOK
 Params = tuple[tuple[int, int], str, str, bool, str, int, int, int, int, int]
@@ -35,7 +35,8 @@ GRID: list[Params] = [
 ]
 
 
-def run(backend: str, params: Params) -> None:
+def run(backend: str, params: Params, device: torch.device | None = None) -> None:
+    """`backend` against the definition on packed data made as `params` say, read on `device` (triton) if given."""
     bits, key_cb, value_cb, clip, rotation, dim, value_group, blocks, rep, queries = params
     inputs = make_inputs(
         2, 2, blocks, 5, 1, *bits, 32, dim=dim, backend=backend, value_group=value_group, key_rotation=rotation,
@@ -44,7 +45,9 @@ def run(backend: str, params: Params) -> None:
     query = torch.randn(2, 2 * rep, queries, dim, generator=torch.Generator().manual_seed(6))
     mask = padding_mask(2, queries, inputs.total_tokens, pad=7)
     expected = naive(query, inputs, attention_bias(mask, 2, queries, inputs.total_tokens), scaling=dim**-0.5)
-    check(attend(query, inputs, mask, scaling=dim**-0.5), expected, inputs)
+    if device is not None:
+        inputs, query, mask = on(inputs, device, backend), query.to(device), mask.to(device)
+    check(attend(query, inputs, mask, scaling=dim**-0.5).cpu(), expected, inputs)
 
 
 @pytest.mark.parametrize("backend", READERS)
@@ -54,17 +57,26 @@ def test_backends_read_codebooks_and_clipped_ranges(backend: str, params: Params
     run(backend, params)
 
 
+# Triton's interpreter takes ~1 ms per program, so only the first entries of the grid: 2-, 3- and 4-bit codebooks
+# for keys and values, with and without rotation, on the one-row and the tensor-core paths.
+TRITON_GRID = GRID[:4]
+
+
+@pytest.mark.parametrize("params", TRITON_GRID)
+def test_triton_reads_codebooks(triton_device: torch.device, params: Params) -> None:
+    torch.set_num_threads(1)
+    run("triton", params, triton_device)
+
+
 @pytest.mark.parametrize("backend", [b for b in ALL if b not in READERS])
 def test_clipped_uniform_data_runs_everywhere(backend: str) -> None:
     torch.set_num_threads(1)
     run(backend, ((4, 2), "uniform", "uniform", True, "none", 64, 32, 3, 2, 1))
 
 
-def test_numba_and_triton_refuse_codebooks_and_auto_passes_them_by() -> None:
+def test_numba_refuses_codebooks_and_auto_passes_them_by() -> None:
     inputs = make_inputs(1, 1, 2, 3, 0, 4, 4, 32, value_codebook=CB)
     assert "codebook" in (numba_cpu.supports(inputs) or "")
-    if triton_gpu.interpreting():
-        assert "codebook" in (triton_gpu.supports(inputs) or "")
     query = torch.randn(1, 1, 1, 64)
     if importlib.util.find_spec("numba"):
         inputs.backend = "numba"
