@@ -1,8 +1,7 @@
 """Attention backends on packed data with codebooks (`QuantSpec.codebook`) and clipped ranges (`QuantSpec.clip`).
 
-Clipping changes only scales and zeros, so every backend reads it; codebooks change what a code means, so a backend
-either reads the level table (torch, cpu, triton) or refuses the data with a reason (numba) and `auto` passes it by.
-Same definition and tolerance as `test_kernels.py`.
+Clipping changes only scales and zeros; codebooks change what a code means, and every backend reads their level table
+(torch, cpu, numba, triton). Same definition and tolerance as `test_kernels.py`.
 """
 
 from __future__ import annotations
@@ -12,17 +11,15 @@ import importlib.util
 import pytest
 import torch
 
-from kvpack.attention import cpu, numba_cpu
+from kvpack.attention import cpu
 from kvpack.attention.reference import attention_bias
 from kvpack.attention.registry import attend
-from kvpack.errors import BackendUnavailableError
 from kvpack.quant.codebooks import FITTED_CODEBOOK
 from tests.attention.inputs import check, make_inputs, naive, needs_x86_compiler, on, padding_mask, use_portable_build
 
 CB = FITTED_CODEBOOK
 Params = tuple[tuple[int, int], str, str, bool, str, int, int, int, int, int]
-READERS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None)
-ALL = READERS + ["numba"] * bool(importlib.util.find_spec("numba"))
+READERS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None) + ["numba"] * bool(importlib.util.find_spec("numba"))
 GRID: list[Params] = [
     # bits (k, v), key codebook, value codebook, clip, rotation, head dim, value group, packed blocks, rep, queries
     ((4, 4), CB, CB, False, "none", 64, 64, 3, 3, 1),  # fused keys and values (AVX-512: permute lookup)
@@ -66,24 +63,6 @@ TRITON_GRID = GRID[:4]
 def test_triton_reads_codebooks(triton_device: torch.device, params: Params) -> None:
     torch.set_num_threads(1)
     run("triton", params, triton_device)
-
-
-@pytest.mark.parametrize("backend", [b for b in ALL if b not in READERS])
-def test_clipped_uniform_data_runs_everywhere(backend: str) -> None:
-    torch.set_num_threads(1)
-    run(backend, ((4, 2), "uniform", "uniform", True, "none", 64, 32, 3, 2, 1))
-
-
-def test_numba_refuses_codebooks_and_auto_passes_them_by() -> None:
-    inputs = make_inputs(1, 1, 2, 3, 0, 4, 4, 32, value_codebook=CB)
-    assert "codebook" in (numba_cpu.supports(inputs) or "")
-    query = torch.randn(1, 1, 1, 64)
-    if importlib.util.find_spec("numba"):
-        inputs.backend = "numba"
-        with pytest.raises(BackendUnavailableError, match="codebook"):
-            attend(query, inputs, None, 0.125)
-    inputs.backend = "auto"
-    check(attend(query, inputs, None, 0.125), naive(query, inputs, None, 0.125), inputs)
 
 
 @pytest.mark.slow

@@ -67,7 +67,7 @@ def test_fused_steps_match_the_dense_path(model: PreTrainedModel, spec: str, bac
     assert all(layer.packed_length > 0 for layer in cache.layers if hasattr(layer, "packed_length"))
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numba"])  # (numba refuses rotated data)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("spec", ["k4v4-g16-r16-s2-rot", "k2v3-g16-r0-rotk", "k8v4-g16-r16-rotv"])
 def test_rotated_caches_match_the_dense_path(model: PreTrainedModel, spec: str, backend: str) -> None:
     ids = prompt(batch=2, tokens=70, seed=4)

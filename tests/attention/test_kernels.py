@@ -8,6 +8,7 @@ the naive dense computation here, the chunked torch reference, and the fused CPU
 from __future__ import annotations
 
 import importlib.util
+from dataclasses import replace
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from kvpack.attention import cpu
 from kvpack.attention.reference import attention_bias, reference_attention
 from kvpack.attention.registry import attend
 from kvpack.errors import BackendUnavailableError
+from kvpack.quant.tensor import PackedTensor
 from tests.attention.inputs import check, make_inputs, naive, needs_x86_compiler, padding_mask, use_portable_build
 
 BACKENDS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None) + ["numba"] * bool(importlib.util.find_spec("numba"))
@@ -84,7 +86,7 @@ def test_wide_heads_and_many_rows(
 ROTATED = [("hadamard", "hadamard"), ("hadamard", "none"), ("none", "hadamard")]
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "numba"])
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(("key_rotation", "value_rotation"), ROTATED)
 @pytest.mark.parametrize(
     ("bits", "dim", "value_group", "rep", "queries"), [((4, 4), 64, 32, 3, 1), ((2, 3), 96, 32, 2, 2)]
@@ -106,13 +108,19 @@ def test_rotated_packed_data(
 
 
 @pytest.mark.skipif(not importlib.util.find_spec("numba"), reason="numba not installed")
-def test_numba_refuses_rotated_data_and_auto_passes_it_by() -> None:
-    inputs = make_inputs(1, 1, 2, 3, 0, 4, 4, 32, backend="numba", key_rotation="hadamard")
-    query = torch.randn(1, 1, 1, 64)
-    with pytest.raises(BackendUnavailableError, match="rotated"):
-        attend(query, inputs, None, 0.125)
-    inputs.backend = "auto"
-    check(attend(query, inputs, None, 0.125), naive(query, inputs, None, 0.125), inputs)
+def test_numba_reads_rotated_data_refuses_outliers_and_auto_passes_them_by() -> None:
+    """Rotated packed data is read; the same keys packed with outlier entries are refused for them, and `auto`
+    moves on to a backend that reads them."""
+    rotated = make_inputs(1, 1, 2, 3, 0, 4, 4, 32, backend="numba", key_rotation="hadamard", value_rotation="hadamard")
+    assert rotated.packed_keys is not None
+    query = torch.randn(1, 1, 1, 64, generator=torch.Generator().manual_seed(5))
+    check(attend(query, rotated, None, 0.125), naive(query, rotated, None, 0.125), rotated)
+    spec = replace(rotated.packed_keys.spec, outliers=1)
+    with_outliers = replace(rotated, packed_keys=PackedTensor.quantize(rotated.packed_keys.dequantize(), spec))
+    with pytest.raises(BackendUnavailableError, match="numba kernel does not read outlier entries"):
+        attend(query, with_outliers, None, 0.125)
+    with_outliers.backend = "auto"
+    check(attend(query, with_outliers, None, 0.125), naive(query, with_outliers, None, 0.125), with_outliers)
 
 
 @pytest.mark.slow

@@ -100,8 +100,7 @@ def test_each_layer_holds_the_bytes_of_its_own_uniform_config(model: PreTrainedM
 
 @pytest.mark.parametrize(
     ("spec", "backend"),
-    [(PER_LAYER, b) for b in BACKENDS if b != "numba"]  # (numba refuses rotated data)
-    + [("k4v4-g16-r16-l3228", b) for b in BACKENDS],
+    [(PER_LAYER, b) for b in BACKENDS] + [("k4v4-g16-r16-l3228", b) for b in BACKENDS],
 )
 def test_fused_path_matches_dense_path_with_per_layer_bits(model: PreTrainedModel, spec: str, backend: str) -> None:
     """Each layer's packed views carry their own specs, so every kernel reads each layer at its own bits."""

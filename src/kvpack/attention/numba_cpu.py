@@ -8,6 +8,13 @@ The kernel handles the KIVI layout (keys per channel, values per token) at 2, 3,
 over (batch, kv head, chunk of tokens) items run in parallel; each item keeps a running max, sum and weighted sum
 of values per query row (online softmax), and the items of one kv head are merged by their log-sum-exp.
 
+Packed data stored rotated (`QuantSpec.rotation`: stored = x @ R, see `kvpack.quant.rotation`) is read as stored:
+packed keys are scored with the query rotated the same way (q·k = (q R)·(k R)), and the packed items' share of the
+output, a weighted sum of rotated values, is turned back once per query row in the merge (times R_v.T); the exact
+tokens are never rotated. Codes of a codebook (`QuantSpec.codebook`) are read through its level table as they are
+unpacked (code c stands for level[c] * scale + zero). Outlier entries (`-o` specs) are not read: `supports` refuses
+them.
+
 Inner loops are written so LLVM vectorises them: for widths that divide a byte, codes are unpacked "planar":
 sub-code `i` of every byte of a row at once (`(row[j] >> i * bits) & mask` over `j`), so the token (or channel)
 of an accumulator slot `[i, j]` is `j * codes_per_byte + i`.
@@ -26,12 +33,16 @@ import torch
 from numba import njit, prange
 
 from kvpack.attention.reference import NEG_LARGE, AttentionInputs, attention_bias
+from kvpack.quant.rotation import rotate, rotation_matrix
 
 # float16 -> float32 without numba's (missing) float16 type:
 #     value = (mantissa + 1024 * (exponent > 0)) * _POW2[exponent],  _POW2[e] = 2 ** (max(e, 1) - 25)
 # (subnormals included). Exponent 31 (inf/nan) never occurs: quantization refuses values beyond the float16 range.
 _POW2 = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], dtype=np.float32)
 _MIN_CHUNK_TOKENS = 256
+# Stand for "uniform codes" and "values not rotated" (typed like the real tables, so one compiled kernel serves all).
+_NO_LEVELS = np.zeros(0, dtype=np.float32)
+_NO_ROTATION = np.zeros((0, 0), dtype=np.float32)
 # Vectorisable float arithmetic, but no "no NaNs / no infs" assumptions: masked scores are -inf.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp", "afn"}
 
@@ -46,16 +57,27 @@ def _half(bits: Any) -> Any:
 
 
 @njit(inline="always", cache=True, fastmath=_FASTMATH)
-def _unpack_row(codes: Any, index: Any, bits: int, n: int, out: Any) -> None:
-    """Codes of the packed row `codes[index]` into `out[codes_per_byte, bytes]` (planar) or `out[0, n]`."""
+def _unpack_row(codes: Any, index: Any, bits: int, n: int, levels: Any, out: Any) -> None:
+    """Codes of the packed row `codes[index]` into `out[codes_per_byte, bytes]` (planar) or `out[0, n]`.
+
+    levels: float32 `[2**bits]` codebook levels (code c becomes levels[c]), or empty for uniform codes (c itself).
+    """
     row = codes[index]
     mask = (1 << bits) - 1
+    # One test per row, outside the loops, so the uniform loops stay the plain vectorised int-to-float ones.
+    lookup = levels.shape[0] > 0
     if 8 % bits == 0:
         per_byte = 8 // bits
-        for i in range(per_byte):
-            shift = i * bits
-            for j in range(row.shape[0]):
-                out[i, j] = np.float32((row[j] >> shift) & mask)
+        if lookup:
+            for i in range(per_byte):
+                shift = i * bits
+                for j in range(row.shape[0]):
+                    out[i, j] = levels[(row[j] >> shift) & mask]
+        else:
+            for i in range(per_byte):
+                shift = i * bits
+                for j in range(row.shape[0]):
+                    out[i, j] = np.float32((row[j] >> shift) & mask)
     else:
         last = row.shape[0] - 1
         for t in range(n):
@@ -64,12 +86,14 @@ def _unpack_row(codes: Any, index: Any, bits: int, n: int, out: Any) -> None:
             word = np.int32(row[byte])
             if byte < last:
                 word |= np.int32(row[byte + 1]) << 8
-            out[0, t] = np.float32((word >> (bit & 7)) & mask)
+            code = (word >> (bit & 7)) & mask
+            out[0, t] = levels[code] if lookup else np.float32(code)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH, error_model="numpy")
 def _attend(
     q: Any,  # float32 [B, H, R, D]: query rows of each kv head, already multiplied by `scaling`
+    q_packed: Any,  # the same for the packed keys: q @ R_k when they are stored rotated, else q itself
     row_query: Any,  # int64 [R]: the new token (mask row) of each query row
     key_codes: Any,  # uint8 [B, H, >= NB, D, group * key_bits / 8]
     key_scale: Any,  # uint16 (float16 bits) [B, H, >= NB, D]
@@ -77,6 +101,9 @@ def _attend(
     value_codes: Any,  # uint8 [B, H, >= P, Dv * value_bits / 8]
     value_scale: Any,  # uint16 (float16 bits) [B, H, >= P, Dv / value_group]
     value_zero: Any,
+    key_levels: Any,  # float32 [2**key_bits] codebook levels (code c reads as level[c]), or [0]: uniform codes
+    value_levels: Any,  # float32 [2**value_bits], or [0]
+    value_rotation: Any,  # float32 [Dv, Dv] R_v when the packed values are stored rotated, else [0, 0]
     blocks: int,  # NB: packed key blocks (P = NB * group packed tokens); the arrays may hold more capacity
     exact_keys: Any,  # float32 [B, H, E, D]
     exact_values: Any,  # float32 [B, H, E, Dv]
@@ -124,11 +151,11 @@ def _attend(
                 base[:] = 0.0
                 scores[:] = 0.0
                 for d in range(dim):
-                    _unpack_row(key_codes, (b, h, block, d), key_bits, group, codes)
+                    _unpack_row(key_codes, (b, h, block, d), key_bits, group, key_levels, codes)
                     scale = _half(key_scale[b, h, block, d])
                     zero = _half(key_zero[b, h, block, d])
                     for r in range(rows):
-                        qd = q[b, h, r, d]
+                        qd = q_packed[b, h, r, d]
                         base[r] += qd * zero
                         qs = qd * scale
                         for i in range(k_per_byte):
@@ -159,7 +186,7 @@ def _attend(
                 for i in range(k_per_byte):
                     for j in range(k_slots):
                         token = block * group + j * k_per_byte + i
-                        _unpack_row(value_codes, (b, h, token), value_bits, value_dim, vcodes)
+                        _unpack_row(value_codes, (b, h, token), value_bits, value_dim, value_levels, vcodes)
                         for g in range(value_groups):
                             scale = _half(value_scale[b, h, token, g])
                             zero = _half(value_zero[b, h, token, g])
@@ -199,20 +226,31 @@ def _attend(
         part_sum[b, h, item] = total
         part_out[b, h, item] = result
 
+    rotated = value_rotation.shape[0] > 0
     for bh in prange(batch * heads):
         b = bh // heads
         h = bh % heads
+        packed_share = np.zeros(value_dim, dtype=np.float32)
         for r in range(rows):
             top_all = np.float32(NEG_LARGE)
             for item in range(items):
                 top_all = max(top_all, part_max[b, h, item, r])
             total_all = np.float32(0.0)
             out[b, h, r] = 0.0
+            packed_share[:] = 0.0
             for item in range(items):
                 weight = np.float32(math.exp(part_max[b, h, item, r] - top_all))
                 total_all += weight * part_sum[b, h, item, r]
+                # Rotated packed values: their items' sums are in the rotated basis; gather them to turn back once.
+                dst = packed_share if rotated and item < chunks else out[b, h, r]
                 for d in range(value_dim):
-                    out[b, h, r, d] += weight * part_out[b, h, item, r, d]
+                    dst[d] += weight * part_out[b, h, item, r, d]
+            if rotated:  # out += share @ R_v.T: channel c is the share's dot product with row c of R_v
+                for c in range(value_dim):
+                    turned = np.float32(0.0)
+                    for d in range(value_dim):
+                        turned += packed_share[d] * value_rotation[c, d]
+                    out[b, h, r, c] += turned
             if total_all > 0:
                 out[b, h, r] /= total_all
 
@@ -265,19 +303,19 @@ def supports(inputs: AttentionInputs) -> str | None:
     key, value = inputs.packed_keys.spec, inputs.packed_values.spec if inputs.packed_values is not None else None
     if key.axis != "channel" or value is None or value.axis != "token":
         return "the numba kernel reads the KIVI layout only (keys per channel, values per token)"
-    if key.rotation != "none" or value.rotation != "none":
-        return "the numba kernel does not read rotated packed data (use the cpu or torch backend)"
     if key.outliers or value.outliers:
         return "the numba kernel does not read outlier entries ('-o' specs; the torch backend does)"
-    if key.codebook != "uniform" or value.codebook != "uniform":
-        return "the numba kernel reads uniform codes only, not codebooks (use the cpu or torch backend)"
     return None
 
 
 def numba_attention(
     query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """`reference_attention`, computed by the fused numba kernel. Same shapes and result (within float error)."""
+    """`reference_attention`, computed by the fused numba kernel. Same shapes and result (within float error).
+
+    Packed keys stored rotated are scored with the query rotated the same way; packed values stored rotated are
+    turned back once, in the kernel's merge of its partial results. Codebook codes are read through their levels.
+    """
     if not _compiled:
         _announce_first_compile()
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
@@ -290,6 +328,8 @@ def numba_attention(
     bias_np = np.zeros((0, 0, 0), np.float32) if bias is None else bias.float().contiguous().numpy()
     value_dim = inputs.exact_values.shape[-1]
     pk, pv = inputs.packed_keys, inputs.packed_values
+    q_np = q.numpy()
+    q_packed, key_levels, value_levels, value_rotation = q_np, _NO_LEVELS, _NO_LEVELS, _NO_ROTATION
     if pk is None or pv is None:
         key_codes = np.zeros((batch, kv_heads, 0, dim, 1), np.uint8)
         key_params = np.zeros((batch, kv_heads, 0, dim), np.uint16)
@@ -303,6 +343,14 @@ def numba_attention(
         key_scale, key_zero = _storage(pk.scale, torch.uint16), _storage(pk.zero, torch.uint16)
         value_scale, value_zero = _storage(pv.scale, torch.uint16), _storage(pv.zero, torch.uint16)
         key_bits, value_bits, value_group = pk.spec.bits, pv.spec.bits, pv.spec.group_size
+        if pk.spec.rotation != "none":
+            q_packed = rotate(q, pk.spec.rotation).contiguous().numpy()
+        if pv.spec.rotation != "none":
+            value_rotation = rotation_matrix(value_dim).numpy()
+        if pk.levels is not None:
+            key_levels = pk.levels.contiguous().numpy()
+        if pv.levels is not None:
+            value_levels = pv.levels.contiguous().numpy()
     blocks = pk.codes.shape[2] if pk is not None else 0
     group = pk.spec.group_size if pk is not None else 1
     threads = numba.get_num_threads()
@@ -311,7 +359,8 @@ def numba_attention(
     chunk_blocks = max(-(-blocks // chunks_per_head), -(-_MIN_CHUNK_TOKENS // group), 1)
     out = np.empty((batch, kv_heads, rows, value_dim), dtype=np.float32)
     _attend(
-        q.numpy(),
+        q_np,
+        q_packed,
         row_query,
         key_codes,
         key_scale,
@@ -319,6 +368,9 @@ def numba_attention(
         value_codes,
         value_scale,
         value_zero,
+        key_levels,
+        value_levels,
+        value_rotation,
         blocks,
         inputs.exact_keys.float().contiguous().numpy(),
         inputs.exact_values.float().contiguous().numpy(),
