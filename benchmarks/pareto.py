@@ -1,6 +1,9 @@
 """Quality vs bits: merge `kvpack compare` results (kvpack configs and peers, each run with its own fp reference on
 the same text) into one table and a Pareto plot of ΔPPL and mean KL against stored bits per value.
 
+Runs older than the spec-grammar switch (2026-11-23 23:00 UTC) are read in the older grammar and their kvpack rows
+renamed to today's canonical specs (`k4v4-g64-r128` then is `k4v4-plain-g64-r128` now).
+
 Bits per value count codes and per-group metadata, not the full-precision windows (residual, sinks) that every
 cache here keeps: kvpack's from its config (fp16 scale and zero per group, outlier bytes, per-layer bits averaged);
 the peers' from their format: transformers' quantized caches store a float32 scale and shift per group of 64 in
@@ -8,6 +11,7 @@ this float32 model, `nbits + 64 / 64` (checked against their measured bytes: 29,
 tokens in `compare.json` is 5.0 bits for each of its 47,185,920 values).
 
     python benchmarks/pareto.py /tmp/peers.json /tmp/kvpack.json --out benchmarks/results/pareto
+    python benchmarks/pareto.py benchmarks/results/pareto.json /tmp/more.json   # add runs to the committed merge
 """
 
 from __future__ import annotations
@@ -20,6 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from kvpack.bench.caches import parse_cache_name
+from kvpack.calibrate import is_profile_path
+from kvpack.config import as_config
+
+# Runs made before this date wrote spec strings in the older grammar, where a spec meant exactly the options it
+# wrote (`k4v4-g64-r128` was plain KIVI; see benchmarks/results/README.md).
+GRAMMAR_SWITCH = "2026-11-23T23:00:00+00:00"
+
+
+def current_name(name: str, run_date: str) -> str:
+    """The name of a compare row in today's grammar: a kvpack spec of an older run is read with `-plain`."""
+    if "@" in name or name.startswith("profile:") or is_profile_path(name):
+        return name
+    if parse_cache_name(name).kind != "kvpack":
+        return name
+    if run_date >= GRAMMAR_SWITCH:
+        return as_config(name).spec  # canonical today
+    head, _, rest = name.partition("-")
+    return as_config("-".join(p for p in (head, "plain", rest) if p)).spec
 
 
 def bits_of(row: dict[str, Any]) -> float | None:
@@ -37,10 +59,15 @@ def bits_of(row: dict[str, Any]) -> float | None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("results", nargs="+", type=Path, help="kvpack compare JSON files (same text and model)")
+    parser.add_argument(
+        "results", nargs="+", type=Path, help="kvpack compare JSON files (same text and model), or earlier merges"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pareto"), help="path stem (.md/.png)")
     args = parser.parse_args()
-    runs = [json.loads(path.read_text()) for path in args.results]
+    runs = []
+    for path in args.results:  # a compare result, or an earlier merge (its runs)
+        data = json.loads(path.read_text())
+        runs.extend(data.get("runs", [data]))
     first = runs[0]
     rows: dict[str, dict[str, Any]] = {}
     fp_ppl = []
@@ -50,7 +77,8 @@ def main() -> None:
         for row in run["rows"]:
             if row["cache"] == "fp":
                 fp_ppl.append(row["ppl"])
-            rows.setdefault(row["cache"], row)
+            name = current_name(row["cache"], run["date"])
+            rows.setdefault(name, {**row, "cache": name})
     if max(fp_ppl) - min(fp_ppl) > 1e-6 * fp_ppl[0]:
         raise SystemExit(f"the runs' fp references differ ({fp_ppl}): not the same measurement")
     table = []
@@ -71,6 +99,8 @@ def main() -> None:
         f"- machine: {first['machine']}; versions: {first['versions']}",
         f"- fp reference PPL {fp_ppl[0]:.3f} (identical in every run)",
         "- bits per value: codes + per-group metadata (see benchmarks/pareto.py); full-precision windows excluded",
+        "- kvpack rows are named by today's canonical specs (every option written out); the commands above are as "
+        "typed then, in the spec grammar of their date (benchmarks/results/README.md)",
         "",
         "| cache | kind | bits/value | PPL | ΔPPL | mean KL | top-1 |",
         "|---|---|---|---|---|---|---|",

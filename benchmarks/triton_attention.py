@@ -32,7 +32,9 @@ GB = 1e9
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", default="k4v4", help="kvpack cache spec (default k4v4: groups of 64, residual 128)")
+    parser.add_argument(
+        "--spec", default="k4v4", help="kvpack cache spec (default k4v4: groups of 64, residual 128, 4 sinks, rotated)"
+    )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=32768, help="tokens in the cache")
     parser.add_argument("--heads", type=int, default=32, help="query heads")

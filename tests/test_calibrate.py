@@ -29,8 +29,14 @@ from tests.cache.test_cache import llama_config, prompt
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-BASE = "k4v4-g16-r16-s2"
-EMULATED = ["k4v4-g16-r16-s2", "k3v2-g16-r0", "k2v4-gk32-gv16-r20-s3", "k4v3-g16-r5-kt", "k2v2-g16-r16-s2-rot"]
+BASE = "k4v4-plain-g16-r16-s2"
+EMULATED = [
+    "k4v4-plain-g16-r16-s2",
+    "k3v2-plain-g16-r0",
+    "k2v4-plain-gk32-gv16-r20-s3",
+    "k4v3-plain-g16-r5-kt",
+    "k2v2-plain-g16-r16-s2-rot",
+]
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +98,9 @@ def streamed_kl(model: PreTrainedModel, ids: torch.Tensor, config: str, layer: i
     return float((ref.exp() * (ref - got)).sum(-1).mean())
 
 
-@pytest.mark.parametrize(("spec", "layer"), [("k2v2-g16-r16-s2", 0), ("k3v2-g16-r5-rot", 1), ("k2v3-g16-r0", 1)])
+@pytest.mark.parametrize(
+    ("spec", "layer"), [("k2v2-plain-g16-r16-s2", 0), ("k3v2-plain-g16-r5-rot", 1), ("k2v3-plain-g16-r0", 1)]
+)
 def test_emulated_kl_is_the_streamed_caches_kl(llama: PreTrainedModel, spec: str, layer: int) -> None:
     ids = prompt(tokens=120, seed=2)
     meter = SensitivityMeter(llama, ids, parse_spec(spec))
@@ -105,15 +113,17 @@ def test_emulated_kl_is_the_streamed_caches_kl(llama: PreTrainedModel, spec: str
 
 def test_sensitivity_is_zero_with_nothing_packed_and_falls_with_bits(llama: PreTrainedModel) -> None:
     ids = prompt(tokens=120, seed=2)
-    everything_exact = parse_spec("k2v2-g16-r128")  # residual >= tokens: nothing is ever packed
+    everything_exact = parse_spec("k2v2-plain-g16-r128")  # residual >= tokens: nothing is ever packed
     exact_meter = SensitivityMeter(llama, ids, everything_exact)
     meter = SensitivityMeter(llama, ids, parse_spec(BASE))
     for layer, tensor in itertools.product((0, 1), ("key", "value")):
         assert exact_meter.kl(layer, (tensor,), everything_exact) == 0.0
         kls = [meter.kl(layer, (tensor,), parse_spec(f"k{b}v{b}-g16-r16-s2")) for b in (2, 3, 4, 8)]
         # The meter runs only the tokens after the exact prefix; a meter whose prefix is one token gives the same.
-        whole = SensitivityMeter(llama, ids, parse_spec("k4v4-g16-r0-kt"))
-        kt = parse_spec("k2v2-g16-r0-kt")  # (keys per token: blocks of one token, so every query reads packed data)
+        whole = SensitivityMeter(llama, ids, parse_spec("k4v4-plain-g16-r0-kt"))
+        kt = parse_spec(
+            "k2v2-plain-g16-r0-kt"
+        )  # (keys per token: blocks of one token, so every query reads packed data)
         assert whole.prefix == 1 and whole.kl(layer, (tensor,), kt) > 0
         assert all(a > b > 0 for a, b in itertools.pairwise(kls)), (layer, tensor, kls)
 
@@ -136,7 +146,7 @@ def brute_force(key_kl, value_kl, bits, base, budget) -> float:  # type: ignore[
 def test_allocation_is_the_brute_force_optimum_within_the_budget(seed: int) -> None:
     rng = random.Random(seed)
     bits = (2, 3, 4, 8)
-    base = parse_spec(["k4v4", "k4v4-g32", "k4v4-gk128-gv16"][seed % 3])
+    base = parse_spec(["k4v4-plain", "k4v4-plain-g32", "k4v4-plain-gk128-gv16"][seed % 3])
     # Damage falls with bits, as measured tables do, but by layer- and tensor-specific factors.
     key_kl = [sorted((rng.uniform(0, 1) ** 3 for _ in bits), reverse=True) for _ in range(3)]
     value_kl = [sorted((rng.uniform(0, 1) ** 3 for _ in bits), reverse=True) for _ in range(3)]
@@ -154,7 +164,7 @@ def test_allocation_is_the_brute_force_optimum_within_the_budget(seed: int) -> N
 
 def test_allocation_spends_the_budget_where_it_helps_and_improves_with_it() -> None:
     bits = (2, 4, 8)
-    base = parse_spec("k4v4")  # 0.5 metadata bits per value
+    base = parse_spec("k4v4-plain")  # 0.5 metadata bits per value
     # Layer 1's keys are the only tensor that suffers from 2 bits.
     key_kl = [[0.01, 0.005, 0.0], [5.0, 0.2, 0.0], [0.01, 0.005, 0.0]]
     value_kl = [[0.01, 0.005, 0.0]] * 3
@@ -172,7 +182,7 @@ def test_allocation_spends_the_budget_where_it_helps_and_improves_with_it() -> N
 
 
 def test_allocation_weights_keys_and_values_by_head_dims() -> None:
-    base = parse_spec("k4v4")
+    base = parse_spec("k4v4-plain")
     # Keys of dim 3 and values of dim 1: upgrading the value costs a third of upgrading the key.
     result = allocate([[1.0, 0.0]], [[0.9, 0.0]], (2, 4), base, budget_bits=2.5 + 2 / 4, key_dim=3, value_dim=1)
     assert result.layer_bits == ((2, 4),)
@@ -296,7 +306,7 @@ def test_cli_refuses_bad_options_before_loading(tmp_path: Path, capsys: pytest.C
     base = ["calibrate", "--model", str(tmp_path / "no-model"), "-o", str(tmp_path / "p.json")]
     assert cli.main([*base, "--budget-bits", "3", "--bits", "2,x"]) == 2
     assert "--bits '2,x'" in capsys.readouterr().err
-    assert cli.main([*base, "--budget-bits", "3", "--base", "k4v4-l22"]) == 2
+    assert cli.main([*base, "--budget-bits", "3", "--base", "k4v4-plain-l22"]) == 2
     assert "already has per-layer bits" in capsys.readouterr().err
 
 
@@ -322,4 +332,4 @@ def test_a_base_whose_groups_do_not_fit_the_model_fails_before_measuring(llama: 
         return SimpleNamespace(input_ids=torch.randint(0, 128, (1, 600)))
 
     with pytest.raises(ConfigError, match="groups of 32, which do not divide this model's head_dim 16"):
-        calibrate(llama, tokenizer, 5.0, base="k4v4-gk16-gv32")
+        calibrate(llama, tokenizer, 5.0, base="k4v4-plain-gk16-gv32")

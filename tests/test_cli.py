@@ -28,15 +28,15 @@ def test_help_lists_each_subcommand_with_one_line() -> None:
 
 
 def test_spec_explains_and_bad_spec_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["spec", "k4v2-s4"]) == 0
+    assert cli.main(["spec", "k4v2-plain-s4"]) == 0
     out = capsys.readouterr().out
-    assert "k4v2-g64-r128-s4" in out and "4.5 bits per value" in out and "2.5 bits per value" in out
+    assert "k4v2-plain-g64-r128-s4" in out and "4.5 bits per value" in out and "2.5 bits per value" in out
     assert cli.main(["spec", "k5v4"]) == 2
     assert "bits=5 is not supported" in capsys.readouterr().err
 
 
 def test_generate_without_prompt_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli.main(["generate", "--cache", "k4v4"]) == 2
+    assert cli.main(["generate", "--cache", "k4v4-plain"]) == 2
     assert "give a prompt" in capsys.readouterr().err
 
 
@@ -104,7 +104,7 @@ def test_generate_prints_text_and_summary(default_model, monkeypatch, capsys: py
     finally:
         default_model[0].set_attn_implementation(previous)  # generate switched it to kvpack's attention
     out = capsys.readouterr().out
-    summary = next(line for line in out.splitlines() if line.startswith("[k4v4-g64-r128]"))
+    summary = next(line for line in out.splitlines() if line.startswith("[k4v4-g64-r128-s4-rot]"))
     assert "new tokens" in summary and "tokens/s" in summary and "smaller than a float16 cache" in summary
     assert "1957" in out  # the document's answer
     assert "[check]" in out
@@ -123,9 +123,11 @@ def tiny_prefix(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     (tmp_path / "doc.txt").write_text(DOCUMENT)
     out = tmp_path / "doc.kvpc"
     argv = ["cache", "build", "--model", str(tiny_model_dir), "--prompt-file", str(tmp_path / "doc.txt")]
-    assert cli.main([*argv, "-o", str(out), "--cache", "k4v4-g16-r16"]) == 0
+    assert cli.main([*argv, "-o", str(out), "--cache", "k4v4-plain-g16-r16"]) == 0
     written = capsys.readouterr().out
-    assert f"wrote {out}: " in written and "k4v4-g16-r16" in written and "smaller than the float16 cache" in written
+    assert (
+        f"wrote {out}: " in written and "k4v4-plain-g16-r16" in written and "smaller than the float16 cache" in written
+    )
     return out
 
 
@@ -137,7 +139,7 @@ def test_cache_build_then_info(tiny_prefix: Path, capsys: pytest.CaptureFixture[
     assert cli.main(["cache", "info", str(tiny_prefix)]) == 0
     out = capsys.readouterr().out
     assert "kvpack prompt cache, schema 1" in out and "checksum ok" in out
-    assert "k4v4-g16-r16" in out and "LlamaForCausalLM (llama), float32, 2 layers (2 full)" in out
+    assert "k4v4-plain-g16-r16" in out and "LlamaForCausalLM (llama), float32, 2 layers (2 full)" in out
     assert "prefill:" in out
     assert cli.main(["cache", "info", "--json", str(tiny_prefix)]) == 0
     header = json.loads(capsys.readouterr().out)
@@ -154,7 +156,7 @@ def test_generate_from_a_prefix_cache_matches_a_fresh_prefill(
     assert re.search(r"Loaded a \d+-token prefix in [\d.]+ s; its prefill took [\d.]+ s when built", captured.err)
     assert re.search(r"loaded from doc\.kvpc in [\d.]+ s", captured.out)
     assert re.search(
-        r"\[check\] a fresh k4v4-g16-r16 prefill of the [\d,]+-token prefix took .* identical", captured.out
+        r"\[check\] a fresh k4v4-plain-g16-r16 prefill of the [\d,]+-token prefix took .* identical", captured.out
     )
 
 
@@ -173,7 +175,7 @@ def test_prompt_file_must_continue_the_cached_prefix(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--cache", "k8v8-g16-r16"], "differs from the prefix cache's k4v4-g16-r16"),
+        (["--cache", "k8v8-g16-r16"], "differs from the prefix cache's k4v4-plain-g16-r16"),
         (["--cache", "k9v9"], "bits=9 is not supported"),
         (["--no-chat"], ""),  # a raw question after a chat prefix is allowed (the caller's choice)
     ],
@@ -212,7 +214,7 @@ def test_a_prefix_cache_of_another_model_is_refused(
 
 def test_a_raw_prefix_needs_no_chat(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "raw.kvpc"
-    argv = ["cache", "build", "--model", str(tiny_model_dir), DOCUMENT, "-o", str(out), "--cache", "k4v4-g16-r16"]
+    argv = ["cache", "build", "--model", str(tiny_model_dir), DOCUMENT, "-o", str(out), "--cache", "k4v4-plain-g16-r16"]
     assert cli.main([*argv, "--no-chat"]) == 0
     assert cli.main(generate_argv(tiny_model_dir, "--prefix-cache", str(out), "When?")) == 2
     assert "not built with the chat template" in capsys.readouterr().err

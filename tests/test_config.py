@@ -127,41 +127,90 @@ def test_block_tokens(key: QuantSpec, value: QuantSpec, expected: int) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("k4v2", CacheConfig(value=QuantSpec(bits=2, group_size=64, axis="token"))),
+        ("k4v2-plain", CacheConfig(value=QuantSpec(bits=2, group_size=64, axis="token"))),
         (
             "k8v8-g64-r128",
             CacheConfig(key=QuantSpec(8, 64, "channel"), value=QuantSpec(8, 64, "token"), residual=128),
         ),
         (
-            "k4v4-g32-r64-s4",
+            "k4v4-plain-g32-r64-s4",
             CacheConfig(key=QuantSpec(4, 32, "channel"), value=QuantSpec(4, 32, "token"), residual=64, sinks=4),
         ),
-        ("k4v4-gk32-gv64", CacheConfig(key=QuantSpec(4, 32, "channel"), value=QuantSpec(4, 64, "token"))),
-        ("k2v2-kt-vc", CacheConfig(key=QuantSpec(2, 64, "token"), value=QuantSpec(2, 64, "channel"))),
-        ("k3v8-gv16", CacheConfig(key=QuantSpec(3, 64, "channel"), value=QuantSpec(8, 16, "token"))),
-        ("k4v4-r0", CacheConfig(residual=0)),
-        ("k8v2-s16-r256-g128", CacheConfig(QuantSpec(8, 128, "channel"), QuantSpec(2, 128, "token"), 256, 16)),
-        ("  K4V2-G16  ", CacheConfig(QuantSpec(4, 16, "channel"), QuantSpec(2, 16, "token"))),
+        ("k4v4-gk32-gv64-plain", CacheConfig(key=QuantSpec(4, 32, "channel"), value=QuantSpec(4, 64, "token"))),
+        ("k2v2-plain-kt-vc", CacheConfig(key=QuantSpec(2, 64, "token"), value=QuantSpec(2, 64, "channel"))),
+        ("k3v8-plain-gv16", CacheConfig(key=QuantSpec(3, 64, "channel"), value=QuantSpec(8, 16, "token"))),
+        ("k4v4-plain-r0", CacheConfig(residual=0)),
+        ("k8v2-plain-s16-r256-g128", CacheConfig(QuantSpec(8, 128, "channel"), QuantSpec(2, 128, "token"), 256, 16)),
+        ("  K4V2-PLAIN-G16  ", CacheConfig(QuantSpec(4, 16, "channel"), QuantSpec(2, 16, "token"))),
     ],
 )
 def test_parse_spec(text: str, expected: CacheConfig) -> None:
     assert parse_spec(text) == expected
 
 
+def _recommended(key: QuantSpec, value: QuantSpec, sinks: int = 4, **fields: Any) -> CacheConfig:
+    return CacheConfig(key=key, value=value, sinks=sinks, **fields)
+
+
+ROT = "hadamard"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # 3 and 4 bits: rotation and 4 sinks; 2-bit keys: and clipped ranges; 8 bits: nothing.
+        ("k4v4", _recommended(QuantSpec(4, 64, "channel", ROT), QuantSpec(4, 64, "token", ROT))),
+        ("k4v2", _recommended(QuantSpec(4, 64, "channel", ROT), QuantSpec(2, 64, "token", ROT))),
+        ("k3v3", _recommended(QuantSpec(3, 64, "channel", ROT), QuantSpec(3, 64, "token", ROT))),
+        ("k3v2", _recommended(QuantSpec(3, 64, "channel", ROT), QuantSpec(2, 64, "token", ROT))),
+        ("k2v4", _recommended(QuantSpec(2, 64, "channel", ROT, clip=True), QuantSpec(4, 64, "token", ROT))),
+        ("k2v2", _recommended(QuantSpec(2, 64, "channel", ROT, clip=True), QuantSpec(2, 64, "token", ROT))),
+        ("k8v8", CacheConfig(QuantSpec(8, 64, "channel"), QuantSpec(8, 64, "token"))),
+        ("k8v2", _recommended(QuantSpec(8, 64, "channel"), QuantSpec(2, 64, "token", ROT))),
+        # Written options add to the start; -s replaces its sinks.
+        ("k4v4-s0", _recommended(QuantSpec(4, 64, "channel", ROT), QuantSpec(4, 64, "token", ROT), sinks=0)),
+        (
+            "k4v4-s16-r64",
+            _recommended(QuantSpec(4, 64, "channel", ROT), QuantSpec(4, 64, "token", ROT), 16, residual=64),
+        ),
+        (
+            "k2v2-cbv",
+            _recommended(QuantSpec(2, 64, "channel", ROT, clip=True), QuantSpec(2, 64, "token", ROT, "lloyd1")),
+        ),
+        # -plain starts from nothing, anywhere in the spec.
+        ("k4v4-plain-rotk", CacheConfig(QuantSpec(4, 64, "channel", ROT), QuantSpec(4, 64, "token"))),
+        ("k2v2-s4-plain", CacheConfig(QuantSpec(2, 64, "channel"), QuantSpec(2, 64, "token"), sinks=4)),
+    ],
+)
+def test_specs_start_from_the_recommended_options_unless_plain(text: str, expected: CacheConfig) -> None:
+    assert parse_spec(text) == expected
+
+
+def test_presets_are_the_plain_spec_strings_of_their_bits() -> None:
+    assert as_config("balanced") == parse_spec("k4v4")
+    assert as_config("compact") == parse_spec("k4v2")
+    assert as_config("max-compression") == parse_spec("k2v2")
+
+
 @pytest.mark.parametrize(
     ("text", "canonical"),
     [
-        ("k4v2", "k4v2-g64-r128"),
-        ("k8v8-g64-r128", "k8v8-g64-r128"),
-        ("k4v4-g32-r64-s4", "k4v4-g32-r64-s4"),
-        ("k4v4-gk32-gv64", "k4v4-gk32-gv64-r128"),
-        ("k4v4-gk32-gv32", "k4v4-g32-r128"),  # equal group sizes collapse to -g
-        ("k2v2-kt-vc", "k2v2-g64-r128-kt-vc"),
-        ("k4v4-s0", "k4v4-g64-r128"),  # no sinks is the default and is left out
-        ("k4v4-vc-kt-s2-r8-g16", "k4v4-g16-r8-s2-kt-vc"),
-        ("k2v2-rot-s4", "k2v2-g64-r128-s4-rot"),
-        ("k2v2-rotk", "k2v2-g64-r128-rotk"),
-        ("k4v4-rotv-g32", "k4v4-g32-r128-rotv"),
+        ("k4v2", "k4v2-g64-r128-s4-rot"),
+        ("k4v2-plain", "k4v2-plain-g64-r128"),
+        ("k2v2", "k2v2-g64-r128-s4-rot-clipk"),
+        ("k8v8-g64-r128", "k8v8-g64-r128"),  # recommended and plain agree at 8 bits: no -plain
+        ("k4v4-g32-r64-s4-plain", "k4v4-plain-g32-r64-s4"),
+        ("k4v4-gk32-gv64", "k4v4-gk32-gv64-r128-s4-rot"),
+        ("k4v4-gk32-gv32", "k4v4-g32-r128-s4-rot"),  # equal group sizes collapse to -g
+        ("k2v2-plain-kt-vc", "k2v2-plain-g64-r128-kt-vc"),
+        ("k4v4-s0", "k4v4-plain-g64-r128-rot"),  # fewer sinks than recommended: written from plain
+        ("k4v4-plain-s0", "k4v4-plain-g64-r128"),  # no sinks is the plain default and is left out
+        ("k4v4-plain-vc-kt-s2-r8-g16", "k4v4-plain-g16-r8-s2-kt-vc"),
+        ("k2v2-plain-rot-s4", "k2v2-plain-g64-r128-s4-rot"),
+        ("k2v2-plain-rotk", "k2v2-plain-g64-r128-rotk"),
+        ("k4v4-rotv-g32", "k4v4-g32-r128-s4-rot"),
+        ("k4v4-plain-rotv-g32", "k4v4-plain-g32-r128-rotv"),
+        ("k4v4-clip", "k4v4-g64-r128-s4-rot-clip"),
     ],
 )
 def test_canonical_spec(text: str, canonical: str) -> None:
@@ -197,7 +246,7 @@ def test_spec_round_trip_for_every_config() -> None:
 def test_as_config() -> None:
     config = CacheConfig(residual=7)
     assert as_config(config) is config
-    assert as_config("k4v4-r7") == config
+    assert as_config("k4v4-plain-r7") == config
     with pytest.raises(ConfigError, match="spec string like 'k4v4'"):
         as_config(4)  # type: ignore[arg-type]
 
@@ -244,7 +293,7 @@ def test_parse_spec_non_string(bad: Any) -> None:
 
 
 def test_to_dict_layout() -> None:
-    config = parse_spec("k8v2-gk32-gv128-r64-s4-vc")
+    config = parse_spec("k8v2-plain-gk32-gv128-r64-s4-vc")
     assert config.to_dict() == {
         "schema_version": SCHEMA_VERSION,
         "key": {

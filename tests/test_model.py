@@ -20,12 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 HANDBOOK = ROOT / "examples" / "handbook.txt"
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext2_test.txt"
 
-# Top-1 agreement of a k4v4 cache with the full-precision cache, teacher-forced over 512 WikiText-2 tokens.
+# Top-1 agreement of a k4v4-plain cache with the full-precision cache, teacher-forced over 512 WikiText-2 tokens.
 # Measured here: 96.9% (fed in chunks of 16 tokens, as below, and also streamed one token at a time).
 # The peers' 4-bit caches reach 93-94% on this kind of text (shared/BASELINES.md), and a layout bug (e.g. keys
 # quantized per token, or re-quantization) falls well below that, so 93% separates a correct cache from a broken one.
 K4V4_MIN_TOP1 = 0.93
-# Mean KL(fp || k4v4) of the same run: measured 0.0032; the peers' 4-bit caches measure 0.012-0.019.
+# Mean KL(fp || k4v4-plain) of the same run: measured 0.0032; the peers' 4-bit caches measure 0.012-0.019.
 K4V4_MAX_MEAN_KL = 0.01
 
 
@@ -80,7 +80,7 @@ def test_k4v4_teacher_forced_agreement_on_wikitext(default_model) -> None:
         return torch.cat(chunks)
 
     reference = logits_with(DynamicCache(config=model.config))
-    quantized = logits_with(KVPackCache(model.config, "k4v4"))
+    quantized = logits_with(KVPackCache(model.config, "k4v4-plain"))
     top1 = (quantized.argmax(-1) == reference.argmax(-1)).float().mean().item()
     kl = torch.nn.functional.kl_div(
         quantized.log_softmax(-1), reference.log_softmax(-1), log_target=True, reduction="none"
@@ -145,7 +145,7 @@ def test_sampling_runs_and_is_reproducible(default_model, long_prompt) -> None:
         with torch.inference_mode():
             out = model.generate(
                 **inputs,
-                past_key_values=KVPackCache(model.config, "k4v4"),
+                past_key_values=KVPackCache(model.config, "k4v4-plain"),
                 do_sample=True,
                 max_new_tokens=16,
                 temperature=0.8,
@@ -160,7 +160,7 @@ def test_compression_at_4096_tokens(default_model) -> None:
     model, _ = default_model
     ids = torch.randint(100, 40000, (1, 4096), generator=torch.Generator().manual_seed(0)).to(model.device)
     ratios = {}
-    for spec in ("k4v4", "k2v2"):
+    for spec in ("k4v4-plain", "k2v2-plain"):
         cache = KVPackCache(model.config, spec)
         with torch.inference_mode():
             model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
@@ -174,4 +174,4 @@ def test_compression_at_4096_tokens(default_model) -> None:
         assert cache.nbytes() == 30 * 3 * (packed_keys + packed_values + residual)
         assert cache.fp16_nbytes() == 30 * 3 * 4096 * 2 * 64 * 2
     print(f"\ncompression vs fp16 at 4096 tokens: {ratios}")
-    assert ratios["k2v2"] > ratios["k4v4"] > 2.5
+    assert ratios["k2v2-plain"] > ratios["k4v4-plain"] > 2.5

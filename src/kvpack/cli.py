@@ -6,17 +6,17 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kvpack.attention.registry import CACHE_BACKENDS
 from kvpack.bench.compare import DEFAULT_CACHES
-from kvpack.config import PRESETS, CacheConfig, as_config
+from kvpack.config import DEFAULT_PRESET, PRESETS, CacheConfig, as_config, with_recommended_options
 from kvpack.errors import KVPackError
 from kvpack.weights import WEIGHT_CHOICES
 
-DEFAULT_SPEC = "k4v4"
+DEFAULT_SPEC = DEFAULT_PRESET
 
 
 def _human_bytes(n: float) -> str:
@@ -348,6 +348,15 @@ def cmd_spec(args: argparse.Namespace) -> int:
         print(f"  per-layer bits (replace the bits above): {per_layer}")
     print(f"  residual: newest {config.residual} tokens in full precision; sinks: first {config.sinks} tokens")
     print(f"  average: {config.bits_per_value:.4g} bits per value (metadata included; sinks and residual excluded)")
+    plain = replace(CacheConfig(), key=replace(CacheConfig().key, bits=config.key.bits))
+    plain = replace(plain, value=replace(plain.value, bits=config.value.bits))
+    recommended = with_recommended_options(plain)
+    if recommended != plain:
+        added = recommended.spec.split("-")[3:]  # after k<b>v<b>-g<n>-r<n>
+        print(
+            f"  a spec k{config.key.bits}v{config.value.bits} starts from -{'-'.join(added)} (measured best for these "
+            "bits on the calibration text); write -plain to start from plain KIVI"
+        )
     return 0
 
 
@@ -472,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument(
         "--cache",
         default=None,
-        help="cache spec, e.g. k4v4, k8v8-g64-r128, k2v2-s4 (default k4v4, or the prefix cache's)",
+        help=f"cache: a preset ({', '.join(PRESETS)}), a spec (k4v4, k2v2, k4v4-plain, ...) or a profile .json "
+        f"(default {DEFAULT_SPEC}, or the prefix cache's)",
     )
     gen.add_argument(
         "--prefix-cache",
@@ -520,7 +530,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("prompt", nargs="?", default="", help="text to cache (appended after --prompt-file, if given)")
     build.add_argument("--prompt-file", help="a text file to cache (e.g. a document to ask about)")
     build.add_argument("-o", "--output", required=True, help="the file to write (e.g. doc.kvpc)")
-    build.add_argument("--cache", default=DEFAULT_SPEC, help=f"cache spec (default {DEFAULT_SPEC})")
+    build.add_argument("--cache", default=DEFAULT_SPEC, help=f"preset, spec or profile (default {DEFAULT_SPEC})")
     build.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2-135M)")
     build.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     build.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
@@ -549,7 +559,11 @@ def build_parser() -> argparse.ArgumentParser:
     compare.set_defaults(func=cmd_compare)
 
     ppl = sub.add_parser("ppl", help="streamed perplexity of a cache, with KL and top-1 vs fp")
-    ppl.add_argument("--cache", default="k4v4", help="cache: kvpack spec, fp, or a peer like quanto-int4")
+    ppl.add_argument(
+        "--cache",
+        default=DEFAULT_SPEC,
+        help=f"cache: kvpack preset or spec, fp, or a peer like quanto-int4 (default {DEFAULT_SPEC})",
+    )
     _add_measure_options(ppl, tokens=2048)
     ppl.add_argument("--json", default=None, help="also write the result as JSON")
     ppl.set_defaults(func=cmd_ppl)

@@ -2,9 +2,10 @@
 
 A spec string is the short form used on the command line and in result tables:
 
-    k4v2                  4-bit keys, 2-bit values, defaults for the rest
+    k4v2                  4-bit keys, 2-bit values, and the options recommended for those widths (below)
+    k4v4-plain            plain KIVI: no rotation, no sinks, uniform codes over each group's min..max
     k8v8-g64-r128         groups of 64, a full-precision residual window of 128 tokens
-    k4v4-g32-r64-s4       ... and 4 full-precision "sink" tokens at the start
+    k4v4-g32-r64-s4       ... and 4 full-precision "sink" tokens at the start (-s0: none)
     k2v2-s4-rot           keys and values rotated (randomized Hadamard) before quantization; -rotk / -rotv: one
     k2v2-o1               1 outlier per group kept exactly (float16 + position) for keys and values; -ok1 / -ov1: one
     k2v2-rot-cb-clip      fitted non-uniform levels (codebook `lloyd1`) and MSE-optimal clipping of each group's range;
@@ -12,11 +13,21 @@ A spec string is the short form used on the command line and in result tables:
     k4v4-s4-rot-l4342...  per-layer bits: two digits per decoder layer, key then value bits (layer 0: 4-bit keys,
                           3-bit values; layer 1: 4 and 2; ...); they replace the head's bits in every layer
 
+Unless a spec says `-plain`, it starts from the options that measured best for its bit widths on kvpack's
+calibration text (`recommended_options`; `benchmarks/results/selection_calibration.md`): tensors of 4 bits or fewer
+are rotated, 2-bit keys get clipped ranges, and 4 sink tokens are kept when any tensor has 4 bits or
+fewer. Options written in the spec add to that start (`-s<n>` replaces the sinks); `-plain` starts from nothing, so
+`k4v4-plain-s4` is plain KIVI with 4 sinks. 8-bit specs start plain: at 8 bits the options change nothing
+measurable.
+
 A preset name (`balanced`, `compact`, `max-compression`: see `PRESETS`) and a calibrated profile (`kvpack calibrate`,
 a `.json` file) are accepted wherever a spec string is (`as_config`).
 
-`parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The same fields build the
-Python API (`CacheConfig(...)`), the CLI and the JSON form (`to_dict` / `from_dict`).
+`parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The canonical string writes every
+option out (`k4v4` prints as `k4v4-g64-r128-s4-rot`, plain KIVI as `k4v4-plain-g64-r128`), so a result table says
+what ran. The same fields build the Python API (`CacheConfig(...)`: its field defaults are plain KIVI k4v4; use
+`as_config("balanced")` or a spec string for the recommended options), the CLI and the JSON form (`to_dict` /
+`from_dict`).
 """
 
 from __future__ import annotations
@@ -181,8 +192,10 @@ class CacheConfig:
 
     @property
     def spec(self) -> str:
-        """The canonical spec string of this configuration."""
-        parts = [f"k{self.key.bits}v{self.value.bits}"]
+        """The canonical spec string of this configuration: every option written out, and `-plain` after the bits
+        when the options recommended for these bits (`recommended_options`) are not all in use."""
+        head = f"k{self.key.bits}v{self.value.bits}"
+        parts = []
         if self.key.group_size == self.value.group_size:
             parts.append(f"g{self.key.group_size}")
         else:
@@ -204,7 +217,10 @@ class CacheConfig:
             parts += [f"o{name}{n}" for name, n in (("k", self.key.outliers), ("v", self.value.outliers)) if n]
         if self.layer_bits:
             parts.append("l" + "".join(f"{k}{v}" for k, v in self.layer_bits))
-        return "-".join(parts)
+        written = "-".join([head, *parts])
+        if parse_spec(written) == self:
+            return written
+        return "-".join([head, "plain", *parts])
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, with the schema version. `layer_bits` only when set: a uniform config keeps the layout
@@ -235,6 +251,37 @@ class CacheConfig:
             raise ConfigError(f"malformed cache config {data!r}: {exc}") from exc
 
 
+# What a spec string starts from unless it says `-plain`, chosen by mean KL against the exact cache on kvpack's
+# calibration text (benchmarks/results/selection_calibration.md; never the evaluation text):
+# - rotation for tensors of 2-4 bits: k4v4-s4 0.00144 -> k4v4-s4-rot 0.00095, k2v2-s4 0.118 -> 0.047;
+# - clipped key ranges at 2 bits: k2v2-s4-rot 0.0472 -> -clipk 0.0302 (and lower KL on the two held-out texts,
+#   benchmarks/results/heldout_*.md); not at 3 bits, where the gain was marginal (0.00598 -> 0.00573, and the
+#   codebook's 0.00550 no larger) and the WikiText ablation shows it hurting (benchmarks/results/ablation.md), nor at
+#   4 bits (0.00095 -> 0.00117). An option is taken only for a clear gain (>= 10% lower KL) on the calibration text;
+# - 4 sinks when any tensor has 4 bits or fewer: k4v4 0.00365 -> k4v4-s4 0.00144 (16 sinks: no better).
+RECOMMENDED_SINKS = 4
+_ROTATED_BITS = (2, 3, 4)
+_CLIPPED_KEY_BITS = (2,)
+
+
+def with_recommended_options(config: CacheConfig) -> CacheConfig:
+    """`config` with the options recommended for its bit widths switched on (what a spec string without `-plain`
+    starts from; see the module docstring): rotation of 2- to 4-bit tensors, clipped ranges for 2-bit keys,
+    `RECOMMENDED_SINKS` sinks when any tensor has 4 bits or fewer. Options already on stay on; sinks already set
+    are kept."""
+    key, value = config.key, config.value
+    if key.bits in _ROTATED_BITS:
+        key = replace(key, rotation="hadamard")
+    if value.bits in _ROTATED_BITS:
+        value = replace(value, rotation="hadamard")
+    if key.bits in _CLIPPED_KEY_BITS:
+        key = replace(key, clip=True)
+    sinks = config.sinks
+    if not sinks and min(key.bits, value.bits) <= 4:
+        sinks = RECOMMENDED_SINKS
+    return replace(config, key=key, value=value, sinks=sinks)
+
+
 _HEAD = re.compile(r"^k(\d+)v(\d+)$")
 # Per-tensor switches of a spec: option -> (QuantSpec field, the value the option sets, the field's default).
 _FLAG_OPTIONS: dict[str, tuple[str, Any, Any]] = {
@@ -254,7 +301,7 @@ def parse_spec(spec: str) -> CacheConfig:
     Raises ConfigError with the accepted grammar when the string does not parse.
     """
     grammar = (
-        "expected k<bits>v<bits>[-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc]"
+        "expected k<bits>v<bits>[-plain][-g<group>|-gk<group>-gv<group>][-r<residual>][-s<sinks>][-kt][-vc]"
         "[-rot|-rotk|-rotv][-cb|-cbk|-cbv][-clip|-clipk|-clipv][-o<outliers>|-ok<outliers>-ov<outliers>]"
         "[-l<key bits><value bits> per layer], "
         "e.g. 'k4v2' or 'k8v8-g64-r128'"
@@ -267,13 +314,18 @@ def parse_spec(spec: str) -> CacheConfig:
     match = _HEAD.match(head)
     if match is None:
         raise ConfigError(f"cannot parse cache spec {spec!r}; {grammar}.")
-    defaults = CacheConfig()
-    key = replace(defaults.key, bits=int(match.group(1)))
-    value = replace(defaults.value, bits=int(match.group(2)))
-    residual, sinks = defaults.residual, defaults.sinks
+    start = CacheConfig()
+    start = replace(
+        start, key=replace(start.key, bits=int(match.group(1))), value=replace(start.value, bits=int(match.group(2)))
+    )
+    if "plain" not in options:
+        start = with_recommended_options(start)
+    key, value, residual, sinks = start.key, start.value, start.residual, start.sinks
     pending_outliers: dict[str, int] = {}
     layer_bits: tuple[tuple[int, int], ...] = ()
     for option in options:
+        if option == "plain":
+            continue
         if option == "kt":
             key = replace(key, axis="token")
             continue

@@ -16,14 +16,15 @@ def test_bench_persist_writes_a_row_per_prefix_and_cache(tiny_model_dir: Path, t
     data.write_text("The quick brown fox jumps over the lazy dog. " * 80)
     out = tmp_path / "persist.json"
     args = argparse.Namespace(
-        caches="k4v4-g16-r16,k8v8-g16-r16", contexts="64,200", suffix=4, prefill_repeats=2, repeats=3, data=str(data),
-        model=str(tiny_model_dir), dtype="float32", device="cpu", threads=1, tmp=str(tmp_path), json=str(out),
+        caches="k4v4-plain-g16-r16,k8v8-g16-r16", contexts="64,200", suffix=4, prefill_repeats=2, repeats=3,
+        data=str(data), model=str(tiny_model_dir), dtype="float32", device="cpu", threads=1, tmp=str(tmp_path),
+        json=str(out),
     )  # fmt: skip
     assert cmd_persist(args) == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "persist" and result["contexts"] == [64, 200] and result["suffix_tokens"] == 4
     assert [(row["context"], row["cache"]) for row in result["rows"]] == [
-        (c, name) for c in (64, 200) for name in ("fp16 dump (DynamicCache)", "k4v4-g16-r16", "k8v8-g16-r16")
+        (c, name) for c in (64, 200) for name in ("fp16 dump (DynamicCache)", "k4v4-plain-g16-r16", "k8v8-g16-r16")
     ]
     for row in result["rows"]:
         assert row["file_bytes"] > 0 and row["prefill_s"] > 0 and row["load_s"] > 0
@@ -33,8 +34,8 @@ def test_bench_persist_writes_a_row_per_prefix_and_cache(tiny_model_dir: Path, t
         assert (row["prefill_runs"], row["prefill_first_token_runs"], row["load_runs"]) == (2, 2, 3)
         assert row["prefill_s"] <= row["prefill_median_s"] and row["load_s"] <= row["load_median_s"]
         assert row["prefill_cpu_s"] > 0 and row["load_vs_prefill"] == row["prefill_s"] / row["load_s"]
-    k4_at_200 = next(r for r in result["rows"] if r["context"] == 200 and r["cache"] == "k4v4-g16-r16")
+    k4_at_200 = next(r for r in result["rows"] if r["context"] == 200 and r["cache"] == "k4v4-plain-g16-r16")
     assert k4_at_200["size_vs_fp16_dump"] > 1  # 4-bit codes beat float16 once most tokens are packed
     assert not list(tmp_path.glob("tmp*/*"))  # the files went with their temporary directory
     page = out.with_suffix(".md").read_text()
-    assert "| 200 | k4v4-g16-r16 |" in page and "load s (cold)" in page and "| yes |" in page
+    assert "| 200 | k4v4-plain-g16-r16 |" in page and "load s (cold)" in page and "| yes |" in page

@@ -22,7 +22,7 @@ def tiny_config() -> LlamaConfig:
 
 def test_names_parse_to_kinds_and_peer_options() -> None:
     assert parse_cache_name("fp").kind == "fp"
-    assert parse_cache_name("k4v4").name == "k4v4-g64-r128"
+    assert parse_cache_name("k4v4-plain").name == "k4v4-plain-g64-r128"
     quanto = parse_cache_name("quanto-int2-g32-r0")
     assert quanto.kind == "peer"
     assert quanto.peer == {
@@ -72,7 +72,7 @@ def test_cache_nbytes_of_dynamic_cache_is_its_keys_and_values() -> None:
 
 def test_cache_nbytes_of_kvpack_is_its_exact_count() -> None:
     config = tiny_config()
-    cache = KVPackCache(config, "k4v4-g16-r16")
+    cache = KVPackCache(config, "k4v4-plain-g16-r16")
     _fill(cache, config, 100)
     assert cache_nbytes(cache) == cache.nbytes() > 0
 

@@ -15,7 +15,7 @@ from kvpack.bench.report import markdown, write_report
 def test_compare_writes_a_complete_result(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "text.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    caches = "k8v8-g16-r16,k2v2-g16-r0"
+    caches = "k8v8-g16-r16,k2v2-plain-g16-r0"
     if __import__("importlib").util.find_spec("optimum") is not None:
         caches += ",quanto-int4-g16-r16"
     args = argparse.Namespace(
@@ -33,7 +33,7 @@ def test_compare_writes_a_complete_result(tiny_model_dir: Path, tmp_path: Path) 
         assert row["predictions"] == 47
         for context in (32, 64):
             assert row[f"tokens_per_s@{context}"] > 0 and row[f"cache_bytes@{context}"] > 0
-    fp, two_bit = result["rows"][0], result["rows"][names.index("k2v2-g16-r0")]
+    fp, two_bit = result["rows"][0], result["rows"][names.index("k2v2-plain-g16-r0")]
     assert fp["speed_vs_fp@64"] == 1.0 and fp["delta_ppl_pct"] == 0.0
     assert two_bit["mean_kl"] > 0 and 0 <= two_bit["top1_agreement"] <= 1
     assert fp["vs_fp16@64"] == pytest.approx(0.5)  # a float32 cache is twice a float16 one

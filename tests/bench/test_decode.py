@@ -15,14 +15,14 @@ from kvpack.bench.decode import cmd_decode, read_bandwidth
 def test_bench_decode_writes_rows_for_every_cache_and_kernel(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "decode.json"
     args = argparse.Namespace(
-        caches="k4v4-g16-r16,fp-prealloc,k4v4-g16-r16@dense,k2v2-g16-r16@torch", contexts="48,96", steps=2,
-        backends="torch,cpu", spec="k4v4-g16-r16", layers=2, calls=2, model=str(tiny_model_dir), dtype="float32",
-        device="cpu", threads=1, json=str(out), profile_steps=2,
+        caches="k4v4-plain-g16-r16,fp-prealloc,k4v4-plain-g16-r16@dense,k2v2-plain-g16-r16@torch", contexts="48,96",
+        steps=2, backends="torch,cpu", spec="k4v4-plain-g16-r16", layers=2, calls=2, model=str(tiny_model_dir),
+        dtype="float32", device="cpu", threads=1, json=str(out), profile_steps=2,
     )  # fmt: skip
     assert cmd_decode(args) == 0
     result = json.loads(out.read_text())
     names = [row["cache"] for row in result["rows"]]
-    assert names == ["fp", "k4v4-g16-r16", "fp-prealloc", "k4v4-g16-r16@dense", "k2v2-g16-r16@torch"]
+    assert names == ["fp", "k4v4-plain-g16-r16", "fp-prealloc", "k4v4-plain-g16-r16@dense", "k2v2-plain-g16-r16@torch"]
     for row in result["rows"]:
         for context in (48, 96):
             assert row[f"tokens_per_s@{context}"] > 0 and row[f"prefill_s@{context}"] > 0
@@ -35,7 +35,9 @@ def test_bench_decode_writes_rows_for_every_cache_and_kernel(tiny_model_dir: Pat
     assert ALL_ATTENTION_FUNCTIONS["kvpack"] is kvpack_attention  # the instrumentation is undone
     kernels = {(row["context"], row["kernel"]) for row in result["attention"]}
     assert kernels == {
-        (c, k) for c in (48, 96) for k in ("kvpack k4v4-g16-r16 (torch)", "kvpack k4v4-g16-r16 (cpu)", "fp32 SDPA")
+        (c, k)
+        for c in (48, 96)
+        for k in ("kvpack k4v4-plain-g16-r16 (torch)", "kvpack k4v4-plain-g16-r16 (cpu)", "fp32 SDPA")
     }
     page = out.with_suffix(".md").read_text()
     assert "| fp-prealloc |" in page and "% of read bandwidth" in page and "Bound on any cache's speedup" in page

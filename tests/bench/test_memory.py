@@ -35,12 +35,12 @@ ROOT = Path(__file__).resolve().parents[2]
 # Default residual 128 + block 64 = 192: lengths on both sides of it, block boundaries, and past the windows.
 LENGTHS = (1, 3, 40, 191, 192, 193, 256, 300, 700)
 SPECS = (
-    "k4v4",
+    "k4v4-plain",
     "k8v8-g32-r32",
-    "k2v4-gk32-gv64-r16-s4",  # sinks, different key/value groups
-    "k4v2-kt-g32-r8-s3",  # per-token keys: block of 1 token
-    "k3v3-g16-r0",  # 3-bit rows straddle bytes, no residual
-    "k4v8-vc-gk16-gv64-r5",  # per-channel values: the block is the larger group
+    "k2v4-plain-gk32-gv64-r16-s4",  # sinks, different key/value groups
+    "k4v2-plain-kt-g32-r8-s3",  # per-token keys: block of 1 token
+    "k3v3-plain-g16-r0",  # 3-bit rows straddle bytes, no residual
+    "k4v8-plain-vc-gk16-gv64-r5",  # per-channel values: the block is the larger group
 )
 
 
@@ -119,7 +119,7 @@ def test_sliding_layers_release_what_falls_outside_the_window() -> None:
     # A sliding layer forgets packed blocks older than its window (plus a rollback margin) and releases their
     # storage, so after a long prefill it holds less than a full-attention layer.
     config = gemma_config()
-    cache = filled(KVPackCache(config, "k4v4-g16-r16"), ModelShape.from_config(config), 1, 700, torch.float32)
+    cache = filled(KVPackCache(config, "k4v4-plain-g16-r16"), ModelShape.from_config(config), 1, 700, torch.float32)
     sliding, full = cache.layers[0], cache.layers[1]
     assert sliding.packed_length < full.packed_length
     assert sliding.nbytes() < full.nbytes()
@@ -149,18 +149,18 @@ def test_shape_reads_defaults_and_text_sub_configs() -> None:
     multimodal = Gemma3Config(text_config=gemma_config())
     assert ModelShape.from_config(multimodal) == ModelShape.from_config(gemma_config())
     shape = ModelShape.from_config(multimodal)
-    cache = filled(KVPackCache(multimodal, "k4v4"), shape, 1, 300, torch.float32)
-    assert cache_bytes(shape, parse_cache("k4v4"), 1, 300, torch.float32) == cache.nbytes()
+    cache = filled(KVPackCache(multimodal, "k4v4-plain"), shape, 1, 300, torch.float32)
+    assert cache_bytes(shape, parse_cache("k4v4-plain"), 1, 300, torch.float32) == cache.nbytes()
 
 
 def test_a_spec_that_cannot_hold_the_model_fails_like_the_cache() -> None:
     config = llama_config(head_dim=48)
     shape = ModelShape.from_config(config)
     with pytest.raises(ShapeError, match="not divisible"):
-        cache_bytes(shape, parse_cache("k4v4"), 1, 10, "float16")
+        cache_bytes(shape, parse_cache("k4v4-plain"), 1, 10, "float16")
     with pytest.raises(ShapeError):
-        filled(KVPackCache(config, "k4v4"), shape, 1, 10, torch.float16)
-    cache_bytes(shape, parse_cache("k4v4-gv16"), 1, 10, "float16")  # per-channel keys need no divisibility
+        filled(KVPackCache(config, "k4v4-plain"), shape, 1, 10, torch.float16)
+    cache_bytes(shape, parse_cache("k4v4-plain-gv16"), 1, 10, "float16")  # per-channel keys need no divisibility
     with pytest.raises(ConfigError, match="unknown cache"):
         parse_cache("int4")
     with pytest.raises(ConfigError):
@@ -170,7 +170,7 @@ def test_a_spec_that_cannot_hold_the_model_fails_like_the_cache() -> None:
 # -- max context ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["fp16", "k4v4", "k2v4-gk32-gv64-r16-s4", "k4v2-kt-g32-r8-s3"])
+@pytest.mark.parametrize("spec", ["fp16", "k4v4-plain", "k2v4-plain-gk32-gv64-r16-s4", "k4v2-plain-kt-g32-r8-s3"])
 def test_max_context_is_the_last_length_that_fits(spec: str) -> None:
     shape = ModelShape.from_config(gemma_config())
     kind = parse_cache(spec)
@@ -251,7 +251,7 @@ def test_weight_bytes_per_format() -> None:
 
 
 def test_weights_of_an_unknown_architecture_are_left_out_with_a_reason() -> None:
-    result = memory_table(gemma_config(), ["fp16", "k4v4"], [1], [64], weights=["fp16"], budget_gib=1)
+    result = memory_table(gemma_config(), ["fp16", "k4v4-plain"], [1], [64], weights=["fp16"], budget_gib=1)
     assert "cannot be derived" in result["weights"]["error"]
     assert all("total_bytes" not in cell for cell in result["cells"])
     assert {row["weights"] for row in result["max_context"]["rows"]} == {None}
@@ -272,11 +272,11 @@ def test_llama_2_7b_config_file() -> None:
 
 
 def test_table_cells_ratios_totals_and_markdown() -> None:
-    specs = ["fp16", "bf16", "k8v8", "k4v4-s4", "k2v4-gk32-gv64-r16"]
+    specs = ["fp16", "bf16", "k8v8", "k4v4-plain-s4", "k2v4-plain-gk32-gv64-r16"]
     result = memory_table(llama_config(), specs, [1, 4], [64, 1024], "float16", weights=["fp16", "int4"], budget_gib=1)
     assert len(result["cells"]) == 2 * 2 * len(specs)
     names = [c["name"] for c in result["caches"]]
-    assert names == ["fp16", "bf16", "k8v8-g64-r128", "k4v4-g64-r128-s4", "k2v4-gk32-gv64-r16"]
+    assert names == ["fp16", "bf16", "k8v8-g64-r128", "k4v4-plain-g64-r128-s4", "k2v4-plain-gk32-gv64-r16"]
     weights = result["weights"]["bytes"]
     for cell in result["cells"]:
         if cell["cache"] in ("fp16", "bf16"):
@@ -306,7 +306,7 @@ def test_human_bytes() -> None:
 
 
 def test_measure_fills_real_caches_and_agrees() -> None:
-    specs = ["fp16", "k4v4", "k2v4-gk32-gv64-r16-s4"]
+    specs = ["fp16", "k4v4-plain", "k2v4-plain-gk32-gv64-r16-s4"]
     report = memory.measure_cells(gemma_config(), specs, [(1, 300), (2, 50)], "float32")
     assert len(report["rows"]) == 2 * len(specs)
     for row in report["rows"]:
@@ -323,14 +323,14 @@ def test_measure_raises_when_the_formula_is_off(monkeypatch: pytest.MonkeyPatch)
     exact = memory.cache_bytes
     monkeypatch.setattr(memory, "cache_bytes", lambda *args: exact(*args) + 1)
     with pytest.raises(KVPackError, match="the formula gives"):
-        memory.measure_cells(llama_config(), ["k4v4"], [(1, 300)])
+        memory.measure_cells(llama_config(), ["k4v4-plain"], [(1, 300)])
 
 
 def test_measure_raises_when_memory_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "MEASURE_MIN_CHECKED_BYTES", 0)
     monkeypatch.setattr(memory, "_rss_bytes", lambda: 10**9)  # the process "gained" nothing
     with pytest.raises(KVPackError, match="the process gained 0 bytes"):
-        memory.measure_cells(llama_config(), ["k4v4"], [(1, 300)])
+        memory.measure_cells(llama_config(), ["k4v4-plain"], [(1, 300)])
 
 
 def test_default_measure_cells() -> None:
@@ -353,13 +353,23 @@ def test_cli_writes_json_and_markdown_with_provenance(tmp_path: Path, capsys: py
     parser = _parser()
     assert "cache memory by batch × length for a model config" in parser.format_help()  # noqa: RUF001
     out_json, out_md = tmp_path / "r" / "memory.json", tmp_path / "r" / "memory.md"
-    argv = ["memory", "--model", str(config_path), "--caches", "fp16,k4v4", "--batch", "1,2", "--lengths", "64,256"]
+    argv = [
+        "memory",
+        "--model",
+        str(config_path),
+        "--caches",
+        "fp16,k4v4-plain",
+        "--batch",
+        "1,2",
+        "--lengths",
+        "64,256",
+    ]
     argv += ["--weights", "fp16,int4", "--budget-gib", "0.01", "--measure", "--json", str(out_json)]
     argv += ["--markdown", str(out_md)]
     args = parser.parse_args(argv)
     assert args.func(args) == 0  # sets --threads (1); the fixture restores the previous count
     result = json.loads(out_json.read_text())
-    assert result["command"].startswith(f"kvpack memory --model {config_path} --caches fp16,k4v4")
+    assert result["command"].startswith(f"kvpack memory --model {config_path} --caches fp16,k4v4-plain")
     assert {"date", "machine", "versions", "measurements", "weights", "max_context"} <= result.keys()
     assert {"kvpack", "torch", "transformers"} <= result["versions"].keys()
     assert result["machine"]["platform"]

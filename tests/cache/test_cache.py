@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvpack import CacheConfig, ConfigError, KVPackCache, KVPackError, UnsupportedModelError, parse_spec
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
+from kvpack.config import DEFAULT_PRESET, PRESETS
 from kvpack.errors import UnsupportedOperationError
 
 # Largest |logit difference| allowed between an 8-bit, group-16 cache and DynamicCache on these tiny models.
@@ -147,7 +148,7 @@ def teacher_forced_logits(model: PreTrainedModel, cache: Any, ids: torch.Tensor,
     ],
 )
 def test_layers_follow_the_models_layer_types(config: Any) -> None:
-    cache = KVPackCache(config, "k4v4-g16-r16")
+    cache = KVPackCache(config, "k4v4-plain-g16-r16")
     reference = DynamicCache(config=config)
     assert len(cache.layers) == len(reference.layers) == config.num_hidden_layers
     for idx, (layer, ref_layer) in enumerate(zip(cache.layers, reference.layers, strict=True)):
@@ -169,20 +170,22 @@ def test_gemma_layers_are_sliding_then_full() -> None:
 
 def test_accepts_spec_strings_and_cache_configs() -> None:
     config = llama_config()
-    from_string = KVPackCache(config, "k4v2-g16-r32-s4")
-    assert from_string.cache_config == parse_spec("k4v2-g16-r32-s4")
+    from_string = KVPackCache(config, "k4v2-plain-g16-r32-s4")
+    assert from_string.cache_config == parse_spec("k4v2-plain-g16-r32-s4")
     cache_config = CacheConfig(residual=16, sinks=2)
     from_config = KVPackCache(config, cache_config)
     assert from_config.cache_config is cache_config
     assert all(layer.config == cache_config for layer in packed_layers(from_config))
-    assert KVPackCache(config).cache_config == parse_spec("k4v4")
-    assert "k4v2-g16-r32-s4" in repr(from_string)
+    # The default is the `balanced` preset, which is what the spec "k4v4" means.
+    assert KVPackCache(config).cache_config == parse_spec("k4v4") == parse_spec(PRESETS[DEFAULT_PRESET])
+    assert DEFAULT_PRESET == "balanced"
+    assert "k4v2-plain-g16-r32-s4" in repr(from_string)
     # Sliding layers drop sinks (the window moves past them); full layers keep them.
-    gemma_cache = KVPackCache(gemma_config(), "k4v4-g16-r16-s4")
+    gemma_cache = KVPackCache(gemma_config(), "k4v4-plain-g16-r16-s4")
     assert [layer.config.sinks for layer in packed_layers(gemma_cache)] == [0, 4]
 
 
-@pytest.mark.parametrize("bad", ["", "k5v4", "k4v4-g24", "k4v4-x3", "4bit"])
+@pytest.mark.parametrize("bad", ["", "k5v4", "k4v4-plain-g24", "k4v4-plain-x3", "4bit"])
 def test_bad_spec_raises_config_error(bad: str) -> None:
     with pytest.raises(ConfigError) as info:
         KVPackCache(llama_config(), bad)
@@ -258,7 +261,7 @@ def test_teacher_forced_logits_match_dynamic_cache(model: PreTrainedModel, spec:
 def test_logit_tolerance_separates_8_bit_from_2_bit(model: PreTrainedModel) -> None:
     ids = prompt(batch=2, tokens=100, seed=2)
     reference = teacher_forced_logits(model, DynamicCache(config=model.config), ids, prefill=40)
-    got = teacher_forced_logits(model, KVPackCache(model.config, "k2v2-g16-r0"), ids, prefill=40)
+    got = teacher_forced_logits(model, KVPackCache(model.config, "k2v2-plain-g16-r0"), ids, prefill=40)
     assert (got - reference).abs().max().item() > 10 * LOGIT_TOL_8BIT
 
 
@@ -280,7 +283,7 @@ def test_nbytes_and_fp16_nbytes_are_sums_over_layers(model: PreTrainedModel) -> 
     ids = prompt(batch=2, tokens=50, seed=4)
     reference = DynamicCache(config=model.config)
     generate(model, reference, ids, max_new_tokens=20)
-    cache = KVPackCache(model.config, "k4v4-g16-r16-s2")
+    cache = KVPackCache(model.config, "k4v4-plain-g16-r16-s2")
     generate(model, cache, ids, max_new_tokens=20)
     layers = packed_layers(cache)
     assert cache.nbytes() == sum(layer.nbytes() for layer in layers) > 0

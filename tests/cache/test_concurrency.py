@@ -43,7 +43,7 @@ def prompts() -> list[torch.Tensor]:
 
 
 def run(model: PreTrainedModel, ids: torch.Tensor, backend: str, start: threading.Barrier | None = None) -> Any:
-    cache = KVPackCache(model, "k4v4-g16-r16", backend=backend)
+    cache = KVPackCache(model, "k4v4-plain-g16-r16", backend=backend)
     if start is not None:
         start.wait()
     out = model.generate(

@@ -44,11 +44,11 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 # group (block_tokens 32); keys per token (block_tokens 1); values per channel (block from both specs).
 SPECS = [
     "k8v8-g16-r0",
-    "k4v2-g16-r16-s4",
-    "k3v3-g16-r32",
-    "k2v4-gk32-gv16-r16-s3",
-    "k4v4-g16-r16-kt",
-    "k4v8-gk16-gv32-r0-s1-vc",
+    "k4v2-plain-g16-r16-s4",
+    "k3v3-plain-g16-r32",
+    "k2v4-plain-gk32-gv16-r16-s3",
+    "k4v4-plain-g16-r16-kt",
+    "k4v8-plain-gk16-gv32-r0-s1-vc",
 ]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
@@ -284,7 +284,7 @@ def test_update_returns_exact_residual_and_sinks_and_reference_quantized_past(
 
 @pytest.mark.parametrize("residual", [0, 16, 32])
 def test_long_prefill_keeps_last_residual_tokens_exact(residual: int) -> None:
-    config = parse_spec(f"k2v2-g16-r{residual}")
+    config = parse_spec(f"k2v2-plain-g16-r{residual}")
     keys, values = make_stream(1000, seed=4)
     layer = PackedLayer(config)
     returned_keys, returned_values = layer.update(keys, values)
@@ -304,7 +304,7 @@ def test_packed_error_within_half_a_step_of_the_stored_scale() -> None:
 
     The slack is float32 rounding of the reference arithmetic (relative ~1e-7), far below half a step.
     """
-    config = parse_spec("k4v4-g16-r16")
+    config = parse_spec("k4v4-plain-g16-r16")
     keys, values = make_stream(100, seed=5)
     layer = PackedLayer(config)
     layer.update(keys, values)
@@ -350,7 +350,7 @@ def test_chunking_does_not_change_stored_state_or_outputs(spec: str, dtype: torc
 
 
 def test_zero_token_update_and_early_initialization_change_nothing() -> None:
-    config = parse_spec("k4v4-g16-r16-s2")
+    config = parse_spec("k4v4-plain-g16-r16-s2")
     keys, values = make_stream(60, seed=9)
     plain = PackedLayer(config)
     list(feed(plain, keys, values, [30, 30]))
@@ -367,7 +367,7 @@ def test_zero_token_update_and_early_initialization_change_nothing() -> None:
 # -- exact memory accounting ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spec", ["k4v2-g16-r16-s4", "k3v3-g16-r0", "k4v4-g16-r16-kt"])
+@pytest.mark.parametrize("spec", ["k4v2-plain-g16-r16-s4", "k3v3-plain-g16-r0", "k4v4-plain-g16-r16-kt"])
 def test_nbytes_is_the_sum_of_every_held_tensor_through_growth(spec: str) -> None:
     config = parse_spec(spec)
     total = 40 + 2 * GROWTH_TOKENS + 60
@@ -398,7 +398,7 @@ def test_nbytes_is_the_sum_of_every_held_tensor_through_growth(spec: str) -> Non
 
 
 def test_nbytes_after_batch_operations_and_reset() -> None:
-    config = parse_spec("k4v4-g16-r16-s2")
+    config = parse_spec("k4v4-plain-g16-r16-s2")
     keys, values = make_stream(70, batch=3, seed=11)
     layer = PackedLayer(config)
     layer.update(keys, values)
@@ -415,7 +415,7 @@ def test_nbytes_after_batch_operations_and_reset() -> None:
 
 @pytest.mark.parametrize("window", [None, 17])
 def test_fp16_nbytes_is_what_a_float16_dynamic_layer_holds(window: int | None) -> None:
-    config = parse_spec("k4v4-g16-r16")
+    config = parse_spec("k4v4-plain-g16-r16")
     keys, values = make_stream(90, seed=12)
     layer = PackedLayer(config) if window is None else PackedSlidingLayer(config, sliding_window=window)
     ref = DynamicLayer() if window is None else DynamicSlidingWindowLayer(sliding_window=window)
@@ -430,7 +430,7 @@ def test_fp16_nbytes_is_what_a_float16_dynamic_layer_holds(window: int | None) -
 
 
 @pytest.mark.parametrize("how", ["prefill+single", "random"])
-@pytest.mark.parametrize("spec", ["k4v4-g16-r0", "k4v4-g16-r16-s4", "k8v8-g16-r32"])
+@pytest.mark.parametrize("spec", ["k4v4-plain-g16-r0", "k4v4-plain-g16-r16-s4", "k8v8-g16-r32"])
 def test_seq_length_and_mask_sizes_match_dynamic_layer(spec: str, how: str) -> None:
     keys, values = make_stream(120, seed=13)
     layer, ref = PackedLayer(parse_spec(spec)), DynamicLayer()
@@ -453,7 +453,7 @@ def test_seq_length_and_mask_sizes_match_dynamic_layer(spec: str, how: str) -> N
 @pytest.mark.parametrize("residual", [0, 16, 32])
 @pytest.mark.parametrize("window", [5, 17, 100])
 def test_sliding_layer_matches_dynamic_sliding_window_layer(window: int, residual: int, prefill: str) -> None:
-    config = parse_spec(f"k4v4-g16-r{residual}")
+    config = parse_spec(f"k4v4-plain-g16-r{residual}")
     prefill_len = max(window // 2, 2) if prefill == "shorter" else window + 37
     steps = 50
     keys, values = make_stream(prefill_len + steps, seed=15)
@@ -484,7 +484,7 @@ def test_sliding_layer_matches_dynamic_sliding_window_layer(window: int, residua
 @pytest.mark.parametrize("residual", [0, 16])
 def test_sliding_layer_memory_stays_bounded(residual: int) -> None:
     window, block = 17, 16
-    config = parse_spec(f"k4v4-g16-r{residual}")
+    config = parse_spec(f"k4v4-plain-g16-r{residual}")
     keys, values = make_stream(600, batch=1, seed=16)
     layer = PackedSlidingLayer(config, sliding_window=window)
     sizes = []
@@ -498,7 +498,7 @@ def test_sliding_layer_memory_stays_bounded(residual: int) -> None:
 
 @pytest.mark.parametrize("window", [5, 100])
 def test_sliding_layer_chunking_does_not_change_state(window: int) -> None:
-    config = parse_spec("k4v4-g16-r16")
+    config = parse_spec("k4v4-plain-g16-r16")
     keys, values = make_stream(180, seed=17)
     states, lasts = {}, {}
     for how, seed in (("single", 0), ("random", 18), ("prefill+single", 0)):
@@ -513,8 +513,8 @@ def test_sliding_layer_chunking_does_not_change_state(window: int) -> None:
 
 def test_sliding_layer_ignores_sinks() -> None:
     keys, values = make_stream(80, seed=19)
-    with_sinks = PackedSlidingLayer(parse_spec("k4v4-g16-r16-s4"), sliding_window=17)
-    without = PackedSlidingLayer(parse_spec("k4v4-g16-r16"), sliding_window=17)
+    with_sinks = PackedSlidingLayer(parse_spec("k4v4-plain-g16-r16-s4"), sliding_window=17)
+    without = PackedSlidingLayer(parse_spec("k4v4-plain-g16-r16"), sliding_window=17)
     assert with_sinks.config.sinks == 0
     outs_a = [out for *_, out in feed(with_sinks, keys, values, [30] + [1] * 50)]
     outs_b = [out for *_, out in feed(without, keys, values, [30] + [1] * 50)]
@@ -525,7 +525,7 @@ def test_sliding_layer_ignores_sinks() -> None:
 @pytest.mark.parametrize("window", [5, 17, 100])
 def test_sliding_layer_crop_matches_recording_dynamic_sliding_window_layer(window: int) -> None:
     """Assisted decoding: feed candidates, roll some back, go on; shapes, masks and exact part as transformers."""
-    config = parse_spec("k4v4-g16-r16")
+    config = parse_spec("k4v4-plain-g16-r16")
     keys, values = make_stream(400, seed=20)
     layer = PackedSlidingLayer(config, sliding_window=window)
     ref = DynamicSlidingWindowLayer(sliding_window=window)
@@ -555,7 +555,7 @@ def test_sliding_layer_crop_matches_recording_dynamic_sliding_window_layer(windo
 
 
 def test_sliding_layer_positive_crop_raises() -> None:
-    layer = PackedSlidingLayer(parse_spec("k4v4-g16-r16"), sliding_window=8)
+    layer = PackedSlidingLayer(parse_spec("k4v4-plain-g16-r16"), sliding_window=8)
     keys, values = make_stream(20, seed=21)
     layer.update(keys, values)
     before = layer_state(layer, raw=True)
@@ -575,7 +575,7 @@ def _stream_with_residual(residual_len: int, sinks: int = 0, block: int = 16, re
 
 @pytest.mark.parametrize("remove", [1, 5, 11])
 def test_crop_within_the_extra_residual_equals_feeding_only_the_kept_tokens(remove: int) -> None:
-    config = parse_spec("k4v4-g16-r16-s2")
+    config = parse_spec("k4v4-plain-g16-r16-s2")
     total = _stream_with_residual(27, sinks=2)
     keys, values = make_stream(total + 40, seed=22)
     layer, ref = PackedLayer(config), DynamicLayer()
@@ -603,7 +603,7 @@ def test_crop_within_the_extra_residual_equals_feeding_only_the_kept_tokens(remo
 
 @pytest.mark.parametrize("remove", [12, 20, 27])
 def test_crop_of_the_whole_residual_removes_exactly_the_newest_tokens(remove: int) -> None:
-    config = parse_spec("k4v4-g16-r16")
+    config = parse_spec("k4v4-plain-g16-r16")
     total = _stream_with_residual(27)
     keys, values = make_stream(total + 40, seed=23)
     layer, ref = PackedLayer(config), DynamicLayer()
@@ -629,7 +629,7 @@ def test_crop_of_the_whole_residual_removes_exactly_the_newest_tokens(remove: in
 
 def test_rollback_of_candidates_that_triggered_packing_equals_feeding_only_the_kept_tokens() -> None:
     """Assisted decoding: 4 candidate tokens arrive, 3 are rejected (crop(-3) <= residual_len, so allowed)."""
-    config = parse_spec("k4v4-g16-r16")
+    config = parse_spec("k4v4-plain-g16-r16")
     total = _stream_with_residual(30)
     keys, values = make_stream(total + 4, seed=24)
     layer = PackedLayer(config)
@@ -645,7 +645,7 @@ def test_rollback_of_candidates_that_triggered_packing_equals_feeding_only_the_k
 
 
 def test_crop_that_reaches_packed_tokens_raises_and_changes_nothing() -> None:
-    config = parse_spec("k4v4-g16-r16-s2")
+    config = parse_spec("k4v4-plain-g16-r16-s2")
     total = _stream_with_residual(20, sinks=2)
     keys, values = make_stream(total, seed=25)
     layer = PackedLayer(config)
@@ -662,7 +662,7 @@ def test_crop_that_reaches_packed_tokens_raises_and_changes_nothing() -> None:
 
 
 def test_crop_into_sinks_before_anything_is_packed() -> None:
-    config = parse_spec("k4v4-g16-r16-s4")
+    config = parse_spec("k4v4-plain-g16-r16-s4")
     keys, values = make_stream(60, seed=26)
     layer, ref = PackedLayer(config), DynamicLayer()
     layer.update(keys[:, :, :10], values[:, :, :10])
@@ -679,7 +679,7 @@ def test_crop_into_sinks_before_anything_is_packed() -> None:
 
 
 def test_crop_zero_and_legacy_keep_length() -> None:
-    config = parse_spec("k4v4-g16-r16")
+    config = parse_spec("k4v4-plain-g16-r16")
     keys, values = make_stream(70, seed=27)
     layer = PackedLayer(config)
     layer.update(keys, values)
@@ -707,7 +707,7 @@ BATCH_OPS = {
 
 
 @pytest.mark.parametrize("op", list(BATCH_OPS))
-@pytest.mark.parametrize("spec", ["k4v2-g16-r16-s4", "k8v8-g16-r0", "k4v4-gk32-gv16-r32-kt"])
+@pytest.mark.parametrize("spec", ["k4v2-plain-g16-r16-s4", "k8v8-g16-r0", "k4v4-plain-gk32-gv16-r32-kt"])
 def test_batch_operations_equal_feeding_the_transformed_inputs(spec: str, op: str) -> None:
     config = parse_spec(spec)
     apply_to_layer, apply_to_tensor = BATCH_OPS[op]
@@ -737,7 +737,7 @@ def test_batch_operations_equal_feeding_the_transformed_inputs(spec: str, op: st
 
 @pytest.mark.parametrize("op", list(BATCH_OPS))
 def test_batch_operations_on_sliding_layer(op: str) -> None:
-    config = parse_spec("k4v4-g16-r16")
+    config = parse_spec("k4v4-plain-g16-r16")
     apply_to_layer, apply_to_tensor = BATCH_OPS[op]
     keys, values = make_stream(120, batch=3, seed=29)
     layer = PackedSlidingLayer(config, sliding_window=17)
@@ -753,7 +753,7 @@ def test_batch_operations_on_sliding_layer(op: str) -> None:
 
 
 def test_batch_operations_before_any_token_are_no_ops() -> None:
-    layer = PackedLayer(parse_spec("k4v4-g16-r16"))
+    layer = PackedLayer(parse_spec("k4v4-plain-g16-r16"))
     layer.reorder_cache(torch.tensor([0]))
     layer.batch_select_indices(torch.tensor([0]))
     layer.batch_repeat_interleave(3)
@@ -765,7 +765,7 @@ def test_batch_operations_before_any_token_are_no_ops() -> None:
 
 @pytest.mark.parametrize("sliding", [False, True])
 def test_reset_empties_the_layer_for_reuse_with_another_batch_and_dtype(sliding: bool) -> None:
-    config = parse_spec("k4v4-g16-r16-s2")
+    config = parse_spec("k4v4-plain-g16-r16-s2")
 
     def new_layer() -> PackedLayer:
         return PackedSlidingLayer(config, sliding_window=9) if sliding else PackedLayer(config)
@@ -790,7 +790,7 @@ def test_reset_empties_the_layer_for_reuse_with_another_batch_and_dtype(sliding:
 # -- bad input ---------------------------------------------------------------------------------------------------
 
 
-def _populated_layer(spec: str = "k4v4-g16-r16-s2") -> tuple[PackedLayer, torch.Tensor, torch.Tensor]:
+def _populated_layer(spec: str = "k4v4-plain-g16-r16-s2") -> tuple[PackedLayer, torch.Tensor, torch.Tensor]:
     keys, values = make_stream(120, seed=32)
     layer = PackedLayer(parse_spec(spec))
     layer.update(keys[:, :, :60], values[:, :, :60])
@@ -819,7 +819,7 @@ def test_dtype_or_device_change_after_init_raises_and_changes_nothing(change) ->
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.uint8, torch.bool, torch.float64])
 def test_unsupported_dtype_at_init_raises(dtype: torch.dtype) -> None:
-    layer = PackedLayer(parse_spec("k4v4-g16-r16"))
+    layer = PackedLayer(parse_spec("k4v4-plain-g16-r16"))
     keys = torch.ones(1, 2, 4, 32, dtype=dtype)
     with pytest.raises(DtypeDeviceError, match="float32, float16 or bfloat16"):
         layer.update(keys, keys)
@@ -830,7 +830,7 @@ def test_unsupported_dtype_at_init_raises(dtype: torch.dtype) -> None:
 
 
 def test_keys_and_values_of_different_dtypes_raise() -> None:
-    layer = PackedLayer(parse_spec("k4v4-g16-r16"))
+    layer = PackedLayer(parse_spec("k4v4-plain-g16-r16"))
     keys, values = make_stream(4)
     with pytest.raises(DtypeDeviceError):
         layer.update(keys, values.half())
@@ -842,9 +842,9 @@ SUGGESTION = re.compile(r"-g(\d+)")
 @pytest.mark.parametrize(
     ("spec", "head_dim", "which"),
     [
-        ("k4v4-g32-r16", 48, "value"),
-        ("k4v4-g64-r16", 80, "value"),
-        ("k4v4-g32-r16-kt", 48, "key"),
+        ("k4v4-plain-g32-r16", 48, "value"),
+        ("k4v4-plain-g64-r16", 80, "value"),
+        ("k4v4-plain-g32-r16-kt", 48, "key"),
     ],
 )
 def test_head_dim_not_divisible_by_group_raises_with_a_usable_suggestion(spec: str, head_dim: int, which: str) -> None:
@@ -862,7 +862,7 @@ def test_head_dim_not_divisible_by_group_raises_with_a_usable_suggestion(spec: s
         parse_spec(f"{spec.split('-')[0]}-g{group}")  # and it is a group size kvpack accepts
 
 
-@pytest.mark.parametrize(("spec", "head_dim"), [("k4v4-g32-r16", 40), ("k4v4-g16-r16", 8)])
+@pytest.mark.parametrize(("spec", "head_dim"), [("k4v4-plain-g32-r16", 40), ("k4v4-plain-g16-r16", 8)])
 def test_head_dim_no_group_divides_suggests_per_channel_values(spec: str, head_dim: int) -> None:
     layer = PackedLayer(parse_spec(spec))
     keys, values = make_stream(4, head_dim=head_dim)
@@ -901,7 +901,7 @@ def test_shape_change_after_init_raises_and_changes_nothing(make_keys, make_valu
     ],
 )
 def test_inconsistent_keys_and_values_at_init_raise(make_keys, make_values) -> None:
-    layer = PackedLayer(parse_spec("k4v4-g16-r16"))
+    layer = PackedLayer(parse_spec("k4v4-plain-g16-r16"))
     keys, values = make_stream(4)
     with pytest.raises(ShapeError):
         layer.update(make_keys(keys), make_values(values))
@@ -917,7 +917,7 @@ def _poison(t: torch.Tensor, token: int, value: float) -> torch.Tensor:
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf"), 1e6], ids=["nan", "inf", "-inf", "huge"])
 @pytest.mark.parametrize("target", ["keys", "values"])
 def test_non_finite_tokens_being_quantized_raise_and_leave_the_layer_unchanged(target: str, bad: float) -> None:
-    config = parse_spec("k4v4-g16-r16-s2")
+    config = parse_spec("k4v4-plain-g16-r16-s2")
     keys, values = make_stream(130, seed=33)
     layer = PackedLayer(config)
     list(feed(layer, keys[:, :, :60], values[:, :, :60], [40] + [1] * 20))
@@ -968,7 +968,7 @@ def test_non_finite_tokens_being_quantized_raise_and_leave_the_layer_unchanged(t
 
 
 def test_non_finite_in_sinks_is_kept_exactly() -> None:
-    layer = PackedLayer(parse_spec("k4v4-g16-r0-s2"))
+    layer = PackedLayer(parse_spec("k4v4-plain-g16-r0-s2"))
     keys, values = make_stream(40, seed=34)
     keys = _poison(keys, 1, float("nan"))
     out_keys, _ = layer.update(keys, values)
@@ -977,11 +977,13 @@ def test_non_finite_in_sinks_is_kept_exactly() -> None:
 
 
 def test_refused_first_update_leaves_a_new_layer_unchanged() -> None:
-    layer = PackedLayer(parse_spec("k4v4-g16-r16"))
+    layer = PackedLayer(parse_spec("k4v4-plain-g16-r16"))
     keys, values = make_stream(60, seed=35)
     with pytest.raises(NonFiniteError):
         layer.update(_poison(keys, 3, float("nan")), values)
-    assert_same_state(layer_state(layer, raw=True), layer_state(PackedLayer(parse_spec("k4v4-g16-r16")), raw=True))
+    assert_same_state(
+        layer_state(layer, raw=True), layer_state(PackedLayer(parse_spec("k4v4-plain-g16-r16")), raw=True)
+    )
     other_keys, other_values = make_stream(60, batch=1, dtype=torch.float16, seed=36)
     layer.update(other_keys, other_values)  # a new layer accepts any batch size and dtype
 

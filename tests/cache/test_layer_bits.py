@@ -29,7 +29,7 @@ def test_spec_round_trips_with_per_layer_bits() -> None:
     assert config.layer_bits == ((2, 4), (8, 3))
     assert config.spec == PER_LAYER and parse_spec(config.spec) == config
     assert CacheConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
-    uniform = parse_spec("k4v4-g16-r16-s2-rot")
+    uniform = parse_spec("k4v4-plain-g16-r16-s2-rot")
     assert uniform.layer_bits == () and "-l" not in uniform.spec
     # A uniform config's dict has no layer_bits (the layout before per-layer bits), and reads back.
     assert "layer_bits" not in uniform.to_dict() and CacheConfig.from_dict(uniform.to_dict()) == uniform
@@ -38,9 +38,9 @@ def test_spec_round_trips_with_per_layer_bits() -> None:
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("k4v4-l248", "two digits per layer"),
-        ("k4v4-l25", r"bits must be among \(2, 3, 4, 8\)"),
-        ("k4v4-lx4", "unknown option"),
+        ("k4v4-plain-l248", "two digits per layer"),
+        ("k4v4-plain-l25", r"bits must be among \(2, 3, 4, 8\)"),
+        ("k4v4-plain-lx4", "unknown option"),
     ],
 )
 def test_bad_per_layer_bits_are_clear_errors(spec: str, message: str) -> None:
@@ -54,7 +54,7 @@ def test_for_layer_replaces_only_the_bits() -> None:
     assert layer1.layer_bits == () and (layer1.key.bits, layer1.value.bits) == (8, 3)
     assert replace(layer1.key, bits=4) == config.key and replace(layer1.value, bits=4) == config.value
     assert (layer1.residual, layer1.sinks, layer1.block_tokens) == (config.residual, config.sinks, config.block_tokens)
-    assert parse_spec("k3v2").for_layer(7) == parse_spec("k3v2")  # uniform: every layer the same
+    assert parse_spec("k3v2-plain").for_layer(7) == parse_spec("k3v2-plain")  # uniform: every layer the same
     with pytest.raises(ConfigError, match="layer 2 is outside the 2 layers"):
         config.for_layer(2)
 
@@ -64,7 +64,7 @@ def test_average_bits_count_metadata_and_weight_by_head_dims() -> None:
     assert config.bits_per_value == (2 + 4 + 8 + 3) / 4 + 2
     # Keys of head dim 3 and values of head dim 1: keys count three times as much.
     assert config.average_bits(key_dim=3, value_dim=1) == ((2 * 3 + 4) + (8 * 3 + 3)) / 8 + 2
-    assert parse_spec("k4v2-gk32-gv16").bits_per_value == ((4 + 1) + (2 + 2)) / 2
+    assert parse_spec("k4v2-plain-gk32-gv16").bits_per_value == ((4 + 1) + (2 + 2)) / 2
 
 
 def test_cache_builds_each_layer_from_its_config(model: PreTrainedModel) -> None:
@@ -80,7 +80,7 @@ def test_cache_builds_each_layer_from_its_config(model: PreTrainedModel) -> None
 
 def test_a_layer_count_mismatch_names_both_numbers(llama: PreTrainedModel) -> None:
     with pytest.raises(ConfigError, match="per-layer bits for 3 layers, but this model has 2 layers"):
-        KVPackCache(llama.config, "k4v4-l444444")
+        KVPackCache(llama.config, "k4v4-plain-l444444")
 
 
 def test_each_layer_holds_the_bytes_of_its_own_uniform_config(model: PreTrainedModel) -> None:

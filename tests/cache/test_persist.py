@@ -50,11 +50,11 @@ pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 # per channel (the same grid as the layer tests).
 SPECS = [
     "k8v8-g16-r0",
-    "k4v2-g16-r16-s4",
-    "k3v3-g16-r32",
-    "k2v4-gk32-gv16-r16-s3",
-    "k4v4-g16-r16-kt",
-    "k4v8-gk16-gv32-r0-s1-vc",
+    "k4v2-plain-g16-r16-s4",
+    "k3v3-plain-g16-r32",
+    "k2v4-plain-gk32-gv16-r16-s3",
+    "k4v4-plain-g16-r16-kt",
+    "k4v8-plain-gk16-gv32-r0-s1-vc",
 ]
 
 
@@ -68,7 +68,9 @@ def tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
 
 
-def saved(model: PreTrainedModel, path: Path, spec: str = "k4v4-g16-r16-s2", tokens: int = 40, **kwargs: Any) -> Path:
+def saved(
+    model: PreTrainedModel, path: Path, spec: str = "k4v4-plain-g16-r16-s2", tokens: int = 40, **kwargs: Any
+) -> Path:
     cache = prefix_cache(model, prompt(tokens=tokens, seed=11), spec)
     cache.save(path, model, **kwargs)
     return path
@@ -134,7 +136,7 @@ def test_loaded_cache_on_the_fused_path_continues_identically(llama: PreTrainedM
     model = copy.deepcopy(llama)
     use_kvpack_attention(model)
     ids = prompt(tokens=70, seed=5)
-    original = prefix_cache(model, ids, "k4v4-g16-r16", backend=backend)
+    original = prefix_cache(model, ids, "k4v4-plain-g16-r16", backend=backend)
     original.save(tmp_path / "c.kvpc", model)
     loaded = KVPackCache.load(tmp_path / "c.kvpc", model, backend=backend)
     assert loaded.backend == backend
@@ -147,7 +149,7 @@ def test_loaded_cache_generates_what_a_fresh_prefill_generates(model: PreTrained
     ids = prompt(tokens=53, seed=21)
     question = prompt(tokens=7, seed=22)
     kwargs: dict[str, Any] = dict(max_new_tokens=30, do_sample=False, return_dict_in_generate=True, output_logits=True)
-    fresh_cache = prefix_cache(model, ids, "k4v4-g16-r16")
+    fresh_cache = prefix_cache(model, ids, "k4v4-plain-g16-r16")
     fresh_cache.save(tmp_path / "c.kvpc", model)
     full = torch.cat([ids, question], dim=1)
     fresh = model.generate(full, past_key_values=fresh_cache, pad_token_id=0, **kwargs)
@@ -179,7 +181,7 @@ def test_past_recording_state_round_trips_and_rolls_back_identically(llama: PreT
 
 
 def test_sliding_layers_keep_dropped_token_counts(gemma: PreTrainedModel, tmp_path: Path) -> None:
-    original = prefix_cache(gemma, prompt(tokens=120, seed=4), "k4v4-g16-r16")
+    original = prefix_cache(gemma, prompt(tokens=120, seed=4), "k4v4-plain-g16-r16")
     sliding = original.layers[0]
     assert sliding.is_sliding and sliding.stored_tokens() < sliding.seen_tokens == 120
     original.save(tmp_path / "c.kvpc", gemma)
@@ -191,7 +193,7 @@ def test_sliding_layers_keep_dropped_token_counts(gemma: PreTrainedModel, tmp_pa
 def test_file_is_plain_safetensors_with_only_valid_tokens(llama: PreTrainedModel, tmp_path: Path) -> None:
     from safetensors import safe_open
 
-    cache = prefix_cache(llama, prompt(tokens=70, seed=1), "k4v4-g16-r16")
+    cache = prefix_cache(llama, prompt(tokens=70, seed=1), "k4v4-plain-g16-r16")
     cache.save(tmp_path / "c.kvpc", llama)
     file = read_cache_file(tmp_path / "c.kvpc")
     with safe_open(tmp_path / "c.kvpc", framework="pt") as f:
@@ -226,7 +228,7 @@ def test_loads_each_layer_onto_its_device_in_a_device_map(llama: PreTrainedModel
                     "model.rotary_emb": 0, "lm_head": "cpu"},
     )  # fmt: skip
     ids = prompt(tokens=40, seed=3)
-    original = prefix_cache(model, ids, "k4v4-g16-r16")
+    original = prefix_cache(model, ids, "k4v4-plain-g16-r16")
     original.save(tmp_path / "c.kvpc", model)
     loaded = KVPackCache.load(tmp_path / "c.kvpc", model)
     assert [layer.device.type for layer in loaded.layers] == ["cuda", "cpu"]
@@ -238,8 +240,8 @@ def test_loads_each_layer_onto_its_device_in_a_device_map(llama: PreTrainedModel
 
 def test_save_refuses_an_empty_cache_and_wrong_token_ids(llama: PreTrainedModel, tmp_path: Path) -> None:
     with pytest.raises(KVPackError, match="holds no tokens"):
-        KVPackCache(llama, "k4v4-g16-r16").save(tmp_path / "c.kvpc", llama, [1, 2])
-    cache = KVPackCache(llama, "k4v4-g16-r16")
+        KVPackCache(llama, "k4v4-plain-g16-r16").save(tmp_path / "c.kvpc", llama, [1, 2])
+    cache = KVPackCache(llama, "k4v4-plain-g16-r16")
     with torch.no_grad():
         llama(prompt(tokens=20), past_key_values=cache)
     with pytest.raises(KVPackError, match="pass token_ids"):
@@ -514,7 +516,9 @@ def test_forged_tensor_shapes_and_offsets_are_refused(llama_file: Path) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_base(tmp_path_factory: pytest.TempPathFactory, llama: PreTrainedModel) -> bytes:
-    return saved(llama, tmp_path_factory.mktemp("fuzz") / "base.kvpc", spec="k4v4-g16-r16-s2", tokens=40).read_bytes()
+    return saved(
+        llama, tmp_path_factory.mktemp("fuzz") / "base.kvpc", spec="k4v4-plain-g16-r16-s2", tokens=40
+    ).read_bytes()
 
 
 def try_load(path: Path, model: PreTrainedModel, base_nbytes: int) -> None:

@@ -42,7 +42,7 @@ from kvpack.eval.passkey import (
 # one sentence (plus a token the join can merge) short of it.
 LENGTH_SLACK = 8
 TINY_CONTEXT = 512
-TINY_CACHES = ["fp", "k4v4-r32"]  # residual 32: the tiny prompts below are mostly packed
+TINY_CACHES = ["fp", "k4v4-plain-r32"]  # residual 32: the tiny prompts below are mostly packed
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -196,7 +196,11 @@ def test_bad_arguments_are_config_errors(parse: Any, text: str) -> None:
 
 
 def test_caches_are_canonical_spec_names() -> None:
-    assert passkey.parse_caches("fp, k4v4,k4v4-g64-r128,k2v2-r32") == ["fp", "k4v4-g64-r128", "k2v2-g64-r32"]
+    assert passkey.parse_caches("fp, k4v4-plain,k4v4-plain-g64-r128,k2v2-plain-r32") == [
+        "fp",
+        "k4v4-plain-g64-r128",
+        "k2v2-plain-g64-r32",
+    ]
     profile = "benchmarks/profiles/smollm2-3.5.json"  # a profile keeps its path: its table label does not parse back
     assert passkey.parse_caches(f"fp,{profile},balanced") == ["fp", profile, "k4v4-g64-r128-s4-rot"]
 
@@ -204,7 +208,7 @@ def test_caches_are_canonical_spec_names() -> None:
 # -- the run ------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["fp", "k4v4-g64-r32", "k2v2-g64-r32"])
+@pytest.mark.parametrize("name", ["fp", "k4v4-plain-g64-r32", "k2v2-plain-g64-r32"])
 def test_shared_prefill_stores_what_the_cache_own_prefill_stores(tiny_model: Any, tokenizer: Any, name: str) -> None:
     prompt = build_prompt(tokenizer, 300, 0.5, "48213")
     shared = filled_cache(name, tiny_model.config, prefill(tiny_model, prompt))
@@ -262,7 +266,7 @@ def tiny_result(tiny_model: Any, tokenizer: Any) -> dict[str, Any]:
 def test_result_holds_every_cell_and_run(tiny_result: dict[str, Any]) -> None:
     lengths = [160, TINY_CONTEXT - passkey.MAX_NEW_TOKENS]
     assert tiny_result["lengths"] == lengths and tiny_result["requested_lengths"] == [160, TINY_CONTEXT]
-    assert tiny_result["caches"] == ["fp", "k4v4-g64-r32"] and tiny_result["shared_prefill"] is True
+    assert tiny_result["caches"] == ["fp", "k4v4-plain-g64-r32"] and tiny_result["shared_prefill"] is True
     assert tiny_result["notes"] and "maximum context" in tiny_result["notes"][0]
     for key in ("command", "date", "machine", "versions", "model", "depths", "trials", "seed"):
         assert key in tiny_result
@@ -283,7 +287,7 @@ def test_result_holds_every_cell_and_run(tiny_result: dict[str, Any]) -> None:
 
 
 def test_accuracy_is_the_mean_over_trials(tiny_model: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Answers scripted per cache and trial: fp always right, k4v4 right on the first trial only."""
+    """Answers scripted per cache and trial: fp always right, k4v4-plain right on the first trial only."""
 
     def answer(model: Any, tokenizer: Any, prompt: passkey.PasskeyPrompt, cache: Any) -> str:
         trial = next(t for t in range(3) if passkey_for(0, 160, 0.5, t) == prompt.passkey)
@@ -295,9 +299,9 @@ def test_accuracy_is_the_mean_over_trials(tiny_model: Any, tokenizer: Any, monke
         tiny_model, tokenizer, caches=TINY_CACHES, lengths=[160], depths=[0.5], trials=3, progress=False
     )
     assert result["accuracy"]["fp"]["160"]["0.5"] == 1.0
-    assert result["accuracy"]["k4v4-g64-r32"]["160"]["0.5"] == pytest.approx(1 / 3)
+    assert result["accuracy"]["k4v4-plain-g64-r32"]["160"]["0.5"] == pytest.approx(1 / 3)
     markdown = to_markdown(result)
-    assert "| fp | 160 | 100% | 100% |" in markdown and "| k4v4-g64-r32 | 160 | 33% | 33% |" in markdown
+    assert "| fp | 160 | 100% | 100% |" in markdown and "| k4v4-plain-g64-r32 | 160 | 33% | 33% |" in markdown
 
 
 def test_writers_produce_json_markdown_and_png(tiny_result: dict[str, Any], tmp_path: Path) -> None:
@@ -311,8 +315,8 @@ def test_writers_produce_json_markdown_and_png(tiny_result: dict[str, Any], tmp_
     assert [row.split(" | ")[:2] for row in rows] == [
         ["| fp", "160"],
         ["| fp", "504"],
-        ["| k4v4-g64-r32", "160"],
-        ["| k4v4-g64-r32", "504"],
+        ["| k4v4-plain-g64-r32", "160"],
+        ["| k4v4-plain-g64-r32", "504"],
     ]
     assert all(len(row.strip("|").split("|")) == 5 and row.endswith("% |") for row in rows)
     assert "`test`" in markdown and "Note:" in markdown and "run through the model once" in markdown
@@ -356,16 +360,16 @@ def test_cli_runs_and_writes(tiny_model: Any, tokenizer: Any, tmp_path: Path, mo
 
     monkeypatch.setattr(kvpack.models, "load_model", lambda *args, **kwargs: (tiny_model, tokenizer))
     out = tmp_path / "pk"
-    argv = ["passkey", "--caches", "fp,k2v2-r32", "--lengths", "200", "--depths", "0.5", "--trials", "1"]
+    argv = ["passkey", "--caches", "fp,k2v2-plain-r32", "--lengths", "200", "--depths", "0.5", "--trials", "1"]
     argv += ["--json", f"{out}.json", "--markdown", f"{out}.md", "--png", f"{out}.png"]
     args = _parser().parse_args(argv)
     assert args.func(args) == 0
     result = json.loads(Path(f"{out}.json").read_text())
     assert (
         result["command"]
-        == "kvpack passkey --caches fp,k2v2-r32 --lengths 200 --depths 0.5 --trials 1 --seed 0 --dtype float32"
+        == "kvpack passkey --caches fp,k2v2-plain-r32 --lengths 200 --depths 0.5 --trials 1 --seed 0 --dtype float32"
     )
-    assert result["caches"] == ["fp", "k2v2-g64-r32"]
+    assert result["caches"] == ["fp", "k2v2-plain-g64-r32"]
     assert Path(f"{out}.md").is_file() and Path(f"{out}.png").is_file()
     args = _parser().parse_args(["passkey", "--lengths", "4096", "--json", f"{out}.json"])
     with pytest.raises(KVPackError, match="maximum context"):

@@ -128,14 +128,15 @@ def test_codebook_at_8_bits_is_refused() -> None:
     with pytest.raises(ConfigError, match="codebook"):
         QuantSpec(4, 64, "token", codebook="nope")  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="8-bit"):
-        parse_spec("k8v4-cb")
-    assert parse_spec("k8v4-cbv").value.codebook == FITTED_CODEBOOK
+        parse_spec("k8v4-plain-cb")
+    assert parse_spec("k8v4-plain-cbv").value.codebook == FITTED_CODEBOOK
 
 
 @pytest.mark.parametrize(
     "spec",
-    ["k4v2-g64-r128-cb", "k4v4-g64-r128-cbk", "k2v2-g32-r64-s4-rot-cbv", "k2v3-g64-r128-clip",
-     "k4v4-g64-r128-clipk", "k4v2-g64-r128-clipv", "k2v2-g64-r128-s4-rotk-cb-clip", "k8v4-g64-r128-cbv-clipk"],
+    ["k4v2-plain-g64-r128-cb", "k4v4-plain-g64-r128-cbk", "k2v2-plain-g32-r64-s4-rot-cbv",
+     "k2v3-plain-g64-r128-clip", "k4v4-plain-g64-r128-clipk", "k4v2-plain-g64-r128-clipv",
+     "k2v2-plain-g64-r128-s4-rotk-cb-clip", "k8v4-plain-g64-r128-cbv-clipk"],
 )  # fmt: skip
 def test_spec_round_trip(spec: str) -> None:
     config = parse_spec(spec)
@@ -144,10 +145,10 @@ def test_spec_round_trip(spec: str) -> None:
 
 
 def test_spec_options_set_the_fields() -> None:
-    config = parse_spec("k4v2-cbk-clipv")
+    config = parse_spec("k4v2-plain-cbk-clipv")
     assert (config.key.codebook, config.value.codebook) == (FITTED_CODEBOOK, "uniform")
     assert (config.key.clip, config.value.clip) == (False, True)
-    assert parse_spec("k4v4").key.codebook == "uniform" and not parse_spec("k4v4").value.clip
+    assert parse_spec("k4v4-plain").key.codebook == "uniform" and not parse_spec("k4v4-plain").value.clip
     old = CacheConfig().to_dict()  # a config saved before these fields existed reads as uniform, unclipped
     for spec in ("key", "value"):
         del old[spec]["codebook"], old[spec]["clip"]

@@ -190,12 +190,12 @@ def test_packed_tensor_needs_its_outliers_exactly_when_the_spec_keeps_them() -> 
 @pytest.mark.parametrize(
     ("spec", "canonical", "key", "value"),
     [
-        ("k2v2-o1", "k2v2-g64-r128-o1", 1, 1),
-        ("k4v4-ok2", "k4v4-g64-r128-ok2", 2, 0),
-        ("k4v4-ov4-g16", "k4v4-g16-r128-ov4", 0, 4),
-        ("k2v3-ok1-ov2-rot", "k2v3-g64-r128-rot-ok1-ov2", 1, 2),
-        ("k2v2-o2-ok1", "k2v2-g64-r128-ok1-ov2", 1, 2),
-        ("k2v2-o0", "k2v2-g64-r128", 0, 0),
+        ("k2v2-plain-o1", "k2v2-plain-g64-r128-o1", 1, 1),
+        ("k4v4-plain-ok2", "k4v4-plain-g64-r128-ok2", 2, 0),
+        ("k4v4-plain-ov4-g16", "k4v4-plain-g16-r128-ov4", 0, 4),
+        ("k2v3-plain-ok1-ov2-rot", "k2v3-plain-g64-r128-rot-ok1-ov2", 1, 2),
+        ("k2v2-plain-o2-ok1", "k2v2-plain-g64-r128-ok1-ov2", 1, 2),
+        ("k2v2-plain-o0", "k2v2-plain-g64-r128", 0, 0),
     ],
 )
 def test_spec_strings_round_trip(spec: str, canonical: str, key: int, value: int) -> None:
@@ -219,7 +219,7 @@ def test_bad_outlier_counts_are_refused(outliers: object) -> None:
         QuantSpec(bits=4, group_size=16, outliers=outliers)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("spec", ["k4v4-g16-o16", "k4v4-o64", "k4v4-gk16-ok20"])
+@pytest.mark.parametrize("spec", ["k4v4-plain-g16-o16", "k4v4-plain-o64", "k4v4-plain-gk16-ok20"])
 def test_spec_strings_with_too_many_outliers_are_refused(spec: str) -> None:
     with pytest.raises(ConfigError, match="outliers"):
         parse_spec(spec)

@@ -11,7 +11,7 @@ from transformers.cache_utils import Cache, DummyLayer
 
 from kvpack.attention.registry import ATTENTION_NAME
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
-from kvpack.config import CacheConfig, as_config
+from kvpack.config import DEFAULT_PRESET, CacheConfig, as_config
 from kvpack.errors import ConfigError, UnsupportedModelError
 
 # Layer types whose cache is plain per-head keys/values, and how kvpack stores them.
@@ -69,7 +69,7 @@ def _layer_plan(config: PretrainedConfig) -> list[tuple[str, int | None]]:
 class KVPackCache(Cache):
     """A packed, quantized KV cache for Hugging Face `transformers` generation.
 
-    >>> cache = KVPackCache(model.config, "k4v4")            # or a CacheConfig
+    >>> cache = KVPackCache(model.config)                    # the `balanced` preset; or "k2v2", a CacheConfig ...
     >>> out = model.generate(**inputs, past_key_values=cache)
     >>> cache.nbytes(), cache.fp16_nbytes()
 
@@ -91,12 +91,13 @@ class KVPackCache(Cache):
     def __init__(
         self,
         config: PretrainedConfig | Any,
-        cache_config: CacheConfig | str | os.PathLike[str] = "k4v4",
+        cache_config: CacheConfig | str | os.PathLike[str] = DEFAULT_PRESET,
         backend: str = "auto",
     ):
-        """config: the model's config (or the model itself); cache_config: a `CacheConfig`, a spec string or a
-        calibrated profile's path (see `kvpack.config.as_config`). Per-layer bits (`CacheConfig.layer_bits`) must
-        name every layer of the model (else ConfigError); each layer is built from `cache_config.for_layer(idx)`.
+        """config: the model's config (or the model itself); cache_config: a `CacheConfig`, a preset name (default
+        `balanced`), a spec string or a calibrated profile's path (see `kvpack.config.as_config`). Per-layer bits
+        (`CacheConfig.layer_bits`) must name every layer of the model (else ConfigError); each layer is built from
+        `cache_config.for_layer(idx)`.
 
         backend: the attention backend when the model runs kvpack's attention (`kvpack.use_kvpack_attention`):
         `auto`, `torch`, `cpu` or `numba` (see `kvpack.attention`); `dense` dequantizes in the cache instead.

@@ -35,7 +35,7 @@ import torch
 
 from kvpack.cache.layer import FLOAT_DTYPES, LayerState, PackedLayer, PackedSlidingLayer
 from kvpack.cache.storage import PackedBuffer
-from kvpack.config import CacheConfig, QuantSpec
+from kvpack.config import DEFAULT_PRESET, CacheConfig, QuantSpec
 from kvpack.errors import (
     CacheChecksumError,
     CacheFileError,
@@ -845,7 +845,7 @@ def layer_devices(model: Any, n_layers: int) -> list[torch.device]:
 
 
 def prefix_cache(
-    model: Any, input_ids: Any, cache_config: CacheConfig | str = "k4v4", backend: str = "auto"
+    model: Any, input_ids: Any, cache_config: CacheConfig | str = DEFAULT_PRESET, backend: str = "auto"
 ) -> KVPackCache:
     """A `KVPackCache` holding `input_ids` (`[batch, tokens]` or a list of ids): the prefill of a reusable prefix.
 
