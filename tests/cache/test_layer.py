@@ -208,8 +208,20 @@ def held_tensors(layer: PackedLayer) -> list[torch.Tensor]:
     return found
 
 
+VIEWS_OF_EXACT = {"sink_keys": "exact_keys", "residual_keys": "exact_keys", "sink_values": "exact_values",
+                  "residual_values": "exact_values"}  # fmt: skip
+
+
 def walked_nbytes(layer: PackedLayer) -> int:
-    return sum(t.numel() * t.element_size() for t in held_tensors(layer))
+    """Bytes of every held tensor; the sinks and the residual window are views of `exact_*`, counted there."""
+    for view, buffer in VIEWS_OF_EXACT.items():
+        held = getattr(layer, view)
+        assert (
+            held.numel() == 0
+            or held.untyped_storage().data_ptr() == getattr(layer, buffer).untyped_storage().data_ptr()
+        )
+    skipped = {id(getattr(layer, view)) for view in VIEWS_OF_EXACT}
+    return sum(t.numel() * t.element_size() for t in held_tensors(layer) if id(t) not in skipped)
 
 
 def storage_nbytes(layer: PackedLayer) -> int:

@@ -89,6 +89,9 @@ class PackedLayer(CacheLayerMixin):
         self.seen_tokens = 0
         self.sink_len = 0
         self.residual_len = 0
+        # One buffer per tensor holds the sinks, then the residual window right after them, so that attention
+        # reads every exact token as one view (no per-step concatenation); `sink_*` and `residual_*` are views.
+        self.exact_keys = self.exact_values = torch.empty(0)
         self.sink_keys = self.sink_values = torch.empty(0)
         self.residual_keys = self.residual_values = torch.empty(0)
         self.packed_keys: PackedBuffer | None = None
@@ -130,16 +133,21 @@ class PackedLayer(CacheLayerMixin):
                 )
         self.dtype, self.device = key_states.dtype, key_states.device
         window = self.config.residual + self.config.block_tokens
-        self.sink_keys = key_states.new_empty((batch, heads, self.config.sinks, key_dim))
-        self.sink_values = value_states.new_empty((batch, heads, self.config.sinks, value_dim))
-        self.residual_keys = key_states.new_empty((batch, heads, window, key_dim))
-        self.residual_values = value_states.new_empty((batch, heads, window, value_dim))
+        self.exact_keys = key_states.new_empty((batch, heads, self.config.sinks + window, key_dim))
+        self.exact_values = value_states.new_empty((batch, heads, self.config.sinks + window, value_dim))
+        self._split_exact()
         block = self.config.block_tokens
         self.shadow_keys = key_states.new_empty((batch, heads, block if self.record_past else 0, key_dim))
         self.shadow_values = value_states.new_empty((batch, heads, block if self.record_past else 0, value_dim))
         self.packed_keys = PackedBuffer(self.config.key, batch, heads, key_dim, self.device)
         self.packed_values = PackedBuffer(self.config.value, batch, heads, value_dim, self.device)
         self.is_initialized = True
+
+    def _split_exact(self) -> None:
+        """`sink_*` and `residual_*` as the views of `exact_*` they are."""
+        sinks = self.config.sinks
+        self.sink_keys, self.residual_keys = self.exact_keys[:, :, :sinks], self.exact_keys[:, :, sinks:]
+        self.sink_values, self.residual_values = self.exact_values[:, :, :sinks], self.exact_values[:, :, sinks:]
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: object, **kwargs: object
@@ -339,21 +347,19 @@ class PackedLayer(CacheLayerMixin):
         if not self.is_initialized or self.sink_len < self.config.sinks or key_states.shape[2] > FUSED_MAX_NEW_TOKENS:
             return self._store(key_states, value_states)
         self._check_input(key_states, value_states)
-        past = self.residual_len
+        # Here the sinks are full, so the exact tokens are the first `held` of `exact_*`, sinks then residual.
+        past = self.sink_len + self.residual_len
         packed_keys = self.packed_keys.view() if self.packed_keys is not None and self.packed_length else None
         packed_values = self.packed_values.view() if self.packed_values is not None and self.packed_length else None
-        if past + key_states.shape[2] < self.config.residual + self.config.block_tokens:
-            # No block leaves the residual: the new tokens land right after it, and a view reads both.
+        if self.residual_len + key_states.shape[2] < self.config.residual + self.config.block_tokens:
+            # No block leaves the residual: the new tokens land right after it, and a view reads them all.
             self._append(key_states, value_states)
-            exact_keys = self.residual_keys[:, :, : self.residual_len]
-            exact_values = self.residual_values[:, :, : self.residual_len]
+            exact_keys = self.exact_keys[:, :, : self.sink_len + self.residual_len]
+            exact_values = self.exact_values[:, :, : self.sink_len + self.residual_len]
         else:
-            exact_keys = torch.cat([self.residual_keys[:, :, :past], key_states], dim=2)
-            exact_values = torch.cat([self.residual_values[:, :, :past], value_states], dim=2)
+            exact_keys = torch.cat([self.exact_keys[:, :, :past], key_states], dim=2)
+            exact_values = torch.cat([self.exact_values[:, :, :past], value_states], dim=2)
             self._append(key_states, value_states)
-        if self.sink_len:
-            exact_keys = torch.cat([self.sink_keys[:, :, : self.sink_len], exact_keys], dim=2)
-            exact_values = torch.cat([self.sink_values[:, :, : self.sink_len], exact_values], dim=2)
         inputs = AttentionInputs(exact_keys, exact_values, packed_keys, packed_values, self.sink_len, backend)
         keys = key_states.view_as(key_states)  # a new tensor object: the caller's own stays unmarked
         setattr(keys, INPUTS_ATTRIBUTE, inputs)
@@ -438,10 +444,8 @@ class PackedLayer(CacheLayerMixin):
             return 0
         assert self.packed_keys is not None and self.packed_values is not None
         dense = (
-            self.sink_keys,
-            self.sink_values,
-            self.residual_keys,
-            self.residual_values,
+            self.exact_keys,  # the sinks and the residual window
+            self.exact_values,
             self.shadow_keys,
             self.shadow_values,
         )
@@ -479,8 +483,8 @@ class PackedLayer(CacheLayerMixin):
             )
 
     def _map_batch(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        self.sink_keys, self.sink_values = fn(self.sink_keys), fn(self.sink_values)
-        self.residual_keys, self.residual_values = fn(self.residual_keys), fn(self.residual_values)
+        self.exact_keys, self.exact_values = fn(self.exact_keys), fn(self.exact_values)
+        self._split_exact()
         self.shadow_keys, self.shadow_values = fn(self.shadow_keys), fn(self.shadow_values)
         assert self.packed_keys is not None and self.packed_values is not None
         self.packed_keys.map_batch(fn)
