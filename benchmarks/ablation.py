@@ -18,6 +18,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+from pareto import merged_runs  # benchmarks/ is this script's folder
+
 from kvpack.config import CacheConfig, as_config
 
 # The option sets measured, in table order, as spec options after `k<b>v<b>-plain`.
@@ -60,24 +62,18 @@ def main() -> None:
         widths = (args.bits,) if args.bits else WIDTHS
         print(",".join(spec_of(b, o) for b in widths for o in OPTION_SETS))
         return
-    runs = [json.loads(path.read_text()) for path in args.results]
-    if not runs:
+    if not args.results:
         raise SystemExit("give the compare JSON files to tabulate (or --print-caches)")
+    runs, fp_ppl = merged_runs(args.results)
     first = runs[0]
     cells: dict[tuple[str, int], dict[str, Any]] = {}
-    fp_ppl = []
     for run in runs:
-        if run["data"] != first["data"] or run["model"] != first["model"]:
-            raise SystemExit("the results were measured on different texts or models; they cannot share a table")
         for row in run["rows"]:
             if row["cache"] == "fp":
-                fp_ppl.append(row["ppl"])
                 continue
             config = as_config(row["cache"])
             if config.key.bits == config.value.bits and config.key.bits in WIDTHS and not config.layer_bits:
                 cells[(options_of(config), config.key.bits)] = {**row, "bits_per_value": config.bits_per_value}
-    if max(fp_ppl) - min(fp_ppl) > 1e-6 * fp_ppl[0]:
-        raise SystemExit(f"the runs' fp references differ ({fp_ppl}): not the same measurement")
     names = {"s4": "4 sinks", "rot": "rotation", "cb": "codebook", "clip": "clipping", "clipk": "clipping (keys)"}
     lines = [
         f"# Ablation: {first['model']} ({first['dtype']}), {first['data']['tokens']} tokens streamed",
@@ -85,7 +81,7 @@ def main() -> None:
         *(f"- run {i + 1}: {run['date']}, `{run['command']}`" for i, run in enumerate(runs)),
         f"- data: {first['data']}",
         f"- machine: {first['machine']}; versions: {first['versions']}",
-        f"- fp reference PPL {fp_ppl[0]:.3f} (identical in every run)",
+        f"- fp reference PPL {fp_ppl:.3f} (identical in every run)",
         "- each cell: ΔPPL vs fp / mean KL; every config is `k<b>v<b>-plain-<options>` (groups of 64, residual 128)",
         "- options: s4 = 4 full-precision sink tokens, rot = randomized Hadamard rotation of keys and values, "
         "cb = fitted codebook (lloyd1), clip = MSE-optimal clipping (clipk: keys only), o1 = 1 exact outlier per "

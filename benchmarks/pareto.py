@@ -44,6 +44,24 @@ def current_name(name: str, run_date: str) -> str:
     return as_config("-".join(p for p in (head, "plain", rest) if p)).spec
 
 
+def merged_runs(paths: list[Path]) -> tuple[list[dict[str, Any]], float]:
+    """The runs of `kvpack compare` results (or of earlier merges) and their common fp PPL; exits when they were
+    measured on different texts or models, or their fp references differ (then they are not one measurement)."""
+    runs: list[dict[str, Any]] = []
+    for path in paths:
+        data = json.loads(path.read_text())
+        runs.extend(data.get("runs", [data]))
+    if not runs:
+        raise SystemExit("no runs given")
+    first = runs[0]
+    if any(run["data"] != first["data"] or run["model"] != first["model"] for run in runs):
+        raise SystemExit("the results were measured on different texts or models; they cannot share a table")
+    fp_ppl = [row["ppl"] for run in runs for row in run["rows"] if row["cache"] == "fp"]
+    if not fp_ppl or max(fp_ppl) - min(fp_ppl) > 1e-6 * fp_ppl[0]:
+        raise SystemExit(f"the runs' fp references differ or are missing ({fp_ppl}): not the same measurement")
+    return runs, fp_ppl[0]
+
+
 def bits_of(row: dict[str, Any]) -> float | None:
     """Stored bits per value of a compare row (None for the fp reference)."""
     if row.get("bits_per_value") is not None:
@@ -64,23 +82,13 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/pareto"), help="path stem (.md/.png)")
     args = parser.parse_args()
-    runs = []
-    for path in args.results:  # a compare result, or an earlier merge (its runs)
-        data = json.loads(path.read_text())
-        runs.extend(data.get("runs", [data]))
+    runs, fp_ppl = merged_runs(args.results)
     first = runs[0]
     rows: dict[str, dict[str, Any]] = {}
-    fp_ppl = []
     for run in runs:
-        if run["data"] != first["data"] or run["model"] != first["model"]:
-            raise SystemExit("the results were measured on different texts or models; they cannot share a table")
         for row in run["rows"]:
-            if row["cache"] == "fp":
-                fp_ppl.append(row["ppl"])
             name = current_name(row["cache"], run["date"])
             rows.setdefault(name, {**row, "cache": name})
-    if max(fp_ppl) - min(fp_ppl) > 1e-6 * fp_ppl[0]:
-        raise SystemExit(f"the runs' fp references differ ({fp_ppl}): not the same measurement")
     table = []
     for name, row in rows.items():
         bits = bits_of(row)
@@ -97,7 +105,7 @@ def main() -> None:
         *(f"- run {i + 1}: {run['date']}, `{run['command']}`" for i, run in enumerate(runs)),
         f"- data: {data}",
         f"- machine: {first['machine']}; versions: {first['versions']}",
-        f"- fp reference PPL {fp_ppl[0]:.3f} (identical in every run)",
+        f"- fp reference PPL {fp_ppl:.3f} (identical in every run)",
         "- bits per value: codes + per-group metadata (see benchmarks/pareto.py); full-precision windows excluded",
         "- kvpack rows are named by today's canonical specs (every option written out); the commands above are as "
         "typed then, in the spec grammar of their date (benchmarks/results/README.md)",
