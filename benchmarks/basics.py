@@ -25,6 +25,7 @@ from transformers import DynamicCache
 
 import kvpack
 from kvpack import KVPackCache
+from kvpack.compat import cache_kwargs
 from kvpack.models import DEFAULT_MODEL, load_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +35,9 @@ def stream_logits(model, ids: torch.Tensor, cache, chunk: int, label: str) -> to
     out = []
     with torch.inference_mode():
         for start in tqdm(range(0, ids.shape[1], chunk), desc=label, leave=False):
-            out.append(model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True).logits[0].float())
+            out.append(
+                model(ids[:, start : start + chunk], **cache_kwargs(model, cache), use_cache=True).logits[0].float()
+            )
     return torch.cat(out)
 
 
@@ -72,7 +75,7 @@ def main() -> None:
             cache = KVPackCache(model.config, spec)
             prompt = torch.randint(100, 40000, (1, length), generator=torch.Generator().manual_seed(0))
             with torch.inference_mode():
-                model(prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(prompt, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
             row["bytes"][str(length)] = {"nbytes": cache.nbytes(), "fp16_nbytes": cache.fp16_nbytes()}
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)

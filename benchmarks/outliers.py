@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 import kvpack
 import kvpack.quant.outliers as outliers_module
+from kvpack.compat import cache_kwargs
 from kvpack.config import QuantSpec
 from kvpack.eval.perplexity import calibration_data_path, load_tokens
 from kvpack.models import DEFAULT_MODEL, load_model
@@ -56,7 +57,7 @@ def cached_keys_values(model: object, ids: torch.Tensor) -> list[tuple[torch.Ten
     """Every layer's cached (keys, values) `[1, kv_heads, tokens, head_dim]` after one forward pass of `ids`."""
     cache = DynamicCache(config=model.config)  # type: ignore[attr-defined]
     with torch.inference_mode():
-        model(ids, past_key_values=cache, use_cache=True)  # type: ignore[operator]
+        model(ids, **cache_kwargs(model, cache), use_cache=True)  # type: ignore[operator]
     return [(layer.keys.float(), layer.values.float()) for layer in cache.layers]
 
 

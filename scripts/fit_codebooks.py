@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from kvpack.compat import cache_kwargs
 from kvpack.config import FITTED_CODEBOOK, QuantSpec
 from kvpack.eval.perplexity import calibration_data_path, load_tokens
 from kvpack.models import load_model
@@ -47,7 +48,7 @@ def model_kv(windows: range, window: int) -> tuple[list[torch.Tensor], list[torc
     with torch.no_grad():
         for w in windows:
             cache = DynamicCache(config=model.config)
-            model(ids[:, w * window : (w + 1) * window], past_key_values=cache, use_cache=True)
+            model(ids[:, w * window : (w + 1) * window], **cache_kwargs(model, cache), use_cache=True)
             for i, layer in enumerate(cache.layers):
                 if len(keys) <= i:
                     keys.append([])

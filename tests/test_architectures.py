@@ -46,6 +46,7 @@ from kvpack import KVPackCache, UnsupportedModelError, use_kvpack_attention
 from kvpack.attention import registry
 from kvpack.attention.reference import AttentionInputs
 from kvpack.cache.layer import PackedLayer
+from kvpack.compat import cache_kwargs
 from kvpack.errors import BackendUnavailableError
 from kvpack.quant.tensor import PackedTensor
 from kvpack.support import ARCHITECTURES, CPU_ONLY_BACKENDS, REFUSED, Architecture, cells, status
@@ -119,7 +120,7 @@ def set_backend(model: PreTrainedModel, backend: str) -> None:
 def greedy(model: PreTrainedModel, cache: Any, ids: torch.Tensor) -> Any:
     return model.generate(
         ids,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         max_new_tokens=NEW_TOKENS,
         do_sample=False,
         pad_token_id=0,
@@ -139,9 +140,9 @@ def full_precision_greedy(model_type: str, dtype: str, device: str = "cpu") -> A
 def teacher_forced_logits(model: PreTrainedModel, cache: Any, sequence: torch.Tensor, prompt_len: int) -> torch.Tensor:
     """Each step's next-token logits `[batch, steps, vocab]`, the cache holding `sequence`'s prefix: a prefill, then
     one token per step (as in decoding, but every step sees the same prefix as the full-precision run)."""
-    logits = [model(sequence[:, :prompt_len], past_key_values=cache).logits[:, -1]]
+    logits = [model(sequence[:, :prompt_len], **cache_kwargs(model, cache)).logits[:, -1]]
     for i in range(prompt_len, sequence.shape[1] - 1):
-        logits.append(model(sequence[:, i : i + 1], past_key_values=cache).logits[:, -1])
+        logits.append(model(sequence[:, i : i + 1], **cache_kwargs(model, cache)).logits[:, -1])
     return torch.stack(logits, dim=1)
 
 
@@ -301,12 +302,12 @@ def test_gemma3_270m_8bit_reproduces_greedy_and_4bit_agrees(gemma3_270m: Any) ->
     assert 35 <= prompt_len <= 50  # long enough that k8v8-g16-r16 packs part of the prompt
     set_backend(model, "dense")
     reference = model.generate(
-        ids, past_key_values=DynamicCache(config=model.config), max_new_tokens=16, do_sample=False
+        ids, **cache_kwargs(model, DynamicCache(config=model.config)), max_new_tokens=16, do_sample=False
     )
     for backend in ("dense", "auto"):
         set_backend(model, backend)
         cache = KVPackCache(model, SPEC_8BIT, backend=backend)
-        packed = model.generate(ids, past_key_values=cache, max_new_tokens=16, do_sample=False)
+        packed = model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=16, do_sample=False)
         assert torch.equal(packed, reference), (backend, tokenizer.decode(packed[0, prompt_len:]))
         assert all(layer.packed_length > 0 for layer in cache.layers if isinstance(layer, PackedLayer))
     # Fused (the default of `kvpack generate`), teacher-forced along the full-precision output.

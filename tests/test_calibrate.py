@@ -24,6 +24,7 @@ from kvpack.calibrate import (
     load_profile,
     quantized_mask,
 )
+from kvpack.compat import cache_kwargs
 from kvpack.config import as_config
 from tests.cache.test_cache import llama_config, prompt
 
@@ -92,7 +93,9 @@ def streamed_kl(model: PreTrainedModel, ids: torch.Tensor, config: str, layer: i
                 if idx != layer:
                     cache.layers[idx] = DynamicCache(config=model.config).layers[idx]
         with torch.no_grad():
-            rows = [model(ids[:, t : t + 1], past_key_values=cache).logits[0, -1] for t in range(ids.shape[1] - 1)]
+            rows = [
+                model(ids[:, t : t + 1], **cache_kwargs(model, cache)).logits[0, -1] for t in range(ids.shape[1] - 1)
+            ]
         logprobs.append(torch.log_softmax(torch.stack(rows).float(), dim=-1))
     ref, got = logprobs
     return float((ref.exp() * (ref - got)).sum(-1).mean())

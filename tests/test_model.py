@@ -5,6 +5,9 @@ These load the real model once per session (~20 s) and are marked slow; CI runs 
 
 from __future__ import annotations
 
+import contextlib
+import copy
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,7 @@ from transformers import DynamicCache
 
 from kvpack import KVPackCache
 from kvpack.attention import use_kvpack_attention
+from kvpack.compat import cache_kwargs
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +41,33 @@ def _chat(tokenizer, text: str) -> dict[str, torch.Tensor]:
 def _generate(model, inputs, cache, **kwargs) -> torch.Tensor:
     inputs = {k: v.to(model.device) for k, v in inputs.items()}
     with torch.inference_mode():
-        out = model.generate(**inputs, past_key_values=cache, do_sample=False, **kwargs)
+        out = model.generate(**inputs, **cache_kwargs(model, cache), do_sample=False, **kwargs)
     return out[:, inputs["input_ids"].shape[1] :].cpu()
+
+
+def _generate_exactly(model, inputs, cache, new_tokens: int, **kwargs) -> torch.Tensor:
+    """`new_tokens` greedy tokens, EOS off (`min_new_tokens`): a comparison of two runs then covers every one of
+    them, where a model that answers briefly would otherwise stop both runs after a few tokens."""
+    out = _generate(model, inputs, cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+    assert out.shape[1] == new_tokens, f"generated {out.shape[1]} tokens, asked for exactly {new_tokens}"
+    return out
+
+
+@pytest.fixture(scope="module")
+def assistant_model(default_model):
+    """A real, smaller draft model for assisted decoding: the default model's first 4 of its 30 decoder layers
+    (its own embeddings and head, the same tokenizer), float32. Its drafts agree with the full model on some tokens
+    and not on others, so assisted decoding both accepts candidates and rolls rejected ones back (crop)."""
+    model, _ = default_model
+    config = copy.deepcopy(model.config)
+    config.num_hidden_layers = 4
+    if getattr(config, "layer_types", None):
+        config.layer_types = config.layer_types[:4]
+    draft = type(model)(config).to(model.device, model.dtype).eval()
+    missing, unexpected = draft.load_state_dict(model.state_dict(), strict=False)
+    assert not missing, missing  # every draft weight comes from the model; the deeper layers are left out
+    assert unexpected and all(".layers." in name for name in unexpected)
+    return draft
 
 
 @pytest.fixture(scope="module")
@@ -52,12 +81,12 @@ def long_prompt(default_model) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("backend", ["dense", "auto"], ids=["dense", "fused"])
 def test_k8v8_reproduces_full_precision_greedy_output(default_model, long_prompt, backend: str) -> None:
     model, _ = default_model
-    reference = _generate(model, long_prompt, DynamicCache(config=model.config), max_new_tokens=64)
+    reference = _generate_exactly(model, long_prompt, DynamicCache(config=model.config), 64)
     previous = model.config._attn_implementation
     use_kvpack_attention(model)  # the dense backend still hands dense tensors to SDPA
     try:
         cache = KVPackCache(model.config, "k8v8", backend=backend)
-        packed = _generate(model, long_prompt, cache, max_new_tokens=64)
+        packed = _generate_exactly(model, long_prompt, cache, 64)
     finally:
         model.set_attn_implementation(previous)
     assert cache.layers[0].packed_length >= 900, "the test must exercise packed tokens, not just the residual"
@@ -75,7 +104,7 @@ def test_k4v4_teacher_forced_agreement_on_wikitext(default_model) -> None:
         chunks = []
         with torch.inference_mode():
             for start in range(0, ids.shape[1], 16):
-                out = model(ids[:, start : start + 16], past_key_values=cache, use_cache=True)
+                out = model(ids[:, start : start + 16], **cache_kwargs(model, cache), use_cache=True)
                 chunks.append(out.logits[0].float())
         return torch.cat(chunks)
 
@@ -97,7 +126,8 @@ def test_beam_search_agrees_with_full_precision(default_model, long_prompt) -> N
     assert torch.equal(packed, reference)
 
 
-def test_prompt_lookup_decoding_agrees_with_greedy_on_the_same_cache(default_model, long_prompt) -> None:
+@pytest.mark.parametrize("backend", ["dense", "auto"], ids=["dense", "fused"])
+def test_prompt_lookup_decoding_agrees_with_greedy_on_the_same_cache(default_model, long_prompt, backend: str) -> None:
     """Candidate chunks are attended exactly and rejected ones rolled back (crop), so 8-bit lookup equals greedy.
 
     (At lower bits a query in a chunk may still see exact tokens that single steps would have packed, so equality
@@ -105,11 +135,59 @@ def test_prompt_lookup_decoding_agrees_with_greedy_on_the_same_cache(default_mod
     """
     model, _ = default_model
     spec = "k8v8"
-    greedy = _generate(model, long_prompt, KVPackCache(model.config, spec), max_new_tokens=40)
-    cache = KVPackCache(model.config, spec)
-    lookup = _generate(model, long_prompt, cache, max_new_tokens=40, prompt_lookup_num_tokens=5)
+    with _attention(model, backend):
+        greedy = _generate_exactly(model, long_prompt, KVPackCache(model.config, spec, backend=backend), 64)
+        cache = KVPackCache(model.config, spec, backend=backend)
+        removed = _count_rollbacks(cache)
+        lookup = _generate_exactly(model, long_prompt, cache, 64, prompt_lookup_num_tokens=5)
     assert torch.equal(lookup, greedy)
     assert cache.get_seq_length() == long_prompt["input_ids"].shape[1] + lookup.shape[1] - 1
+    assert any(removed), "no candidate was rejected: the test must exercise the rollback"
+
+
+@pytest.mark.parametrize("backend", ["dense", "auto"], ids=["dense", "fused"])
+def test_assisted_decoding_with_a_draft_model_agrees_with_greedy(
+    default_model, long_prompt, assistant_model, backend: str
+) -> None:
+    """Assisted decoding with a real draft model: its candidates are checked by the model on the packed cache, and
+    the rejected ones rolled back; at 8 bits that gives exactly the greedy tokens."""
+    model, _ = default_model
+    with _attention(model, backend):
+        greedy = _generate_exactly(model, long_prompt, KVPackCache(model.config, "k8v8", backend=backend), 64)
+        cache = KVPackCache(model.config, "k8v8", backend=backend)
+        removed = _count_rollbacks(cache)
+        assisted = _generate_exactly(model, long_prompt, cache, 64, assistant_model=assistant_model)
+    assert torch.equal(assisted, greedy)
+    assert cache.get_seq_length() == long_prompt["input_ids"].shape[1] + assisted.shape[1] - 1
+    assert cache.layers[0].packed_length >= 900, "the test must exercise packed tokens, not just the residual"
+    assert any(removed), "no candidate was rejected: the test must exercise the rollback"
+    assert len(removed) < 64, f"{len(removed)} verification steps for 64 tokens: no draft token was ever accepted"
+
+
+@contextlib.contextmanager
+def _attention(model, backend: str) -> Iterator[None]:
+    """The model on kvpack's attention for the duration (`dense`: the cache still hands dense tensors to SDPA)."""
+    previous = model.config._attn_implementation
+    use_kvpack_attention(model)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(previous)
+
+
+def _count_rollbacks(cache: KVPackCache) -> list[int]:
+    """The number of tokens each later `cache.crop` removes, one entry per call (filled as generation runs; assisted
+    decoding crops once per verification step, removing the rejected candidates, 0 when it accepted them all)."""
+    removed: list[int] = []
+    crop = cache.crop
+
+    def counting_crop(tokens_to_remove: int) -> None:
+        before = cache.get_seq_length()
+        crop(tokens_to_remove)
+        removed.append(before - cache.get_seq_length())
+
+    cache.crop = counting_crop  # type: ignore[method-assign]
+    return removed
 
 
 def test_batched_left_padding_gives_each_prompts_solo_output(default_model) -> None:
@@ -145,7 +223,7 @@ def test_sampling_runs_and_is_reproducible(default_model, long_prompt) -> None:
         with torch.inference_mode():
             out = model.generate(
                 **inputs,
-                past_key_values=KVPackCache(model.config, "k4v4-plain"),
+                **cache_kwargs(model, KVPackCache(model.config, "k4v4-plain")),
                 do_sample=True,
                 max_new_tokens=16,
                 temperature=0.8,
@@ -163,7 +241,7 @@ def test_compression_at_4096_tokens(default_model) -> None:
     for spec in ("k4v4-plain", "k2v2-plain"):
         cache = KVPackCache(model.config, spec)
         with torch.inference_mode():
-            model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         ratios[spec] = cache.fp16_nbytes() / cache.nbytes()
         # The layout's exact bytes: 3968 tokens packed (62 blocks of 64), the 128 newest in the residual
         # buffer of 128 + 64 float32 tokens; per layer and KV head, head_dim 64.

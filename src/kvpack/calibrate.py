@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from kvpack.compat import cache_kwargs
 from kvpack.config import SUPPORTED_BITS, CacheConfig, QuantSpec
 from kvpack.errors import ConfigError
 
@@ -417,7 +418,7 @@ class SensitivityMeter:
         self.cache = DynamicCache(config=model.config)
         if self.prefix:
             with torch.no_grad(), _calibration_attention_on(model):
-                model(self.ids[:, : self.prefix], past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                model(self.ids[:, : self.prefix], **cache_kwargs(model, self.cache), use_cache=True, logits_to_keep=1)
         self._outputs: list[Any] = [None] * len(self.layers)
         hooks = [
             layer.register_forward_hook(lambda _m, _a, out, i=i: self._outputs.__setitem__(i, out))
@@ -445,7 +446,7 @@ class SensitivityMeter:
         _active.target = target
         try:
             with torch.no_grad(), _calibration_attention_on(self.model):
-                out = self.model(self.ids[:, self.prefix :], past_key_values=self.cache, use_cache=True)
+                out = self.model(self.ids[:, self.prefix :], **cache_kwargs(self.model, self.cache), use_cache=True)
                 logits = out.logits[0, :-1].double()
         finally:
             _active.target = None

@@ -12,6 +12,7 @@ from typing import Any
 
 from kvpack.attention.registry import CACHE_BACKENDS
 from kvpack.bench.compare import DEFAULT_CACHES
+from kvpack.compat import cache_kwargs
 from kvpack.config import DEFAULT_PRESET, PRESETS, CacheConfig, as_config, with_recommended_options
 from kvpack.errors import KVPackError
 from kvpack.weights import WEIGHT_CHOICES
@@ -80,12 +81,12 @@ def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace, cac
             model(
                 input_ids=ids[:, cached:-1],
                 attention_mask=mask[:, :-1],
-                past_key_values=cache,
+                **cache_kwargs(model, cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
         prefilled = time.perf_counter()
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, **sampling)
+        out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens, **sampling)
         done = time.perf_counter()
     return Generation(tokens=out[0, ids.shape[1] :], prefill_s=prefilled - start, decode_s=done - prefilled)
 
@@ -227,7 +228,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             fresh_cache = KVPackCache(model.config, config, backend=args.backend)
             start = time.perf_counter()
             with torch.no_grad():
-                model(input_ids=inputs["input_ids"][:, :cached], past_key_values=fresh_cache, use_cache=True)
+                model(input_ids=inputs["input_ids"][:, :cached], **cache_kwargs(model, fresh_cache), use_cache=True)
             fresh_s = time.perf_counter() - start
             fresh = _generate(model, inputs, fresh_cache, args, cached)
             same = _common_prefix(new_tokens.tolist(), fresh.tokens.tolist())

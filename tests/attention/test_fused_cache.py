@@ -18,6 +18,7 @@ from kvpack import KVPackCache
 from kvpack.attention import cpu, use_kvpack_attention
 from kvpack.attention.registry import INPUTS_ATTRIBUTE
 from kvpack.cache.layer import FUSED_MAX_NEW_TOKENS
+from kvpack.compat import cache_kwargs
 from kvpack.errors import BackendUnavailableError, ConfigError
 from tests.cache.test_cache import gemma_config, generate, left_padded_batch, llama_config, prompt
 
@@ -49,10 +50,10 @@ def set_attention(model: PreTrainedModel, fused: bool) -> None:
 @torch.no_grad()
 def step_logits(model: PreTrainedModel, cache: Any, ids: torch.Tensor, prefill: int, fused: bool) -> torch.Tensor:
     set_attention(model, fused)
-    logits = [model(ids[:, :prefill], past_key_values=cache).logits[:, -1]]
+    logits = [model(ids[:, :prefill], **cache_kwargs(model, cache)).logits[:, -1]]
     for i in range(prefill, ids.shape[1], 3):  # chunks of 1-3 tokens: decode and candidate-verification shapes
         step = ids[:, i : i + 1 + (i // 3) % 3]
-        logits.append(model(step, past_key_values=cache).logits[:, -1])
+        logits.append(model(step, **cache_kwargs(model, cache)).logits[:, -1])
     return torch.stack(logits, dim=1)
 
 
@@ -111,7 +112,7 @@ def test_dense_path_returns_plain_tensors_and_fused_path_marks_them(model: PreTr
     set_attention(model, fused=True)
     cache = KVPackCache(model, "k4v4-g16-r16")
     with torch.no_grad():
-        model(ids, past_key_values=cache)
+        model(ids, **cache_kwargs(model, cache))
     layer = next(i for i, layer in enumerate(cache.layers) if not layer.is_sliding)
     new = torch.randn(1, 2, 1, cache.layers[layer].residual_keys.shape[-1])
     keys, _ = cache.update(new, new.clone(), layer)

@@ -11,6 +11,7 @@ from transformers import DynamicCache, LlamaConfig
 from kvpack import ConfigError, KVPackCache, KVPackError
 from kvpack.bench import caches
 from kvpack.bench.caches import cache_nbytes, make_cache, parse_cache_name
+from kvpack.compat import cache_kwargs
 
 
 def tiny_config() -> LlamaConfig:
@@ -102,8 +103,8 @@ def test_preallocated_fp_cache_generates_as_dynamic_cache() -> None:
     model = LlamaForCausalLM(config).eval()
     ids = torch.randint(2, 128, (2, 200), generator=torch.Generator().manual_seed(0))
     kwargs = {"max_new_tokens": 80, "do_sample": False, "pad_token_id": 0}  # past 256 tokens: the buffer grows
-    reference = model.generate(ids, past_key_values=DynamicCache(config=config), **kwargs)
+    reference = model.generate(ids, **cache_kwargs(model, DynamicCache(config=config)), **kwargs)
     cache = make_cache(parse_cache_name("fp-prealloc"), config)
     assert isinstance(cache, PreallocatedCache)
-    assert torch.equal(model.generate(ids, past_key_values=cache, **kwargs), reference)
+    assert torch.equal(model.generate(ids, **cache_kwargs(model, cache), **kwargs), reference)
     assert cache.get_seq_length() == 279 and cache.layers[0].key_buffer.shape[2] == 512  # 256, then doubled

@@ -29,6 +29,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvpack import CacheConfig, ConfigError, KVPackCache, KVPackError, UnsupportedModelError, parse_spec
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
+from kvpack.compat import cache_kwargs, output_cache
 from kvpack.config import DEFAULT_PRESET, PRESETS
 from kvpack.errors import UnsupportedOperationError
 
@@ -83,7 +84,7 @@ def prompt(batch: int = 1, tokens: int = 40, seed: int = 1) -> torch.Tensor:
 def generate(model: PreTrainedModel, cache: Any, input_ids: torch.Tensor, **kwargs: Any) -> Any:
     kwargs.setdefault("max_new_tokens", 30)
     kwargs.setdefault("do_sample", False)
-    return model.generate(input_ids, past_key_values=cache, pad_token_id=0, **kwargs)
+    return model.generate(input_ids, **cache_kwargs(model, cache), pad_token_id=0, **kwargs)
 
 
 def assert_same_greedy(reference: Any, packed: Any, prompt_len: int, tol: float = LOGIT_TOL_8BIT) -> None:
@@ -118,9 +119,9 @@ def dynamic_fp16_nbytes(cache: DynamicCache) -> int:
 @torch.no_grad()
 def teacher_forced_logits(model: PreTrainedModel, cache: Any, ids: torch.Tensor, prefill: int) -> torch.Tensor:
     """Next-token logits `[batch, steps, vocab]`: one prefill, then one token per forward, as in decoding."""
-    logits = [model(ids[:, :prefill], past_key_values=cache).logits[:, -1]]
+    logits = [model(ids[:, :prefill], **cache_kwargs(model, cache)).logits[:, -1]]
     for i in range(prefill, ids.shape[1]):
-        logits.append(model(ids[:, i : i + 1], past_key_values=cache).logits[:, -1])
+        logits.append(model(ids[:, i : i + 1], **cache_kwargs(model, cache)).logits[:, -1])
     return torch.stack(logits, dim=1)
 
 
@@ -275,7 +276,7 @@ def test_greedy_generation_matches_dynamic_cache(model: PreTrainedModel) -> None
     cache = KVPackCache(model.config, SPEC_8BIT)
     packed = generate(model, cache, ids, **kwargs)
     assert_same_greedy(reference, packed, prompt_len=40)
-    assert cache.get_seq_length() == reference.past_key_values.get_seq_length() == 79
+    assert cache.get_seq_length() == output_cache(reference).get_seq_length() == 79
     assert all(layer.packed_length > 0 for layer in packed_layers(cache))
 
 
@@ -404,7 +405,7 @@ def test_cache_crop_into_packed_tokens_raises_and_keeps_the_cache(llama: PreTrai
 def test_cache_crop_refused_by_one_layer_leaves_every_layer_unchanged(gemma: PreTrainedModel) -> None:
     cache = KVPackCache(gemma.config, "k8v8-g16-r16-s4")
     with torch.no_grad():
-        gemma(prompt(tokens=74, seed=9), past_key_values=cache)
+        gemma(prompt(tokens=74, seed=9), **cache_kwargs(gemma, cache))
     # The sliding layer holds no sinks, so more of its tokens are in its residual window than in the full layer's.
     assert [layer.residual_len for layer in packed_layers(cache)] == [26, 22]
     with pytest.raises(UnsupportedOperationError):

@@ -21,6 +21,7 @@ from transformers import LlamaForCausalLM, PreTrainedModel
 
 from kvpack import KVPackCache, use_kvpack_attention
 from kvpack.attention import cpu
+from kvpack.compat import cache_kwargs
 from tests.cache.test_cache import llama_config
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -48,7 +49,7 @@ def run(model: PreTrainedModel, ids: torch.Tensor, backend: str, start: threadin
         start.wait()
     out = model.generate(
         ids,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         max_new_tokens=40,
         do_sample=False,
         pad_token_id=0,

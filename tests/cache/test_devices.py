@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM, P
 
 from kvpack import KVPackCache, use_kvpack_attention
 from kvpack.cache.layer import PackedLayer
+from kvpack.compat import cache_kwargs
 from tests.cache.test_cache import assert_same_greedy, llama_config, prompt
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -40,7 +41,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def greedy(model: PreTrainedModel, cache: Any, ids: torch.Tensor) -> torch.Tensor:
-    return model.generate(ids, past_key_values=cache, max_new_tokens=20, do_sample=False, pad_token_id=0)
+    return model.generate(ids, **cache_kwargs(model, cache), max_new_tokens=20, do_sample=False, pad_token_id=0)
 
 
 def layer_map(devices: list[str]) -> dict[str, str]:
@@ -95,9 +96,9 @@ def test_model_split_between_gpu_and_cpu(model_dir: Path) -> None:
     split = AutoModelForCausalLM.from_pretrained(model_dir, device_map=layer_map(["cuda:0", "cpu"])).eval()
     ids = prompt().to("cuda:0")
     kwargs: dict[str, Any] = dict(max_new_tokens=20, return_dict_in_generate=True, output_logits=True)
-    reference = split.generate(ids, past_key_values=DynamicCache(config=split.config), do_sample=False, **kwargs)
+    reference = split.generate(ids, **cache_kwargs(split, DynamicCache(config=split.config)), do_sample=False, **kwargs)
     cache = KVPackCache(split, SPEC)
-    packed = split.generate(ids, past_key_values=cache, do_sample=False, **kwargs)
+    packed = split.generate(ids, **cache_kwargs(split, cache), do_sample=False, **kwargs)
     assert [layer.device.type for layer in packed_layers(cache)] == ["cuda", "cpu"]
     assert_same_greedy(reference, packed, ids.shape[1])
 

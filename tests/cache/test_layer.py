@@ -656,6 +656,20 @@ def test_rollback_of_candidates_that_triggered_packing_equals_feeding_only_the_k
     assert_same_state(layer_state(layer), layer_state(fresh), skip=("nbytes",))
 
 
+def test_past_recording_takes_the_keywords_transformers_passes() -> None:
+    """transformers >= 5.25 passes `recurrent_states_to_keep` (the candidate tokens a crop may remove): accepted up
+    to the residual window, which rolls back exactly, and refused beyond it before anything changes."""
+    config = parse_spec("k4v4-plain-g16-r16")
+    for layer in (PackedLayer(config), PackedSlidingLayer(config, sliding_window=64)):
+        layer.activate_past_recording(recurrent_states_to_keep=16, some_future_keyword=True)
+        assert layer.record_past
+        fresh = PackedLayer(config)
+        with pytest.raises(UnsupportedOperationError, match="-r17") as info:
+            fresh.activate_past_recording(recurrent_states_to_keep=17)
+        assert isinstance(info.value, KVPackError)
+        assert not fresh.record_past
+
+
 def test_crop_that_reaches_packed_tokens_raises_and_changes_nothing() -> None:
     config = parse_spec("k4v4-plain-g16-r16-s2")
     total = _stream_with_residual(20, sinks=2)

@@ -15,6 +15,7 @@ from kvpack import CacheFormatError, KVPackCache, prefix_cache
 from kvpack.bench.memory import packed_bytes
 from kvpack.cache.layer import PackedLayer
 from kvpack.cache.persist import read_cache_file
+from kvpack.compat import cache_kwargs
 from tests.cache.test_cache import gemma_config, llama_config, prompt
 from tests.cache.test_cache_properties import DTYPES, operations, run_sequence
 from tests.cache.test_persist import assert_same_states, continue_steps, join_file, load_error, split_file
@@ -53,9 +54,9 @@ def test_sliding_layers_with_outliers_follow_dynamic_cache(spec: str, dtype: tor
 def test_nbytes_counts_the_outliers_exactly(llama: PreTrainedModel, spec: str) -> None:
     cache = KVPackCache(llama, spec)
     with torch.no_grad():
-        llama(prompt(batch=2, tokens=90, seed=2), past_key_values=cache)
+        llama(prompt(batch=2, tokens=90, seed=2), **cache_kwargs(llama, cache))
         for i in range(40):  # decode steps: appends into grown capacity
-            llama(prompt(batch=2, tokens=1, seed=i), past_key_values=cache)
+            llama(prompt(batch=2, tokens=1, seed=i), **cache_kwargs(llama, cache))
     total = 0
     for layer in cache.layers:
         assert isinstance(layer, PackedLayer) and layer.packed_length > 0

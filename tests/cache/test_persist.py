@@ -42,6 +42,7 @@ from kvpack.cache.persist import (
     layer_devices,
     read_cache_file,
 )
+from kvpack.compat import cache_kwargs
 from tests.cache.test_cache import gemma_config, llama_config, prompt
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -105,7 +106,7 @@ def continue_steps(model: PreTrainedModel, cache: KVPackCache, ids: torch.Tensor
     logits, i = [], 0
     while i < ids.shape[1]:
         size = 1 + (i // 2) % 3
-        logits.append(model(ids[:, i : i + size], past_key_values=cache).logits)
+        logits.append(model(ids[:, i : i + size], **cache_kwargs(model, cache)).logits)
         i += size
     return logits
 
@@ -152,13 +153,13 @@ def test_loaded_cache_generates_what_a_fresh_prefill_generates(model: PreTrained
     fresh_cache = prefix_cache(model, ids, "k4v4-plain-g16-r16")
     fresh_cache.save(tmp_path / "c.kvpc", model)
     full = torch.cat([ids, question], dim=1)
-    fresh = model.generate(full, past_key_values=fresh_cache, pad_token_id=0, **kwargs)
+    fresh = model.generate(full, **cache_kwargs(model, fresh_cache), pad_token_id=0, **kwargs)
     loaded_cache = KVPackCache.load(tmp_path / "c.kvpc", model)
     spare = copy.deepcopy(loaded_cache)  # the documented way to reuse one load for several prompts
     for cache in (loaded_cache, spare):
         assert cache.prefix_ids is not None
         out = model.generate(
-            torch.cat([cache.prefix_ids, question], 1), past_key_values=cache, pad_token_id=0, **kwargs
+            torch.cat([cache.prefix_ids, question], 1), **cache_kwargs(model, cache), pad_token_id=0, **kwargs
         )
         assert torch.equal(out.sequences, fresh.sequences)
         for a, b in zip(out.logits, fresh.logits, strict=True):
@@ -170,7 +171,7 @@ def test_past_recording_state_round_trips_and_rolls_back_identically(llama: PreT
     for layer in cache.layers:
         layer.activate_past_recording()
     with torch.no_grad():
-        llama(prompt(tokens=50, seed=2), past_key_values=cache)
+        llama(prompt(tokens=50, seed=2), **cache_kwargs(llama, cache))
     assert all(layer.shadow_len == 16 for layer in cache.layers)
     cache.save(tmp_path / "c.kvpc", llama, prompt(tokens=50, seed=2))
     loaded = KVPackCache.load(tmp_path / "c.kvpc", llama)
@@ -243,7 +244,7 @@ def test_save_refuses_an_empty_cache_and_wrong_token_ids(llama: PreTrainedModel,
         KVPackCache(llama, "k4v4-plain-g16-r16").save(tmp_path / "c.kvpc", llama, [1, 2])
     cache = KVPackCache(llama, "k4v4-plain-g16-r16")
     with torch.no_grad():
-        llama(prompt(tokens=20), past_key_values=cache)
+        llama(prompt(tokens=20), **cache_kwargs(llama, cache))
     with pytest.raises(KVPackError, match="pass token_ids"):
         cache.save(tmp_path / "c.kvpc", llama)
     with pytest.raises(KVPackError, match=r"shape \[batch=1, tokens=20\]"):
@@ -683,10 +684,10 @@ def test_real_model_generates_from_a_loaded_prefix_as_after_a_fresh_prefill(
         fresh_cache = prefix_cache(model, ids, spec)
         fresh_cache.save(tmp_path / "doc.kvpc", model, tokenizer=tokenizer)
         kwargs: dict[str, Any] = dict(max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(full))
-        fresh = model.generate(full, past_key_values=fresh_cache, **kwargs)
+        fresh = model.generate(full, **cache_kwargs(model, fresh_cache), **kwargs)
         loaded_cache = KVPackCache.load(tmp_path / "doc.kvpc", model, tokenizer)
         assert loaded_cache.prefix_ids is not None and torch.equal(loaded_cache.prefix_ids, ids)
-        loaded = model.generate(full, past_key_values=loaded_cache, **kwargs)
+        loaded = model.generate(full, **cache_kwargs(model, loaded_cache), **kwargs)
     finally:
         model.set_attn_implementation(previous)
     assert torch.equal(loaded, fresh)

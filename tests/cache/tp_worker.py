@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from kvpack import KVPackCache, use_kvpack_attention
 from kvpack.cache.layer import PackedLayer
+from kvpack.compat import cache_kwargs
 
 
 def main(model_dir: str, out_dir: str) -> None:
@@ -24,12 +25,12 @@ def main(model_dir: str, out_dir: str) -> None:
     ids = torch.randint(2, 128, (1, 40), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=20, do_sample=False, pad_token_id=0)
     result: dict[str, object] = {"world_size": int(os.environ["WORLD_SIZE"])}
-    result["fp"] = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)[0].tolist()
+    result["fp"] = model.generate(ids, **cache_kwargs(model, DynamicCache(config=model.config)), **kwargs)[0].tolist()
     for name in ("dense", "fused"):
         if name == "fused":
             use_kvpack_attention(model)
         cache = KVPackCache(model, "k8v8-g16-r16", backend="dense" if name == "dense" else "auto")
-        result[name] = model.generate(ids, past_key_values=cache, **kwargs)[0].tolist()
+        result[name] = model.generate(ids, **cache_kwargs(model, cache), **kwargs)[0].tolist()
         layers = [layer for layer in cache.layers if isinstance(layer, PackedLayer)]
         result[f"{name}_kv_heads"] = [layer.residual_keys.shape[1] for layer in layers]
         result[f"{name}_packed"] = [layer.packed_length for layer in layers]

@@ -19,6 +19,7 @@ import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
 from kvpack.cache import KVPackCache
+from kvpack.compat import cache_kwargs
 from kvpack.errors import ConfigError, KVPackError
 from kvpack.eval import passkey
 from kvpack.eval.passkey import (
@@ -215,7 +216,7 @@ def test_shared_prefill_stores_what_the_cache_own_prefill_stores(tiny_model: Any
     own = passkey.make_cache(name, tiny_model.config)
     ids = torch.tensor([prompt.input_ids[:-1]], device=tiny_model.device)
     with torch.inference_mode():
-        tiny_model(input_ids=ids, past_key_values=own, use_cache=True)
+        tiny_model(input_ids=ids, **cache_kwargs(tiny_model, own), use_cache=True)
     assert shared.get_seq_length() == own.get_seq_length() == prompt.n_tokens - 1
     for a, b in zip(shared.layers, own.layers, strict=True):
         dense_a = a.dense() if hasattr(a, "dense") else (a.keys, a.values)

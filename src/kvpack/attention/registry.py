@@ -2,7 +2,7 @@
 
     from kvpack.attention import use_kvpack_attention
     use_kvpack_attention(model)                  # the model's attention becomes "kvpack"
-    model.generate(..., past_key_values=KVPackCache(model, "k4v4"))
+    model.generate(..., cache=KVPackCache(model, "k4v4"))       # past_key_values= before transformers 5.25
 
 With the model's attention implementation set to `kvpack`, a `KVPackCache` hands each layer's packed blocks and
 exact tokens to `kvpack_attention` instead of dequantized tensors, and one backend computes attention on them:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from kvpack.bench.caches import CacheSpec, cache_nbytes, make_cache, parse_cache_name, require_packages
+from kvpack.compat import cache_kwargs
 
 DEFAULT_CACHES = "fp,k8v8,k4v4,k4v2,k2v2,quanto-int4,quanto-int2,hqq-int8,hqq-int4-axis1"
 
@@ -24,9 +25,9 @@ DEFAULT_CACHES = "fp,k8v8,k4v4,k4v2,k2v2,quanto-int4,quanto-int2,hqq-int8,hqq-in
 def _prefill(model: Any, ids: torch.Tensor, spec: CacheSpec, cache: Any) -> None:
     first = spec.feed_first_tokens_together
     with torch.no_grad():
-        model(ids[:, :first], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids[:, :first], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         if ids.shape[1] > first:
-            model(ids[:, first:], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(ids[:, first:], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
 
 
 def decode_speed(
@@ -56,7 +57,7 @@ def decode_speed(
         for _, model, spec in entries:  # first use of a cache type (a peer's kernel build, lazy imports): untimed
             warm = make_cache(spec, model.config)
             _prefill(model, ids[:, : min(context, 256)].to(model.device), spec, warm)
-            model(ids[:, -1:].to(model.device), past_key_values=warm, use_cache=True)
+            model(ids[:, -1:].to(model.device), **cache_kwargs(model, warm), use_cache=True)
     for key, model, spec in entries:
         cache = make_cache(spec, model.config)
         start = time.perf_counter()
@@ -72,7 +73,7 @@ def decode_speed(
             for key in order:
                 model, cache = caches[key]
                 start = time.perf_counter()
-                model(token.to(model.device), past_key_values=cache, use_cache=True)
+                model(token.to(model.device), **cache_kwargs(model, cache), use_cache=True)
                 if step >= warmup:
                     elapsed[key] += time.perf_counter() - start
     for key in keys:
@@ -129,7 +130,7 @@ def step_profile(model: Any, cache: Any, token: torch.Tensor, steps: int) -> dic
         with torch.no_grad():
             for _ in range(steps):
                 start = clock()
-                model(token.to(model.device), past_key_values=cache, use_cache=True)
+                model(token.to(model.device), **cache_kwargs(model, cache), use_cache=True)
                 total += clock() - start
     finally:
         for hook in hooks:

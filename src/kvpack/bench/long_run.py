@@ -32,6 +32,7 @@ import torch
 
 from kvpack.bench.compare import result_header
 from kvpack.bench.memory import _release_freed_memory, _rss_bytes, packed_bytes
+from kvpack.compat import cache_kwargs
 from kvpack.config import parse_spec
 from kvpack.errors import ConfigError
 
@@ -79,10 +80,10 @@ def generate_long(model: Any, spec: str, backend: str, tokens: int, prompt: int,
     samples = []
     start = time.perf_counter()
     with torch.inference_mode():
-        logits = model(ids, past_key_values=cache).logits[:, -1]
+        logits = model(ids, **cache_kwargs(model, cache)).logits[:, -1]
         for step in range(1, tokens + 1):
             next_token = logits.argmax(dim=-1, keepdim=True)
-            logits = model(next_token, past_key_values=cache).logits[:, -1]
+            logits = model(next_token, **cache_kwargs(model, cache)).logits[:, -1]
             if step % sample_every == 0 or step == tokens:
                 valid, packed_len = packed_state(cache)
                 seen = cache.get_seq_length()

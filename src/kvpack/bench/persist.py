@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from kvpack.bench.compare import result_header
+from kvpack.compat import cache_kwargs
 
 DEFAULT_SPECS = "k4v4,k8v8"
 DEFAULT_CONTEXTS = "1024,4096,8192"
@@ -58,7 +59,7 @@ def _drop_from_page_cache(path: Path) -> bool:
 
 @torch.no_grad()
 def _first_token_logits(model: Any, cache: Any, suffix: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=suffix, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+    return model(input_ids=suffix, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]
 
 
 def _fp16_tensors(cache: Any) -> dict[str, torch.Tensor]:
@@ -108,7 +109,7 @@ class _Case:
         if self.spec is None:
             cache: Any = DynamicCache(config=model.config)
             with torch.no_grad():
-                model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         else:
             cache = prefix_cache(model, ids, self.spec)
             self.name = cache.cache_config.spec

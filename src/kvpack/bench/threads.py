@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kvpack.bench.compare import result_header
+from kvpack.compat import cache_kwargs
 
 DEFAULT_RESULTS = Path("benchmarks/results/concurrency.json")
 DEFAULT_CACHES = "k8v8,k4v4,k4v4@dense,k2v2"
@@ -43,7 +44,7 @@ def _generate(model: Any, ids: torch.Tensor, spec: str, backend: str, tokens: in
         start.wait()
     out = model.generate(
         ids,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         max_new_tokens=tokens,
         do_sample=False,
         return_dict_in_generate=True,

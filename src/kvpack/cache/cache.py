@@ -70,7 +70,7 @@ class KVPackCache(Cache):
     """A packed, quantized KV cache for Hugging Face `transformers` generation.
 
     >>> cache = KVPackCache(model.config)                    # the `balanced` preset; or "k2v2", a CacheConfig ...
-    >>> out = model.generate(**inputs, past_key_values=cache)
+    >>> out = model.generate(**inputs, cache=cache)     # past_key_values=cache before transformers 5.25
     >>> cache.nbytes(), cache.fp16_nbytes()
 
     One `PackedLayer` per full-attention layer and one `PackedSlidingLayer` per sliding-window layer, so

@@ -187,12 +187,22 @@ class PackedLayer(CacheLayerMixin):
         self._init_state()
         self.record_past = record_past
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, recurrent_states_to_keep: int | None = None, **kwargs: object) -> None:
         """Keep the last packed block exactly too, so `crop` can roll back without losing exact tokens.
 
         transformers calls this before assisted / prompt-lookup decoding. Costs one block of
-        full-precision tokens per layer (counted in `nbytes()`).
+        full-precision tokens per layer (counted in `nbytes()`). recurrent_states_to_keep (transformers >= 5.25):
+        how many of the newest tokens a later `crop` may remove (the candidate tokens per step). This layer rolls
+        back up to `residual` tokens exactly, so a larger count is refused here, before generation starts,
+        rather than at the first rejected candidate. Other keyword arguments transformers may pass concern
+        recurrent states, which an attention layer does not have.
         """
+        if recurrent_states_to_keep is not None and recurrent_states_to_keep > self.config.residual:
+            raise UnsupportedOperationError(
+                f"layer {self.layer_idx}: assisted decoding may roll back {recurrent_states_to_keep} candidate tokens, "
+                f"but only the newest {self.config.residual} are held exactly (the residual window): use "
+                f"'-r{recurrent_states_to_keep}' or more in the cache spec, or fewer candidate tokens."
+            )
         self.record_past = True
         if self.is_initialized and self.shadow_keys.shape[2] == 0:
             block = self.config.block_tokens

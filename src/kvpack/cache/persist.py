@@ -35,6 +35,7 @@ import torch
 
 from kvpack.cache.layer import FLOAT_DTYPES, LayerState, PackedLayer, PackedSlidingLayer
 from kvpack.cache.storage import PackedBuffer
+from kvpack.compat import cache_kwargs
 from kvpack.config import DEFAULT_PRESET, CacheConfig, QuantSpec
 from kvpack.errors import (
     CacheChecksumError,
@@ -861,7 +862,7 @@ def prefix_cache(
     cache = KVPackCache(model, cache_config, backend=backend)
     start = time.perf_counter()
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(input_ids=ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     cache.prefill_s = time.perf_counter() - start
     cache.prefix_ids = ids.cpu()
     return cache

@@ -14,7 +14,7 @@ The prompt is built to an exact token count with the model's own tokenizer (the 
 included: at most the target and fewer than one filler sentence short of it), with the needle on its own line
 at the sentence boundary nearest the requested depth (depth = the fraction of the filler tokens before it).
 The model greedily generates up to `MAX_NEW_TOKENS` tokens with the cache under test passed to
-`model.generate(..., past_key_values=cache)`; a trial is correct when the first 5-digit number of the output
+`model.generate(..., cache=cache)`; a trial is correct when the first 5-digit number of the output
 is the pass key. The same keys (seeded per length, depth and trial) are asked of every cache.
 
 All but the last prompt token are run through the model once, into a full-precision cache, and each cache under
@@ -53,6 +53,7 @@ from typing import Any
 
 from kvpack.bench.caches import make_cache as build_cache
 from kvpack.bench.caches import parse_cache_name
+from kvpack.compat import cache_kwargs
 from kvpack.errors import ConfigError, KVPackError
 
 INTRO = (
@@ -295,7 +296,11 @@ def prefill(model: Any, prompt: PasskeyPrompt) -> Any | None:
         return None
     with torch.inference_mode():
         model(
-            input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache, use_cache=True, logits_to_keep=1
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            **cache_kwargs(model, cache),
+            use_cache=True,
+            logits_to_keep=1,
         )
     return cache
 
@@ -328,7 +333,7 @@ def generate_answer(model: Any, tokenizer: Any, prompt: PasskeyPrompt, cache: An
         out = model.generate(
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
-            past_key_values=cache,
+            **cache_kwargs(model, cache),
             max_new_tokens=MAX_NEW_TOKENS,
             do_sample=False,
             pad_token_id=pad,

@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from kvpack.bench.caches import CacheSpec, cache_nbytes, make_cache
+from kvpack.compat import cache_kwargs
 from kvpack.errors import KVPackError
 
 _DATA_FILE = Path("shared") / "data" / "wikitext2_test.txt"
@@ -117,7 +118,7 @@ def stream(
     start_time = time.perf_counter()
     with torch.no_grad():  # not inference_mode: quanto's quantized weights fail on inference tensors
         for start, end in tqdm(positions, desc=name, disable=not progress, leave=False):
-            logits = model(ids[:, start:end], past_key_values=cache, use_cache=True).logits[0].float()
+            logits = model(ids[:, start:end], **cache_kwargs(model, cache), use_cache=True).logits[0].float()
             logprobs = torch.log_softmax(logits, dim=-1).cpu()
             targets = ids[0, start + 1 : end + 1].cpu()
             rows = slice(start, end)
