@@ -10,27 +10,26 @@ the model at hand takes, so it runs without deprecation warnings on every releas
 
 from __future__ import annotations
 
-import functools
 import inspect
-from collections.abc import Hashable
 from typing import Any
 
+_KEYWORDS: dict[type, str] = {}  # per model class: read once, not at every step
 
-@functools.cache
-def _forward_takes_cache(model_type: Hashable) -> bool:
-    forward = getattr(model_type, "forward", None)
-    if forward is None:
-        return False
+
+def _keyword(model_type: type) -> str:
     try:
-        parameters = inspect.signature(forward).parameters
-    except (TypeError, ValueError):  # a forward inspect cannot read: the older spelling is accepted everywhere
-        return False
-    return "cache" in parameters
+        parameters = inspect.signature(getattr(model_type, "forward")).parameters  # noqa: B009
+    except (AttributeError, TypeError, ValueError):  # no forward inspect can read: the older name works everywhere
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def cache_keyword(model: Any) -> str:
     """`cache` where `model`'s forward takes it (transformers >= 5.25), else `past_key_values`."""
-    return "cache" if _forward_takes_cache(type(model)) else "past_key_values"
+    model_type = type(model)
+    if model_type not in _KEYWORDS:
+        _KEYWORDS[model_type] = _keyword(model_type)
+    return _KEYWORDS[model_type]
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
