@@ -135,6 +135,13 @@ def generate_argv(model_dir: Path, *args: str) -> list[str]:
     return ["generate", "--model", str(model_dir), "--max-new-tokens", "6", "--backend", "torch", *args]
 
 
+def test_a_window_beyond_the_context_is_a_clear_error(tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    for spec in ("k4v4-s999999", "k4v4-r999999"):
+        assert cli.main(generate_argv(tiny_model_dir, "Hello there", "--cache", spec)) == 2
+        err = capsys.readouterr().err
+        assert "at most 512 tokens" in err and "Traceback" not in err
+
+
 def test_cache_build_then_info(tiny_prefix: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["cache", "info", str(tiny_prefix)]) == 0
     out = capsys.readouterr().out

@@ -244,11 +244,12 @@ def test_compression_at_4096_tokens(default_model) -> None:
             model(ids, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
         ratios[spec] = cache.fp16_nbytes() / cache.nbytes()
         # The layout's exact bytes: 3968 tokens packed (62 blocks of 64), the 128 newest in the residual
-        # buffer of 128 + 64 float32 tokens; per layer and KV head, head_dim 64.
+        # buffer, float32, which grows as it fills (to 128 + 64 tokens at the next step); per layer and KV
+        # head, head_dim 64.
         bits = int(spec[1])
         packed_keys = 62 * 64 * (64 * bits // 8) + 62 * 64 * 2 * 2
         packed_values = 3968 * (64 * bits // 8) + 3968 * 1 * 2 * 2
-        residual = 2 * 192 * 64 * 4
+        residual = 2 * 128 * 64 * 4
         assert cache.nbytes() == 30 * 3 * (packed_keys + packed_values + residual)
         assert cache.fp16_nbytes() == 30 * 3 * 4096 * 2 * 64 * 2
     print(f"\ncompression vs fp16 at 4096 tokens: {ratios}")

@@ -411,3 +411,26 @@ def test_cache_crop_refused_by_one_layer_leaves_every_layer_unchanged(gemma: Pre
     with pytest.raises(UnsupportedOperationError):
         cache.crop(-24)
     assert [layer.get_seq_length() for layer in cache.layers] == [74, 74]
+
+
+@pytest.mark.parametrize("spec", ["k4v4-s999999", "k4v4-r999999", "k4v4-plain-s257", "k8v8-r257"])
+def test_sinks_or_a_window_beyond_the_models_context_are_refused(spec: str) -> None:
+    """A window or sinks the model's context (256 tokens here) could never fill: refused with the limit, before
+    anything is allocated (such a spec used to preallocate them in every layer: tens of GB for `-s999999`)."""
+    with pytest.raises(ConfigError, match="at most 256 tokens") as info:
+        KVPackCache(llama_config(), spec)
+    assert "-r" in str(info.value) and "-s" in str(info.value)  # says what to write instead
+
+
+def test_the_exact_window_grows_as_it_fills() -> None:
+    """The longest window the context admits costs nothing until tokens arrive: a layer holds what it was given."""
+    cache = KVPackCache(llama_config(), "k4v4-plain-g16-r256-s4")
+    keys = torch.randn(1, 2, 10, 16)
+    cache.update(keys, keys, 0)
+    layer = cache.layers[0]
+    assert isinstance(layer, PackedLayer)
+    assert layer.exact_keys.shape[2] == 10
+    assert layer.nbytes() == 2 * keys.numel() * keys.element_size()
+    for _ in range(40):  # decode steps: the buffer at least doubles when it grows, so it rarely moves
+        cache.update(keys[:, :, :1], keys[:, :, :1], 0)
+    assert layer.exact_keys.shape[2] == 80 and layer.get_seq_length() == 50

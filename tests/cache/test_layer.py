@@ -12,6 +12,7 @@ beam reordering) is checked against `DynamicLayer` / `DynamicSlidingWindowLayer`
 from __future__ import annotations
 
 import inspect
+import math
 import random
 import re
 from collections.abc import Iterator
@@ -388,7 +389,8 @@ def test_nbytes_is_the_sum_of_every_held_tensor_through_growth(spec: str) -> Non
     assert layer.nbytes() == 0
     assert layer.packed_keys is None
     pointers: tuple[int, int] | None = None
-    reallocations = 0
+    exact_pointer: int | None = None
+    reallocations = exact_reallocations = 0
     end = 0
     for size in [40] + [1] * (total - 40):
         nbytes_before = layer.nbytes()
@@ -398,15 +400,21 @@ def test_nbytes_is_the_sum_of_every_held_tensor_through_growth(spec: str) -> Non
         assert layer.nbytes() == storage_nbytes(layer)
         assert layer.packed_keys is not None and layer.packed_values is not None
         now = (layer.packed_keys.codes.data_ptr(), layer.packed_values.codes.data_ptr())
-        if now != pointers:
-            reallocations += 1
-            pointers = now
-        elif end > 40:
+        exact_now = layer.exact_keys.data_ptr()
+        moved = now != pointers or exact_now != exact_pointer
+        reallocations += now != pointers
+        exact_reallocations += exact_now != exact_pointer
+        pointers, exact_pointer = now, exact_now
+        if not moved and end > 40:
             # Appending in place: the bytes held move only when a buffer is reallocated.
             assert layer.nbytes() == nbytes_before
     assert layer.packed_length > 2 * GROWTH_TOKENS
     # Storage grows by chunks of >= GROWTH_TOKENS tokens: no decode step copies the whole cache.
     assert reallocations <= 2 * (total // GROWTH_TOKENS + 2)
+    # The exact buffer grows as it fills, at least doubling, and stops at sinks + residual + block tokens.
+    full = config.sinks + config.residual + config.block_tokens
+    assert layer.sink_len + layer.residual_len <= layer.exact_keys.shape[2] <= full
+    assert exact_reallocations <= math.ceil(math.log2(full)) + 1
 
 
 def test_nbytes_after_batch_operations_and_reset() -> None:

@@ -207,7 +207,8 @@ def test_file_is_plain_safetensors_with_only_valid_tokens(llama: PreTrainedModel
     assert file.tensors["layers.0.residual_keys"].shape[2] == layer.residual_len == 22  # not the 32-token buffer
     assert file.tensors["layers.0.packed_keys.codes"].shape[2] == 48 // 16
     assert file.header.token_ids == tuple(tuple(row) for row in prompt(tokens=70, seed=1).tolist())
-    assert file.nbytes < cache.nbytes()  # no spare capacity on disk
+    # No spare capacity on disk: the tensors hold what the cache holds, and no more.
+    assert sum(t.numel() * t.element_size() for t in file.tensors.values()) <= cache.nbytes()
 
 
 def test_loads_onto_the_models_device(llama: PreTrainedModel, tmp_path: Path, device: torch.device) -> None:
@@ -457,6 +458,20 @@ def test_forged_config_sizes_are_refused_before_allocating(
     start = time.perf_counter()
     error = load_error(rewrite(llama_file, forge), llama)
     assert error.check == check and time.perf_counter() - start < 5
+
+
+def test_a_forged_window_allocates_only_what_the_file_holds(llama_file: Path, llama: PreTrainedModel) -> None:
+    """A header may ask for the longest residual window the model's context admits (a small file, re-signed); the
+    loaded cache still holds only the file's tokens, so what a file makes kvpack allocate is bounded by its size."""
+    context = llama.config.max_position_embeddings
+
+    def forge(header: dict[str, Any]) -> None:
+        header["cache_config"]["residual"] = context
+
+    file = read_cache_file(rewrite(llama_file, forge))
+    cache = KVPackCache.load(llama_file, llama)
+    assert cache.cache_config.residual == context
+    assert cache.nbytes() <= sum(t.numel() * t.element_size() for t in file.tensors.values())
 
 
 @pytest.mark.parametrize(

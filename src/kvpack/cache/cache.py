@@ -66,6 +66,27 @@ def _layer_plan(config: PretrainedConfig) -> list[tuple[str, int | None]]:
     return plan
 
 
+# The context assumed for a model whose config does not state one (max_position_embeddings).
+FALLBACK_CONTEXT_LIMIT = 1 << 17
+
+
+def context_limit(config: PretrainedConfig) -> int:
+    """The most tokens a sequence of this model holds: its `max_position_embeddings`, or `FALLBACK_CONTEXT_LIMIT`."""
+    text = config.get_text_config(decoder=True)
+    return int(getattr(text, "max_position_embeddings", None) or FALLBACK_CONTEXT_LIMIT)
+
+
+def check_exact_tokens(cache_config: CacheConfig, limit: int) -> None:
+    """Refuse sinks or a residual window longer than `limit` tokens (the model's context): they could never fill,
+    and a spec such as `k4v4-s999999` is a typo far more often than an intent."""
+    if cache_config.sinks > limit or cache_config.residual > limit:
+        raise ConfigError(
+            f"cache config {cache_config.spec}: {cache_config.sinks} sinks and a residual window of "
+            f"{cache_config.residual} tokens, but the model holds at most {limit} tokens (its context): use '-s<n>' "
+            f"and '-r<n>' of at most {limit} (defaults: the preset's sinks, '-r128')."
+        )
+
+
 class KVPackCache(Cache):
     """A packed, quantized KV cache for Hugging Face `transformers` generation.
 
@@ -116,6 +137,7 @@ class KVPackCache(Cache):
             self.cache_config = profile.config
         else:
             self.cache_config = as_config(cache_config)
+        check_exact_tokens(self.cache_config, context_limit(config))
         self.backend = check_backend(backend)
         # Read at every update (cheap), so switching the model's attention implementation is always honoured.
         self._text_config = config.get_text_config(decoder=True)

@@ -64,8 +64,8 @@ class PackedLayer(CacheLayerMixin):
 
     Tokens arrive in order and go, in this order, to:
       1. the sinks: the first `config.sinks` tokens, kept exactly;
-      2. the residual window: the newest tokens, kept exactly in the model's dtype, in a fixed buffer of
-         `residual + block_tokens` tokens;
+      2. the residual window: the newest tokens, kept exactly in the model's dtype, in a buffer that grows as
+         it fills, up to `residual + block_tokens` tokens (one buffer holds the sinks and then the window);
       3. the packed buffers: whenever the residual holds at least `residual + block_tokens` tokens, its
          oldest whole blocks are quantized, once, and appended. The newest `residual` tokens are never
          quantized, at prefill too.
@@ -132,9 +132,9 @@ class PackedLayer(CacheLayerMixin):
                     f"{spec.group_size}; {_group_advice(name, dim)}"
                 )
         self.dtype, self.device = key_states.dtype, key_states.device
-        window = self.config.residual + self.config.block_tokens
-        self.exact_keys = key_states.new_empty((batch, heads, self.config.sinks + window, key_dim))
-        self.exact_values = value_states.new_empty((batch, heads, self.config.sinks + window, value_dim))
+        # Empty: `_reserve_exact` grows them as tokens arrive.
+        self.exact_keys = key_states.new_empty((batch, heads, 0, key_dim))
+        self.exact_values = value_states.new_empty((batch, heads, 0, value_dim))
         self._split_exact()
         block = self.config.block_tokens
         self.shadow_keys = key_states.new_empty((batch, heads, block if self.record_past else 0, key_dim))
@@ -142,6 +142,30 @@ class PackedLayer(CacheLayerMixin):
         self.packed_keys = PackedBuffer(self.config.key, batch, heads, key_dim, self.device)
         self.packed_values = PackedBuffer(self.config.value, batch, heads, value_dim, self.device)
         self.is_initialized = True
+
+    def _reserve_exact(self, tokens: int) -> None:
+        """Make `exact_*` hold at least `tokens` tokens (the sinks, then the residual window from index `sinks`).
+
+        The buffers grow as they fill, at least doubling, up to `sinks + residual + block_tokens`, so neither a short
+        sequence nor a long configured window (or a prompt-cache file's config) allocates tokens the layer does not
+        hold. Contents are kept; views taken earlier (`sink_*`, `residual_*`) are renewed.
+        """
+        capacity = self.exact_keys.shape[2]
+        if tokens <= capacity:
+            return
+        full = self.config.sinks + self.config.residual + self.config.block_tokens
+        grown = min(full, max(tokens, 2 * capacity))
+        keys = self.exact_keys.new_empty((*self.exact_keys.shape[:2], grown, self.exact_keys.shape[3]))
+        values = self.exact_values.new_empty((*self.exact_values.shape[:2], grown, self.exact_values.shape[3]))
+        keys[:, :, :capacity] = self.exact_keys
+        values[:, :, :capacity] = self.exact_values
+        self.exact_keys, self.exact_values = keys, values
+        self._split_exact()
+
+    def _exact_tokens(self, sink_len: int, residual_len: int) -> int:
+        """Buffer tokens that `sink_len` sinks and `residual_len` residual tokens occupy (the residual starts after
+        all configured sinks; it holds tokens only once they are full)."""
+        return (self.config.sinks if residual_len else sink_len) + residual_len
 
     def _split_exact(self) -> None:
         """`sink_*` and `residual_*` as the views of `exact_*` they are."""
@@ -251,6 +275,7 @@ class PackedLayer(CacheLayerMixin):
         assert self.packed_keys is not None and self.packed_values is not None
         block = self.shadow_len
         keep = self.residual_len
+        self._reserve_exact(self._exact_tokens(self.sink_len, block + keep))
         self.residual_keys[:, :, block : block + keep] = self.residual_keys[:, :, :keep].clone()
         self.residual_values[:, :, block : block + keep] = self.residual_values[:, :, :keep].clone()
         self.residual_keys[:, :, :block] = self.shadow_keys[:, :, :block]
@@ -318,6 +343,7 @@ class PackedLayer(CacheLayerMixin):
             all_values = torch.cat([self.residual_values[:, :, : self.residual_len], values], dim=2)
             packed_keys = PackedTensor.quantize(all_keys[:, :, :flush], self.config.key)
             packed_values = PackedTensor.quantize(all_values[:, :, :flush], self.config.value)
+        self._reserve_exact(self._exact_tokens(self.sink_len + n_sink, stored - flush))
         if n_sink:
             end = self.sink_len + n_sink
             self.sink_keys[:, :, self.sink_len : end] = key_states[:, :, :n_sink]
@@ -413,6 +439,7 @@ class PackedLayer(CacheLayerMixin):
             self.sink_len = state.sink_keys.shape[2]
             self.residual_len = state.residual_keys.shape[2]
             self.shadow_len = state.shadow_keys.shape[2]
+            self._reserve_exact(self._exact_tokens(self.sink_len, self.residual_len))
             self.sink_keys[:, :, : self.sink_len] = state.sink_keys
             self.sink_values[:, :, : self.sink_len] = state.sink_values
             self.residual_keys[:, :, : self.residual_len] = state.residual_keys

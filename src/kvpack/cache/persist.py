@@ -61,9 +61,6 @@ MAX_HEADER_BYTES = 64 << 20
 MAX_HEADS_OR_DIM = 1 << 16
 # Product of a tensor's sizes (zeros counted as ones): far beyond a real cache, far below torch's index range.
 MAX_TENSOR_EXTENT = 1 << 48
-# Without a context length in the model's config, sinks and residual windows beyond this many tokens are refused:
-# restoring allocates them, so a forged header must not choose their size.
-FALLBACK_CONTEXT_LIMIT = 1 << 17
 
 _ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
 _ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
@@ -790,13 +787,12 @@ def _shape_text(fp: ModelFingerprint) -> str:
 
 def load_cache(path: str | os.PathLike[str], model: Any, tokenizer: Any = None, backend: str = "auto") -> KVPackCache:
     """Read `path`, check it and the model, and rebuild the cache on the model's devices. See `KVPackCache.load`."""
-    from kvpack.cache.cache import KVPackCache
+    from kvpack.cache.cache import KVPackCache, context_limit
 
     file = read_cache_file(path)
     check_model(file, model, tokenizer)
     header = file.header
-    text = model.config.get_text_config(decoder=True)
-    limit = max(getattr(text, "max_position_embeddings", None) or FALLBACK_CONTEXT_LIMIT, header.tokens)
+    limit = max(context_limit(model.config), header.tokens)
     config = header.cache_config
     if config.residual > limit or config.sinks > limit:
         raise CacheFormatError(
