@@ -31,6 +31,8 @@ OPTION_SETS = (
     "clip",
     "clipk",
     "o1",
+    "s4-rotv",
+    "s4-rotv-clipk",
     "s4-rot",
     "s4-rot-cb",
     "s4-rot-clip",
@@ -86,9 +88,8 @@ def main() -> None:
         "- options: s4 = 4 full-precision sink tokens, rot = randomized Hadamard rotation of keys and values, "
         "cb = fitted codebook (lloyd1), clip = MSE-optimal clipping (clipk: keys only), o1 = 1 exact outlier per "
         "group (+0.375 bits per value: 3.875 / 2.875 / 4.875)",
-        "- the spec strings k4v4 and k3v3 stand for s4-rot, k2v2 for s4-rot-clipk: chosen on the calibration text "
-        "(k3v3 had -clipk too until this table showed it hurting here after a marginal gain there; see "
-        "`kvpack/config.py`)",
+        "- the spec strings k4v4 and k3v3 stand for s4-rotv, k2v2 for s4-rotv-clipk: chosen on the calibration text "
+        "across model families (`benchmarks/results/key_rotation.md`, `kvpack/config.py`)",
         "",
         "| options | " + " | ".join(f"k{b}v{b}" for b in WIDTHS) + " |",
         "|---|" + "---|" * len(WIDTHS),

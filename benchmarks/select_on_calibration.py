@@ -23,12 +23,16 @@ from kvpack.config import as_config
 from kvpack.eval.perplexity import calibration_data_path, load_tokens
 from kvpack.models import load_model
 
+# Written with -plain, so that each names the same cache whatever the spec strings start from.
 CANDIDATES = (
-    "k8v8,k8v8-s4,"
-    "k4v4,k4v4-s4,k4v4-s4-rot,k4v4-s4-rotv,k4v4-s16-rot,k4v4-s4-rot-ov1,k4v4-gk128-gv64-s4-rot-o1,"
-    "k3v3-s4,k3v3-s4-rot,k3v3-s4-rotv,k3v3-s4-rot-ov1,k3v3-gk128-gv64-s4-rot-o1,k4v2-s4-rot,k3v4-gk128-gv64-s4-rot,"
-    "k2v2-s4,k2v2-s4-rot,k2v2-s16-rot,k2v2-s4-rotk,k2v2-s4-rot-ov1,k2v2-gk128-gv64-s4-rot-o1,k2v2-gk128-gv64-s4-rot-ov1,"
-    "k3v2-gk128-gv64-s4-rot,k2v3-gk128-gv64-s4-rot,"
+    "k8v8,k8v8-plain-s4,"
+    "k4v4,k4v4-plain,k4v4-plain-s4,k4v4-plain-s4-rot,k4v4-plain-s4-rotv,k4v4-plain-s16-rot,k4v4-plain-s4-rot-ov1,"
+    "k4v4-plain-gk128-gv64-s4-rot-o1,"
+    "k3v3,k3v3-plain-s4,k3v3-plain-s4-rot,k3v3-plain-s4-rotv,k3v3-plain-s4-rot-ov1,k3v3-plain-gk128-gv64-s4-rot-o1,"
+    "k4v2,k4v2-plain-s4-rot,k3v4-plain-gk128-gv64-s4-rot,"
+    "k2v2,k2v2-plain-s4,k2v2-plain-s4-rot,k2v2-plain-s4-rot-clipk,k2v2-plain-s16-rot,k2v2-plain-s4-rotk,"
+    "k2v2-plain-s4-rot-ov1,k2v2-plain-gk128-gv64-s4-rot-o1,k2v2-plain-gk128-gv64-s4-rot-ov1,"
+    "k3v2-plain-gk128-gv64-s4-rot,k2v3-plain-gk128-gv64-s4-rot,"
     "benchmarks/profiles/smollm2-3.5.json,benchmarks/profiles/smollm2-3.0.json,benchmarks/profiles/smollm2-2.5.json"
 )
 

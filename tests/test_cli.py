@@ -35,6 +35,13 @@ def test_spec_explains_and_bad_spec_is_a_clear_error(capsys: pytest.CaptureFixtu
     assert "bits=5 is not supported" in capsys.readouterr().err
 
 
+def test_size_ratios_say_larger_when_larger() -> None:
+    """A short prompt's packed cache (its exact window preallocated) can be larger than a float16 cache: say so,
+    instead of "0.13x smaller"."""
+    assert cli._ratio(2000.0, 1000.0) == "2.00x smaller"
+    assert cli._ratio(1000.0, 7690.0) == "7.69x larger"
+
+
 def test_generate_without_prompt_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["generate", "--cache", "k4v4-plain"]) == 2
     assert "give a prompt" in capsys.readouterr().err
@@ -104,7 +111,7 @@ def test_generate_prints_text_and_summary(default_model, monkeypatch, capsys: py
     finally:
         default_model[0].set_attn_implementation(previous)  # generate switched it to kvpack's attention
     out = capsys.readouterr().out
-    summary = next(line for line in out.splitlines() if line.startswith("[k4v4-g64-r128-s4-rot]"))
+    summary = next(line for line in out.splitlines() if line.startswith("[k4v4-g64-r128-s4-rotv]"))
     assert "new tokens" in summary and "tokens/s" in summary and "smaller than a float16 cache" in summary
     assert "1957" in out  # the document's answer
     assert "[check]" in out

@@ -41,12 +41,12 @@ from typing import Any
 import torch
 
 from kvpack.compat import cache_kwargs
-from kvpack.config import SUPPORTED_BITS, CacheConfig, QuantSpec
+from kvpack.config import DEFAULT_PRESET, SUPPORTED_BITS, CacheConfig, QuantSpec
 from kvpack.errors import ConfigError
 
 PROFILE_FORMAT = "kvpack.profile"
 PROFILE_SCHEMA_VERSION = 1
-DEFAULT_BASE = "k4v4-s4-rot"
+DEFAULT_BASE = DEFAULT_PRESET  # the default spec's options; only the bits vary per layer
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_TOKENS = 512
 TENSORS = ("key", "value")

@@ -28,6 +28,11 @@ def _human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def _ratio(reference: float, size: float) -> str:
+    """`reference` vs `size` as people say it: "2.73x smaller", or "7.69x larger" when `size` is the larger."""
+    return f"{reference / size:.2f}x smaller" if size <= reference else f"{size / reference:.2f}x larger"
+
+
 def _read_prompt(args: argparse.Namespace) -> str:
     parts = []
     if args.prompt_file is not None:
@@ -214,10 +219,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         f"[{config.spec}] prompt {n_prompt} tokens ({prompt_time}), "
         f"{n_new} new tokens in {result.decode_s:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
         f"cache {_human_bytes(packed)} for {cache.get_seq_length()} tokens: "
-        f"{fp16 / packed:.2f}x smaller than a float16 cache ({_human_bytes(fp16)})"
+        f"{_ratio(fp16, packed)} than a float16 cache ({_human_bytes(fp16)})"
     )
     if model.dtype != torch.float16:
-        summary += f", {model_dtype_bytes / packed:.2f}x smaller than this model's {str(model.dtype)[6:]} cache"
+        summary += f", {_ratio(model_dtype_bytes, packed)} than this model's {str(model.dtype)[6:]} cache"
     if args.weights != "fp":
         weight_bytes = weight_nbytes(model)
         summary += f"; {args.weights} weights {_human_bytes(weight_bytes)}, total {_human_bytes(weight_bytes + packed)}"
@@ -279,7 +284,7 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     size = output.stat().st_size
     fp16 = read_cache_file(output).header.fp16_nbytes()
     print(
-        f"wrote {output}: {len(ids):,} tokens, {config.spec}, {_human_bytes(size)} ({fp16 / size:.2f}x smaller than "
+        f"wrote {output}: {len(ids):,} tokens, {config.spec}, {_human_bytes(size)} ({_ratio(fp16, size)} than "
         f"the float16 cache, {_human_bytes(fp16)}); prefill {cache.prefill_s:.2f} s, save {save_s:.2f} s"
     )
     return 0
@@ -579,7 +584,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cal.add_argument("--budget-bits", type=float, required=True, help="average bits per value, metadata included")
     cal.add_argument(
-        "--base", default="k4v4-s4-rot", help="spec whose options are kept, only bits vary (default k4v4-s4-rot)"
+        "--base",
+        default=DEFAULT_PRESET,
+        help="spec whose options are kept, only bits vary (default: the balanced preset)",
     )
     cal.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
     cal.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")

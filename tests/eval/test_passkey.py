@@ -203,7 +203,7 @@ def test_caches_are_canonical_spec_names() -> None:
         "k2v2-plain-g64-r32",
     ]
     profile = "benchmarks/profiles/smollm2-3.5.json"  # a profile keeps its path: its table label does not parse back
-    assert passkey.parse_caches(f"fp,{profile},balanced") == ["fp", profile, "k4v4-g64-r128-s4-rot"]
+    assert passkey.parse_caches(f"fp,{profile},balanced") == ["fp", profile, "k4v4-g64-r128-s4-rotv"]
 
 
 # -- the run ------------------------------------------------------------------------------------------------

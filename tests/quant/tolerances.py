@@ -138,3 +138,15 @@ def codebook_max_abs_error(levels: torch.Tensor, scale: torch.Tensor, x_hat: tor
     half_gap = max(float(lv[0]), qmax - float(lv[-1]), float((lv[1:] - lv[:-1]).max()) / 2)
     scale64 = scale.double()
     return scale64 * (half_gap + 2 * (qmax + 1) * F32_EPS) + F32_EPS * x_hat.double().abs()
+
+
+# -- the default spec across model families (tests/test_default_spec.py) -------------------------------------------
+
+# A tiny random Qwen2 with large key-projection biases (`kvpack.bench.synthetic.biased_key_model`), 5 seeds, 384
+# calibration-text tokens streamed: mean KL of a cache divided by that of KIVI + 4 sinks (`k4v4-plain-s4`), averaged
+# over the seeds. Measured (CPU, torch 2.13): the default `k4v4` (values rotated, keys not) 0.996 (0.955-1.028 per
+# seed: value rotation on random values is noise); keys rotated too (`k4v4-rotk`, the default before 2026-12-05)
+# 1.165 (1.058-1.278). The default may not exceed 1.03 (the per-seed noise); the rotated keys must stay above 1.10,
+# so that the stand-in keeps showing the failure the default avoids.
+DEFAULT_VS_KIVI_SINKS_MAX_RATIO = 1.03
+ROTATED_KEYS_VS_KIVI_SINKS_MIN_RATIO = 1.10

