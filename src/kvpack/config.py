@@ -14,12 +14,12 @@ A spec string is the short form used on the command line and in result tables:
                           3-bit values; layer 1: 4 and 2; ...); they replace the head's bits in every layer
 
 Unless a spec says `-plain`, it starts from the options that measured best for its bit widths on kvpack's
-calibration text (`recommended_options`; `benchmarks/results/selection_calibration.md` and `key_rotation.md`): values
-of 4 bits or fewer are rotated (keys are not: rotating keys helps some families and costs others far more, so it is
-the option `-rotk`), 2-bit keys get clipped ranges, and 4 sink tokens are kept when any tensor has 4 bits or
-fewer. Options written in the spec add to that start (`-s<n>` replaces the sinks); `-plain` starts from nothing, so
-`k4v4-plain-s4` is plain KIVI with 4 sinks. 8-bit specs start plain: at 8 bits the options change nothing
-measurable.
+calibration text (`recommended_options`; `benchmarks/results/key_rotation.md`,
+`benchmarks/results/history/selection_calibration.md`): values of 4 bits or fewer are rotated (keys are not: rotating
+keys helps some families and costs others far more, so it is the option `-rotk`), 2-bit keys get clipped ranges, and
+4 sink tokens are kept when any tensor has 4 bits or fewer. Options written in the spec add to that start (`-s<n>`
+replaces the sinks); `-plain` starts from nothing, so `k4v4-plain-s4` is plain KIVI with 4 sinks. 8-bit specs start
+plain: at 8 bits the options change nothing measurable.
 
 A preset name (`balanced`, `compact`, `max-compression`: see `PRESETS`) and a calibrated profile (`kvpack calibrate`,
 a `.json` file) are accepted wherever a spec string is (`as_config`).
@@ -253,16 +253,17 @@ class CacheConfig:
 
 
 # What a spec string starts from unless it says `-plain`, chosen by mean KL against the exact cache on kvpack's
-# calibration text (benchmarks/results/selection_calibration.md and key_rotation.md; never the evaluation text):
+# calibration text (benchmarks/results/history/selection_calibration.md, key_rotation.md; never the evaluation text):
 # - rotation of 2- to 4-bit values; keys are not rotated. Rotating keys helps the default model (SmolLM2) and hurts
 #   other families badly (Gemma 3 270M; a held-out real model with biased key projections, 70x the KL of KIVI with
 #   sinks at 4 bits): a default must not lose to plain KIVI with sinks on any family, so key rotation is an option
 #   (`-rotk`, `-rot`) for the models where it measured better, not a default. Value rotation never measured worse
 #   than none beyond noise on the families tried (benchmarks/results/key_rotation.md);
 # - clipped key ranges at 2 bits: k2v2-s4-rot 0.0472 -> -clipk 0.0302 (and lower KL on the two held-out texts,
-#   benchmarks/results/heldout_*.md); not at 3 bits, where the gain was marginal (0.00598 -> 0.00573, and the
-#   codebook's 0.00550 no larger) and the WikiText ablation shows it hurting (benchmarks/results/ablation.md), nor at
-#   4 bits (0.00095 -> 0.00117). An option is taken only for a clear gain (>= 10% lower KL) on the calibration text;
+#   benchmarks/results/history/heldout_*.md); not at 3 bits, where the gain was marginal (0.00598 -> 0.00573, and the
+#   codebook's 0.00550 no larger) and the WikiText ablation shows it hurting (benchmarks/results/history/ablation.md),
+#   nor at 4 bits (0.00095 -> 0.00117). An option is taken only for a clear gain (>= 10% lower KL) on the calibration
+#   text;
 # - 4 sinks when any tensor has 4 bits or fewer: k4v4 0.00365 -> k4v4-s4 0.00144 (16 sinks: no better).
 RECOMMENDED_SINKS = 4
 _ROTATED_VALUE_BITS = (2, 3, 4)

@@ -1,6 +1,6 @@
 """`kvpack bench long`, the short version for CI: 1,024 generated tokens, the byte checks exact, nothing left alive.
 
-The committed 16k-token result is `benchmarks/results/long_run.md` (made by `kvpack bench long`).
+The committed 16k-token result is `benchmarks/results/long_run.md`, made by `kvpack bench long`.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ The bytes a cache holds after a prefill of N tokens at batch B follow from the m
   layer `B x kv_heads x tokens x head_dim x 2 x element size`; a sliding-window layer keeps the last
   `sliding_window - 1` tokens.
 - a kvpack spec (`k4v4`, `k8v8-g64-r128-s4`, ...): `KVPackCache.nbytes()` after the prefill, computed from
-  the layout of `kvpack.cache`: the sinks buffer (`sinks` tokens) and the residual buffer (`residual +
-  block_tokens` tokens) in the model dtype, plus the packed blocks the prefill quantized (`PackedBuffer`
-  allocates them exactly at the first fill): per-channel codes `head_dim x group x bits / 8` bytes per block
+  the layout of `kvpack.cache`: the sink and residual tokens the prefill left exact, in the model dtype (their
+  buffer is allocated to fit them at the first fill and grows, at most to `sinks + residual + block_tokens`
+  tokens, as decoding fills it), plus the packed blocks the prefill quantized (`PackedBuffer` allocates them
+  exactly at the first fill): per-channel codes `head_dim x group x bits / 8` bytes per block
   of `group` tokens, per-token codes `head_dim x bits / 8` bytes per token, float16 scales and zeros.
   Layers that cache nothing (`DummyLayer`) hold 0 bytes.
 
@@ -164,7 +165,7 @@ class CacheKind:
         parts = [
             f"keys {c.key.bits}-bit per {c.key.axis} (groups of {c.key.group_size})",
             f"values {c.value.bits}-bit per {c.value.axis} (groups of {c.value.group_size})",
-            f"residual buffer {c.residual} + {c.block_tokens} tokens in {_dtype_name(model_dtype)}",
+            f"residual window {c.residual} (+ up to {c.block_tokens}) tokens in {_dtype_name(model_dtype)}",
         ]
         if c.sinks:
             parts.append(f"{c.sinks} sink tokens in {_dtype_name(model_dtype)}")
@@ -233,15 +234,20 @@ def _check_fits(config: CacheConfig, head_dim: int) -> None:
             )
 
 
-def _kvpack_row_bytes(config: CacheConfig, window: int | None, length: int, head_dim: int, element_size: int) -> int:
-    """Bytes one (batch, kv head) row of a kvpack layer holds after a prefill of `length` tokens."""
+def _kvpack_row_bytes(
+    config: CacheConfig, window: int | None, length: int, head_dim: int, element_size: int, full_window: bool = False
+) -> int:
+    """Bytes one (batch, kv head) row of a kvpack layer holds after a prefill of `length` tokens (`full_window`: with
+    its exact buffer grown to its largest, `sinks + residual + block_tokens` tokens, as decoding leaves it)."""
     if window is not None:
         config = replace(config, sinks=0)  # as PackedSlidingLayer: the window moves past the sinks
     block = config.block_tokens
     # PackedLayer._append: the first `sinks` tokens go to the sinks; of the rest, whole blocks leave the residual
     # once it holds `residual + block` tokens, keeping at least `residual` tokens exact.
-    stored = length - min(config.sinks, length)
+    sink_len = min(config.sinks, length)
+    stored = length - sink_len
     flush = (stored - config.residual) // block * block if stored >= config.residual + block else 0
+    residual_len = stored - flush
     if window is not None:
         # PackedSlidingLayer._forget_outside_window: packed blocks older than the window (plus a margin of
         # residual + block tokens, so a rollback stays exact) are dropped, and after a prefill the storage is
@@ -249,7 +255,11 @@ def _kvpack_row_bytes(config: CacheConfig, window: int | None, length: int, head
         excess = flush + (stored - flush) - (window - 1 + config.residual + block)
         flush -= min(max(excess, 0) // block * block, flush)
     # The record-past shadow block is empty (only assisted decoding turns it on).
-    dense_tokens = config.sinks + config.residual + block  # the sinks and residual buffers, preallocated
+    # PackedLayer._reserve_exact: one buffer, sized at the first fill to the exact tokens (the residual starts after
+    # all `sinks` slots; it holds tokens only once they are full).
+    dense_tokens = (config.sinks if residual_len else sink_len) + residual_len
+    if full_window:
+        dense_tokens = config.sinks + config.residual + block
     packed = packed_bytes(config.key, flush, head_dim) + packed_bytes(config.value, flush, head_dim)
     return 2 * dense_tokens * head_dim * element_size + packed
 
@@ -261,13 +271,22 @@ def _dynamic_row_tokens(window: int | None, length: int) -> int:
     return min(length, window - 1)
 
 
-def cache_bytes(shape: ModelShape, kind: CacheKind, batch: int, length: int, dtype: torch.dtype | str) -> int:
+def cache_bytes(
+    shape: ModelShape,
+    kind: CacheKind,
+    batch: int,
+    length: int,
+    dtype: torch.dtype | str,
+    full_window: bool = False,
+) -> int:
     """Exact bytes `kind` holds after a single prefill of `length` tokens at batch size `batch`.
 
     For kvpack caches this equals `KVPackCache(config, spec).nbytes()` after each layer's `update` with keys and
     values `[batch, kv_heads, length, head_dim]` in `dtype` (the model dtype: residual and sink tokens use it).
-    For fp caches, the bytes of the keys/values a `DynamicCache` in the cache's own dtype keeps. Non-decreasing
-    in `length`. Raises `ShapeError` when the model's head_dim does not fit the spec's groups.
+    For fp caches, the bytes of the keys/values a `DynamicCache` in the cache's own dtype keeps. A kvpack cache's
+    bytes dip where a block leaves the exact window for the packed buffers; with `full_window` its exact buffer is
+    counted at its largest (an upper bound, non-decreasing in `length`). Raises `ShapeError` when the model's
+    head_dim does not fit the spec's groups.
     """
     if batch < 1 or length < 0:
         raise ConfigError(f"batch {batch} and length {length} must be >= 1 and >= 0.")
@@ -278,7 +297,9 @@ def cache_bytes(shape: ModelShape, kind: CacheKind, batch: int, length: int, dty
         _check_fits(kind.config, shape.head_dim)
         for layer_type, window in shape.layers:
             if layer_type != "dummy":
-                total += rows * _kvpack_row_bytes(kind.config, window, length, shape.head_dim, element_size)
+                total += rows * _kvpack_row_bytes(
+                    kind.config, window, length, shape.head_dim, element_size, full_window
+                )
         return total
     assert kind.dtype is not None
     for layer_type, window in shape.layers:
@@ -301,32 +322,42 @@ def max_context(
     budget_bytes: int,
     fixed_bytes: int = 0,
 ) -> int | None:
-    """Largest N with `fixed_bytes + cache_bytes(N) <= budget_bytes`, by binary search on the exact formula.
+    """Largest N such that every length up to N fits: `fixed_bytes + cache_bytes(n) <= budget_bytes` for all n <= N
+    (a sequence decoded to N tokens passes through each of them).
 
     fixed_bytes: memory that does not grow with the context (the weights). Returns 0 when not even one token
     fits, None when every length up to 2**40 tokens fits (a cache that stops growing, e.g. fp window layers).
+    A binary search on the upper bound (`full_window`, non-decreasing) finds a length below which everything fits;
+    the exact bytes are then followed from there to the first length that does not fit.
     """
 
-    def fits(n: int) -> bool:
-        return fixed_bytes + cache_bytes(shape, kind, batch, n, dtype) <= budget_bytes
+    def fits(n: int, full_window: bool = False) -> bool:
+        return fixed_bytes + cache_bytes(shape, kind, batch, n, dtype, full_window) <= budget_bytes
 
     if not fits(1):
         return 0
-    low, high = 1, 2
-    while fits(high):  # the formula grows with N: double until it does not fit, then bisect
-        low, high = high, high * 2
-        if high > _MAX_SEARCH_TOKENS:
+    if not fits(1, full_window=True):
+        low = 1
+    else:
+        low, high = 1, 2
+        while fits(high, full_window=True):  # double until the bound does not fit, then bisect
+            low, high = high, high * 2
+            if high > _MAX_SEARCH_TOKENS:
+                return None
+        while high - low > 1:
+            mid = (low + high) // 2
+            if fits(mid, full_window=True):
+                low = mid
+            else:
+                high = mid
+    # Every length up to `low` fits under the bound; the exact bytes stay below it, so follow them from there.
+    # Sliding-window layers release packed blocks, so a cache made only of them may never stop fitting.
+    n = low
+    while fits(n + 1):
+        n += 1
+        if n > _MAX_SEARCH_TOKENS:
             return None
-    while high - low > 1:
-        mid = (low + high) // 2
-        if fits(mid):
-            low = mid
-        else:
-            high = mid
-    # Sliding-window layers release a packed block at block boundaries, so the bytes dip by up to one block
-    # per window layer every `block` tokens: look past the bisection point for the last length that fits.
-    block = kind.config.block_tokens if kind.config is not None else 1
-    return max((n for n in range(low + 1, low + 2 * block + 2) if fits(n)), default=low)
+    return n
 
 
 # -- weights --------------------------------------------------------------------------------------------------
@@ -823,7 +854,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         "Exact bytes each cache holds after a prefill of N tokens at batch size B, computed from the config (no "
         "weights loaded): for kvpack specs, `KVPackCache.nbytes()`: packed codes, float16 scales and zeros, the "
-        "preallocated residual buffer (residual + block tokens) and sinks in the model dtype; for fp16/bf16/fp32, "
+        "exact residual window and sinks in the model dtype (a buffer that fits them after the prefill; decoding "
+        "grows it by at most a block); for fp16/bf16/fp32, "
         "the keys and values transformers' DynamicCache keeps. The ratio is float16 DynamicCache bytes / this cache's "
         "bytes. 1 GiB = 2^30 bytes. The cache alone: weights, activations and workspace are extra.",
     ]
