@@ -7,7 +7,9 @@ into Markdown and plots.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
+import os
 import platform
 import sys
 import time
@@ -146,6 +148,25 @@ def step_profile(model: Any, cache: Any, token: torch.Tensor, steps: int) -> dic
     return profile
 
 
+def peer_versions() -> dict[str, str]:
+    """Versions of the installed peer packages (their numbers move with them), read without importing them."""
+    from importlib import metadata
+
+    found = {}
+    for package in ("optimum-quanto", "hqq"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[package] = metadata.version(package)
+    return found
+
+
+def display_path(path: str | os.PathLike[str]) -> str:
+    """`path` as results record it: relative to the working directory (the repo root, where the benchmarks run)
+    when it is there or beside it (`../shared/data/...`), so no result carries the layout of the machine it ran on."""
+    absolute = os.path.abspath(path)
+    relative = os.path.relpath(absolute)
+    return absolute if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
+
+
 def result_header(benchmark: str, model: Any, model_name: str | None) -> dict[str, Any]:
     """What every benchmark result records first: the command, date, machine, versions, model and dtype."""
     import transformers
@@ -167,6 +188,7 @@ def result_header(benchmark: str, model: Any, model_name: str | None) -> dict[st
             "kvpack": kvpack.__version__,
             "torch": torch.__version__,
             "transformers": transformers.__version__,
+            **peer_versions(),
         },
         "model": model_name or DEFAULT_MODEL,
         "dtype": str(model.dtype).removeprefix("torch."),
@@ -218,7 +240,7 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
         **result_header("compare", model, args.model),
         "complete": False,
         "weights": {weights: weight_nbytes(m) for weights, m in models.items()},
-        "data": {"path": str(args.data), "sha256": data_sha256, "tokens": args.tokens, "mode": "streamed"},
+        "data": {"path": display_path(args.data), "sha256": data_sha256, "tokens": args.tokens, "mode": "streamed"},
         "contexts": [],
         "rows": rows,
     }
