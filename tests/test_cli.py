@@ -133,7 +133,8 @@ def tiny_prefix(tiny_model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixt
     assert cli.main([*argv, "-o", str(out), "--cache", "k4v4-plain-g16-r16"]) == 0
     written = capsys.readouterr().out
     assert (
-        f"wrote {out}: " in written and "k4v4-plain-g16-r16" in written and "smaller than the float16 cache" in written
+        # 76 tokens, most of them in the exact window in float32: the file is larger than a float16 cache, and says so
+        f"wrote {out}: " in written and "k4v4-plain-g16-r16" in written and "larger than the float16 cache" in written
     )
     return out
 
