@@ -910,8 +910,9 @@ def to_markdown(result: dict[str, Any]) -> str:
             "",
             f"## Max context in {budget:g} GiB",
             "",
-            f"The largest N whose cache (plus the weights, where shown) fits in {budget:g} GiB = "
-            f"{context['budget_bytes']:,} bytes: binary search on the exact formula. 0: not even one token fits.",
+            f"The largest N such that the cache (plus the weights, where shown) fits in {budget:g} GiB = "
+            f"{context['budget_bytes']:,} bytes at every length up to N (the exact formula, as a sequence decoded to N "
+            "passes through each). 0: not even one token fits.",
         ]
         if limit:
             lines.append(f"† beyond the model's max position embeddings ({limit:,}).")
