@@ -13,12 +13,12 @@ from __future__ import annotations
 import inspect
 from typing import Any
 
-_KEYWORDS: dict[type, str] = {}  # per model class: read once, not at every step
+_KEYWORDS: dict[Any, str] = {}  # per model class: read once, not at every step
 
 
-def _keyword(model_type: type) -> str:
+def _keyword(model_type: Any) -> str:
     try:
-        parameters = inspect.signature(getattr(model_type, "forward")).parameters  # noqa: B009
+        parameters = inspect.signature(model_type.forward).parameters
     except (AttributeError, TypeError, ValueError):  # no forward inspect can read: the older name works everywhere
         return "past_key_values"
     return "cache" if "cache" in parameters else "past_key_values"

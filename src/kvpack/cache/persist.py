@@ -787,19 +787,16 @@ def _shape_text(fp: ModelFingerprint) -> str:
 
 def load_cache(path: str | os.PathLike[str], model: Any, tokenizer: Any = None, backend: str = "auto") -> KVPackCache:
     """Read `path`, check it and the model, and rebuild the cache on the model's devices. See `KVPackCache.load`."""
-    from kvpack.cache.cache import KVPackCache, context_limit
+    from kvpack.cache.cache import KVPackCache, check_exact_tokens, context_limit
 
     file = read_cache_file(path)
     check_model(file, model, tokenizer)
     header = file.header
-    limit = max(context_limit(model.config), header.tokens)
     config = header.cache_config
-    if config.residual > limit or config.sinks > limit:
-        raise CacheFormatError(
-            f"{file.path}: its cache config {config.spec} asks for a residual window or sinks longer than the model's "
-            f"context ({limit} tokens). {_ADVICE[CacheFormatError]}",
-            "context",
-        )
+    try:  # the rule every KVPackCache keeps, reported as a file error
+        check_exact_tokens(config, context_limit(model.config))
+    except ConfigError as exc:
+        raise CacheFormatError(f"{file.path}: {exc} {_ADVICE[CacheFormatError]}", "context") from exc
     cache = KVPackCache(model, config, backend=backend)
     devices = layer_devices(model, len(cache.layers))
     for idx, state in file.layer_states():
