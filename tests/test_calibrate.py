@@ -14,18 +14,9 @@ from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
 
 from kvpack import ConfigError, KVPackCache, cli, parse_spec
 from kvpack.cache.layer import PackedLayer
-from kvpack.calibrate import (
-    PROFILE_SCHEMA_VERSION,
-    Profile,
-    ProfileModel,
-    SensitivityMeter,
-    allocate,
-    emulate_stored,
-    load_profile,
-    quantized_mask,
-)
+from kvpack.calibrate import SensitivityMeter, allocate, emulate_stored, quantized_mask
 from kvpack.compat import cache_kwargs
-from kvpack.config import as_config
+from kvpack.profile import PROFILE_SCHEMA_VERSION, Profile, ProfileModel, load_profile, resolve_config
 from tests.cache.test_cache import llama_config, prompt
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
@@ -221,7 +212,7 @@ def test_profile_round_trips_and_is_accepted_as_a_spec(llama: PreTrainedModel, t
     loaded = load_profile(path)
     assert loaded == profile and loaded.label == "profile:tiny-5"
     assert loaded.predicted_kl == pytest.approx(0.5 + 0.2 + 0.1 + 0.3)
-    assert as_config(str(path)) == as_config(path) == profile.config
+    assert resolve_config(str(path)) == resolve_config(path) == profile.config
     cache = KVPackCache(llama, str(path))
     assert cache.cache_config == profile.config
     assert [layer.config.key.bits for layer in cache.layers] == [2, 4]
@@ -256,10 +247,10 @@ def test_a_bad_profile_is_a_clear_error(tmp_path: Path, change, message: str) ->
 
 def test_missing_or_non_json_profile_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="does not exist; make one with `kvpack calibrate"):
-        as_config(str(tmp_path / "nope.json"))
+        resolve_config(str(tmp_path / "nope.json"))
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match="is not valid JSON"):
-        as_config(str(tmp_path / "bad.json"))
+        resolve_config(str(tmp_path / "bad.json"))
 
 
 def test_a_profile_for_another_model_is_refused(tmp_path: Path) -> None:
@@ -314,7 +305,7 @@ def test_cli_refuses_bad_options_before_loading(tmp_path: Path, capsys: pytest.C
 
 
 def test_compare_names_a_profile_by_its_file(llama: PreTrainedModel, tmp_path: Path) -> None:
-    from kvpack.bench.caches import make_cache, parse_cache_name
+    from kvpack.harness.caches import make_cache, parse_cache_name
 
     profile = make_profile()
     profile.save(tmp_path / "tiny-5.json")

@@ -21,8 +21,7 @@ from kvpack.errors import (
     UnsupportedOperationError,
 )
 from kvpack.quant import PackedTensor
-
-__version__ = "0.1.0"
+from kvpack.version import __version__
 
 __all__ = [
     "BackendUnavailableError",

@@ -8,9 +8,9 @@
    stores it (`PackedTensor.quantize(...).dequantize()`, blocks of `block_tokens` aligned after the sinks) and lets
    each query see what the cache would hold when that query is decoded one token at a time:
      - the first `sinks` tokens exact;
-     - of the later tokens, the oldest `P(m) = max(0, (m - residual) // block) * block` quantized, where `m` is the
-       number of non-sink tokens stored before the query (the flush rule of `PackedLayer`: whole blocks leave the
-       residual window once it holds `residual + block` tokens); the rest, and the query's own token, exact.
+     - of the later tokens, the oldest `kvpack.cache.plan.flushed_tokens(m)` quantized, where `m` is the number of
+       non-sink tokens stored before the query (the flush rule of `PackedLayer`: whole blocks leave the residual
+       window once it holds `residual + block` tokens); the rest, and the query's own token, exact.
    This is the streamed cache's content token for token, so the emulation's only approximations are float
    rounding (a different order of operations in attention) and that it models single-token decoding: a cache
    filled by a long prefill chunk lets the chunk's queries see its own tokens exactly (see `PackedLayer.update`).
@@ -21,235 +21,36 @@
    at most the budget. Metadata bits do not depend on the bit width, so the constraint is on the integer sum of
    code bits and an exact dynamic program over it (a multiple-choice knapsack) solves it: no Lagrangian gap.
 3. A versioned JSON profile (`Profile`) records the choice, the sensitivity table and what it was measured on;
-   `kvpack.config.as_config` accepts its path wherever a spec string is accepted.
+   `kvpack.profile.resolve_config` accepts its path wherever a spec string is accepted.
 """
 
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvpack.cache.plan import flushed_tokens, layer_plan
 from kvpack.compat import cache_kwargs
-from kvpack.config import DEFAULT_PRESET, SUPPORTED_BITS, CacheConfig, QuantSpec
+from kvpack.config import DEFAULT_PRESET, SUPPORTED_BITS, CacheConfig, QuantSpec, as_config
 from kvpack.errors import ConfigError
+from kvpack.profile import Profile, ProfileModel
+from kvpack.version import __version__
 
-PROFILE_FORMAT = "kvpack.profile"
-PROFILE_SCHEMA_VERSION = 1
 DEFAULT_BASE = DEFAULT_PRESET  # the default spec's options; only the bits vary per layer
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_TOKENS = 512
 TENSORS = ("key", "value")
 _ATTENTION_NAME = "kvpack_calibrate"
-
-
-# -- the model a profile is for --------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ProfileModel:
-    """What a profile's per-layer choice depends on: the model's name (a label) and its cache's shape."""
-
-    name: str
-    architecture: str
-    layers: int
-    kv_heads: int
-    head_dim: int
-
-    @classmethod
-    def of(cls, model_or_config: Any, name: str) -> ProfileModel:
-        """The fingerprint of a model (or its config)."""
-        from kvpack.cache.cache import _layer_plan
-
-        config = getattr(model_or_config, "config", model_or_config)
-        text = config.get_text_config(decoder=True)
-        heads = text.num_attention_heads
-        return cls(
-            name=name,
-            architecture=str(getattr(text, "model_type", type(text).__name__)),
-            layers=len(_layer_plan(config)),
-            kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
-        )
-
-    def mismatch(self, other: ProfileModel) -> str | None:
-        """None when `other` has the same cache shape, else what differs (the name is a label, not compared)."""
-        for field_name in ("architecture", "layers", "kv_heads", "head_dim"):
-            ours, theirs = getattr(self, field_name), getattr(other, field_name)
-            if ours != theirs:
-                return f"{field_name} {ours} (profile) vs {theirs} (model)"
-        return None
-
-
-# -- the profile -----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Profile:
-    """A calibrated per-layer allocation and what it was measured on (the JSON file `kvpack calibrate` writes).
-
-    config: the cache config (its `layer_bits` is the choice). model: the model it was calibrated for. data_name,
-    data_sha256, tokens: the calibration text and how many of its tokens were used. budget_bits, average_bits: the
-    budget and the achieved `config.average_bits` (bits per value, metadata included). candidates: the measured
-    bit widths. key_kl, value_kl: `[layer][candidate]` mean KL when only that tensor is quantized at that width.
-    """
-
-    config: CacheConfig
-    base: str
-    model: ProfileModel
-    data_name: str
-    data_sha256: str
-    tokens: int
-    budget_bits: float
-    average_bits: float
-    candidates: tuple[int, ...]
-    key_kl: list[list[float]]
-    value_kl: list[list[float]]
-    seconds: float = 0.0
-    kvpack_version: str = ""
-    created: str = ""
-    path: Path | None = field(default=None, compare=False)
-
-    @property
-    def label(self) -> str:
-        """A short name for tables: `profile:<file stem>` (the canonical spec holds two digits per layer)."""
-        return f"profile:{self.path.stem}" if self.path is not None else f"profile:{self.config.spec}"
-
-    @property
-    def predicted_kl(self) -> float:
-        """Sum of the measured KLs of the chosen bit widths (the additive model's prediction)."""
-        return sum(
-            self.key_kl[i][self.candidates.index(k)] + self.value_kl[i][self.candidates.index(v)]
-            for i, (k, v) in enumerate(self.config.layer_bits)
-        )
-
-    def check_model(self, model_or_config: Any) -> None:
-        """Raise ConfigError when the profile was made for a model whose cache has another shape."""
-        ours = ProfileModel.of(model_or_config, self.model.name)
-        problem = self.model.mismatch(ours)
-        if problem is not None:
-            where = f" ({self.path})" if self.path else ""
-            raise ConfigError(
-                f"the profile{where} was calibrated for {self.model.name} ({self.model.architecture}, "
-                f"{self.model.layers} layers), not this model: {problem}. Run `kvpack calibrate` for this model."
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form (see the module doc)."""
-        return {
-            "format": PROFILE_FORMAT,
-            "schema_version": PROFILE_SCHEMA_VERSION,
-            "kvpack_version": self.kvpack_version,
-            "created": self.created,
-            "model": {
-                "name": self.model.name,
-                "architecture": self.model.architecture,
-                "layers": self.model.layers,
-                "kv_heads": self.model.kv_heads,
-                "head_dim": self.model.head_dim,
-            },
-            "data": {"name": self.data_name, "sha256": self.data_sha256, "tokens": self.tokens},
-            "base": self.base,
-            "candidates": list(self.candidates),
-            "budget_bits": self.budget_bits,
-            "average_bits": self.average_bits,
-            "predicted_kl": self.predicted_kl,
-            "seconds": self.seconds,
-            "spec": self.config.spec,
-            "cache_config": self.config.to_dict(),
-            "layers": [
-                {
-                    "layer": i,
-                    "key_bits": k,
-                    "value_bits": v,
-                    "key_kl": dict(zip(map(str, self.candidates), self.key_kl[i], strict=True)),
-                    "value_kl": dict(zip(map(str, self.candidates), self.value_kl[i], strict=True)),
-                }
-                for i, (k, v) in enumerate(self.config.layer_bits)
-            ],
-        }
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str = "profile") -> Profile:
-        """Inverse of `to_dict`; raises ConfigError naming what is missing or wrong."""
-        if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
-            raise ConfigError(f'{where} is not a kvpack profile (no "format": "{PROFILE_FORMAT}").')
-        version = data.get("schema_version")
-        if version != PROFILE_SCHEMA_VERSION:
-            raise ConfigError(
-                f"{where} has profile schema_version {version!r}; this kvpack reads version {PROFILE_SCHEMA_VERSION}: "
-                "re-run `kvpack calibrate` with this version."
-            )
-        try:
-            config = CacheConfig.from_dict(data["cache_config"])
-            candidates = tuple(int(b) for b in data["candidates"])
-            layers = data["layers"]
-            key_kl = [[float(row["key_kl"][str(b)]) for b in candidates] for row in layers]
-            value_kl = [[float(row["value_kl"][str(b)]) for b in candidates] for row in layers]
-            chosen = tuple((int(row["key_bits"]), int(row["value_bits"])) for row in layers)
-            model = ProfileModel(**data["model"])
-            profile = cls(
-                config=config,
-                base=str(data["base"]),
-                model=model,
-                data_name=str(data["data"]["name"]),
-                data_sha256=str(data["data"]["sha256"]),
-                tokens=int(data["data"]["tokens"]),
-                budget_bits=float(data["budget_bits"]),
-                average_bits=float(data["average_bits"]),
-                candidates=candidates,
-                key_kl=key_kl,
-                value_kl=value_kl,
-                seconds=float(data.get("seconds", 0.0)),
-                kvpack_version=str(data.get("kvpack_version", "")),
-                created=str(data.get("created", "")),
-            )
-        except (KeyError, TypeError, ValueError) as exc:
-            if isinstance(exc, ConfigError):
-                raise ConfigError(f"{where}: {exc}") from exc
-            raise ConfigError(f"{where} is malformed: {type(exc).__name__}: {exc}") from exc
-        if config.layer_bits != chosen or len(chosen) != model.layers:
-            raise ConfigError(
-                f"{where} is inconsistent: its cache config has per-layer bits for {len(config.layer_bits)} layers "
-                f"({config.spec}), its layer table {len(chosen)} rows, its model {model.layers} layers."
-            )
-        return profile
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the profile as indented JSON."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=1) + "\n")
-        self.path = path
-
-
-def is_profile_path(config: Any) -> bool:
-    """Whether `config` names a profile file (a path object, or a string ending in `.json`)."""
-    return isinstance(config, os.PathLike) or (isinstance(config, str) and config.strip().lower().endswith(".json"))
-
-
-def load_profile(path: str | os.PathLike[str]) -> Profile:
-    """Read a profile written by `kvpack calibrate`; ConfigError when it is missing, not JSON, or not a profile."""
-    path = Path(str(path).strip()) if isinstance(path, str) else Path(path)
-    if not path.is_file():
-        raise ConfigError(f"profile {path} does not exist; make one with `kvpack calibrate -o {path}`.")
-    try:
-        data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"profile {path} is not valid JSON ({exc}); make it again with `kvpack calibrate`.") from exc
-    profile = Profile.from_dict(data, where=f"profile {path}")
-    profile.path = path
-    return profile
 
 
 # -- emulated sensitivity --------------------------------------------------------------------------------------------
@@ -275,25 +76,19 @@ class _Pass:
 _active = _Pass()
 
 
-def packed_until(stored: torch.Tensor, config: CacheConfig) -> torch.Tensor:
-    """Non-sink tokens a `PackedLayer` holds quantized after receiving `stored` non-sink tokens, one at a time."""
-    block = config.block_tokens
-    return (stored - config.residual).div(block, rounding_mode="floor").clamp(min=0) * block
-
-
 def quantized_mask(tokens: int, config: CacheConfig, device: torch.device | None = None) -> torch.Tensor:
     """bool `[tokens, tokens]`: entry `[t, j]` is whether the query at position `t`, decoded one token at a time,
     reads key/value `j` from packed (quantized) storage (see the module doc)."""
     t = torch.arange(tokens, device=device)
     stored = (t - config.sinks).clamp(min=0)  # non-sink tokens in the cache when token t arrives
-    limit = config.sinks + packed_until(stored, config)
+    limit = config.sinks + flushed_tokens(stored, config)
     return (t[None, :] >= config.sinks) & (t[None, :] < limit[:, None])
 
 
 def emulate_stored(x: torch.Tensor, spec: QuantSpec, config: CacheConfig) -> torch.Tensor:
     """`x` `[batch, heads, tokens, dim]` with the tokens a streamed cache ends up packing quantize-dequantized.
 
-    Those are the `packed_until(tokens - 1 - sinks)` tokens after the sinks (whole blocks), what the last query
+    Those are the `flushed_tokens(tokens - 1 - sinks)` tokens after the sinks (whole blocks), what the last query
     reads packed; every earlier query reads a prefix of the same blocks, which are quantized identically (blocks
     are independent). Other tokens are returned unchanged.
     """
@@ -301,7 +96,7 @@ def emulate_stored(x: torch.Tensor, spec: QuantSpec, config: CacheConfig) -> tor
 
     tokens = x.shape[2]
     start = config.sinks
-    end = start + int(packed_until(torch.tensor(max(tokens - 1 - start, 0)), config))
+    end = start + flushed_tokens(max(tokens - 1 - start, 0), config)
     if end == start:
         return x
     out = x.clone()
@@ -484,9 +279,7 @@ def measure_sensitivity(
     quantized with `base` at that bit width (see the module doc). Layers without a cache get zeros."""
     from tqdm import tqdm
 
-    from kvpack.cache.cache import _layer_plan
-
-    plan = _layer_plan(model.config)
+    plan = layer_plan(model.config)
     meter = SensitivityMeter(model, ids, base)
     table: dict[str, list[list[float]]] = {name: [[0.0] * len(candidates) for _ in plan] for name in TENSORS}
     jobs = [
@@ -594,8 +387,6 @@ def calibrate(
     base: the spec whose every option (group sizes, axes, residual, sinks, rotation) is kept; only bits vary.
     data: a UTF-8 text file (default: kvpack's calibration text); its first `tokens` tokens are used.
     """
-    import kvpack
-    from kvpack.config import as_config
     from kvpack.eval.perplexity import calibration_data_path, load_tokens
 
     base_config = as_config(base)
@@ -630,7 +421,7 @@ def calibrate(
         key_kl=key_kl,
         value_kl=value_kl,
         seconds=seconds,
-        kvpack_version=kvpack.__version__,
+        kvpack_version=__version__,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
 

@@ -21,8 +21,8 @@ keys helps some families and costs others far more, so it is the option `-rotk`)
 replaces the sinks); `-plain` starts from nothing, so `k4v4-plain-s4` is plain KIVI with 4 sinks. 8-bit specs start
 plain: at 8 bits the options change nothing measurable.
 
-A preset name (`balanced`, `compact`, `max-compression`: see `PRESETS`) and a calibrated profile (`kvpack calibrate`,
-a `.json` file) are accepted wherever a spec string is (`as_config`).
+A preset name (`balanced`, `compact`, `max-compression`: see `PRESETS`) is accepted wherever a spec string is
+(`as_config`), and so is a calibrated profile (`kvpack calibrate`, a `.json` file; `kvpack.profile.resolve_config`).
 
 `parse_spec(s)` and `CacheConfig.spec` are inverses (for canonical strings). The canonical string writes every
 option out (`k4v4` prints as `k4v4-g64-r128-s4-rotv`, plain KIVI as `k4v4-plain-g64-r128`), so a result table says
@@ -33,20 +33,25 @@ what ran. The same fields build the Python API (`CacheConfig(...)`: its field de
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Literal
 
 from kvpack.errors import ConfigError
-from kvpack.quant.codebooks import CODEBOOKS, FITTED_CODEBOOK, Codebook
-from kvpack.quant.rotation import ROTATIONS, Rotation
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 SUPPORTED_GROUP_SIZES = (16, 32, 64, 128)
 SCHEMA_VERSION = 1
 
 Axis = Literal["channel", "token"]
+# The names of the rotations (`kvpack.quant.rotation`) and codebooks (`kvpack.quant.codebooks`) a spec may name;
+# the numbers behind them live in `kvpack.quant`, which builds on this module.
+Rotation = Literal["none", "hadamard"]
+ROTATIONS: tuple[Rotation, ...] = ("none", "hadamard")
+Codebook = Literal["uniform", "lloyd1"]
+CODEBOOKS: tuple[Codebook, ...] = ("uniform", "lloyd1")
+# What the spec option `-cb` means: the newest fitted codebook.
+FITTED_CODEBOOK: Codebook = "lloyd1"
 
 
 @dataclass(frozen=True)
@@ -391,21 +396,16 @@ better for a model, can do better at the same bits. The README gives their measu
 DEFAULT_PRESET = "balanced"
 
 
-def as_config(config: CacheConfig | str | os.PathLike[str]) -> CacheConfig:
-    """Accept a `CacheConfig`, a preset name (`PRESETS`), a spec string, or the path of a calibrated profile (a
-    `.json` file written by `kvpack calibrate`; see `kvpack.calibrate.Profile`). A missing, invalid or other-version
-    profile raises ConfigError."""
+def as_config(config: CacheConfig | str) -> CacheConfig:
+    """Accept a `CacheConfig`, a preset name (`PRESETS`) or a spec string. (A calibrated profile's path is accepted
+    one layer up, by `kvpack.profile.resolve_config`, which the CLI and `KVPackCache` use.)"""
     if isinstance(config, CacheConfig):
         return config
     if isinstance(config, str) and config.strip().lower() in PRESETS:
         return parse_spec(PRESETS[config.strip().lower()])
-    from kvpack.calibrate import is_profile_path, load_profile
-
-    if is_profile_path(config):
-        return load_profile(config).config
     if isinstance(config, str):
         return parse_spec(config)
     raise ConfigError(
-        f"expected a CacheConfig, a preset ({', '.join(PRESETS)}), a spec string like 'k4v4' or a profile .json "
-        f"path, got {type(config).__name__}."
+        f"expected a CacheConfig, a preset ({', '.join(PRESETS)}) or a spec string like 'k4v4', got "
+        f"{type(config).__name__} (a calibrated profile's path: `kvpack.profile.resolve_config`)."
     )

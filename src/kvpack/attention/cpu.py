@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from kvpack.attention.reference import AttentionInputs, attention_bias
+from kvpack.attention.inputs import AttentionInputs
+from kvpack.attention.reference import attention_bias
 from kvpack.quant.rotation import rotate, rotation_matrix
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_attention.cpp"

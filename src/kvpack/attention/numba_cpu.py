@@ -32,7 +32,8 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-from kvpack.attention.reference import NEG_LARGE, AttentionInputs, attention_bias
+from kvpack.attention.inputs import AttentionInputs
+from kvpack.attention.reference import NEG_LARGE, attention_bias
 from kvpack.quant.rotation import rotate, rotation_matrix
 
 # float16 -> float32 without numba's (missing) float16 type:

@@ -27,7 +27,8 @@ from typing import Any
 
 import torch
 
-from kvpack.attention.reference import AttentionInputs, reference_attention
+from kvpack.attention.inputs import INPUTS_ATTRIBUTE, AttentionInputs
+from kvpack.attention.reference import reference_attention
 from kvpack.errors import BackendUnavailableError, ConfigError, UnsupportedOperationError
 
 ATTENTION_NAME = "kvpack"
@@ -36,8 +37,6 @@ BACKENDS = ("auto", "torch", "cpu", "numba", "triton")
 AUTO_ORDER = {"cuda": ("triton",), "cpu": ("cpu", "numba")}
 # What a `KVPackCache` accepts: a backend, or `dense` (dequantize in the cache; the model's attention reads it).
 CACHE_BACKENDS = (*BACKENDS, "dense")
-# The attribute of the key tensor that `KVPackCache.update` returns in fused mode.
-INPUTS_ATTRIBUTE = "kvpack_inputs"
 
 _fallbacks_said: set[str] = set()
 

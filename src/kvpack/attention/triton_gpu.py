@@ -19,7 +19,7 @@ from types import ModuleType
 
 import torch
 
-from kvpack.attention.reference import AttentionInputs
+from kvpack.attention.inputs import AttentionInputs
 from kvpack.quant.rotation import rotate, unrotate
 
 # Triton's own spellings of true for TRITON_INTERPRET.

@@ -11,80 +11,10 @@ from transformers.cache_utils import Cache, DummyLayer
 
 from kvpack.attention.registry import ATTENTION_NAME
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
+from kvpack.cache.plan import check_exact_tokens, context_limit, layer_plan
 from kvpack.config import DEFAULT_PRESET, CacheConfig, as_config
-from kvpack.errors import ConfigError, UnsupportedModelError
-
-# Layer types whose cache is plain per-head keys/values, and how kvpack stores them.
-_SLIDING_TYPES = ("sliding_attention", "chunked_attention")
-_NO_CACHE_TYPES = ("dummy", "moe", "mlp")
-# Config fields of architectures whose cache is not plain per-head K/V.
-_LATENT_ATTENTION_FIELDS = ("kv_lora_rank",)
-
-
-def _layer_plan(config: PretrainedConfig) -> list[tuple[str, int | None]]:
-    """(layer type, sliding window or None) for each decoder layer, as transformers' DynamicCache builds it."""
-    text = config.get_text_config(decoder=True)
-    model_type = getattr(text, "model_type", type(text).__name__)
-    for field in _LATENT_ATTENTION_FIELDS:
-        if getattr(text, field, None):
-            raise UnsupportedModelError(
-                f"{model_type}: multi-head latent attention caches a compressed latent, not per-head keys/values; "
-                "kvpack does not support this architecture: use transformers' own cache (the default) with it."
-            )
-    if getattr(text, "num_attention_heads", None) is None:
-        raise UnsupportedModelError(
-            f"{model_type}: the model has no attention heads (a recurrent or state-space model); its state is not a "
-            "key/value cache, so kvpack cannot hold it: use the model's own cache."
-        )
-    n_layers = text.num_hidden_layers
-    layer_types = getattr(text, "layer_types", None)
-    if layer_types is None:
-        sliding = getattr(text, "sliding_window", None)
-        chunk = getattr(text, "attention_chunk_size", None)
-        default = "sliding_attention" if sliding else "chunked_attention" if chunk else "full_attention"
-        layer_types = [default] * n_layers
-    plan: list[tuple[str, int | None]] = []
-    for layer_type in layer_types:
-        if layer_type == "full_attention":
-            plan.append((layer_type, None))
-        elif layer_type in _SLIDING_TYPES:
-            window = text.sliding_window if layer_type == "sliding_attention" else text.attention_chunk_size
-            plan.append((layer_type, int(window)))
-        elif layer_type in _NO_CACHE_TYPES:
-            plan.append(("dummy", None))
-        else:
-            raise UnsupportedModelError(
-                f"{model_type}: layer type {layer_type!r} does not cache plain per-head keys/values (linear, hybrid, "
-                "indexed or compressed attention); kvpack refuses it rather than half-support it: use transformers' "
-                "own cache (the default) with this model."
-            )
-    if getattr(text, "kv_sharing_modes", None) is not None:
-        plan = [
-            ("dummy", None) if mode == "reuse" else entry
-            for entry, mode in zip(plan, text.kv_sharing_modes, strict=True)
-        ]
-    return plan
-
-
-# The context assumed for a model whose config does not state one (max_position_embeddings).
-FALLBACK_CONTEXT_LIMIT = 1 << 17
-
-
-def context_limit(config: PretrainedConfig) -> int:
-    """The most tokens a sequence of this model holds: its `max_position_embeddings`, or `FALLBACK_CONTEXT_LIMIT`."""
-    text = config.get_text_config(decoder=True)
-    return int(getattr(text, "max_position_embeddings", None) or FALLBACK_CONTEXT_LIMIT)
-
-
-def check_exact_tokens(cache_config: CacheConfig, limit: int) -> None:
-    """Refuse sinks or a residual window longer than `limit` tokens (the model's context): they could never fill,
-    and a spec such as `k4v4-s999999` is a typo far more often than an intent."""
-    if cache_config.sinks > limit or cache_config.residual > limit:
-        raise ConfigError(
-            f"cache config {cache_config.spec}: {cache_config.sinks} sinks and a residual window of "
-            f"{cache_config.residual} tokens, but the model holds at most {limit} tokens (its context): use '-s<n>' "
-            f"and '-r<n>' of at most {limit} (defaults: the preset's sinks, '-r128')."
-        )
+from kvpack.errors import ConfigError
+from kvpack.profile import is_profile_path, load_profile
 
 
 class KVPackCache(Cache):
@@ -116,7 +46,7 @@ class KVPackCache(Cache):
         backend: str = "auto",
     ):
         """config: the model's config (or the model itself); cache_config: a `CacheConfig`, a preset name (default
-        `balanced`), a spec string or a calibrated profile's path (see `kvpack.config.as_config`). Per-layer bits
+        `balanced`), a spec string or a calibrated profile's path (see `kvpack.profile.resolve_config`). Per-layer bits
         (`CacheConfig.layer_bits`) must name every layer of the model (else ConfigError); each layer is built from
         `cache_config.for_layer(idx)`.
 
@@ -129,8 +59,6 @@ class KVPackCache(Cache):
 
         if not isinstance(config, PretrainedConfig) and isinstance(getattr(config, "config", None), PretrainedConfig):
             config = config.config
-        from kvpack.calibrate import is_profile_path, load_profile
-
         if is_profile_path(cache_config):
             profile = load_profile(cache_config)  # type: ignore[arg-type]
             profile.check_model(config)
@@ -141,7 +69,7 @@ class KVPackCache(Cache):
         self.backend = check_backend(backend)
         # Read at every update (cheap), so switching the model's attention implementation is always honoured.
         self._text_config = config.get_text_config(decoder=True)
-        plan = _layer_plan(config)
+        plan = layer_plan(config)
         per_layer = self.cache_config.layer_bits
         if per_layer and len(per_layer) != len(plan):
             raise ConfigError(

@@ -8,8 +8,8 @@ from dataclasses import dataclass, replace
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
-from kvpack.attention.reference import AttentionInputs
-from kvpack.attention.registry import INPUTS_ATTRIBUTE
+from kvpack.attention.inputs import INPUTS_ATTRIBUTE, AttentionInputs
+from kvpack.cache.plan import dropped_tokens, exact_capacity, flushed_tokens
 from kvpack.cache.storage import PackedBuffer
 from kvpack.config import CacheConfig
 from kvpack.errors import DtypeDeviceError, ShapeError, UnsupportedOperationError
@@ -153,8 +153,7 @@ class PackedLayer(CacheLayerMixin):
         capacity = self.exact_keys.shape[2]
         if tokens <= capacity:
             return
-        full = self.config.sinks + self.config.residual + self.config.block_tokens
-        grown = min(full, max(tokens, 2 * capacity))
+        grown = min(exact_capacity(self.config), max(tokens, 2 * capacity))
         keys = self.exact_keys.new_empty((*self.exact_keys.shape[:2], grown, self.exact_keys.shape[3]))
         values = self.exact_values.new_empty((*self.exact_values.shape[:2], grown, self.exact_values.shape[3]))
         keys[:, :, :capacity] = self.exact_keys
@@ -336,7 +335,7 @@ class PackedLayer(CacheLayerMixin):
         n = keys.shape[2]
         stored = self.residual_len + n
         block = self.config.block_tokens
-        flush = (stored - self.config.residual) // block * block if stored >= self.config.residual + block else 0
+        flush = flushed_tokens(stored, self.config)
         if flush:
             # Quantize before touching any state, so a refused value leaves the cache as it was.
             all_keys = torch.cat([self.residual_keys[:, :, : self.residual_len], keys], dim=2)
@@ -387,7 +386,7 @@ class PackedLayer(CacheLayerMixin):
         past = self.sink_len + self.residual_len
         packed_keys = self.packed_keys.view() if self.packed_keys is not None and self.packed_length else None
         packed_values = self.packed_values.view() if self.packed_values is not None and self.packed_length else None
-        if self.residual_len + key_states.shape[2] < self.config.residual + self.config.block_tokens:
+        if not flushed_tokens(self.residual_len + key_states.shape[2], self.config):
             # No block leaves the residual: the new tokens land right after it, and a view reads them all.
             self._append(key_states, value_states)
             exact_keys = self.exact_keys[:, :, : self.sink_len + self.residual_len]
@@ -558,10 +557,7 @@ class PackedSlidingLayer(PackedLayer):
         return self.update(key_states, value_states)
 
     def _forget_outside_window(self) -> None:
-        margin = self.config.residual + self.config.block_tokens
-        excess = self.stored_tokens() - (self.sliding_window - 1 + margin)
-        block = self.config.block_tokens
-        drop = min(max(excess, 0) // block * block, self.packed_length)
+        drop = dropped_tokens(self.stored_tokens(), self.packed_length, self.sliding_window, self.config)
         if drop:
             assert self.packed_keys is not None and self.packed_values is not None
             self.packed_keys.drop_oldest(drop)

@@ -11,14 +11,11 @@ a new name (`lloyd2`, ...), never new numbers under an old one.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-Codebook = Literal["uniform", "lloyd1"]
-CODEBOOKS: tuple[Codebook, ...] = ("uniform", "lloyd1")
-# What the spec option `-cb` means: the newest fitted codebook.
-FITTED_CODEBOOK: Codebook = "lloyd1"
+from kvpack.config import CODEBOOKS, FITTED_CODEBOOK, Codebook
+
+__all__ = ["CODEBOOKS", "FITTED_CODEBOOK", "Codebook", "codebook_levels"]
 
 # Made by: PYTHONPATH=src python scripts/fit_codebooks.py fit --windows 4 --window 1024 --group 64
 # on 2026-11-23: Lloyd-Max on the keys/values of the default model (SmolLM2-135M, 30 layers) over the first 4096

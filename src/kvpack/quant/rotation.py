@@ -12,12 +12,12 @@ fixed by the head dim alone (a constant seed), so a stored cache can be read bac
 from __future__ import annotations
 
 from functools import cache
-from typing import Literal
 
 import torch
 
-Rotation = Literal["none", "hadamard"]
-ROTATIONS: tuple[Rotation, ...] = ("none", "hadamard")
+from kvpack.config import ROTATIONS, Rotation
+
+__all__ = ["ROTATIONS", "Rotation", "rotate", "rotation_matrix", "unrotate"]
 _SEED = 0x6B7670  # fixed: the rotation is part of the stored format
 
 
