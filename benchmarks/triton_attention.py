@@ -33,7 +33,9 @@ GB = 1e9
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--spec", default="k4v4", help="kvpack cache spec (default k4v4: groups of 64, residual 128, 4 sinks, rotated)"
+        "--spec",
+        default="k4v4",
+        help="kvpack cache spec (default k4v4: groups of 64, residual 128, 4 sinks, values rotated)",
     )
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--context", type=int, default=32768, help="tokens in the cache")
@@ -79,12 +81,14 @@ def timer(device: torch.device) -> Callable[[Callable[[], Any], int], float]:
 
 def build_inputs(args: argparse.Namespace, device: torch.device) -> tuple[Any, torch.Tensor, torch.Tensor]:
     """The layer's packed cache (`AttentionInputs`) and the same tokens as float16 keys and values."""
-    from kvpack.attention.reference import AttentionInputs
+    from kvpack.attention.inputs import AttentionInputs
+    from kvpack.cache.plan import flushed_tokens
     from kvpack.config import parse_spec
     from kvpack.quant.tensor import PackedTensor
 
     config = parse_spec(args.spec)
-    packed = max(args.context - config.residual, 0) // config.block_tokens * config.block_tokens
+    sinks = min(config.sinks, args.context)
+    packed = flushed_tokens(args.context - sinks, config)  # the tokens a streamed cache holds packed
     gen = torch.Generator(device=device).manual_seed(0)
     shape = (args.batch, args.kv_heads, args.context, args.dim)
     keys = torch.randn(shape, generator=gen, device=device, dtype=torch.float16)
@@ -93,8 +97,8 @@ def build_inputs(args: argparse.Namespace, device: torch.device) -> tuple[Any, t
     if packed:
         # One sample at a time: quantizing works in float32, four times the float16 cache at once otherwise.
         parts = [
-            (PackedTensor.quantize(keys[i : i + 1, :, :packed], config.key),
-             PackedTensor.quantize(values[i : i + 1, :, :packed], config.value))
+            (PackedTensor.quantize(keys[i : i + 1, :, sinks : sinks + packed], config.key),
+             PackedTensor.quantize(values[i : i + 1, :, sinks : sinks + packed], config.value))
             for i in range(args.batch)
         ]  # fmt: skip
 
@@ -105,9 +109,11 @@ def build_inputs(args: argparse.Namespace, device: torch.device) -> tuple[Any, t
             )  # fmt: skip
 
         packed_keys, packed_values = joined([k for k, _ in parts]), joined([v for _, v in parts])
-    inputs = AttentionInputs(
-        keys[:, :, packed:], values[:, :, packed:], packed_keys, packed_values, sink_len=0, backend="triton"
-    )
+
+    def exact(x: torch.Tensor) -> torch.Tensor:  # the sinks, then the residual window
+        return torch.cat([x[:, :, :sinks], x[:, :, sinks + packed :]], dim=2)
+
+    inputs = AttentionInputs(exact(keys), exact(values), packed_keys, packed_values, sink_len=sinks, backend="triton")
     return inputs, keys, values
 
 

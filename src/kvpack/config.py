@@ -258,18 +258,13 @@ class CacheConfig:
 
 
 # What a spec string starts from unless it says `-plain`, chosen by mean KL against the exact cache on kvpack's
-# calibration text (benchmarks/results/history/selection_calibration.md, key_rotation.md; never the evaluation text):
-# - rotation of 2- to 4-bit values; keys are not rotated. Rotating keys helps the default model (SmolLM2) and hurts
-#   other families badly (Gemma 3 270M; a held-out real model with biased key projections, 70x the KL of KIVI with
-#   sinks at 4 bits): a default must not lose to plain KIVI with sinks on any family, so key rotation is an option
-#   (`-rotk`, `-rot`) for the models where it measured better, not a default. Value rotation never measured worse
-#   than none beyond noise on the families tried (benchmarks/results/key_rotation.md);
-# - clipped key ranges at 2 bits: k2v2-s4-rot 0.0472 -> -clipk 0.0302 (and lower KL on the two held-out texts,
-#   benchmarks/results/history/heldout_*.md); not at 3 bits, where the gain was marginal (0.00598 -> 0.00573, and the
-#   codebook's 0.00550 no larger) and the WikiText ablation shows it hurting (benchmarks/results/history/ablation.md),
-#   nor at 4 bits (0.00095 -> 0.00117). An option is taken only for a clear gain (>= 10% lower KL) on the calibration
-#   text;
-# - 4 sinks when any tensor has 4 bits or fewer: k4v4 0.00365 -> k4v4-s4 0.00144 (16 sinks: no better).
+# calibration text, never the evaluation text; the measurements are in benchmarks/results/key_rotation.md and
+# benchmarks/results/history/selection_calibration.md (regenerate: scripts/reproduce.sh key_rotation selection):
+# - rotation of 2- to 4-bit values; keys are not rotated: rotating keys helps some families and costs others far
+#   more, and a default must not lose to plain KIVI with sinks on any family tried, so it is an option (`-rotk`);
+# - clipped key ranges at 2 bits only: an option is taken only for a clear gain (>= 10% lower KL) on the
+#   calibration text, and at 3 and 4 bits clipping gave none (benchmarks/results/history/ablation.md, heldout_*.md);
+# - sinks when any tensor has 4 bits or fewer (more than 4 measured no better).
 RECOMMENDED_SINKS = 4
 _ROTATED_VALUE_BITS = (2, 3, 4)
 _CLIPPED_KEY_BITS = (2,)

@@ -29,5 +29,6 @@ def test_smoke_run_writes_both_kernels_and_agrees_with_the_reference(tmp_path: P
     measured = json.loads(out.read_text())
     assert [row["kernel"] for row in measured["rows"]] == ["kvpack k4v4-g16-r16 (triton)", "fp16 SDPA"]
     assert all(row["us_per_call"] > 0 and row["bytes_read"] > 0 for row in measured["rows"])
-    assert measured["packed_tokens"] == 64
+    # 80 tokens of k4v4-g16-r16 (4 sinks): the sinks, 3 packed blocks of 16, 28 exact (the flush rule keeps >= 16)
+    assert measured["packed_tokens"] == 48
     assert measured["max_abs_error_vs_reference"] <= measured["error_bound"]
