@@ -38,7 +38,7 @@ from kvpack.cache.layer import PackedLayer
 from kvpack.cache.persist import (
     MAX_HEADER_BYTES,
     CacheFileHeader,
-    _checksum,
+    content_sha256,
     layer_devices,
     read_cache_file,
 )
@@ -211,6 +211,22 @@ def test_file_is_plain_safetensors_with_only_valid_tokens(llama: PreTrainedModel
     assert sum(t.numel() * t.element_size() for t in file.tensors.values()) <= cache.nbytes()
 
 
+def test_file_bytes_are_what_safetensors_writes(llama_file: Path) -> None:
+    """The layout is the library's for these tensors and this metadata (as every kvpack version wrote it)."""
+    import safetensors.torch
+
+    file = read_cache_file(llama_file)
+    metadata = {"kvpack": json.dumps(file.header.to_dict())}
+    assert llama_file.read_bytes() == safetensors.torch.save(file.tensors, metadata=metadata)
+
+
+def test_read_tensors_do_not_change_with_the_file(llama_file: Path) -> None:
+    file = read_cache_file(llama_file)
+    before = {name: t.clone() for name, t in file.tensors.items()}
+    llama_file.write_bytes(bytes(llama_file.stat().st_size))  # overwritten in place, same size
+    assert all(torch.equal(file.tensors[name], t) for name, t in before.items())
+
+
 def test_loads_onto_the_models_device(llama: PreTrainedModel, tmp_path: Path, device: torch.device) -> None:
     model = copy.deepcopy(llama).to(device)
     saved(model, tmp_path / "c.kvpc")
@@ -278,16 +294,16 @@ def join_file(path: Path, index: dict[str, Any], header: dict[str, Any] | None, 
 
 
 def resigned(header: dict[str, Any], index: dict[str, Any], data: bytes) -> Any:
-    from kvpack.cache.persist import _ST_DTYPES
+    """The checksum of `header` over the tensors that `index` and `data` make (as safetensors reads them), or the
+    old checksum where they make no file or `header` does not parse."""
+    import safetensors.torch
+    from safetensors import SafetensorError
 
+    raw = json.dumps(index).encode()
     try:
-        parsed = CacheFileHeader.from_dict(header)
-        tensors = []
-        for name in sorted(k for k in index if k != "__metadata__"):
-            begin, end = index[name]["data_offsets"]
-            tensors.append((name, _ST_DTYPES[index[name]["dtype"]], tuple(index[name]["shape"]), data[begin:end]))
-        return _checksum(parsed, tensors)
-    except (CacheFileError, KeyError, TypeError, ValueError):
+        tensors = safetensors.torch.load(len(raw).to_bytes(8, "little") + raw + data)
+        return content_sha256(CacheFileHeader.from_dict(header), tensors)
+    except (CacheFileError, SafetensorError, KeyError, TypeError, ValueError, RuntimeError):
         return header.get("checksum")
 
 
@@ -436,7 +452,11 @@ def test_not_a_prompt_cache_is_refused(llama: PreTrainedModel, tmp_path: Path) -
 
 def test_trailing_bytes_are_refused(llama_file: Path, llama: PreTrainedModel) -> None:
     llama_file.write_bytes(llama_file.read_bytes() + b"\0")
-    assert load_error(llama_file, llama).check == "header"
+    error = load_error(llama_file, llama)
+    # safetensors reports data that does not end where the last tensor does alike, shorter or longer.
+    assert (
+        isinstance(error, CacheFormatError) and error.check == "truncated" and "bytes after its tensors" in str(error)
+    )
 
 
 @pytest.mark.parametrize(
@@ -511,6 +531,7 @@ def test_forged_header_length_is_refused_without_reading_it(llama_file: Path) ->
 
 
 def test_forged_tensor_shapes_and_offsets_are_refused(llama_file: Path) -> None:
+    written = read_cache_file(llama_file).tensors
     index, header, data = split_file(llama_file)
     name = "layers.0.residual_keys"
     for forged in (
@@ -520,11 +541,19 @@ def test_forged_tensor_shapes_and_offsets_are_refused(llama_file: Path) -> None:
         {"data_offsets": [0, 2**62]},
         {"dtype": "F64"},
         {"dtype": "I64"},
-        {"extra": 1},
+        {"dtype": "I64", "shape": [*index[name]["shape"][:-1], index[name]["shape"][-1] // 2]},  # same bytes
     ):
         join_file(llama_file, {**index, name: {**index[name], **forged}}, header, data, resign=True)
         error = read_error(llama_file)
         assert error.check in ("header", "truncated"), (forged, error)
+    empty = "layers.0.shadow_keys"  # no tokens: a shape with a zero anywhere fits its (zero) bytes
+    for shape, check in (([0, 2**63], "header"), ([2**31, 0, 2**40], "layers")):  # beyond torch's range; absurd
+        join_file(llama_file, {**index, empty: {**index[empty], "shape": shape}}, header, data, resign=True)
+        assert read_error(llama_file).check == check, shape
+    # A field safetensors does not know is ignored, as by every safetensors reader: the tensors (all the checksum
+    # covers) are those written.
+    join_file(llama_file, {**index, name: {**index[name], "extra": 1}}, header, data, resign=False)
+    assert torch.equal(read_cache_file(llama_file).tensors[name], written[name])
 
 
 # -- fuzz: whatever the bytes, only kvpack's own errors, quickly, with bounded memory ---------------------------------

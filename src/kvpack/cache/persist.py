@@ -1,21 +1,20 @@
 """Prompt caches on disk: a `KVPackCache` saved with its token ids and model fingerprint, loaded back bit for bit.
 
-A file is a standard safetensors file (any safetensors reader opens it; nothing is pickled):
-
-    8 bytes: N, little-endian | N bytes: JSON index of the tensors + "__metadata__" | the tensors' bytes
-
-`__metadata__["kvpack"]` holds the kvpack header, a JSON object (`CacheFileHeader`): format name and schema
+A file is a standard safetensors file, written and read by the `safetensors` library (nothing is pickled).
+Its metadata entry `kvpack` holds the kvpack header, a JSON object (`CacheFileHeader`): format name and schema
 version, the kvpack version that wrote it, the cache config, the token ids of the cached prefix, the model's
 fingerprint (`ModelFingerprint`), one entry per decoder layer (token counts) and a SHA-256 checksum over the
 header and every tensor. Tensors are `layers.<i>.<name>` for each tensor of the layer's `LayerState` (only
 valid tokens: packed codes, scales and zeros (and outliers' values and positions with `-o`), the exact residual
 window, sinks), in the model's dtype.
 
-Reading trusts nothing in the file: every length and shape is checked against the file's real size and the
-header's own counts before anything is allocated, the checksum before any count or tensor is used, and the
-fingerprint against the model before anything is restored. Each failure raises a `CacheFileError` subclass whose `check`
-names what failed: `file`, `truncated`, `header`, `format`, `schema`, `checksum`, `layers` (the file);
-`architecture`, `shapes`, `dtype`, `config`, `weights`, `tokenizer`, `context` (the model).
+Reading trusts nothing in the file. The library checks the framing (header length within the file and its own
+limit, JSON, dtypes, shapes and offsets that tile the data exactly) before it reads a tensor, so what a file makes
+kvpack allocate is bounded by its size; then kvpack checks its header's fields, the checksum before any count or
+tensor is used, the counts and every tensor's dtype and shape against the header, and the fingerprint against the
+model before anything is restored. Each failure raises a `CacheFileError` subclass whose `check` names what
+failed: `file`, `truncated`, `header`, `format`, `schema`, `checksum`, `layers` (the file); `architecture`,
+`shapes`, `dtype`, `config`, `weights`, `tokenizer`, `context` (the model).
 """
 
 from __future__ import annotations
@@ -26,7 +25,7 @@ import json
 import os
 import re
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from kvpack.cache.layer import FLOAT_DTYPES, LayerState, PackedLayer, PackedSlidingLayer
+from kvpack.cache.plan import cache_shape, check_exact_tokens, context_limit
 from kvpack.cache.storage import PackedBuffer
 from kvpack.compat import cache_kwargs
 from kvpack.config import DEFAULT_PRESET, CacheConfig, QuantSpec
@@ -53,23 +53,16 @@ if TYPE_CHECKING:
 
 FORMAT = "kvpack.prompt-cache"
 SCHEMA_VERSION = 1
-# The JSON index is a few hundred bytes per layer plus ~6 bytes per cached token id; 64 MiB is ten million tokens.
-# A length beyond it (or beyond the file) is refused before anything is read or allocated.
-MAX_HEADER_BYTES = 64 << 20
+# The safetensors library's own limit on the JSON header (its MAX_HEADER_SIZE): a longer one is refused unread.
+MAX_HEADER_BYTES = 100_000_000
 # Bounds on kv heads and head dims read from a file (real models have tens and hundreds), so that the shapes built
 # from them stay within torch's index range.
 MAX_HEADS_OR_DIM = 1 << 16
-# Product of a tensor's sizes (zeros counted as ones): far beyond a real cache, far below torch's index range.
-MAX_TENSOR_EXTENT = 1 << 48
 
-_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
-_ST_NAMES = {dtype: name for name, dtype in _ST_DTYPES.items()}
+# The dtypes a prompt cache holds, by their safetensors names (the checksum spells them so).
+_ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 _DTYPE_NAMES = {str(dtype).removeprefix("torch."): dtype for dtype in FLOAT_DTYPES}
 _DENSE_TENSORS = ("sink_keys", "sink_values", "residual_keys", "residual_values", "shadow_keys", "shadow_values")
-_PACKED_PARTS = ("codes", "scale", "zero")
-_OUTLIER_PARTS = ("outlier_values", "outlier_positions")  # only with `QuantSpec.outliers`
-_UINT8_PARTS = ("codes", "outlier_positions")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 # Config fields that say how the model is run, not what it computes: left out of the config hash.
 _VOLATILE_CONFIG_KEYS = frozenset(
     {"transformers_version", "dtype", "torch_dtype", "use_cache", "output_attentions", "output_hidden_states",
@@ -107,22 +100,17 @@ class ModelFingerprint:
     @classmethod
     def of(cls, model: Any, tokenizer: Any = None, name: str | None = None) -> ModelFingerprint:
         """The fingerprint of `model` (a transformers model) and, when given, `tokenizer`."""
-        from kvpack.cache.cache import _layer_plan
-
         config = model.config
-        text = config.get_text_config(decoder=True)
-        plan = tuple(
-            "none" if kind == "dummy" else "full" if window is None else f"sliding:{window}"
-            for kind, window in _layer_plan(config)
-        )
-        heads = getattr(text, "num_attention_heads", 0)
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+        shape = cache_shape(config)
         return cls(
             name=name or str(getattr(config, "_name_or_path", "") or type(model).__name__),
             architecture=f"{type(model).__name__} ({getattr(config, 'model_type', '?')})",
-            layer_plan=plan,
-            kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
-            head_dim=int(head_dim),
+            layer_plan=tuple(
+                "none" if kind == "dummy" else "full" if window is None else f"sliding:{window}"
+                for kind, window in shape.plan
+            ),
+            kv_heads=shape.kv_heads,
+            head_dim=shape.head_dim,
             dtype=str(model.dtype).removeprefix("torch."),
             config_sha256=config_sha256(config),
             weights_sha256=weights_sha256(model),
@@ -308,8 +296,7 @@ class CacheFileHeader:
                 f"and this kvpack reads version {SCHEMA_VERSION}",
                 "schema",
             )
-        fields = {"format", "schema_version", "kvpack_version", "created", "cache_config", "token_ids", "model"}
-        obj = _object(data, "header", fields | {"layers", "prefill_s", "checksum"})
+        obj = _object(data, "header", set(cls.__dataclass_fields__))
         try:
             cache_config = CacheConfig.from_dict(obj["cache_config"])
         except (ConfigError, TypeError, ValueError, AttributeError) as exc:
@@ -352,7 +339,7 @@ class CacheFileHeader:
 class CacheFile:
     """A prompt-cache file read and checked (format, schema, checksum, layer layout), not yet tied to a model.
 
-    tensors: name -> CPU tensor, views of the file's bytes (copied when restored). nbytes: the file's size.
+    tensors: name -> CPU tensor, copies of the file's bytes. nbytes: the file's size.
     """
 
     path: Path
@@ -360,45 +347,78 @@ class CacheFile:
     tensors: dict[str, torch.Tensor]
     nbytes: int
 
-    def layer_states(self) -> Iterator[tuple[int, LayerState | None]]:
-        """(layer index, its state or None for a layer without a cache), tensors on the CPU."""
-        config = self.header.cache_config
-        batch, heads, dim = self.header.batch, self.header.model.kv_heads, self.header.model.head_dim
-        for idx, entry in enumerate(self.header.layers):
-            if entry.kind == "none":
-                yield idx, None
+    def layer_states(self) -> Iterator[tuple[int, LayerState]]:
+        """(layer index, its state) of each layer with a cache, tensors on the CPU."""
+        for idx in range(len(self.header.layers)):
+            template = _layer_template(self.header, idx)
+            if template is None:
                 continue
-            tensors = {name: self.tensors[f"layers.{idx}.{name}"] for name in _DENSE_TENSORS}
-
-            def packed(name: str, spec: QuantSpec, idx: int = idx, entry: LayerEntry = entry) -> PackedTensor | None:
-                if not entry.packed_len:
-                    return None
-                parts = {part: self.tensors[f"layers.{idx}.{name}.{part}"] for part in _packed_parts(spec)}
-                positions = parts.get("outlier_positions")
+            state = _with_tensors(template, self.tensors, prefix=f"layers.{idx}.")
+            for name in ("packed_keys", "packed_values"):
+                packed = getattr(state, name)
                 # Positions index the group when read: each must be in it, distinct and in order (as written).
-                if positions is not None and not _increasing_within(positions, spec.group_size):
+                if packed is not None and not _increasing_within(packed.outlier_positions, packed.spec.group_size):
                     raise CacheFormatError(
                         f"{self.path}: layer {idx} {name}: outlier positions are not increasing positions in "
-                        f"groups of {spec.group_size}. {_ADVICE[CacheFormatError]}",
+                        f"groups of {packed.spec.group_size}. {_ADVICE[CacheFormatError]}",
                         "layers",
                     )
-                return PackedTensor(shape=torch.Size((batch, heads, entry.packed_len, dim)), spec=spec, **parts)
+            yield idx, state
 
-            yield (
-                idx,
-                LayerState(
-                    seen_tokens=entry.seen_tokens,
-                    sink_keys=tensors["sink_keys"],
-                    sink_values=tensors["sink_values"],
-                    residual_keys=tensors["residual_keys"],
-                    residual_values=tensors["residual_values"],
-                    packed_keys=packed("packed_keys", config.for_layer(idx).key),
-                    packed_values=packed("packed_values", config.for_layer(idx).value),
-                    shadow_keys=tensors["shadow_keys"],
-                    shadow_values=tensors["shadow_values"],
-                    record_past=entry.record_past,
-                ),
-            )
+
+def _layer_template(header: CacheFileHeader, idx: int) -> LayerState | None:
+    """Layer `idx`'s state by the header's counts, on the meta device: the names, dtypes and shapes of the tensors a
+    file holds for it, as the layer lays them out (None for a layer without a cache)."""
+    entry, fp = header.layers[idx], header.model
+    if entry.kind == "none":
+        return None
+    dtype = _DTYPE_NAMES.get(fp.dtype)
+    if dtype is None:
+        raise _header_error(f"model.dtype {fp.dtype!r} is not one of {sorted(_DTYPE_NAMES)}")
+    batch, heads, dim, meta = header.batch, fp.kv_heads, fp.head_dim, torch.device("meta")
+    lengths = {"sink": entry.sink_len, "residual": entry.residual_len, "shadow": entry.shadow_len}
+    dense: dict[str, Any] = {
+        name: torch.empty((batch, heads, lengths[name.split("_")[0]], dim), dtype=dtype, device=meta)
+        for name in _DENSE_TENSORS
+    }
+
+    def packed(spec: QuantSpec) -> PackedTensor | None:
+        if not entry.packed_len:
+            return None
+        buffer = PackedBuffer(spec, batch, heads, dim, meta)  # laid out as a layer stores it
+        units = entry.packed_len // buffer.unit_tokens
+        grown = buffer.view().map_parts(lambda t: t.new_empty((*t.shape[:2], units, *t.shape[3:])))
+        return replace(grown, shape=torch.Size((batch, heads, entry.packed_len, dim)))
+
+    config = header.cache_config.for_layer(idx)
+    return LayerState(
+        seen_tokens=entry.seen_tokens,
+        packed_keys=packed(config.key),
+        packed_values=packed(config.value),
+        record_past=entry.record_past,
+        **dense,
+    )
+
+
+def _with_tensors(state: LayerState, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> LayerState:
+    """`state` with each of its tensors replaced by `tensors[prefix + its name in LayerState.tensors()]`."""
+
+    def packed(name: str) -> PackedTensor | None:
+        value: PackedTensor | None = getattr(state, name)
+        if value is None:
+            return None
+        parts: dict[str, Any] = {part: tensors[f"{prefix}{name}.{part}"] for part in value.parts()}
+        return replace(value, **parts)
+
+    dense: dict[str, Any] = {name: tensors[prefix + name] for name in _DENSE_TENSORS}
+    return replace(state, **dense, packed_keys=packed("packed_keys"), packed_values=packed("packed_values"))
+
+
+def _increasing_within(positions: torch.Tensor | None, group_size: int) -> bool:
+    """Whether each row (last dimension) of `positions` increases strictly and stays below `group_size`."""
+    if positions is None or not positions.numel():
+        return True
+    return int(positions.max()) < group_size and bool((positions.diff(dim=-1) > 0).all())
 
 
 # -- saving ----------------------------------------------------------------------------------------------------------
@@ -470,18 +490,15 @@ def save_cache(
         prefill_s=prefill_s,
         checksum="0" * 64,
     )
-    # The file must pass the reader's own checks: a model whose layers do not match its fingerprint fails here.
-    expected = _expected_tensors(header)
-    for tensor_name, tensor in tensors.items():
-        if expected.get(tensor_name) != (_ST_NAMES.get(tensor.dtype), tuple(tensor.shape)):
-            raise KVPackError(
-                f"cannot save {tensor_name} {tuple(tensor.shape)} {tensor.dtype}: the model's config says "
-                f"{expected.get(tensor_name)}; kvpack saves caches of models whose layers all cache "
-                f"[batch, kv_heads={fingerprint.kv_heads}, tokens, head_dim={fingerprint.head_dim}] in its dtype."
-            )
+    try:  # the file must pass the reader's own checks: a model whose layers do not match its fingerprint fails here
+        _check_tensors(header, tensors)
+    except CacheFormatError as exc:
+        raise KVPackError(
+            f"cannot save this cache: {exc}; kvpack saves caches of models whose layers all cache "
+            f"[batch, kv_heads={fingerprint.kv_heads}, tokens, head_dim={fingerprint.head_dim}] in its dtype."
+        ) from None
     _check_layers(header)
-    named = ((n, t.dtype, tuple(t.shape), _bytes_of(t)) for n, t in sorted(tensors.items()))
-    header = replace(header, checksum=_checksum(header, named))
+    header = replace(header, checksum=content_sha256(header, tensors))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
@@ -501,14 +518,15 @@ def _bytes_of(tensor: torch.Tensor) -> memoryview:
     return memoryview(flat.view(torch.uint8).numpy())  # type: ignore[arg-type]  # numpy arrays are buffers
 
 
-def _checksum(header: CacheFileHeader, tensors: Iterable[tuple[str, torch.dtype, tuple[int, ...], Any]]) -> str:
-    """SHA-256 of the canonical header JSON (without the checksum), then each tensor's name, dtype, shape and
-    bytes, in name order."""
+def content_sha256(header: CacheFileHeader, tensors: Mapping[str, torch.Tensor]) -> str:
+    """The checksum a file carries: SHA-256 of the canonical header JSON (without the checksum), then each tensor's
+    name, safetensors dtype, shape and bytes, in name order. Tensors: contiguous CPU tensors of `_ST_NAMES` dtypes."""
     digest = hashlib.sha256()
     canonical = json.dumps(header.to_dict(with_checksum=False), sort_keys=True, separators=(",", ":"))
     digest.update(canonical.encode())
-    for name, dtype, shape, data in tensors:
-        digest.update(f"\n{name}|{_ST_NAMES[dtype]}|{list(shape)}|{len(data)}\n".encode())
+    for name, tensor in sorted(tensors.items()):
+        data = _bytes_of(tensor)
+        digest.update(f"\n{name}|{_ST_NAMES[tensor.dtype]}|{list(tensor.shape)}|{len(data)}\n".encode())
         digest.update(data)
     return digest.hexdigest()
 
@@ -523,37 +541,26 @@ def read_cache_file(path: str | os.PathLike[str]) -> CacheFile:
     """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        data = bytearray(size)
-        with path.open("rb") as file:
-            got = file.readinto(data)
-    except OSError as exc:
-        raise CacheFormatError(f"cannot read prompt cache {path}: {exc.strerror or exc}.", "file") from exc
-    try:
-        header, index = _parse_framing(data[:got] if got < size else data)
-        tensors = _tensors(index)
-        computed = _checksum(
-            header, ((name, tensors[name].dtype, tuple(tensors[name].shape), index[name][2]) for name in sorted(index))
-        )
-        if computed != header.checksum:
+        metadata, tensors, nbytes = _read_safetensors(path)
+        if "kvpack" not in metadata:
+            raise CacheFormatError(f"it is not a kvpack prompt cache (no {FORMAT!r} header)", "format")
+        try:
+            data = json.loads(metadata["kvpack"])
+        except (ValueError, RecursionError) as exc:
+            raise CacheFormatError(f"its kvpack header is not valid JSON ({type(exc).__name__})", "header") from None
+        header = CacheFileHeader.from_dict(data)
+        for name, tensor in tensors.items():
+            if tensor.dtype not in _ST_NAMES:
+                raise _header_error(f"tensor {name!r} has dtype {tensor.dtype}, not one of {list(_ST_NAMES.values())}")
+        if content_sha256(header, tensors) != header.checksum:
             raise CacheChecksumError(
                 "its content does not match the checksum written with it: it is corrupt or was modified", "checksum"
             )
         _check_layers(header)
-        expected = _expected_tensors(header)
-        found = {name: (_ST_NAMES[t.dtype], tuple(t.shape)) for name, t in tensors.items()}
-        if found != expected:
-            missing = sorted(set(expected) - set(found))
-            wrong = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])
-            extra = sorted(set(found) - set(expected))
-            raise CacheFormatError(
-                f"its tensors do not match its layers (missing {missing[:3]}, wrong shape {wrong[:3]}, "
-                f"unexpected {extra[:3]})",
-                "layers",
-            )
+        _check_tensors(header, tensors)
     except CacheFileError as exc:
         raise type(exc)(f"{path}: {exc}. {_ADVICE[type(exc)]}", exc.check) from None
-    return CacheFile(path=path, header=header, tensors=tensors, nbytes=size)
+    return CacheFile(path=path, header=header, tensors=tensors, nbytes=nbytes)
 
 
 _ADVICE = {
@@ -562,138 +569,50 @@ _ADVICE = {
     CacheChecksumError: "Do not use it; rebuild it or re-copy the original.",
     CacheModelMismatchError: "Load it with the model (and tokenizer) it was built with, or rebuild it for this one.",
 }
+# The library's errors for data shorter or longer than the header says (0.4's names, then later versions' words),
+# compared with letters only.
+_TRUNCATED = ("headertoosmall", "invalidheaderlength", "metadataincompletebuffer", "filenotfullycovered")
 
 
-def _parse_framing(
-    data: bytearray,
-) -> tuple[CacheFileHeader, dict[str, tuple[torch.dtype, tuple[int, ...], memoryview]]]:
-    """The kvpack header and the tensor index: name -> dtype, shape and the tensor's bytes (a view of `data`)."""
-    if len(data) < 8:
-        raise CacheFormatError(f"it is truncated: {len(data)} bytes, not even the 8-byte header length", "truncated")
-    header_len = int.from_bytes(data[:8], "little")
-    if header_len > MAX_HEADER_BYTES:
-        raise CacheFormatError(
-            f"its header length field says {header_len:,} bytes, more than the {MAX_HEADER_BYTES:,} a prompt cache "
-            "header can have (not a safetensors file, or a corrupt one)",
-            "header",
-        )
-    data_start = 8 + header_len
-    if data_start > len(data):
-        raise CacheFormatError(
-            f"it is truncated: it has {len(data):,} bytes, but its header alone needs {data_start:,}", "truncated"
-        )
+def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor], int]:
+    """The metadata, the tensors and the size of a safetensors file, its framing checked by the library."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        raw = json.loads(bytes(data[8:data_start]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CacheFormatError(f"its safetensors header is not valid JSON ({type(exc).__name__})", "header") from None
-    if not isinstance(raw, dict):
-        raise _header_error("the safetensors header is not a JSON object")
-    metadata = raw.pop("__metadata__", None)
-    if not isinstance(metadata, dict) or not isinstance(metadata.get("kvpack"), str):
-        raise CacheFormatError(f"it is not a kvpack prompt cache (no {FORMAT!r} header)", "format")
-    try:
-        kvpack_header = json.loads(metadata["kvpack"])
-    except (ValueError, RecursionError) as exc:
-        raise CacheFormatError(f"its kvpack header is not valid JSON ({type(exc).__name__})", "header") from None
-    header = CacheFileHeader.from_dict(kvpack_header)
-    available = len(data) - data_start
-    spans = []
-    index = {}
-    for name, entry in raw.items():
-        obj = _object(entry, f"tensor {name!r}", {"dtype", "shape", "data_offsets"})
-        dtype = _ST_DTYPES.get(obj["dtype"]) if isinstance(obj["dtype"], str) else None
-        if dtype is None:
-            raise _header_error(f"tensor {name!r} has dtype {obj['dtype']!r}, not one of {sorted(_ST_DTYPES)}")
-        shape = tuple(_int(d, f"tensor {name!r} shape[]") for d in _list(obj["shape"], f"tensor {name!r} shape", 8))
-        offsets = _list(obj["data_offsets"], f"tensor {name!r} data_offsets", 2)
-        if len(offsets) != 2:
-            raise _header_error(f"tensor {name!r} data_offsets must be [begin, end]")
-        begin, end = (_int(o, f"tensor {name!r} data_offsets[]") for o in offsets)
-        numel = extent = 1
-        for d in shape:
-            numel, extent = numel * d, extent * max(d, 1)
-        if extent > MAX_TENSOR_EXTENT:  # even an empty tensor's strides are products of its sizes
-            raise _header_error(f"tensor {name!r} has shape {list(shape)}, beyond any cache")
-        if end < begin or end - begin != numel * dtype.itemsize:
-            raise _header_error(
-                f"tensor {name!r}: data_offsets {[begin, end]} do not hold {list(shape)} {obj['dtype']}"
-            )
-        spans.append((begin, end, name))
-        index[name] = (dtype, shape, begin, end)
-    spans.sort()
-    position = 0
-    for begin, end, name in spans:
-        if begin != position:
-            raise _header_error(f"tensor {name!r} starts at byte {begin} of the data, not at {position}")
-        position = end
-    if position > available:
+        nbytes = path.stat().st_size
+        with safe_open(path, framework="pt") as file:
+            # get_tensor's tensors view the file's memory map, which follows later writes to the file: copy.
+            tensors = {name: file.get_tensor(name).clone() for name in file.keys()}  # noqa: SIM118
+            return file.metadata() or {}, tensors, nbytes
+    except OSError as exc:
+        raise CacheFormatError(f"cannot read prompt cache {path}: {exc.strerror or exc}", "file") from None
+    # torch refuses shapes whose strides overflow, even of empty tensors (the library checks only the bytes).
+    except (SafetensorError, RuntimeError, TypeError, ValueError) as exc:
+        detail = str(exc).split("\n")[0].removeprefix("Error while deserializing header: ")
+        if any(key in re.sub("[^a-z]", "", detail.lower()) for key in _TRUNCATED):
+            raise CacheFormatError(
+                f"it is truncated, or has bytes after its tensors (safetensors: {detail})", "truncated"
+            ) from None
+        raise CacheFormatError(f"it is not a valid safetensors file (safetensors: {detail})", "header") from None
+
+
+def _check_tensors(header: CacheFileHeader, tensors: Mapping[str, torch.Tensor]) -> None:
+    """The tensors are those the header's layers hold (`_layer_template`): names, dtypes and shapes."""
+    expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    found = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
+    for idx in range(len(header.layers)):
+        template = _layer_template(header, idx)
+        if template is not None:
+            expected |= {f"layers.{idx}.{n}": (t.dtype, tuple(t.shape)) for n, t in template.tensors().items()}
+    if found != expected:
+        missing = sorted(set(expected) - set(found))
+        wrong = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])
+        extra = sorted(set(found) - set(expected))
         raise CacheFormatError(
-            f"it is truncated: its tensors need {position:,} bytes of data, it has {available:,}", "truncated"
+            f"its tensors do not match its layers (missing {missing[:3]}, wrong shape {wrong[:3]}, "
+            f"unexpected {extra[:3]})",
+            "layers",
         )
-    if position < available:
-        raise _header_error(f"{available - position:,} bytes follow the last tensor")
-    view = memoryview(data)
-    resolved = {
-        name: (dtype, shape, view[data_start + begin : data_start + end])
-        for name, (dtype, shape, begin, end) in index.items()
-    }
-    return header, resolved
-
-
-def _tensors(index: dict[str, tuple[torch.dtype, tuple[int, ...], memoryview]]) -> dict[str, torch.Tensor]:
-    """CPU tensors viewing the file's bytes (checked sizes only)."""
-    tensors = {}
-    for name, (dtype, shape, span) in index.items():
-        if len(span) == 0:
-            tensors[name] = torch.empty(shape, dtype=dtype)
-        else:
-            tensors[name] = torch.frombuffer(span, dtype=dtype).reshape(shape)
-    return tensors
-
-
-def _expected_tensors(header: CacheFileHeader) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Name -> (safetensors dtype, shape) of every tensor the header's layers need."""
-    fp = header.model
-    dtype = _DTYPE_NAMES.get(fp.dtype)
-    if dtype is None:
-        raise _header_error(f"model.dtype {fp.dtype!r} is not one of {sorted(_DTYPE_NAMES)}")
-    batch, heads, dim = header.batch, fp.kv_heads, fp.head_dim
-    config = header.cache_config
-    expected: dict[str, tuple[str, tuple[int, ...]]] = {}
-    for idx, entry in enumerate(header.layers):
-        if entry.kind == "none":
-            continue
-        lengths = {"sink": entry.sink_len, "residual": entry.residual_len, "shadow": entry.shadow_len}
-        for name in _DENSE_TENSORS:
-            expected[f"layers.{idx}.{name}"] = (_ST_NAMES[dtype], (batch, heads, lengths[name.split("_")[0]], dim))
-        if entry.packed_len:
-            layer_config = config.for_layer(idx)
-            for name, spec in (("packed_keys", layer_config.key), ("packed_values", layer_config.value)):
-                for part, shape in zip(
-                    _packed_parts(spec), _packed_shapes(spec, batch, heads, dim, entry.packed_len), strict=True
-                ):
-                    expected[f"layers.{idx}.{name}.{part}"] = (
-                        _ST_NAMES[torch.uint8 if part in _UINT8_PARTS else torch.float16],
-                        shape,
-                    )
-    return expected
-
-
-def _increasing_within(positions: torch.Tensor, group_size: int) -> bool:
-    """Whether each row (last dimension) of `positions` increases strictly and stays below `group_size`."""
-    return not positions.numel() or (int(positions.max()) < group_size and bool((positions.diff(dim=-1) > 0).all()))
-
-
-def _packed_parts(spec: QuantSpec) -> tuple[str, ...]:
-    """Names of the tensors a packed tensor of `spec` stores (`PackedTensor.parts`), in that order."""
-    return _PACKED_PARTS + (_OUTLIER_PARTS if spec.outliers else ())
-
-
-def _packed_shapes(spec: QuantSpec, batch: int, heads: int, dim: int, tokens: int) -> list[tuple[int, ...]]:
-    """Shapes of the tensors of `_packed_parts(spec)` for `tokens` packed tokens, as `PackedBuffer` lays them out."""
-    empty = PackedBuffer(spec, 1, 1, dim, torch.device("meta"))
-    units = tokens // empty.unit_tokens
-    return [(batch, heads, units, *t.shape[3:]) for t in empty._tensors()]
 
 
 def _check_layers(header: CacheFileHeader) -> None:
@@ -748,31 +667,21 @@ def check_model(file: CacheFile, model: Any, tokenizer: Any = None) -> ModelFing
 
     The tokenizer is checked when both the file and the call have one. Returns the model's fingerprint.
     """
-    ours = ModelFingerprint.of(model, tokenizer)
-    theirs = file.header.model
-    checks = [
-        ("architecture", theirs.architecture, ours.architecture),
-        (
-            "shapes",
-            (theirs.layer_plan, theirs.kv_heads, theirs.head_dim),
-            (ours.layer_plan, ours.kv_heads, ours.head_dim),
+    ours, theirs = ModelFingerprint.of(model, tokenizer), file.header.model
+    checks = {  # check -> (the fields it compares, what differs when they do), in this order
+        "architecture": (("architecture",), f"architecture {theirs.architecture} vs {ours.architecture}"),
+        "shapes": (
+            ("layer_plan", "kv_heads", "head_dim"),
+            f"layers/kv heads/head dim {_shape_text(theirs)} vs {_shape_text(ours)}",
         ),
-        ("dtype", theirs.dtype, ours.dtype),
-        ("config", theirs.config_sha256, ours.config_sha256),
-        ("weights", theirs.weights_sha256, ours.weights_sha256),
-    ]
+        "dtype": (("dtype",), f"dtype {theirs.dtype} vs {ours.dtype} (load the model in {theirs.dtype})"),
+        "config": (("config_sha256",), "the model config"),
+        "weights": (("weights_sha256",), "the weights (another checkpoint, fine-tune or weight quantization)"),
+    }
     if theirs.tokenizer_sha256 is not None and ours.tokenizer_sha256 is not None:
-        checks.append(("tokenizer", theirs.tokenizer_sha256, ours.tokenizer_sha256))
-    for check, file_value, model_value in checks:
-        if file_value != model_value:
-            what = {
-                "architecture": f"architecture {file_value} vs {model_value}",
-                "shapes": f"layers/kv heads/head dim {_shape_text(theirs)} vs {_shape_text(ours)}",
-                "dtype": f"dtype {file_value} vs {model_value} (load the model in {file_value})",
-                "config": "the model config",
-                "weights": "the weights (another checkpoint, fine-tune or weight quantization)",
-                "tokenizer": "the tokenizer",
-            }[check]
+        checks["tokenizer"] = (("tokenizer_sha256",), "the tokenizer")
+    for check, (fields, what) in checks.items():
+        if any(getattr(theirs, field) != getattr(ours, field) for field in fields):
             raise CacheModelMismatchError(
                 f"{file.path}: it was built for another model ({theirs.name}): {what} differs. "
                 f"{_ADVICE[CacheModelMismatchError]}",
@@ -787,7 +696,7 @@ def _shape_text(fp: ModelFingerprint) -> str:
 
 def load_cache(path: str | os.PathLike[str], model: Any, tokenizer: Any = None, backend: str = "auto") -> KVPackCache:
     """Read `path`, check it and the model, and rebuild the cache on the model's devices. See `KVPackCache.load`."""
-    from kvpack.cache.cache import KVPackCache, check_exact_tokens, context_limit
+    from kvpack.cache.cache import KVPackCache
 
     file = read_cache_file(path)
     check_model(file, model, tokenizer)
@@ -800,8 +709,6 @@ def load_cache(path: str | os.PathLike[str], model: Any, tokenizer: Any = None, 
     cache = KVPackCache(model, config, backend=backend)
     devices = layer_devices(model, len(cache.layers))
     for idx, state in file.layer_states():
-        if state is None:
-            continue
         layer = cache.layers[idx]
         assert isinstance(layer, PackedLayer)
         layer.restore(_on_device(state, devices[idx]))
@@ -811,13 +718,7 @@ def load_cache(path: str | os.PathLike[str], model: Any, tokenizer: Any = None, 
 
 
 def _on_device(state: LayerState, device: torch.device) -> LayerState:
-    def move(packed: PackedTensor | None) -> PackedTensor | None:
-        if packed is None:
-            return None
-        return packed.map_parts(lambda t: t.to(device))
-
-    dense = {name: getattr(state, name).to(device) for name in _DENSE_TENSORS}
-    return replace(state, **dense, packed_keys=move(state.packed_keys), packed_values=move(state.packed_values))
+    return _with_tensors(state, {name: t.to(device) for name, t in state.tensors().items()})
 
 
 def layer_devices(model: Any, n_layers: int) -> list[torch.device]:
@@ -894,6 +795,6 @@ def _str(value: Any, where: str) -> str:
 
 
 def _sha256(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not _SHA256.match(value):
+    if not isinstance(value, str) or not re.fullmatch("[0-9a-f]{64}", value):
         raise _header_error(f"{where} must be a SHA-256 hex digest")
     return value
