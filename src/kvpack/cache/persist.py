@@ -47,6 +47,7 @@ from kvpack.errors import (
     KVPackError,
 )
 from kvpack.quant.tensor import PackedTensor
+from kvpack.version import __version__
 
 if TYPE_CHECKING:
     from kvpack.cache.cache import KVPackCache
@@ -436,8 +437,6 @@ def save_cache(
     """Write `cache` to `path` (see the module docstring); returns the header written. See `KVPackCache.save`."""
     import safetensors.torch
 
-    import kvpack
-
     seq_len = cache.get_seq_length()
     if seq_len == 0:
         raise KVPackError("the cache holds no tokens; run the prefix through the model with it first, then save.")
@@ -481,7 +480,7 @@ def save_cache(
             f"got {tuple(ids.shape)} {ids.dtype}."
         )
     header = CacheFileHeader(
-        kvpack_version=kvpack.__version__,
+        kvpack_version=__version__,
         created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         cache_config=cache.cache_config,
         token_ids=tuple(tuple(int(t) for t in row) for row in ids.tolist()),
