@@ -27,9 +27,10 @@ from typing import Any
 
 import torch
 
-from kvpack.bench.caches import parse_cache_name
 from kvpack.config import as_config
-from kvpack.eval.perplexity import calibration_data_path, load_tokens, stream
+from kvpack.eval.perplexity import stream
+from kvpack.harness.caches import parse_cache_name
+from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import load_model
 
 # Per width: the default, KIVI + 4 sinks (what it must not lose to), and the default with keys rotated too (the

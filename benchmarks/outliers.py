@@ -31,7 +31,7 @@ import kvpack
 import kvpack.quant.outliers as outliers_module
 from kvpack.compat import cache_kwargs
 from kvpack.config import QuantSpec
-from kvpack.eval.perplexity import calibration_data_path, load_tokens
+from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import DEFAULT_MODEL, load_model
 from kvpack.quant.tensor import PackedTensor
 

@@ -23,9 +23,9 @@ import re
 from pathlib import Path
 from typing import Any
 
-from kvpack.bench.caches import parse_cache_name
-from kvpack.calibrate import is_profile_path
 from kvpack.config import as_config
+from kvpack.harness.caches import parse_cache_name
+from kvpack.profile import is_profile_path
 
 # Runs made before this date wrote spec strings in the older grammar, where a spec meant exactly the options it
 # wrote (`k4v4-g64-r128` was plain KIVI; see benchmarks/results/README.md).

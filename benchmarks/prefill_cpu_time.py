@@ -20,8 +20,7 @@ import torch
 
 from kvpack.attention import use_kvpack_attention
 from kvpack.attention.registry import prepare
-from kvpack.bench.caches import make_cache, parse_cache_name
-from kvpack.bench.compare import _prefill
+from kvpack.harness.caches import make_cache, parse_cache_name, prefill
 from kvpack.models import load_model
 
 
@@ -55,13 +54,13 @@ def main() -> None:
         ids = torch.randint(100, model.config.vocab_size - 100, (1, context), generator=generator)
         with torch.no_grad():  # first use of each cache type, untimed
             for spec in specs:
-                _prefill(model, ids[:, :256], spec, make_cache(spec, model.config))
+                prefill(model, ids[:, :256], spec, make_cache(spec, model.config))
         seconds: dict[str, list[float]] = {spec.name: [] for spec in specs}
         for _ in range(args.rounds):
             for spec in specs:
                 cache = make_cache(spec, model.config)
                 start = time.process_time()
-                _prefill(model, ids, spec, cache)
+                prefill(model, ids, spec, cache)
                 seconds[spec.name].append(time.process_time() - start)
         fp = min(seconds[specs[0].name])
         for name, values in seconds.items():

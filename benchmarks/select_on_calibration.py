@@ -20,7 +20,7 @@ import torch
 
 from kvpack.calibrate import SensitivityMeter
 from kvpack.config import as_config
-from kvpack.eval.perplexity import calibration_data_path, load_tokens
+from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import load_model
 
 # Written with -plain, so that each names the same cache whatever the spec strings start from.

@@ -18,8 +18,9 @@ from transformers import DynamicCache
 
 import kvpack.eval.perplexity as perplexity
 from kvpack import KVPackCache, parse_spec
-from kvpack.bench.caches import parse_cache_name
 from kvpack.calibrate import SensitivityMeter
+from kvpack.harness.caches import parse_cache_name
+from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import load_model
 
 SETTINGS = [("k2v2-g64-r32-s4", 3), ("k2v2-g64-r32-s4", 20), ("k3v3-g64-r32-s4-rot", 10), ("k2v2-s4-rot", 15)]
@@ -32,7 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(None, verbose=False)
-    ids, _ = perplexity.load_tokens(perplexity.calibration_data_path(), tokenizer, args.tokens)
+    ids, _ = load_tokens(calibration_data_path(), tokenizer, args.tokens)
     reference, ref_logprobs = perplexity.stream(model, ids, parse_cache_name("fp"), keep_logprobs=True, progress=False)
     make_cache = perplexity.make_cache
     print("| spec | layer | emulated K+V | streamed K+V | rel. gap | emulated K | emulated V | K + V |")

@@ -27,6 +27,24 @@ def test_help_lists_each_subcommand_with_one_line() -> None:
         assert len(lines) == 1 and len(lines[0].split()) > 3, result.stdout
 
 
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_command_has_help_and_a_description(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*name.split(), "--help"])
+    assert exit_.value.code == 0
+    text, _, handler = cli.COMMANDS[name]
+    assert text and handler.__doc__ and f"kvpack {name}" in capsys.readouterr().out
+
+
+def test_threads_apply_before_the_command(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: calls.append(n))
+    calls: list[int] = []
+    assert cli.main(["bench", "threads", "--torch-threads", "3", "--caches", "k5v5"]) == 2  # fails after the threads
+    assert calls == [3]
+
+
 def test_spec_explains_and_bad_spec_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["spec", "k4v2-plain-s4"]) == 0
     out = capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""Quantized weights (kvpack.weights): parsing, byte counts, and the error when optimum-quanto is missing."""
+"""Quantized weights (kvpack.weights): format checks, byte counts, and the error when optimum-quanto is missing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpack.errors import ConfigError, KVPackError
-from kvpack.weights import parse_weights, quantize_weights, require_quanto, weight_nbytes
+from kvpack.weights import check_weights, quantize_weights, weight_nbytes
 
 
 def _tiny_model() -> LlamaForCausalLM:
@@ -29,12 +29,11 @@ def _linear_numel(model: torch.nn.Module) -> int:
     )
 
 
-def test_parse_weights() -> None:
-    assert parse_weights("fp") == ["fp"]
-    assert parse_weights(" int4 , fp,int4") == ["int4", "fp"]
+def test_unknown_weight_format_is_a_clear_error() -> None:
+    check_weights("fp")
     for bad in ("", "int3", "fp16"):
         with pytest.raises(ConfigError, match="fp, int8, int4"):
-            parse_weights(bad)
+            check_weights(bad)
 
 
 def test_weight_bytes_count_tied_tensors_once() -> None:
@@ -48,8 +47,9 @@ def test_weight_bytes_count_tied_tensors_once() -> None:
 
 def test_missing_quanto_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    check_weights("fp")  # needs nothing
     with pytest.raises(KVPackError, match="optimum-quanto"):
-        require_quanto()
+        check_weights("int4")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("optimum") is None, reason="needs optimum-quanto")

@@ -387,7 +387,7 @@ def calibrate(
     base: the spec whose every option (group sizes, axes, residual, sinks, rotation) is kept; only bits vary.
     data: a UTF-8 text file (default: kvpack's calibration text); its first `tokens` tokens are used.
     """
-    from kvpack.eval.perplexity import calibration_data_path, load_tokens
+    from kvpack.harness.data import calibration_data_path, load_tokens
 
     base_config = as_config(base)
     if base_config.layer_bits:

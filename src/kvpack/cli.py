@@ -1,4 +1,9 @@
-"""`kvpack <subcommand>`: the command-line entry point."""
+"""`kvpack <subcommand>`: the command-line entry point.
+
+`COMMANDS` is the whole command line, one row per subcommand (`cache build` and `bench decode` name a group, then
+its command): the help, the function that declares its options and the handler. Handlers convert the parsed options
+once and call the library, whose functions take typed arguments; `main` applies `--threads` before any handler runs.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +11,32 @@ import argparse
 import json
 import sys
 import time
+from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from kvpack.attention.registry import CACHE_BACKENDS
-from kvpack.bench.compare import DEFAULT_CACHES
+from kvpack.bench import compare, decode, long_run, memory, persist, report, threads
 from kvpack.compat import cache_kwargs
-from kvpack.config import DEFAULT_PRESET, PRESETS, CacheConfig, as_config, with_recommended_options
+from kvpack.config import DEFAULT_PRESET, PRESETS, CacheConfig, with_recommended_options
 from kvpack.errors import KVPackError
+from kvpack.eval import passkey
+from kvpack.harness.data import default_data_path
+from kvpack.harness.results import (
+    add_model_options,
+    command_line,
+    format_bytes,
+    parse_float_list,
+    parse_int_list,
+    parse_list,
+    provenance,
+    publish,
+    write_json,
+)
+from kvpack.profile import resolve_config
 from kvpack.weights import WEIGHT_CHOICES
-
-DEFAULT_SPEC = DEFAULT_PRESET
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def _ratio(reference: float, size: float) -> str:
@@ -97,12 +108,7 @@ def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace, cac
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
-    same = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        same += 1
-    return same
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, Any, float]:
@@ -120,7 +126,7 @@ def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
     assert prefix is not None
     if prefix.shape[0] != 1:
         raise KVPackError(f"{args.prefix_cache} holds a batch of {prefix.shape[0]} prompts; generate continues one.")
-    if args.cache is not None and as_config(args.cache) != cache.cache_config:
+    if args.cache is not None and resolve_config(args.cache) != cache.cache_config:
         raise KVPackError(
             f"--cache {args.cache} differs from the prefix cache's {cache.cache_config.spec}; omit --cache (the file's "
             "config is used) or rebuild the prefix cache with that spec."
@@ -169,7 +175,8 @@ def _chat_parts(tokenizer: Any) -> tuple[str, str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Generate text with a packed cache and summarise its size and speed."""
+    """Generate text with a packed KV cache and print a one-line summary: new tokens, tokens/s, cache bytes and the
+    ratio vs a float16 cache of the same tokens."""
     import torch
     from transformers import DynamicCache
 
@@ -180,15 +187,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvpack.weights import weight_nbytes
 
     # Bad arguments fail before the model loads.
-    config = as_config(args.cache or DEFAULT_SPEC)
+    config = resolve_config(args.cache or DEFAULT_PRESET)
     if args.prefix_cache is None:
         prompt = _read_prompt(args)
     elif not Path(args.prefix_cache).is_file():
         raise KVPackError(f"--prefix-cache {args.prefix_cache} does not exist; make one with `kvpack cache build`.")
     elif not args.prompt:
         raise KVPackError("give a prompt to append after the cached prefix (a positional argument).")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     if args.backend != "dense":
         use_kvpack_attention(model)  # the fp cache of --check still goes through SDPA
@@ -197,7 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prefix_cache is None:
         inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
         # A profile's path, not its config: KVPackCache checks that it was made for this model.
-        cache = KVPackCache(model.config, args.cache or DEFAULT_SPEC, backend=args.backend)
+        cache = KVPackCache(model.config, args.cache or DEFAULT_PRESET, backend=args.backend)
     else:
         cache, inputs, load_s = _load_prefix(args, model, tokenizer)
         config = cache.cache_config
@@ -218,14 +223,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     summary = (
         f"[{config.spec}] prompt {n_prompt} tokens ({prompt_time}), "
         f"{n_new} new tokens in {result.decode_s:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
-        f"cache {_human_bytes(packed)} for {cache.get_seq_length()} tokens: "
-        f"{_ratio(fp16, packed)} than a float16 cache ({_human_bytes(fp16)})"
+        f"cache {format_bytes(packed)} for {cache.get_seq_length()} tokens: "
+        f"{_ratio(fp16, packed)} than a float16 cache ({format_bytes(fp16)})"
     )
     if model.dtype != torch.float16:
         summary += f", {_ratio(model_dtype_bytes, packed)} than this model's {str(model.dtype)[6:]} cache"
     if args.weights != "fp":
         weight_bytes = weight_nbytes(model)
-        summary += f"; {args.weights} weights {_human_bytes(weight_bytes)}, total {_human_bytes(weight_bytes + packed)}"
+        summary += f"; {args.weights} weights {format_bytes(weight_bytes)}, total {format_bytes(weight_bytes + packed)}"
     print(summary)
     if args.check:
         if cached:
@@ -257,19 +262,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_cache_build(args: argparse.Namespace) -> int:
-    """Prefill a prompt (a document, a system prompt) into a packed cache and save it."""
-    import torch
-
+    """Prefill the text (--prompt-file and/or a positional text) with a packed cache and save it with its token ids
+    and the model's fingerprint. With the chat template (the default), the cached prefix is the template's start and
+    the text; `generate --prefix-cache` appends the question after it."""
     from kvpack.cache.persist import prefix_cache, read_cache_file
     from kvpack.models import DEFAULT_MODEL, load_model
 
-    config = as_config(args.cache)
+    config = resolve_config(args.cache)
     text = _read_prompt(args)
     output = Path(args.output)
     if not output.parent.is_dir():
         raise KVPackError(f"-o {output}: the directory {output.parent} does not exist.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     head = _chat_parts(tokenizer)[0] if not args.no_chat else ""
     # As generate encodes: a chat-rendered text has its special tokens spelled out, a raw one gets the tokenizer's.
@@ -284,14 +287,14 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     size = output.stat().st_size
     fp16 = read_cache_file(output).header.fp16_nbytes()
     print(
-        f"wrote {output}: {len(ids):,} tokens, {config.spec}, {_human_bytes(size)} ({_ratio(fp16, size)} than "
-        f"the float16 cache, {_human_bytes(fp16)}); prefill {cache.prefill_s:.2f} s, save {save_s:.2f} s"
+        f"wrote {output}: {len(ids):,} tokens, {config.spec}, {format_bytes(size)} ({_ratio(fp16, size)} than "
+        f"the float16 cache, {format_bytes(fp16)}); prefill {cache.prefill_s:.2f} s, save {save_s:.2f} s"
     )
     return 0
 
 
 def cmd_cache_info(args: argparse.Namespace) -> int:
-    """Print a prompt-cache file's header (checking its format, schema and checksum)."""
+    """Check a prompt-cache file (format, schema, checksum) and print its header."""
     from kvpack.cache.persist import read_cache_file
 
     file = read_cache_file(args.file)
@@ -300,16 +303,14 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
         print(json.dumps({"path": str(file.path), "nbytes": file.nbytes, **header.to_dict()}, indent=2))
         return 0
     fp = header.model
-    kinds = {kind.split(":")[0]: 0 for kind in fp.layer_plan}
-    for kind in fp.layer_plan:
-        kinds[kind.split(":")[0]] += 1
+    kinds = Counter(kind.split(":")[0] for kind in fp.layer_plan)
     fp16 = header.fp16_nbytes()
     lines = [
         f"{file.path}: kvpack prompt cache, schema {header.schema_version}, written by kvpack {header.kvpack_version} "
         f"on {header.created}; checksum ok",
         f"  cache:   {header.cache_config.spec}, {header.tokens:,} tokens"
         + (f" x batch {header.batch}" if header.batch > 1 else ""),
-        f"  size:    {_human_bytes(file.nbytes)} on disk; a float16 cache of these tokens: {_human_bytes(fp16)} "
+        f"  size:    {format_bytes(file.nbytes)} on disk; a float16 cache of these tokens: {format_bytes(fp16)} "
         f"({fp16 / file.nbytes:.2f}x)",
         f"  model:   {fp.name}: {fp.architecture}, {fp.dtype}, {len(fp.layer_plan)} layers "
         f"({', '.join(f'{n} {k}' for k, n in kinds.items())}) x {fp.kv_heads} kv heads x head dim {fp.head_dim}",
@@ -332,7 +333,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_spec(args: argparse.Namespace) -> int:
     """Explain a cache spec string."""
-    config: CacheConfig = as_config(args.spec)
+    config: CacheConfig = resolve_config(args.spec)
     if args.spec.strip().lower() in PRESETS:
         print(f"preset {args.spec.strip().lower()}: {PRESETS[args.spec.strip().lower()]}")
     print(f"spec: {config.spec}")
@@ -367,270 +368,477 @@ def cmd_spec(args: argparse.Namespace) -> int:
 
 
 def cmd_calibrate(args: argparse.Namespace) -> int:
-    """Measure per-layer sensitivity on the calibration text, allocate bits within a budget, write a profile."""
-    import torch
-
-    from kvpack.calibrate import calibrate, load_profile, reallocate, summary_table
+    """Measure, on the calibration text, how much each layer's keys and values at each bit width change the
+    next-token distributions (mean KL vs the exact model, one tensor quantized at a time, as the cache would store
+    it), choose the per-layer bits that minimise the summed KL within the budget (exact dynamic program), and write a
+    JSON profile that --cache accepts in place of a spec."""
+    from kvpack.calibrate import calibrate, reallocate, summary_table
     from kvpack.models import DEFAULT_MODEL, load_model
+    from kvpack.profile import load_profile
 
     output = Path(args.out)
     if not output.parent.is_dir():
         raise KVPackError(f"the folder of --out {output} does not exist.")
     if args.from_profile:  # another budget for measurements already made: no model run
         profile = reallocate(load_profile(args.from_profile), args.budget_bits)
-        profile.save(output)
-        print(summary_table(profile))
-        print(f"wrote {output} (measurements of {args.from_profile}): use it with --cache {output}")
-        return 0
-    base = as_config(args.base)  # bad arguments fail before the model loads
-    if base.layer_bits:
-        raise KVPackError(f"--base {args.base} already has per-layer bits; give a uniform spec (only bits vary).")
-    try:
-        candidates = tuple(int(b) for b in args.bits.split(","))
-    except ValueError as exc:
-        raise KVPackError(f"--bits {args.bits!r}: give comma-separated bit widths, e.g. 2,3,4,8.") from exc
-    if args.tokens < 2:
-        raise KVPackError(f"--tokens {args.tokens}: calibration needs at least 2 tokens.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    profile = calibrate(
-        model,
-        tokenizer,
-        args.budget_bits,
-        base=base,
-        candidates=candidates,
-        tokens=args.tokens,
-        data=args.data,
-        model_name=args.model or DEFAULT_MODEL,
-    )
+    else:
+        base = resolve_config(args.base)  # bad arguments fail before the model loads
+        if base.layer_bits:
+            raise KVPackError(f"--base {args.base} already has per-layer bits; give a uniform spec (only bits vary).")
+        candidates = tuple(parse_int_list(args.bits, "--bits"))
+        if args.tokens < 2:
+            raise KVPackError(f"--tokens {args.tokens}: calibration needs at least 2 tokens.")
+        model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+        name = args.model or DEFAULT_MODEL
+        profile = calibrate(model, tokenizer, args.budget_bits, base=base, candidates=candidates,
+                            tokens=args.tokens, data=args.data, model_name=name)  # fmt: skip
     profile.save(output)
     print(summary_table(profile))
-    print(f"wrote {output}: use it with --cache {output}")
+    source = f" (measurements of {args.from_profile})" if args.from_profile else ""
+    print(f"wrote {output}{source}: use it with --cache {output}")
     return 0
 
 
-def _add_measure_options(parser: argparse.ArgumentParser, tokens: int) -> None:
-    from kvpack.eval.perplexity import default_data_path
+def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
+    """The named options, as keyword arguments of the library function of the same parameter names."""
+    return {name: getattr(args, name) for name in names}
 
-    parser.add_argument("--tokens", type=int, default=tokens, help=f"tokens of the text to stream (default {tokens})")
-    parser.add_argument("--data", default=str(default_data_path()), help="text file (default: WikiText-2 test)")
-    parser.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument(
-        "--weights",
-        default="fp",
-        help="weight formats, comma-separated among fp,int8,int4 (optimum-quanto); every cache runs with each, "
-        "and fp weights with the fp cache stay the reference (default fp)",
-    )
+
+def _measure_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """`run_compare`'s model, text and weights settings, shared by `compare` and `ppl`."""
+    weights = parse_list(args.weights, "--weights", choices=WEIGHT_CHOICES)
+    return {"model_name": args.model, "weights": weights, **_pick(args, "tokens", "data", "dtype", "device")}
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    """Run the comparison, write JSON (+ Markdown and PNG), print the table."""
-    from kvpack.bench.compare import run_compare
-    from kvpack.bench.report import markdown, write_report
-
+    """Stream a text through the model with each cache (PPL, ΔPPL, KL and top-1 vs the full-precision cache), then
+    measure cache bytes and decode tokens/s at each context, interleaved. Writes JSON, Markdown and PNG."""
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    def save(partial: dict[str, Any]) -> None:
-        out.write_text(json.dumps(partial, indent=2) + "\n")
-
-    result = run_compare(args, checkpoint=save)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    caches, contexts = (
+        parse_list(args.caches, "--caches"),
+        parse_int_list(args.contexts, "--contexts", allow_empty=True),
+    )
+    result = compare.run_compare(
+        caches, **_measure_settings(args), contexts=contexts, steps=args.steps, checkpoint=lambda p: write_json(out, p)
+    )
     if result["contexts"]:
-        md_path, png_path = write_report(out)
-        print(f"wrote {out}, {md_path}, {png_path}", file=sys.stderr)
-    print(markdown(result))
+        publish(result, out, report.markdown, report.plot)
+    else:
+        write_json(out, result)
+        print(report.markdown(result))
     return 0
 
 
 def cmd_ppl(args: argparse.Namespace) -> int:
     """Streamed perplexity of one cache, with KL and top-1 agreement vs the full-precision cache."""
-    from kvpack.bench.compare import run_compare
-    from kvpack.bench.report import markdown
-
-    args.caches, args.contexts, args.steps = args.cache, "", 0
-    result = run_compare(args)
+    result = compare.run_compare([args.cache], **_measure_settings(args))
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    print(markdown(result))
+        write_json(args.json, result)
+    print(report.markdown(result))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     """Markdown and PNG from a compare JSON."""
-    from kvpack.bench.report import write_report
-
-    md_path, png_path = write_report(Path(args.json))
+    md_path, png_path = report.write_report(Path(args.json))
     print(f"wrote {md_path} and {png_path}")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="kvpack",
-        description="Quantized, packed key/value caches for transformer language models.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+def cmd_passkey(args: argparse.Namespace) -> int:
+    """Hide a random 5-digit pass key at several depths of a filler haystack of N tokens and ask for it back, with
+    the full-precision cache and with kvpack caches; print the accuracy table and write JSON, Markdown and a heatmap
+    PNG."""
+    from kvpack.models import DEFAULT_MODEL, load_model
 
-    gen = sub.add_parser(
-        "generate",
-        help="generate text with a packed cache; print size and speed",
-        description="Generate text with a packed KV cache and print a one-line summary: new tokens, tokens/s, "
-        "cache bytes and the ratio vs a float16 cache of the same tokens.",
+    caches = list(passkey.parse_caches(args.caches))
+    lengths, depths = parse_int_list(args.lengths, "--lengths"), parse_float_list(args.depths, "--depths")
+    passkey.check_settings(lengths, depths, args.trials)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "json", "markdown", "png")}
+    result = passkey.run_passkey(
+        model,
+        tokenizer,
+        caches=caches,
+        lengths=lengths,
+        depths=depths,
+        **_pick(args, "trials", "seed", "chat"),
+        model_name=args.model or DEFAULT_MODEL,
+        command=command_line("passkey", options),
     )
-    gen.add_argument("prompt", nargs="?", default="", help="the prompt (appended after --prompt-file, if given)")
-    gen.add_argument("--prompt-file", help="a text file to put before the prompt (e.g. a document to ask about)")
-    gen.add_argument(
-        "--cache",
-        default=None,
-        help=f"cache: a preset ({', '.join(PRESETS)}), a spec (k4v4, k2v2, k4v4-plain, ...) or a profile .json "
-        f"(default {DEFAULT_SPEC}, or the prefix cache's)",
+    publish(result, args.json, passkey.to_markdown, passkey.plot_heatmap, markdown_path=args.markdown,
+            png_path=args.png, indent=1)  # fmt: skip
+    return 0
+
+
+def cmd_bench_decode(args: argparse.Namespace) -> int:
+    """Decode speed of kvpack's fused path vs full-precision caches and the peers (full model, interleaved), and the
+    attention kernels alone vs fp32 SDPA and this machine's memory bandwidth. Writes JSON, Markdown and PNG."""
+    result = decode.run_decode(
+        parse_list(args.caches, "--caches"),
+        parse_int_list(args.contexts, "--contexts"),
+        backends=parse_list(args.backends, "--backends", allow_empty=True),
+        model_name=args.model,
+        **_pick(args, "steps", "profile_steps", "spec", "layers", "calls", "dtype", "device"),
     )
-    gen.add_argument(
-        "--prefix-cache",
-        metavar="FILE",
-        help="start from a prompt cache saved by `kvpack cache build`: the prompt is appended after its prefix (or, "
-        "with --prompt-file, must start with it)",
+    publish(result, args.json, decode.to_markdown, decode.plot)
+    return 0
+
+
+def cmd_bench_persist(args: argparse.Namespace) -> int:
+    """For each prefix length and cache spec: prefill + first token vs load (all checks) + first token, save and
+    load times, and the file's size vs a float16 safetensors dump of the same tokens' DynamicCache. Writes JSON and
+    Markdown."""
+    result = persist.run_persist(
+        parse_list(args.caches, "--caches"),
+        parse_int_list(args.contexts, "--contexts"),
+        model_name=args.model,
+        **_pick(args, "suffix", "prefill_repeats", "repeats", "data", "dtype", "device", "tmp"),
     )
-    gen.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2-135M)")
-    gen.add_argument("--max-new-tokens", type=int, default=64)
-    gen.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    gen.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    gen.add_argument(
+    publish(result, args.json, persist.to_markdown)
+    return 0
+
+
+def cmd_bench_long(args: argparse.Namespace) -> int:
+    """Generate --tokens tokens greedily with a small random-weight Llama and a packed cache; check the packed bytes
+    against the layout's formula at every sample and report the growth slopes and RSS. Writes JSON and Markdown; exits
+    1 when a check fails."""
+    names = ("tokens", "prompt", "spec", "backend", "runs", "sample_every", "warmup", "layers", "kv_heads", "head_dim")
+    result = long_run.run_long(**_pick(args, *names))
+    publish(result, args.json, long_run.to_markdown)
+    return 1 if long_run.check(result) else 0
+
+
+def cmd_bench_threads(args: argparse.Namespace) -> int:
+    """Generate from several prompts with one shared model, sequentially and then from concurrent threads (each with
+    its own cache); check that every thread's tokens and logits are bit-identical (exit 1 otherwise). Writes JSON and
+    Markdown."""
+    result = threads.run_threads(
+        parse_list(args.caches, "--caches"),
+        model_name=args.model,
+        **_pick(args, "workers", "rounds", "tokens", "prompt_tokens", "dtype"),
+    )
+    publish(result, args.json, threads.to_markdown)
+    return 0 if all(row["identical"] for row in result["rows"]) else 1
+
+
+# -- options ----------------------------------------------------------------------------------------------------------
+
+
+def _options(parser: argparse.ArgumentParser, **options: tuple[Any, str]) -> None:
+    """Declare `--name` (`_` in a name becomes `-`) for each `name=(default, help)`, typed as its default (a string
+    when None); the help ends with the default."""
+    for name, (default, text) in options.items():
+        shown = "" if default is None else f" (default {default})"
+        kind = str if default is None else type(default)
+        parser.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text + shown)
+
+
+def _flags(parser: argparse.ArgumentParser, **flags: str) -> None:
+    """Declare `--name` switches (`_` in a name becomes `-`), off by default, for each `name=help`."""
+    for name, text in flags.items():
+        parser.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+
+
+def _results(parser: argparse.ArgumentParser, name: str, beside: str = ".md") -> None:
+    _options(parser, json=(f"benchmarks/results/{name}.json", f"JSON path ({beside} beside it)"))
+
+
+def _prompt_options(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("prompt", nargs="?", default="", help=f"{what} (appended after --prompt-file, if given)")
+    parser.add_argument("--prompt-file", help="a text file to put before it (e.g. a document to ask about)")
+
+
+def _generate_options(parser: argparse.ArgumentParser) -> None:
+    _prompt_options(parser, "the prompt")
+    _options(
+        parser,
+        cache=(None, f"a preset ({', '.join(PRESETS)}), a spec or a profile .json (default {DEFAULT_PRESET}, or the "
+               "prefix cache's)"),
+        prefix_cache=(None, "start from a prompt cache saved by `kvpack cache build`: the prompt is appended after "
+                      "its prefix (or, with --prompt-file, must start with it)"),
+    )  # fmt: skip
+    add_model_options(parser)
+    parser.add_argument(
         "--backend",
         choices=CACHE_BACKENDS,
         default="auto",
         help="attention on the packed cache: auto (the fastest available), cpu (C++ kernel), numba, torch, or dense "
         "(dequantize, then the model's own attention) (default auto)",
     )
-    gen.add_argument(
-        "--weights", choices=WEIGHT_CHOICES, default="fp", help="quantize the linear weights (optimum-quanto)"
-    )
-    gen.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    gen.add_argument("--no-chat", action="store_true", help="feed the raw prompt, without the chat template")
-    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
-    gen.add_argument("--temperature", type=float, default=0.7)
-    gen.add_argument("--top-p", type=float, default=0.9)
-    gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--check", action="store_true", help="also generate with a full-precision cache and compare")
-    gen.set_defaults(func=cmd_generate)
+    parser.add_argument("--weights", choices=WEIGHT_CHOICES, default="fp", help="quantize the linear weights (quanto)")
+    _flags(parser, no_chat="feed the raw prompt, without the chat template", sample="sample instead of greedy decoding")
+    _options(parser, max_new_tokens=(64, "new tokens"), temperature=(0.7, "sampling"), top_p=(0.9, "sampling"))
+    _options(parser, seed=(0, "sampling seed"))
+    _flags(parser, check="also generate with a full-precision cache and compare")
 
-    cache = sub.add_parser(
-        "cache",
-        help="prompt caches on disk: build one from a document, show one",
-        description="Prompt caches: the packed cache of a reusable prefix (a document, a system prompt), saved to "
-        "disk and loaded by `kvpack generate --prefix-cache FILE` instead of recomputing the prefill.",
-    )
-    cache_sub = cache.add_subparsers(dest="cache_command", metavar="<cache command>", required=True)
-    build = cache_sub.add_parser(
-        "build",
-        help="prefill a document into a packed cache and save it",
-        description="Prefill the text (--prompt-file and/or a positional text) with a packed cache and save it with "
-        "its token ids and the model's fingerprint. With the chat template (the default), the cached prefix is the "
-        "template's start and the text; `generate --prefix-cache` appends the question after it.",
-    )
-    build.add_argument("prompt", nargs="?", default="", help="text to cache (appended after --prompt-file, if given)")
-    build.add_argument("--prompt-file", help="a text file to cache (e.g. a document to ask about)")
-    build.add_argument("-o", "--output", required=True, help="the file to write (e.g. doc.kvpc)")
-    build.add_argument("--cache", default=DEFAULT_SPEC, help=f"preset, spec or profile (default {DEFAULT_SPEC})")
-    build.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2-135M)")
-    build.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    build.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    build.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    build.add_argument("--no-chat", action="store_true", help="cache the raw text, without the chat template")
-    build.set_defaults(func=cmd_cache_build)
-    info = cache_sub.add_parser(
-        "info", help="show a prompt cache's header", description="Check a prompt-cache file and print its header."
-    )
-    info.add_argument("file", help="a file written by `kvpack cache build` or KVPackCache.save")
-    info.add_argument("--json", action="store_true", help="print the whole header as JSON (token ids included)")
-    info.set_defaults(func=cmd_cache_info)
 
-    compare = sub.add_parser(
-        "compare",
-        help="quality, memory and speed of several caches, side by side",
-        description="Stream a text through the model with each cache (PPL, ΔPPL, KL and top-1 vs the "
-        "full-precision cache), then measure cache bytes and decode tokens/s at each context, interleaved. "
-        "Writes JSON, Markdown and PNG.",
-    )
-    compare.add_argument("--caches", default=DEFAULT_CACHES, help=f"comma-separated (default {DEFAULT_CACHES})")
-    _add_measure_options(compare, tokens=2048)
-    compare.add_argument("--contexts", default="1024,4096", help="decode-speed contexts (default 1024,4096)")
-    compare.add_argument("--steps", type=int, default=16, help="timed decode steps per cache and context")
-    compare.add_argument("--out", default="benchmarks/results/compare.json", help="JSON path (.md/.png beside it)")
-    compare.set_defaults(func=cmd_compare)
+def _cache_build_options(parser: argparse.ArgumentParser) -> None:
+    _prompt_options(parser, "text to cache")
+    parser.add_argument("-o", "--output", required=True, help="the file to write (e.g. doc.kvpc)")
+    _options(parser, cache=(DEFAULT_PRESET, "preset, spec or profile"))
+    add_model_options(parser)
+    _flags(parser, no_chat="cache the raw text, without the chat template")
 
-    ppl = sub.add_parser("ppl", help="streamed perplexity of a cache, with KL and top-1 vs fp")
-    ppl.add_argument(
-        "--cache",
-        default=DEFAULT_SPEC,
-        help=f"cache: kvpack preset or spec, fp, or a peer like quanto-int4 (default {DEFAULT_SPEC})",
-    )
-    _add_measure_options(ppl, tokens=2048)
-    ppl.add_argument("--json", default=None, help="also write the result as JSON")
-    ppl.set_defaults(func=cmd_ppl)
 
-    cal = sub.add_parser(
-        "calibrate",
-        help="per-layer bits within a budget, from measured sensitivity; writes a profile",
-        description="Measure, on the calibration text, how much each layer's keys and values at each bit width "
-        "change the next-token distributions (mean KL vs the exact model, one tensor quantized at a time, as the "
-        "cache would store it), choose the per-layer bits that minimise the summed KL within the budget (exact "
-        "dynamic program), and write a JSON profile that --cache accepts in place of a spec.",
+def _cache_info_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="a file written by `kvpack cache build` or KVPackCache.save")
+    _flags(parser, json="print the whole header as JSON (token ids included)")
+
+
+def _measure_options(parser: argparse.ArgumentParser) -> None:
+    _options(parser, tokens=(2048, "tokens of the text to stream"), data=(str(default_data_path()), "the text"))
+    add_model_options(parser, threads_default=2)
+    _options(parser, weights=("fp", "weight formats among fp,int8,int4 (optimum-quanto): every cache runs with each, "
+                              "and fp weights with the fp cache stay the reference"))  # fmt: skip
+
+
+def _compare_options(parser: argparse.ArgumentParser) -> None:
+    _options(parser, caches=("fp,k8v8,k4v4,k4v2,k2v2,quanto-int4,quanto-int2,hqq-int8,hqq-int4-axis1", "caches"))
+    _measure_options(parser)
+    _options(parser, contexts=("1024,4096", "decode-speed contexts"), steps=(16, "timed decode steps per context"))
+    _options(parser, out=("benchmarks/results/compare.json", "JSON path (.md and .png beside it)"))
+
+
+def _ppl_options(parser: argparse.ArgumentParser) -> None:
+    _options(parser, cache=(DEFAULT_PRESET, "cache: kvpack preset or spec, fp, or a peer like quanto-int4"))
+    _measure_options(parser)
+    _options(parser, json=(None, "also write the result as JSON"))
+
+
+def _calibrate_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget-bits", type=float, required=True, help="average bits per value, metadata included")
+    _options(
+        parser,
+        base=(DEFAULT_PRESET, "spec whose options are kept, only bits vary"),
+        bits=("2,3,4,8", "candidate bit widths"),
+        tokens=(512, "calibration tokens"),
+        data=(None, "a UTF-8 text file (default: kvpack's calibration text)"),
     )
-    cal.add_argument("--budget-bits", type=float, required=True, help="average bits per value, metadata included")
-    cal.add_argument(
-        "--base",
-        default=DEFAULT_PRESET,
-        help="spec whose options are kept, only bits vary (default: the balanced preset)",
-    )
-    cal.add_argument("--bits", default="2,3,4,8", help="candidate bit widths (default 2,3,4,8)")
-    cal.add_argument("--tokens", type=int, default=512, help="calibration tokens (default 512)")
-    cal.add_argument("--data", default=None, help="a UTF-8 text file (default: kvpack's calibration text)")
-    cal.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
-    cal.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    cal.add_argument("--device", default="cpu")
-    cal.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    cal.add_argument("-o", "--out", required=True, help="the profile to write (e.g. profile.json)")
-    cal.add_argument(
+    add_model_options(parser)
+    parser.add_argument("-o", "--out", required=True, help="the profile to write (e.g. profile.json)")
+    parser.add_argument(
         "--from",
         dest="from_profile",
-        default=None,
         help="re-allocate the measurements of this profile within --budget-bits (no model run; its model, base, "
         "bits and text are kept, the other options are ignored)",
     )
-    cal.set_defaults(func=cmd_calibrate)
 
-    report = sub.add_parser("report", help="Markdown tables and PNG plots from a compare JSON")
-    report.add_argument("json", help="a JSON written by `kvpack compare`")
-    report.set_defaults(func=cmd_report)
 
-    from kvpack.bench import decode, long_run, memory, persist, threads
-    from kvpack.eval import passkey
+def _passkey_options(parser: argparse.ArgumentParser) -> None:
+    _options(
+        parser,
+        caches=(",".join(passkey.DEFAULT_CACHES), "fp, kvpack specs, peers"),
+        lengths=(",".join(map(str, passkey.DEFAULT_LENGTHS)), "total prompt tokens, up to the model's max context"),
+        depths=(",".join(map(str, passkey.DEFAULT_DEPTHS)), "needle depths in [0, 1]"),
+        trials=(passkey.DEFAULT_TRIALS, "keys per (length, depth) cell"),
+        seed=(0, "seed of the random keys"),
+    )
+    _flags(parser, chat="wrap the prompt in the tokenizer's chat template")
+    add_model_options(parser)
+    path = "benchmarks/results/passkey"
+    _options(parser, json=(f"{path}.json", "JSON path"), markdown=(f"{path}.md", "Markdown path"))
+    _options(parser, png=(f"{path}.png", "heatmap PNG path"))
 
-    memory.add_parser(sub)
-    passkey.add_parser(sub)
-    bench = decode.add_parser(sub)
-    persist.add_parser(bench)
-    long_run.add_parser(bench)
-    threads.add_parser(bench)
 
-    doctor = sub.add_parser("doctor", help="which attention backend this machine gets, and why")
-    doctor.set_defaults(func=cmd_doctor)
+def _bench_decode_options(parser: argparse.ArgumentParser) -> None:
+    _options(
+        parser,
+        caches=("fp,fp-prealloc,k8v8,k4v4,k2v2,k4v4@dense,quanto-int4", "caches"),
+        contexts=("1024,4096,8192", "decode contexts, capped to fit the model"),
+        steps=(16, "timed decode steps per cache and context"),
+        profile_steps=(4, "instrumented steps per cache and context (0: none)"),
+        backends=("cpu,numba,torch", "kernels timed alone ('' to skip)"),
+        spec=("k4v4", "cache spec of the attention-only measurement"),
+        layers=(30, "layer caches to rotate over"),
+        calls=(60, "timed calls per kernel and context"),
+    )
+    add_model_options(parser, threads_default=2)
+    _results(parser, "decode", ".md and .png")
 
-    spec = sub.add_parser("spec", help="explain a cache spec string (bits, groups, residual, sinks)")
-    spec.add_argument("spec", help="e.g. k4v2-g32-r64-s4")
-    spec.set_defaults(func=cmd_spec)
+
+def _bench_persist_options(parser: argparse.ArgumentParser) -> None:
+    _options(
+        parser,
+        caches=("k4v4,k8v8", "kvpack specs"),
+        contexts=("1024,4096,8192", "prefix lengths, capped to fit the model"),
+        suffix=(16, "tokens after the prefix (the question)"),
+        prefill_repeats=(2, "prefills timed per cache"),
+        repeats=(7, "loads timed per file"),
+        data=(str(default_data_path()), "the text"),
+        tmp=(None, "directory for the files (default: the system's temporary one)"),
+    )
+    add_model_options(parser, threads_default=2)
+    _results(parser, "persist")
+
+
+def _bench_long_options(parser: argparse.ArgumentParser) -> None:
+    _options(parser, tokens=(16384, "new tokens per run"), prompt=(64, "prompt tokens"), spec=("k4v4", "cache spec"))
+    parser.add_argument("--backend", choices=CACHE_BACKENDS, default="auto", help="attention (dense: no fused path)")
+    _options(
+        parser,
+        runs=(2, "generations, each with a fresh cache"),
+        sample_every=(256, "tokens between samples"),
+        warmup=(1024, "tokens left out of the slopes"),
+        layers=(4, "layers of the random-weight Llama"),
+        kv_heads=(4, "its KV heads"),
+        head_dim=(64, "its head dim"),
+        threads=(1, "torch CPU threads"),
+    )
+    _results(parser, "long_run")
+
+
+def _bench_threads_options(parser: argparse.ArgumentParser) -> None:
+    _options(
+        parser,
+        caches=("k8v8,k4v4,k4v4@dense,k2v2", "specs, @backend allowed"),
+        workers=(4, "threads (and prompts)"),
+        rounds=(2, "concurrent rounds"),
+        tokens=(24, "new tokens per prompt"),
+        prompt_tokens=(256, "tokens of the first prompt"),
+    )
+    add_model_options(parser, threads_default=1, device=False, threads_flag="--torch-threads")
+    _results(parser, "concurrency")
+
+
+def cmd_memory(args: argparse.Namespace) -> int:
+    """Exact KV-cache bytes by batch size x sequence length for a model config (no weights loaded), the ratio vs a
+    float16 cache, optional weight memory and the max context that fits in a memory budget. --measure fills real
+    caches for a few cells and checks the numbers against nbytes() and process memory."""
+    import torch
+
+    caches = parse_list(args.caches, "--caches")
+    batches = parse_int_list(args.batch, "--batch")
+    lengths = parse_int_list(args.lengths, "--lengths")
+    weights = parse_list(args.weights, "--weights", choices=memory.WEIGHT_FORMATS) if args.weights else None
+    for name in caches:
+        memory.parse_cache(name)  # a bad spec fails before the config loads
+    config, model_name = memory.load_config(args.model)
+    table = memory.memory_table(
+        config, caches, batches, lengths, args.dtype, weights=weights, budget_gib=args.budget_gib
+    )
+    measure = args.measure
+    options = {
+        "model": args.model, "caches": args.caches, "batch": args.batch, "lengths": args.lengths, "dtype": args.dtype,
+        "weights": args.weights, "budget_gib": None if args.budget_gib is None else f"{args.budget_gib:g}",
+        "measure": measure, "device": args.device if measure else None, "threads": args.threads if measure else None,
+        "measure_max_gib": f"{args.measure_max_gib:g}"
+        if measure and args.measure_max_gib != memory.MEASURE_MAX_GIB else None,
+        "json": args.json, "markdown": args.markdown,
+    }  # fmt: skip
+    header = provenance("memory", command=command_line("memory", options), device=str(torch.device(args.device)))
+    result: dict[str, Any] = {**header, "model_name": model_name, **table}
+    if measure:
+        cells = memory.default_measure_cells(batches, lengths)
+        print(f"Measuring {len(cells)} cells x {len(caches)} caches on {args.device} ...", file=sys.stderr, flush=True)
+        result["measurements"] = memory.measure_cells(
+            config, caches, cells, args.dtype, device=args.device, max_gib=args.measure_max_gib
+        )
+    markdown = memory.to_markdown(result)
+    if args.json:
+        print(f"wrote {write_json(args.json, result)}", file=sys.stderr)
+    if args.markdown:
+        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.markdown).write_text(markdown, encoding="utf-8")
+        print(f"wrote {args.markdown}", file=sys.stderr)
+    print(markdown)
+    return 0
+
+
+def _memory_options(parser: argparse.ArgumentParser) -> None:
+    _options(
+        parser,
+        model=(None, "a config .json, a .gguf, a local model dir or a cached HF id; only the config is read "
+               "(default: the embedded SmolLM2-135M)"),
+        caches=(memory.DEFAULT_CACHES, "fp16/bf16/fp32 and kvpack specs"),
+        batch=(memory.DEFAULT_BATCHES, "batch sizes"),
+        lengths=(memory.DEFAULT_LENGTHS, "sequence lengths in tokens"),
+    )  # fmt: skip
+    parser.add_argument(
+        "--dtype",
+        choices=tuple(memory.MODEL_DTYPES),
+        default=memory.DEFAULT_DTYPE,
+        help="the model's dtype, in which kvpack keeps residual and sink tokens (default float16, as models are "
+        "usually served; fp16/bf16/fp32 caches use their own dtype)",
+    )
+    _options(parser, weights=(None, "also count weights in these formats: fp16,int8,int4"))
+    parser.add_argument("--budget-gib", type=float, default=None, help="max context that fits in this many GiB")
+    _flags(parser, measure="fill real caches for a few cells and check the numbers")
+    _options(
+        parser,
+        device=("cpu", "device for --measure: cpu, cuda ..."),
+        threads=(1, "torch CPU threads for --measure (1: the fills are small)"),
+        measure_max_gib=(memory.MEASURE_MAX_GIB, "skip measured cells whose largest cache exceeds this many GiB"),
+        json=(None, "write the result as JSON here"),
+        markdown=(None, "write the Markdown report here"),
+    )
+
+
+Options = Callable[[argparse.ArgumentParser], object]
+Handler = Callable[[argparse.Namespace], int]
+
+# The command line, one row per subcommand: its one-line help, what declares its options, its handler (whose
+# docstring is the command's --help description). A group (`cache`, `bench`) comes first in a name; GROUPS gives its
+# help and the metavar of its commands.
+COMMANDS: dict[str, tuple[str, Options, Handler]] = {
+    "generate": ("generate text with a packed cache; print size and speed", _generate_options, cmd_generate),
+    "cache build": ("prefill a document into a packed cache and save it", _cache_build_options, cmd_cache_build),
+    "cache info": ("show a prompt cache's header", _cache_info_options, cmd_cache_info),
+    "compare": ("quality, memory and speed of several caches, side by side", _compare_options, cmd_compare),
+    "ppl": ("streamed perplexity of a cache, with KL and top-1 vs fp", _ppl_options, cmd_ppl),
+    "calibrate": ("per-layer bits within a budget, from measured sensitivity; writes a profile", _calibrate_options,
+                  cmd_calibrate),
+    "report": ("Markdown tables and PNG plots from a compare JSON",
+               lambda p: p.add_argument("json", help="a JSON written by `kvpack compare`"), cmd_report),
+    "memory": ("cache memory by batch × length for a model config", _memory_options, cmd_memory),  # noqa: RUF001
+    "passkey": ("passkey retrieval by length and depth, fp vs quantized", _passkey_options, cmd_passkey),
+    "bench decode": ("decode tokens/s of each cache and attention µs per call, side by side", _bench_decode_options,
+                     cmd_bench_decode),
+    "bench persist": ("loading a saved prompt cache vs recomputing the prefill; file size vs a float16 dump",
+                      _bench_persist_options, cmd_bench_persist),
+    "bench long": ("a 16k-token generation: exact cache growth and process memory", _bench_long_options,
+                   cmd_bench_long),
+    "bench threads": ("several threads, each with its own cache, vs the same work sequentially",
+                      _bench_threads_options, cmd_bench_threads),
+    "doctor": ("which attention backend this machine gets, and why", lambda p: None, cmd_doctor),
+    "spec": ("explain a cache spec string (bits, groups, residual, sinks)",
+             lambda p: p.add_argument("spec", help="e.g. k4v2-g32-r64-s4"), cmd_spec),
+}  # fmt: skip
+GROUPS = {
+    "cache": ("prompt caches on disk: build one from a document, show one", "<cache command>",
+              "Prompt caches: the packed cache of a reusable prefix (a document, a system prompt), saved to disk and "
+              "loaded by `kvpack generate --prefix-cache FILE` instead of recomputing the prefill."),
+    "bench": ("benchmarks: decode speed, prompt caches on disk, long runs, threads", "<benchmark>", None),
+}  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `kvpack` parser: one subparser per row of `COMMANDS` (a group's own subparser first, the first time)."""
+    parser = argparse.ArgumentParser(
+        prog="kvpack", description="Quantized, packed key/value caches for transformer language models."
+    )
+    top = parser.add_subparsers(dest="command", metavar="<command>", required=True)
+    groups: dict[str, Any] = {}
+    for name, (text, options, handler) in COMMANDS.items():
+        group, _, leaf = name.rpartition(" ")
+        if group and group not in groups:
+            text_of_group, metavar, description = GROUPS[group]
+            group_parser = top.add_parser(group, help=text_of_group, description=description)
+            groups[group] = group_parser.add_subparsers(dest=group, metavar=metavar, required=True)
+        sub = (groups[group] if group else top).add_parser(leaf, help=text, description=handler.__doc__)
+        options(sub)
+        sub.set_defaults(func=handler)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `kvpack` with `argv` (default the process's); returns the exit status (2 for a KVPackError)."""
     args = build_parser().parse_args(argv)
     try:
+        if getattr(args, "threads", 0):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return int(args.func(args))
     except KVPackError as exc:
         print(f"kvpack: error: {exc}", file=sys.stderr)

@@ -52,12 +52,10 @@ def load_model(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from kvpack.weights import parse_weights, quantize_weights, require_quanto
+    from kvpack.weights import check_weights, quantize_weights
 
     torch_dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
-    parse_weights(weights)
-    if weights != "fp":
-        require_quanto()  # before the model loads: a missing package fails in seconds
+    check_weights(weights)  # before the model loads: a missing package fails in seconds
     start = time.perf_counter()
     kwargs: dict[str, Any]
     if name is None or name == DEFAULT_MODEL:

@@ -20,34 +20,29 @@ WEIGHT_CHOICES = ("fp", "int8", "int4")
 EXCLUDED_MODULES = ("lm_head",)
 
 
-def parse_weights(text: str) -> list[str]:
-    """`"fp,int4"` -> `["fp", "int4"]`; raises ConfigError for anything but fp, int8 and int4."""
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    bad = [name for name in names if name not in WEIGHT_CHOICES]
-    if bad or not names:
-        raise ConfigError(f"--weights {text!r}: use one or more of {', '.join(WEIGHT_CHOICES)} (comma-separated).")
-    return list(dict.fromkeys(names))
-
-
-def require_quanto() -> None:
-    """Raise a KVPackError naming the package to install when optimum-quanto is missing."""
-    if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
+def check_weights(weights: str) -> None:
+    """Raise ConfigError for a format other than fp, int8 and int4, and KVPackError naming the package to install
+    when an int format needs optimum-quanto and it is missing."""
+    if weights not in WEIGHT_CHOICES:
+        raise ConfigError(f"weights {weights!r}: use one of {', '.join(WEIGHT_CHOICES)}.")
+    if weights != "fp" and (
+        importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None
+    ):
         raise KVPackError(
             "quantized weights need optimum-quanto: pip install 'kvpack[weights]' (or pip install optimum-quanto)."
         )
 
 
 def quantize_weights(model: Any, weights: str) -> Any:
-    """Quantize `model`'s linear weights in place to `weights` (`fp` leaves it as it is); returns the model.
+    """Quantize `model`'s linear weights in place to `weights` (`fp` leaves it as it is); returns the model. Raises
+    as `check_weights` does.
 
     Run the quantized model under `torch.no_grad()`, not `torch.inference_mode()`: quanto's int4 matmul
     fails on inference tensors.
     """
-    if weights not in WEIGHT_CHOICES:
-        raise ConfigError(f"weights {weights!r}: use one of {', '.join(WEIGHT_CHOICES)}.")
+    check_weights(weights)
     if weights == "fp":
         return model
-    require_quanto()
     from optimum.quanto import freeze, qint4, qint8, quantize
 
     quantize(model, weights={"int8": qint8, "int4": qint4}[weights], exclude=list(EXCLUDED_MODULES))

@@ -4,23 +4,22 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
-from kvpack.bench.persist import cmd_persist
+from kvpack import cli
 
 
 def test_bench_persist_writes_a_row_per_prefix_and_cache(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "text.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 80)
     out = tmp_path / "persist.json"
-    args = argparse.Namespace(
-        caches="k4v4-plain-g16-r16,k8v8-g16-r16", contexts="64,200", suffix=4, prefill_repeats=2, repeats=3,
-        data=str(data), model=str(tiny_model_dir), dtype="float32", device="cpu", threads=1, tmp=str(tmp_path),
-        json=str(out),
-    )  # fmt: skip
-    assert cmd_persist(args) == 0
+    argv = [
+        "bench", "persist", "--caches", "k4v4-plain-g16-r16,k8v8-g16-r16", "--contexts", "64,200", "--suffix", "4",
+        "--prefill-repeats", "2", "--repeats", "3", "--data", str(data), "--model", str(tiny_model_dir), "--threads",
+        "1", "--tmp", str(tmp_path), "--json", str(out),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
     result = json.loads(out.read_text())
     assert result["benchmark"] == "persist" and result["contexts"] == [64, 200] and result["suffix_tokens"] == 4
     assert [(row["context"], row["cache"]) for row in result["rows"]] == [

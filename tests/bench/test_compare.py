@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -18,12 +17,11 @@ def test_compare_writes_a_complete_result(tiny_model_dir: Path, tmp_path: Path) 
     caches = "k8v8-g16-r16,k2v2-plain-g16-r0"
     if __import__("importlib").util.find_spec("optimum") is not None:
         caches += ",quanto-int4-g16-r16"
-    args = argparse.Namespace(
-        caches=caches, tokens=48, data=str(data), model=str(tiny_model_dir), dtype="float32",
-        device="cpu", threads=1, contexts="32,64", steps=2,
-    )  # fmt: skip
     partials: list[int] = []
-    result = run_compare(args, checkpoint=lambda partial: partials.append(len(partial["rows"])))
+    result = run_compare(
+        caches.split(","), tokens=48, data=data, model_name=str(tiny_model_dir), contexts=[32, 64], steps=2,
+        checkpoint=lambda partial: partials.append(len(partial["rows"])),
+    )  # fmt: skip
     assert result["complete"] is True
     names = [row["cache"] for row in result["rows"]]
     assert names[0] == "fp" and len(names) == len(caches.split(",")) + 1  # fp added as the reference
@@ -51,11 +49,10 @@ def test_compare_writes_a_complete_result(tiny_model_dir: Path, tmp_path: Path) 
 def test_compare_with_quantized_weights_adds_a_row_per_weight_format(tiny_model_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "text.txt"
     data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    args = argparse.Namespace(
-        caches="fp,k8v8-g16-r16", weights="int8", tokens=24, data=str(data), model=str(tiny_model_dir),
-        dtype="float32", device="cpu", threads=1, contexts="32", steps=1,
+    result = run_compare(
+        ["fp", "k8v8-g16-r16"], weights=["int8"], tokens=24, data=data, model_name=str(tiny_model_dir), contexts=[32],
+        steps=1,
     )  # fmt: skip
-    result = run_compare(args)
     keys = [(row["weights"], row["cache"]) for row in result["rows"]]
     # fp weights come first (the reference), then each cache again with int8 weights.
     assert keys == [("fp", "fp"), ("fp", "k8v8-g16-r16"), ("int8", "fp"), ("int8", "k8v8-g16-r16")]

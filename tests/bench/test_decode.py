@@ -2,24 +2,25 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from kvpack import cli
 from kvpack.attention.registry import kvpack_attention
-from kvpack.bench.decode import cmd_decode, read_bandwidth
+from kvpack.bench.decode import read_bandwidth
 
 
 def test_bench_decode_writes_rows_for_every_cache_and_kernel(tiny_model_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "decode.json"
-    args = argparse.Namespace(
-        caches="k4v4-plain-g16-r16,fp-prealloc,k4v4-plain-g16-r16@dense,k2v2-plain-g16-r16@torch", contexts="48,96",
-        steps=2, backends="torch,cpu", spec="k4v4-plain-g16-r16", layers=2, calls=2, model=str(tiny_model_dir),
-        dtype="float32", device="cpu", threads=1, json=str(out), profile_steps=2,
-    )  # fmt: skip
-    assert cmd_decode(args) == 0
+    caches = "k4v4-plain-g16-r16,fp-prealloc,k4v4-plain-g16-r16@dense,k2v2-plain-g16-r16@torch"
+    argv = [
+        "bench", "decode", "--caches", caches, "--contexts", "48,96", "--steps", "2", "--backends", "torch,cpu",
+        "--spec", "k4v4-plain-g16-r16", "--layers", "2", "--calls", "2", "--model", str(tiny_model_dir), "--threads",
+        "1", "--json", str(out), "--profile-steps", "2",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
     result = json.loads(out.read_text())
     names = [row["cache"] for row in result["rows"]]
     assert names == ["fp", "k4v4-plain-g16-r16", "fp-prealloc", "k4v4-plain-g16-r16@dense", "k2v2-plain-g16-r16@torch"]

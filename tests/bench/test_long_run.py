@@ -5,7 +5,6 @@ The committed 16k-token result is `benchmarks/results/long_run.md`, made by `kvp
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 from pathlib import Path
@@ -13,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvpack.bench.long_run import cmd_long, generate_long, tiny_llama
-from kvpack.bench.memory import packed_bytes
+from kvpack import cli
+from kvpack.bench.long_run import generate_long, tiny_llama
 from kvpack.cache.layer import PackedLayer
+from kvpack.cache.plan import packed_bytes
 from kvpack.cache.storage import GROWTH_TOKENS
 from kvpack.config import parse_spec
 
@@ -26,11 +26,11 @@ SPEC = "k4v4-g16-r16"
 
 def test_cache_grows_by_exactly_the_formula_and_capacity_stays_bounded(tmp_path: Path) -> None:
     out = tmp_path / "long.json"
-    args = argparse.Namespace(
-        tokens=1024, prompt=40, spec=SPEC, backend="auto", runs=2, sample_every=64, warmup=256, layers=2, kv_heads=2,
-        head_dim=32, threads=1, json=str(out),
-    )  # fmt: skip
-    assert cmd_long(args) == 0
+    argv = [
+        "bench", "long", "--tokens", "1024", "--prompt", "40", "--spec", SPEC, "--runs", "2", "--sample-every", "64",
+        "--warmup", "256", "--layers", "2", "--kv-heads", "2", "--head-dim", "32", "--json", str(out),
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
     result = json.loads(out.read_text())
     config = parse_spec(SPEC)
     rows, head_dim = 2 * 2, 32  # layers x KV heads at batch 1

@@ -4,27 +4,30 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     DynamicCache,
     Gemma3Config,
     Gemma3TextConfig,
+    GPT2Config,
     LlamaConfig,
-    LlamaForCausalLM,
     MistralConfig,
-    MistralForCausalLM,
+    MixtralConfig,
     PretrainedConfig,
     Qwen2Config,
-    Qwen2ForCausalLM,
     Qwen3Config,
-    Qwen3ForCausalLM,
+    T5Config,
 )
 from transformers.cache_utils import DummyLayer
+from transformers.pytorch_utils import Conv1D
 
+from kvpack import cli
 from kvpack.bench import memory
 from kvpack.bench.memory import ModelShape, cache_bytes, max_context, memory_table, parse_cache
 from kvpack.cache import KVPackCache
@@ -201,63 +204,76 @@ def test_max_context_edge_cases() -> None:
 # -- weights --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("config_class", "model_class", "overrides"),
-    [
-        (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": False}),
-        (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
-        (LlamaConfig, LlamaForCausalLM, {"attention_bias": True, "mlp_bias": True, "head_dim": 16}),
-        (MistralConfig, MistralForCausalLM, {}),
-        (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True}),
-        (Qwen3Config, Qwen3ForCausalLM, {"attention_bias": True}),
-        (Qwen3Config, Qwen3ForCausalLM, {}),
-    ],
-)
-def test_weight_shapes_match_the_models_parameters(
-    config_class: type[PretrainedConfig], model_class: Any, overrides: dict[str, Any]
-) -> None:
-    fields = dict(
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        intermediate_size=96,
-        vocab_size=100,
-        head_dim=32,
+TINY = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2, intermediate_size=96)
+WEIGHT_CONFIGS = {  # architectures of every kind of weight layout the count must follow
+    "llama": lambda: LlamaConfig(**TINY, vocab_size=100, head_dim=32, tie_word_embeddings=False),
+    "llama-tied": lambda: LlamaConfig(**TINY, vocab_size=100, tie_word_embeddings=True),
+    "llama-biases": lambda: LlamaConfig(**TINY, vocab_size=100, attention_bias=True, mlp_bias=True, head_dim=16),
+    "mistral": lambda: MistralConfig(**TINY, vocab_size=100),
+    "qwen2-tied": lambda: Qwen2Config(**TINY, vocab_size=100, tie_word_embeddings=True),
+    "qwen3-bias": lambda: Qwen3Config(**TINY, vocab_size=100, head_dim=32, attention_bias=True),
+    "gemma3-text": lambda: gemma_config(),  # scaled embeddings, q/k norms, four norms per layer, tied
+    "mixtral-moe": lambda: MixtralConfig(**TINY, vocab_size=100, num_local_experts=4),  # fused 3-D expert tensors
+    "gpt2": lambda: GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=100, bos_token_id=0, eos_token_id=0),
+}
+
+
+@pytest.mark.parametrize("name", list(WEIGHT_CONFIGS))
+def test_meta_device_weights_equal_a_real_models_parameters(name: str) -> None:
+    # The meta-device model must list what a real (random, tiny) model holds: every tensor once, tied ones once.
+    config = WEIGHT_CONFIGS[name]()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float16)
+    tensors = memory.weight_tensors(config)
+    assert [(t.name, t.shape) for t in tensors] == [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+    assert memory.weight_bytes(tensors, "fp16") == sum(p.nbytes for p in model.parameters())
+    assert memory.memory_table(config, ["fp16"], [1], [8], weights=["fp16"])["weights"]["parameters"] == sum(
+        p.numel() for p in model.parameters()
     )
-    config = config_class(**{**fields, **overrides})
-    model = model_class(config)
-    expected = {name: tuple(p.shape) for name, p in model.named_parameters()}
-    shapes = memory.weight_shapes(config)
-    assert dict(shapes) == expected
-    assert len(shapes) == len(expected)
-    parameters = sum(p.numel() for p in model.parameters())
-    assert memory.weight_bytes(shapes, "fp16") == 2 * parameters
-    result = memory_table(config, ["fp16"], [1], [8], weights=["fp16"])
-    assert result["weights"]["parameters"] == parameters
+    # int8/int4 quantize the weight matrices along their input channels; embeddings and lm_head stay float16.
+    head = model.get_output_embeddings()
+    for t in tensors:
+        owner = model.get_submodule(t.name.rpartition(".")[0])
+        if len(t.shape) == 1 or isinstance(owner, torch.nn.Embedding) or owner is head:
+            assert t.inputs is None, t.name
+        elif isinstance(owner, torch.nn.Linear):
+            assert t.inputs == owner.in_features, t.name
+        elif isinstance(owner, Conv1D):  # GPT-2 stores W as [in, out]
+            assert t.inputs == owner.nx, t.name
+        else:  # Mixtral's router and its fused experts, [experts, out, in]
+            inputs = {"weight": config.hidden_size, "gate_up_proj": config.hidden_size}
+            assert t.inputs == inputs.get(t.name.rpartition(".")[2], config.intermediate_size), t.name
+    if config.tie_word_embeddings:
+        assert not any(t.name.startswith("lm_head") for t in tensors)
 
 
 def test_weight_bytes_per_format() -> None:
-    shapes = [
-        ("model.embed_tokens.weight", (10, 128)),
-        ("model.layers.0.mlp.up_proj.weight", (4, 128)),
-        ("model.layers.0.mlp.up_proj.bias", (4,)),
-        ("model.norm.weight", (128,)),
+    tensors = [
+        memory.WeightTensor("model.embed_tokens.weight", (10, 128), None),
+        memory.WeightTensor("model.layers.0.mlp.up_proj.weight", (4, 128), 128),
+        memory.WeightTensor("model.layers.0.mlp.experts.down_proj", (2, 4, 96), 96),  # 8 rows of 96: 2 int4 groups
+        memory.WeightTensor("model.layers.0.mlp.up_proj.bias", (4,), None),
+        memory.WeightTensor("model.norm.weight", (128,), None),
     ]
     kept = 2 * (10 * 128 + 4 + 128)  # embeddings, bias and norm stay float16
-    assert memory.weight_bytes(shapes, "fp16") == 2 * (10 * 128 + 4 * 128 + 4 + 128)
-    assert memory.weight_bytes(shapes, "int8") == kept + 4 * 128 + 4 * 2
-    assert memory.weight_bytes(shapes, "int4") == kept + 4 * 64 + 4 * 2 * (2 + 2)
+    assert memory.weight_bytes(tensors, "fp16") == 2 * (10 * 128 + 4 * 128 + 2 * 4 * 96 + 4 + 128)
+    assert memory.weight_bytes(tensors, "int8") == kept + 4 * 128 + 4 * 2 + 8 * 96 + 8 * 2
+    assert memory.weight_bytes(tensors, "int4") == kept + 4 * 64 + 4 * 2 * (2 + 2) + 8 * 48 + 8 * 2 * (2 + 2)
     with pytest.raises(ConfigError):
-        memory.weight_bytes(shapes, "int3")
+        memory.weight_bytes(tensors, "int3")
 
 
-def test_weights_of_an_unknown_architecture_are_left_out_with_a_reason() -> None:
-    result = memory_table(gemma_config(), ["fp16", "k4v4-plain"], [1], [64], weights=["fp16"], budget_gib=1)
-    assert "cannot be derived" in result["weights"]["error"]
+def test_weights_of_a_config_without_a_causal_lm_are_left_out_with_a_reason() -> None:
+    config = T5Config(d_model=256, num_layers=2, num_heads=4, d_kv=64, d_ff=96, vocab_size=100)
+    result = memory_table(config, ["fp16", "k4v4-plain"], [1], [64], weights=["fp16"], budget_gib=1)
+    assert "no causal LM" in result["weights"]["error"] and "T5Config" in result["weights"]["error"]
     assert all("total_bytes" not in cell for cell in result["cells"])
     assert {row["weights"] for row in result["max_context"]["rows"]} == {None}
     assert "Weights not shown" in memory.to_markdown(result)
+
+
+def parameter_count(config: PretrainedConfig) -> int:
+    return sum(math.prod(t.shape) for t in memory.weight_tensors(config))
 
 
 def test_llama_2_7b_config_file() -> None:
@@ -265,7 +281,7 @@ def test_llama_2_7b_config_file() -> None:
     assert name.endswith("llama-2-7b.json")
     shape = ModelShape.from_config(config)
     assert (len(shape.layers), shape.kv_heads, shape.head_dim, shape.max_position_embeddings) == (32, 32, 128, 4096)
-    assert sum(memory._numel(s) for _, s in memory.weight_shapes(config)) == 6_738_415_616  # Llama-2-7B's count
+    assert parameter_count(config) == 6_738_415_616  # Llama-2-7B's count
     fp16 = cache_bytes(shape, parse_cache("fp16"), 1, 4096, "float16")
     assert fp16 == 4096 * 32 * 32 * 128 * 2 * 2  # 2 GiB, the well-known figure
 
@@ -293,15 +309,8 @@ def test_table_cells_ratios_totals_and_markdown() -> None:
         assert f"`{name}`" in markdown
     for heading in ("## Batch 1", "## Batch 4", "## Weights", "### Total: int4 weights", "## Max context in 1 GiB"):
         assert heading in markdown
-    assert "lm_head unless tied" in markdown
+    assert result["weights"]["method"] in markdown
     assert "1,024 †" in markdown  # beyond max_position_embeddings=512
-
-
-def test_human_bytes() -> None:
-    assert memory.human_bytes(512) == "512 B"
-    assert memory.human_bytes(1536) == "1.5 KiB"
-    assert memory.human_bytes(3 * memory.MIB) == "3.0 MiB"
-    assert memory.human_bytes(1.25 * memory.GIB) == "1.25 GiB"
 
 
 # -- --measure ------------------------------------------------------------------------------------------------
@@ -330,7 +339,7 @@ def test_measure_raises_when_the_formula_is_off(monkeypatch: pytest.MonkeyPatch)
 
 def test_measure_raises_when_memory_disagrees(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "MEASURE_MIN_CHECKED_BYTES", 0)
-    monkeypatch.setattr(memory, "_rss_bytes", lambda: 10**9)  # the process "gained" nothing
+    monkeypatch.setattr(memory, "rss_bytes", lambda: 10**9)  # the process "gained" nothing
     with pytest.raises(KVPackError, match="the process gained 0 bytes"):
         memory.measure_cells(llama_config(), ["k4v4-plain"], [(1, 300)])
 
@@ -344,9 +353,7 @@ def test_default_measure_cells() -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpack")
-    memory.add_parser(parser.add_subparsers())
-    return parser
+    return cli.build_parser()
 
 
 def test_cli_writes_json_and_markdown_with_provenance(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -368,8 +375,7 @@ def test_cli_writes_json_and_markdown_with_provenance(tmp_path: Path, capsys: py
     ]
     argv += ["--weights", "fp16,int4", "--budget-gib", "0.01", "--measure", "--json", str(out_json)]
     argv += ["--markdown", str(out_md)]
-    args = parser.parse_args(argv)
-    assert args.func(args) == 0  # sets --threads (1); the fixture restores the previous count
+    assert cli.main(argv) == 0  # sets --threads (1); the fixture restores the previous count
     result = json.loads(out_json.read_text())
     assert result["command"].startswith(f"kvpack memory --model {config_path} --caches fp16,k4v4-plain")
     assert {"date", "machine", "versions", "measurements", "weights", "max_context"} <= result.keys()
@@ -406,4 +412,4 @@ def test_default_model_config_loads_without_weights() -> None:
     shape = ModelShape.from_config(config)
     assert name == "smollm2-135m-instruct"
     assert (len(shape.layers), shape.kv_heads, shape.head_dim) == (30, 3, 64)
-    assert sum(memory._numel(s) for _, s in memory.weight_shapes(config)) == 134_515_008  # SmolLM2-135M, tied
+    assert parameter_count(config) == 134_515_008  # SmolLM2-135M, tied

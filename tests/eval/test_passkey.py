@@ -6,7 +6,6 @@ a tiny random-weight Llama with that tokenizer's vocabulary, so they are fast an
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import subprocess
@@ -18,6 +17,7 @@ import pytest
 import torch
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
+from kvpack import cli
 from kvpack.cache import KVPackCache
 from kvpack.compat import cache_kwargs
 from kvpack.errors import ConfigError, KVPackError
@@ -33,11 +33,13 @@ from kvpack.eval.passkey import (
     generate_answer,
     is_correct,
     passkey_for,
+    plot_heatmap,
     prefill,
     run_passkey,
     to_markdown,
-    write_results,
 )
+from kvpack.harness.caches import make_cache, parse_cache_name
+from kvpack.harness.results import parse_float_list, parse_int_list, publish
 
 # A filler sentence is 4-6 tokens with this tokenizer: a prompt built to N tokens is at most N and fewer than
 # one sentence (plus a token the join can merge) short of it.
@@ -173,8 +175,7 @@ def test_is_correct_uses_the_first_five_digit_number() -> None:
 
 
 def test_lengths_beyond_the_context_are_refused_and_the_context_itself_fits() -> None:
-    assert fit_lengths([1024, 8192], 8192) == [1024, 8184]
-    assert fit_lengths([1024, 8192], None) == [1024, 8192]
+    assert fit_lengths([8192, 1024, 1024], 8192) == [1024, 8184]
     with pytest.raises(KVPackError, match="maximum context of 8192"):
         fit_lengths([4096, 9000], 8192)
 
@@ -182,13 +183,15 @@ def test_lengths_beyond_the_context_are_refused_and_the_context_itself_fits() ->
 @pytest.mark.parametrize(
     ("parse", "text"),
     [
-        (passkey.parse_lengths, "1024,abc"),
-        (passkey.parse_lengths, "0,1024"),
-        (passkey.parse_lengths, ""),
-        (passkey.parse_depths, "0.5,1.2"),
-        (passkey.parse_depths, "half"),
+        (lambda text: parse_int_list(text, "--lengths"), "1024,abc"),
+        (lambda text: parse_int_list(text, "--lengths"), "0,1024"),
+        (lambda text: parse_int_list(text, "--lengths"), ""),
+        (lambda text: parse_float_list(text, "--depths"), "0.5,1.2"),
+        (lambda text: parse_float_list(text, "--depths"), "half"),
         (passkey.parse_caches, "fp,k5v4"),
         (passkey.parse_caches, ","),
+        (lambda text: passkey.check_settings([1024], [0.5], int(text)), "0"),
+        (lambda text: passkey.check_settings([1024], [float(text)], 1), "1.5"),
     ],
 )
 def test_bad_arguments_are_config_errors(parse: Any, text: str) -> None:
@@ -197,13 +200,13 @@ def test_bad_arguments_are_config_errors(parse: Any, text: str) -> None:
 
 
 def test_caches_are_canonical_spec_names() -> None:
-    assert passkey.parse_caches("fp, k4v4-plain,k4v4-plain-g64-r128,k2v2-plain-r32") == [
+    assert list(passkey.parse_caches("fp, k4v4-plain,k4v4-plain-g64-r128,k2v2-plain-r32")) == [
         "fp",
         "k4v4-plain-g64-r128",
         "k2v2-plain-g64-r32",
     ]
     profile = "benchmarks/profiles/smollm2-3.5.json"  # a profile keeps its path: its table label does not parse back
-    assert passkey.parse_caches(f"fp,{profile},balanced") == ["fp", profile, "k4v4-g64-r128-s4-rotv"]
+    assert list(passkey.parse_caches(f"fp,{profile},balanced")) == ["fp", profile, "k4v4-g64-r128-s4-rotv"]
 
 
 # -- the run ------------------------------------------------------------------------------------------------
@@ -212,8 +215,8 @@ def test_caches_are_canonical_spec_names() -> None:
 @pytest.mark.parametrize("name", ["fp", "k4v4-plain-g64-r32", "k2v2-plain-g64-r32"])
 def test_shared_prefill_stores_what_the_cache_own_prefill_stores(tiny_model: Any, tokenizer: Any, name: str) -> None:
     prompt = build_prompt(tokenizer, 300, 0.5, "48213")
-    shared = filled_cache(name, tiny_model.config, prefill(tiny_model, prompt))
-    own = passkey.make_cache(name, tiny_model.config)
+    shared = filled_cache(parse_cache_name(name), tiny_model.config, prefill(tiny_model, prompt))
+    own = make_cache(parse_cache_name(name), tiny_model.config)
     ids = torch.tensor([prompt.input_ids[:-1]], device=tiny_model.device)
     with torch.inference_mode():
         tiny_model(input_ids=ids, **cache_kwargs(tiny_model, own), use_cache=True)
@@ -307,7 +310,7 @@ def test_accuracy_is_the_mean_over_trials(tiny_model: Any, tokenizer: Any, monke
 
 def test_writers_produce_json_markdown_and_png(tiny_result: dict[str, Any], tmp_path: Path) -> None:
     paths = tmp_path / "r.json", tmp_path / "r.md", tmp_path / "plots" / "r.png"
-    write_results(tiny_result, *paths)
+    publish(tiny_result, paths[0], to_markdown, plot_heatmap, markdown_path=paths[1], png_path=paths[2])
     assert json.loads(paths[0].read_text())["accuracy"] == tiny_result["accuracy"]
     markdown = paths[1].read_text()
     table = [line for line in markdown.splitlines() if line.startswith("| ")]
@@ -336,10 +339,8 @@ def test_importing_passkey_does_not_import_matplotlib() -> None:
 # -- command line -------------------------------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvpack")
-    passkey.add_parser(parser.add_subparsers(dest="command", required=True))
-    return parser
+def _parser() -> Any:
+    return cli.build_parser()
 
 
 def test_cli_defaults_and_help() -> None:
@@ -351,7 +352,7 @@ def test_cli_defaults_and_help() -> None:
         "0.1,0.3,0.5,0.7,0.9",
         3,
     )
-    assert not args.chat and args.func is passkey.cmd_passkey
+    assert not args.chat and args.func is cli.cmd_passkey
     assert Path(args.json) == Path("benchmarks/results/passkey.json") and Path(args.png).suffix == ".png"
     assert "passkey retrieval by length and depth" in parser.format_help()
 
@@ -368,7 +369,8 @@ def test_cli_runs_and_writes(tiny_model: Any, tokenizer: Any, tmp_path: Path, mo
     result = json.loads(Path(f"{out}.json").read_text())
     assert (
         result["command"]
-        == "kvpack passkey --caches fp,k2v2-plain-r32 --lengths 200 --depths 0.5 --trials 1 --seed 0 --dtype float32"
+        == "kvpack passkey --caches fp,k2v2-plain-r32 --lengths 200 --depths 0.5 --trials 1 --seed 0 --dtype float32 "
+        "--device cpu --threads 0"
     )
     assert result["caches"] == ["fp", "k2v2-plain-g64-r32"]
     assert Path(f"{out}.md").is_file() and Path(f"{out}.png").is_file()

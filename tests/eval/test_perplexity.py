@@ -9,8 +9,9 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from kvpack import KVPackError
-from kvpack.bench.caches import parse_cache_name
-from kvpack.eval.perplexity import load_tokens, stream
+from kvpack.eval.perplexity import stream
+from kvpack.harness.caches import parse_cache_name
+from kvpack.harness.data import load_tokens
 
 
 @pytest.fixture(scope="module")

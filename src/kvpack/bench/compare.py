@@ -6,30 +6,21 @@ into Markdown and plots.
 
 from __future__ import annotations
 
-import argparse
-import contextlib
-import datetime
-import os
-import platform
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvpack.bench.caches import CacheSpec, cache_nbytes, make_cache, parse_cache_name, require_packages
 from kvpack.compat import cache_kwargs
+from kvpack.eval.perplexity import stream
+from kvpack.harness.caches import CacheSpec, cache_nbytes, make_cache, parse_cache_name, prefill, require_packages
+from kvpack.harness.data import default_data_path, load_tokens
+from kvpack.harness.results import display_path, provenance
 
 DEFAULT_CACHES = "fp,k8v8,k4v4,k4v2,k2v2,quanto-int4,quanto-int2,hqq-int8,hqq-int4-axis1"
-
-
-def _prefill(model: Any, ids: torch.Tensor, spec: CacheSpec, cache: Any) -> None:
-    first = spec.feed_first_tokens_together
-    with torch.no_grad():
-        model(ids[:, :first], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
-        if ids.shape[1] > first:
-            model(ids[:, first:], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
 
 
 def decode_speed(
@@ -58,12 +49,12 @@ def decode_speed(
     with torch.no_grad():
         for _, model, spec in entries:  # first use of a cache type (a peer's kernel build, lazy imports): untimed
             warm = make_cache(spec, model.config)
-            _prefill(model, ids[:, : min(context, 256)].to(model.device), spec, warm)
+            prefill(model, ids[:, : min(context, 256)].to(model.device), spec, warm)
             model(ids[:, -1:].to(model.device), **cache_kwargs(model, warm), use_cache=True)
     for key, model, spec in entries:
         cache = make_cache(spec, model.config)
         start = time.perf_counter()
-        _prefill(model, ids.to(model.device), spec, cache)
+        prefill(model, ids.to(model.device), spec, cache)
         out[key] = {"prefill_s": time.perf_counter() - start, "cache_bytes": float(cache_nbytes(cache))}
         caches[key] = (model, cache)
     token = ids[:, -1:]
@@ -148,118 +139,82 @@ def step_profile(model: Any, cache: Any, token: torch.Tensor, steps: int) -> dic
     return profile
 
 
-def peer_versions() -> dict[str, str]:
-    """Versions of the installed peer packages (their numbers move with them), read without importing them."""
-    from importlib import metadata
-
-    found = {}
-    for package in ("optimum-quanto", "hqq"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            found[package] = metadata.version(package)
-    return found
-
-
-def display_path(path: str | os.PathLike[str]) -> str:
-    """`path` as results record it: relative to the working directory (the repo root, where the benchmarks run)
-    when it is there or beside it (`../shared/data/...`), so no result carries the layout of the machine it ran on."""
-    absolute = os.path.abspath(path)
-    relative = os.path.relpath(absolute)
-    return absolute if relative.startswith(os.path.join(os.pardir, os.pardir)) else relative
-
-
-def result_header(benchmark: str, model: Any, model_name: str | None) -> dict[str, Any]:
-    """What every benchmark result records first: the command, date, machine, versions, model and dtype."""
-    import transformers
-
-    import kvpack
-    from kvpack.models import DEFAULT_MODEL
-
-    return {
-        "benchmark": benchmark,
-        "command": "kvpack " + " ".join(sys.argv[1:]),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor(),
-            "torch_threads": torch.get_num_threads(),
-            "device": str(model.device),
-        },
-        "versions": {
-            "kvpack": kvpack.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            **peer_versions(),
-        },
-        "model": model_name or DEFAULT_MODEL,
-        "dtype": str(model.dtype).removeprefix("torch."),
-    }
-
-
 def row_key(weights: str, cache: str) -> str:
     """The name of a row: the cache's, prefixed with its weight format when the weights are quantized."""
     return cache if weights == "fp" else f"{weights}:{cache}"
 
 
-def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+def run_compare(
+    caches: Sequence[str],
+    *,
+    tokens: int = 2048,
+    data: str | Path | None = None,
+    model_name: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    weights: Sequence[str] = ("fp",),
+    contexts: Sequence[int] = (),
+    steps: int = 16,
+    checkpoint: Callable[[dict[str, Any]], object] | None = None,
+) -> dict[str, Any]:
     """Everything `kvpack compare` measures, as the JSON-ready result.
 
-    args.weights (optional, default "fp"): comma-separated weight formats; every cache runs with each, and the
-    reference is always fp weights with the fp cache. checkpoint: called with the partial result
-    (`"complete": False`) after each streamed run, so a long run can be inspected, and is not lost, before it ends.
+    caches: cache names (`kvpack.harness.caches`); fp is added first when missing (the reference for ΔPPL, KL and
+    top-1). tokens of `data` (default WikiText-2 test) are streamed through each; then decode speed is measured at
+    each of `contexts` (none: quality only, as `kvpack ppl`) over `steps` steps. weights: formats among fp, int8 and
+    int4; every cache runs with each, and the reference is always fp weights with the fp cache. checkpoint: called
+    with the partial result (`"complete": False`) after each streamed run, so a long run can be inspected, and is not
+    lost, before it ends.
     """
     from kvpack.attention import use_kvpack_attention
     from kvpack.attention.registry import prepare
-    from kvpack.eval.perplexity import load_tokens, stream
     from kvpack.models import load_model
-    from kvpack.weights import parse_weights, require_quanto, weight_nbytes
+    from kvpack.weights import check_weights, weight_nbytes
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    specs = [parse_cache_name(name) for name in args.caches.split(",")]
+    data = data or default_data_path()
+    specs = [parse_cache_name(name) for name in caches]
     if specs[0].kind != "fp":
         specs.insert(0, parse_cache_name("fp"))  # the reference for ΔPPL, KL and top-1
-    weight_formats = parse_weights(getattr(args, "weights", None) or "fp")
-    if weight_formats[0] != "fp":
-        weight_formats = ["fp"] + [w for w in weight_formats if w != "fp"]  # the reference has fp weights
+    weight_formats = ["fp", *(w for w in dict.fromkeys(weights) if w != "fp")]  # the reference has fp weights
     for spec in specs:
         require_packages(spec)  # before the model loads: a missing peer fails in seconds, not minutes
-    if len(weight_formats) > 1:
-        require_quanto()
+    for name in weight_formats:
+        check_weights(name)
     models = {}
-    for weights in weight_formats:
-        models[weights], tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, weights=weights)
+    for name in weight_formats:
+        models[name], tokenizer = load_model(model_name, dtype=dtype, device=device, weights=name)
         # kvpack caches take the fused path (their default); fp and peer caches still go through SDPA.
-        use_kvpack_attention(models[weights])
+        use_kvpack_attention(models[name])
     for spec in specs:
         prepare(spec.backend)  # a kernel compiled on first use must not land in a timed step
     model = models["fp"]
-    ids, data_sha256 = load_tokens(args.data, tokenizer, args.tokens)
+    ids, data_sha256 = load_tokens(data, tokenizer, tokens)
 
     rows: list[dict[str, Any]] = []
     result: dict[str, Any] = {
-        **result_header("compare", model, args.model),
+        **provenance("compare", model, model_name),
         "complete": False,
-        "weights": {weights: weight_nbytes(m) for weights, m in models.items()},
-        "data": {"path": display_path(args.data), "sha256": data_sha256, "tokens": args.tokens, "mode": "streamed"},
+        "weights": {name: weight_nbytes(m) for name, m in models.items()},
+        "data": {"path": display_path(data), "sha256": data_sha256, "tokens": tokens, "mode": "streamed"},
         "contexts": [],
         "rows": rows,
     }
-    runs = [(weights, spec) for weights in weight_formats for spec in specs]
-    print(f"Streaming {args.tokens} tokens through each of {len(runs)} caches ...", file=sys.stderr)
+    runs = [(fmt, spec) for fmt in weight_formats for spec in specs]
+    print(f"Streaming {tokens} tokens through each of {len(runs)} caches ...", file=sys.stderr)
     reference, ref_logprobs = stream(model, ids, specs[0], keep_logprobs=True)
     by_key = {"fp": reference}
-    for weights, spec in runs:
-        key = row_key(weights, spec.name)
+    for fmt, spec in runs:
+        key = row_key(fmt, spec.name)
         if key != "fp":
             if checkpoint is not None:
                 checkpoint(result)
-            by_key[key], _ = stream(models[weights], ids, spec, reference_logprobs=ref_logprobs, label=key)
+            by_key[key], _ = stream(models[fmt], ids, spec, reference_logprobs=ref_logprobs, label=key)
             print(f"  {key}: PPL {by_key[key].perplexity:.3f}", file=sys.stderr)
         row = by_key[key].summary(reference)
-        row.update(cache=spec.name, weights=weights, weight_bytes=result["weights"][weights])
+        row.update(cache=spec.name, weights=fmt, weight_bytes=result["weights"][fmt])
         if spec.profile is not None:  # the table's label is short; the JSON keeps the file and the full spec
             row.update(profile=spec.profile, spec=spec.config().spec, bits_per_value=spec.bits_per_value())
-        if weights != "fp":
+        if fmt != "fp":
             same_cache = by_key[spec.name].perplexity
             row["delta_ppl_vs_fp_weights_pct"] = 100 * (by_key[key].perplexity / same_cache - 1)
         rows.append(row)
@@ -267,12 +222,11 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
         checkpoint(result)
     del ref_logprobs
 
-    contexts = [int(c) for c in args.contexts.split(",") if c]
     speed: dict[int, dict[str, dict[str, float]]] = {}
-    entries = [(row_key(weights, spec.name), models[weights], spec) for weights, spec in runs]
+    entries = [(row_key(fmt, spec.name), models[fmt], spec) for fmt, spec in runs]
     for context in contexts:
-        print(f"Decode speed at {context} tokens ({args.steps} interleaved steps) ...", file=sys.stderr)
-        speed[context] = decode_speed(entries, context, args.steps)
+        print(f"Decode speed at {context} tokens ({steps} interleaved steps) ...", file=sys.stderr)
+        speed[context] = decode_speed(entries, context, steps)
     element_size = torch.finfo(model.dtype).bits // 8
     for row in rows:
         for context, by_cache in speed.items():
@@ -285,5 +239,5 @@ def run_compare(args: argparse.Namespace, checkpoint: Callable[[dict[str, Any]],
             row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
             row[f"vs_fp16@{context}"] = fp16_bytes / measured["cache_bytes"]
             row[f"total_bytes@{context}"] = row["weight_bytes"] + int(measured["cache_bytes"])
-    result.update(contexts=contexts, complete=True)
+    result.update(contexts=list(contexts), complete=True)
     return result

@@ -16,22 +16,19 @@ JSON is the source of truth; Markdown and a PNG are made from it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvpack.bench.caches import parse_cache_name, require_packages
-from kvpack.bench.compare import decode_speed, result_header
+from kvpack.bench.compare import decode_speed
+from kvpack.cache.plan import cache_shape, context_limit, flushed_tokens
+from kvpack.harness.caches import parse_cache_name, require_packages
+from kvpack.harness.results import markdown_table, provenance, provenance_lines
 
-DEFAULT_CACHES = "fp,fp-prealloc,k8v8,k4v4,k2v2,k4v4@dense,quanto-int4"
-DEFAULT_CONTEXTS = "1024,4096,8192"
-DEFAULT_BACKENDS = "cpu,numba,torch"
-DEFAULT_RESULTS = Path("benchmarks/results/decode.json")
 GB = 1e9
 
 
@@ -53,7 +50,7 @@ def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> dict[str, float]
 
 def _layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -> tuple[list[Any], list[Any], int]:
     """`layers` independent (AttentionInputs, fp32 keys/values) pairs of `tokens` tokens with the model's shapes."""
-    from kvpack.attention.reference import AttentionInputs
+    from kvpack.attention.inputs import AttentionInputs
     from kvpack.config import parse_spec
     from kvpack.errors import ConfigError
     from kvpack.quant.tensor import PackedTensor
@@ -61,15 +58,12 @@ def _layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -
     cache_config = parse_spec(spec)
     if cache_config.layer_bits:
         raise ConfigError(f"{spec}: per-layer bits (-l...) are not supported by this benchmark; give a uniform spec.")
-    text = config.get_text_config(decoder=True)
-    kv_heads = text.num_key_value_heads
-    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    packed = (tokens - cache_config.residual) // cache_config.block_tokens * cache_config.block_tokens
+    shape = cache_shape(config)
+    packed = flushed_tokens(tokens, cache_config)
     gen = torch.Generator().manual_seed(seed)
     inputs, dense = [], []
     for _ in range(layers):
-        keys = torch.randn(1, kv_heads, tokens, dim, generator=gen)
-        values = torch.randn(1, kv_heads, tokens, dim, generator=gen)
+        keys, values = (torch.randn(1, shape.kv_heads, tokens, shape.head_dim, generator=gen) for _ in range(2))
         inputs.append(
             AttentionInputs(
                 exact_keys=keys[:, :, packed:].contiguous(),
@@ -87,17 +81,15 @@ def attention_speed(
     config: Any, spec: str, contexts: list[int], backends: list[str], layers: int, calls: int
 ) -> list[dict[str, Any]]:
     """µs per decode-attention call and GB/s of cache bytes read, per backend and context (and fp32 SDPA)."""
-    from kvpack.attention.reference import AttentionInputs
+    from kvpack.attention.inputs import AttentionInputs
     from kvpack.attention.registry import attend
 
-    text = config.get_text_config(decoder=True)
-    heads = text.num_attention_heads
-    dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    scaling = dim**-0.5
+    shape = cache_shape(config)
+    scaling = shape.head_dim**-0.5
     rows = []
     for context in contexts:
         inputs, dense, packed = _layer_inputs(config, spec, context, layers, seed=context)
-        query = torch.randn(1, heads, 1, dim)
+        query = torch.randn(1, shape.attention_heads, 1, shape.head_dim)
         packed_bytes = sum(t.nbytes for t in (inputs[0].packed_keys, inputs[0].packed_values) if t is not None)
         exact_bytes = inputs[0].exact_keys.nbytes + inputs[0].exact_values.nbytes
         candidates: dict[str, tuple[Any, int]] = {}
@@ -127,55 +119,60 @@ def attention_speed(
         sdpa_us = timings["fp32 SDPA"] / calls * 1e6
         for name, (_, n_bytes) in candidates.items():
             us = timings[name] / calls * 1e6
-            rows.append(
-                {
-                    "context": context,
-                    "kernel": name,
-                    "us_per_call": us,
-                    "bytes_read": n_bytes,
-                    "gb_s": n_bytes / (us * 1e-6) / GB,
-                    "speed_vs_sdpa": sdpa_us / us,
-                    "packed_tokens": packed,
-                }
-            )
+            rows.append({
+                "context": context, "kernel": name, "us_per_call": us, "bytes_read": n_bytes,
+                "gb_s": n_bytes / (us * 1e-6) / GB, "speed_vs_sdpa": sdpa_us / us, "packed_tokens": packed,
+            })  # fmt: skip
     return rows
 
 
-def run_decode(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything `kvpack bench decode` measures, as the JSON-ready result."""
+def run_decode(
+    caches: Sequence[str],
+    contexts: Sequence[int],
+    *,
+    steps: int = 16,
+    profile_steps: int = 4,
+    backends: Sequence[str] = (),
+    spec: str = "k4v4",
+    layers: int = 30,
+    calls: int = 60,
+    model_name: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Everything `kvpack bench decode` measures, as the JSON-ready result: full-model decode of each cache (fp
+    added first when missing) at each context (capped to fit the model), then the attention kernels of `backends`
+    alone on `spec` (none when empty)."""
     from kvpack.attention import use_kvpack_attention
     from kvpack.attention.registry import prepare
     from kvpack.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    specs = [parse_cache_name(name) for name in args.caches.split(",")]
+    specs = [parse_cache_name(name) for name in caches]
     if specs[0].name != "fp":
         specs.insert(0, parse_cache_name("fp"))
-    for spec in specs:
-        require_packages(spec)
-    model, _ = load_model(args.model, dtype=args.dtype, device=args.device)
+    for cache in specs:
+        require_packages(cache)
+    model, _ = load_model(model_name, dtype=dtype, device=device)
     use_kvpack_attention(model)  # fp and peer caches still go through SDPA; kvpack caches take the fused path
-    for spec in specs:
-        prepare(spec.backend)  # a kernel compiled on first use must not land in a timed prefill
-    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    contexts = [min(int(c), limit - args.steps - 3) for c in args.contexts.split(",") if c]
+    for cache in specs:
+        prepare(cache.backend)  # a kernel compiled on first use must not land in a timed prefill
+    contexts = [min(c, context_limit(model.config) - steps - 3) for c in contexts]
     result: dict[str, Any] = {
-        **result_header("decode", model, args.model),
+        **provenance("decode", model, model_name),
         "contexts": contexts,
-        "steps": args.steps,
+        "steps": steps,
         "bandwidth": read_bandwidth(),
+        "rows": [],
     }
-    entries = [(spec.name, model, spec) for spec in specs]
+    entries = [(cache.name, model, cache) for cache in specs]
     speed = {}
     for context in contexts:
-        print(f"Decode at {context} tokens: {len(specs)} caches, {args.steps} interleaved steps ...", file=sys.stderr)
-        speed[context] = decode_speed(entries, context, args.steps, profile_steps=args.profile_steps)
-    rows = []
-    for spec in specs:
-        row: dict[str, Any] = {"cache": spec.name}
+        print(f"Decode at {context} tokens: {len(specs)} caches, {steps} interleaved steps ...", file=sys.stderr)
+        speed[context] = decode_speed(entries, context, steps, profile_steps=profile_steps)
+    for cache in specs:
+        row: dict[str, Any] = {"cache": cache.name}
         for context, by_cache in speed.items():
-            measured, fp = by_cache[spec.name], by_cache["fp"]
+            measured, fp = by_cache[cache.name], by_cache["fp"]
             row[f"tokens_per_s@{context}"] = measured["tokens_per_s"]
             row[f"speed_vs_fp@{context}"] = measured["tokens_per_s"] / fp["tokens_per_s"]
             if "fp-prealloc" in by_cache:
@@ -186,37 +183,21 @@ def run_decode(args: argparse.Namespace) -> dict[str, Any]:
             row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
             if "profile_ms" in measured:
                 row[f"profile_ms@{context}"] = measured["profile_ms"]
-        rows.append(row)
-    result["rows"] = rows
-    backends = [b for b in args.backends.split(",") if b]
+        result["rows"].append(row)
     if backends:
-        print(f"Attention alone: {', '.join(backends)} and fp32 SDPA over {args.layers} layers ...", file=sys.stderr)
-        result["attention"] = attention_speed(model.config, args.spec, contexts, backends, args.layers, args.calls)
-        result["attention_spec"] = args.spec
+        print(f"Attention alone: {', '.join(backends)} and fp32 SDPA over {layers} layers ...", file=sys.stderr)
+        result["attention"] = attention_speed(model.config, spec, contexts, list(backends), layers, calls)
+        result["attention_spec"] = spec
     return result
 
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The decode result as a Markdown page."""
-    contexts = result["contexts"]
-    bandwidth = result["bandwidth"]
-    lines = [
-        f"# kvpack bench decode: {result['model']} ({result['dtype']})",
-        "",
-        f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['machine']['torch_threads']} "
-        f"torch threads, {result['machine']['device']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        f"- command: `{result['command']}`",
-        f"- memory bandwidth measured in the same run: read {bandwidth['read_gb_s']:.1f} GB/s, copy (read + write) "
-        f"{bandwidth['copy_gb_s']:.1f} GB/s",
-        "",
-        f"## Full-model decode ({result['steps']} single-token steps per cache and context, interleaved)",
-        "",
-    ]
+    contexts, bandwidth = result["contexts"], result["bandwidth"]
     header = ["cache"]
     for c in contexts:
         header += [f"tok/s @{c}", f"vs fp @{c}", f"vs fp-prealloc @{c}", f"prefill s @{c} (vs fp)"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for row in result["rows"]:
         cells = [row["cache"]]
         for c in contexts:
@@ -227,21 +208,32 @@ def to_markdown(result: dict[str, Any]) -> str:
                 "" if prealloc is None else f"{prealloc:.2f}x",
                 f"{row[f'prefill_s@{c}']:.2f} ({row[f'prefill_vs_fp@{c}']:.2f}x)",
             ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += _profile_markdown(result)
+        rows.append(cells)
+    lines = [
+        f"# kvpack bench decode: {result['model']} ({result['dtype']})",
+        "",
+        *provenance_lines(result),
+        f"- memory bandwidth measured in the same run: read {bandwidth['read_gb_s']:.1f} GB/s, copy (read + write) "
+        f"{bandwidth['copy_gb_s']:.1f} GB/s",
+        "",
+        f"## Full-model decode ({result['steps']} single-token steps per cache and context, interleaved)",
+        "",
+        *markdown_table(header, rows),
+        *_profile_markdown(result),
+    ]
     if "attention" in result:
+        header = ["context", "kernel", "µs per call", "bytes read", "GB/s", "% of read bandwidth", "vs fp32 SDPA"]
+        rows = [
+            [r["context"], r["kernel"], f"{r['us_per_call']:.0f}", f"{r['bytes_read']:,}", f"{r['gb_s']:.1f}",
+             f"{100 * r['gb_s'] / bandwidth['read_gb_s']:.0f}%", f"{r['speed_vs_sdpa']:.2f}x"]
+            for r in result["attention"]
+        ]  # fmt: skip
         lines += [
             "",
             f"## Attention alone (one decode call, {result['attention_spec']}, rotating over layer caches)",
             "",
-            "| context | kernel | µs per call | bytes read | GB/s | % of read bandwidth | vs fp32 SDPA |",
-            "|---|---|---|---|---|---|---|",
+            *markdown_table(header, rows),
         ]
-        for row in result["attention"]:
-            lines.append(
-                f"| {row['context']} | {row['kernel']} | {row['us_per_call']:.0f} | {row['bytes_read']:,} | "
-                f"{row['gb_s']:.1f} | {100 * row['gb_s'] / bandwidth['read_gb_s']:.0f}% | {row['speed_vs_sdpa']:.2f}x |"
-            )
     return "\n".join(lines) + "\n"
 
 
@@ -258,16 +250,15 @@ def _profile_markdown(result: dict[str, Any]) -> list[str]:
         "rotary embedding, activations, Python). The bound is fp's step over fp's step without its attention and "
         "cache update: the speedup over fp of a cache whose attention and update cost nothing.",
         "",
-        "| context | cache | linear | attention | cache update | other | step |",
-        "|---|---|---|---|---|---|---|",
     ]
-    for context in contexts:
-        for row in result["rows"]:
-            profile = row.get(f"profile_ms@{context}")
-            if profile is None:
-                continue
-            parts = [profile[part] for part in ("linear", "attention", "cache_update", "other", "step")]
-            lines.append(f"| {context} | {row['cache']} | " + " | ".join(f"{ms:.1f}" for ms in parts) + " |")
+    parts = ("linear", "attention", "cache_update", "other", "step")
+    rows = [
+        [context, row["cache"], *(f"{row[f'profile_ms@{context}'][part]:.1f}" for part in parts)]
+        for context in contexts
+        for row in result["rows"]
+        if f"profile_ms@{context}" in row
+    ]
+    lines += markdown_table(["context", "cache", "linear", "attention", "cache update", "other", "step"], rows)
     bounds = []
     for context in contexts:
         fp = next((row.get(f"profile_ms@{context}") for row in result["rows"] if row["cache"] == "fp"), None)
@@ -307,46 +298,3 @@ def plot(result: dict[str, Any], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def cmd_decode(args: argparse.Namespace) -> int:
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = run_decode(args)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    page = to_markdown(result)
-    out.with_suffix(".md").write_text(page)
-    plot(result, out.with_suffix(".png"))
-    print(page)
-    print(f"wrote {out}, {out.with_suffix('.md')}, {out.with_suffix('.png')}", file=sys.stderr)
-    return 0
-
-
-def add_parser(subparsers: Any) -> Any:
-    """Register `kvpack bench` and `kvpack bench decode` on the CLI's subparsers; returns `bench`'s subparsers."""
-    bench = subparsers.add_parser("bench", help="benchmarks: decode speed, prompt caches on disk, long runs, threads")
-    bench_sub = bench.add_subparsers(dest="bench", metavar="<benchmark>", required=True)
-    parser = bench_sub.add_parser(
-        "decode",
-        help="decode tokens/s of each cache and attention µs per call, side by side",
-        description="Decode speed of kvpack's fused path vs full-precision caches and the peers (full model, "
-        "interleaved), and the attention kernels alone vs fp32 SDPA and this machine's memory bandwidth. Writes "
-        "JSON, Markdown and PNG.",
-    )
-    parser.add_argument("--caches", default=DEFAULT_CACHES, help=f"comma-separated (default {DEFAULT_CACHES})")
-    parser.add_argument("--contexts", default=DEFAULT_CONTEXTS, help=f"(default {DEFAULT_CONTEXTS}; capped to fit)")
-    parser.add_argument("--steps", type=int, default=16, help="timed decode steps per cache and context (default 16)")
-    parser.add_argument(
-        "--profile-steps", type=int, default=4, help="instrumented steps per cache and context (default 4; 0: none)"
-    )
-    parser.add_argument("--backends", default=DEFAULT_BACKENDS, help="kernels timed alone ('' to skip)")
-    parser.add_argument("--spec", default="k4v4", help="cache spec of the attention-only measurement (default k4v4)")
-    parser.add_argument("--layers", type=int, default=30, help="layer caches to rotate over (default 30)")
-    parser.add_argument("--calls", type=int, default=60, help="timed calls per kernel and context (default 60)")
-    parser.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--json", default=str(DEFAULT_RESULTS), help="JSON path (.md and .png beside it)")
-    parser.set_defaults(func=cmd_decode)
-    return bench_sub

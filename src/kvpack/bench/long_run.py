@@ -7,7 +7,7 @@ cache growth and leaks do not depend on the weights. Decoding is a plain loop of
 `generate` does, without keeping every step's logits), sampled every `--sample-every` tokens:
 
   - packed bytes: the codes, scales and zeros of the tokens packed so far (each `PackedBuffer`'s valid part), which
-    must equal the layout's formula for the packed length (`kvpack.bench.memory.packed_bytes`) at every sample, and
+    must equal the layout's formula for the packed length (`kvpack.cache.plan.packed_bytes`) at every sample, and
     the packed length must be every whole block beyond the residual window (no token packed early, none late);
   - held bytes: `cache.nbytes()`, the above plus the full-precision buffers and the packed buffers' unused capacity
     (which grows by max(256 tokens, 1/8 of the capacity) at a time, so it may run ahead of the valid bytes by that);
@@ -21,22 +21,18 @@ JSON is the source of truth; Markdown is made from it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvpack.bench.compare import result_header
-from kvpack.bench.memory import _release_freed_memory, _rss_bytes, packed_bytes
+from kvpack.cache.plan import flushed_tokens, packed_bytes
 from kvpack.compat import cache_kwargs
 from kvpack.config import parse_spec
 from kvpack.errors import ConfigError
-
-DEFAULT_RESULTS = Path("benchmarks/results/long_run.json")
+from kvpack.harness.process import release_freed_memory, rss_bytes
+from kvpack.harness.results import format_bytes, markdown_table, provenance, provenance_lines
 
 
 def tiny_llama(max_tokens: int, layers: int = 2, kv_heads: int = 2, head_dim: int = 64, seed: int = 0) -> Any:
@@ -87,13 +83,12 @@ def generate_long(model: Any, spec: str, backend: str, tokens: int, prompt: int,
             if step % sample_every == 0 or step == tokens:
                 valid, packed_len = packed_state(cache)
                 seen = cache.get_seq_length()
-                expected_len = max(seen - config.sinks - config.residual, 0) // config.block_tokens
                 samples.append(
                     {
                         "new_tokens": step,
                         "cached_tokens": seen,
                         "packed_tokens": packed_len,
-                        "expected_packed_tokens": expected_len * config.block_tokens,
+                        "expected_packed_tokens": flushed_tokens(max(seen - config.sinks, 0), config),
                         "packed_bytes": valid,
                         "formula_packed_bytes": rows
                         * (packed_bytes(config.key, packed_len, text.head_dim)
@@ -111,8 +106,8 @@ def generate_long(model: Any, spec: str, backend: str, tokens: int, prompt: int,
 def _live_rss_bytes() -> int | None:
     """RSS after returning freed heap pages to the OS: glibc keeps the packed buffers' previous, smaller copies
     (freed when their capacity grows) until trimmed, which would show as growth beyond the cache's bytes."""
-    _release_freed_memory(torch.device("cpu"))
-    return _rss_bytes()
+    release_freed_memory(torch.device("cpu"))
+    return rss_bytes()
 
 
 def _slope(xs: list[float], ys: list[float]) -> float:
@@ -148,50 +143,49 @@ def summarize(run: dict[str, Any], bytes_per_token: float, warmup_tokens: int) -
     }
 
 
-def run_long(args: argparse.Namespace) -> dict[str, Any]:
+def run_long(
+    *,
+    tokens: int = 16384,
+    prompt: int = 64,
+    spec: str = "k4v4",
+    backend: str = "auto",
+    runs: int = 2,
+    sample_every: int = 256,
+    warmup: int = 1024,
+    layers: int = 4,
+    kv_heads: int = 4,
+    head_dim: int = 64,
+) -> dict[str, Any]:
+    """Everything `kvpack bench long` measures, as the JSON-ready result: `runs` generations of `tokens` tokens after
+    a `prompt`-token prompt, each with a fresh `spec` cache, on a `tiny_llama` of that shape; slopes leave out the
+    first `warmup` tokens."""
     from kvpack.attention.registry import prepare, use_kvpack_attention
 
-    torch.set_num_threads(args.threads)
-    model = tiny_llama(
-        args.prompt + args.tokens + 1, layers=args.layers, kv_heads=args.kv_heads, head_dim=args.head_dim
-    )
-    if args.backend != "dense":
-        use_kvpack_attention(model)
-    prepare(args.backend)
-    config = parse_spec(args.spec)
+    config = parse_spec(spec)
     if config.layer_bits:
-        raise ConfigError(
-            f"{args.spec}: per-layer bits (-l...) are not supported by this benchmark; give a uniform spec."
-        )
-    text = model.config
-    rows = text.num_hidden_layers * text.num_key_value_heads
+        raise ConfigError(f"{spec}: per-layer bits (-l...) are not supported by this benchmark; give a uniform spec.")
+    model = tiny_llama(prompt + tokens + 1, layers=layers, kv_heads=kv_heads, head_dim=head_dim)
+    if backend != "dense":
+        use_kvpack_attention(model)
+    prepare(backend)
     block = config.block_tokens
-    per_block = packed_bytes(config.key, block, text.head_dim) + packed_bytes(config.value, block, text.head_dim)
-    bytes_per_token = rows * per_block / block
-    result = result_header("long", model, f"random-weight Llama ({text.num_hidden_layers} layers)")
+    per_block = packed_bytes(config.key, block, head_dim) + packed_bytes(config.value, block, head_dim)
+    bytes_per_token = layers * kv_heads * per_block / block
+    result = provenance("long", model, f"random-weight Llama ({layers} layers)")
     result.update(
         spec=config.spec,
-        backend=args.backend,
-        tokens=args.tokens,
-        prompt_tokens=args.prompt,
-        sample_every=args.sample_every,
-        model_shape={
-            "layers": text.num_hidden_layers,
-            "kv_heads": text.num_key_value_heads,
-            "head_dim": text.head_dim,
-            "dtype": str(model.dtype).removeprefix("torch."),
-        },
-        rss_before_bytes=_rss_bytes(),
+        backend=backend,
+        tokens=tokens,
+        prompt_tokens=prompt,
+        sample_every=sample_every,
+        model_shape={"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": result["dtype"]},
+        rss_before_bytes=rss_bytes(),
         runs=[],
     )
-    warmup = min(args.warmup, args.tokens // 2)
-    for index in range(args.runs):
-        print(
-            f"run {index + 1}/{args.runs}: {args.tokens} tokens with {config.spec} ({args.backend}) ...",
-            file=sys.stderr,
-        )
-        run = generate_long(model, config.spec, args.backend, args.tokens, args.prompt, args.sample_every)
-        run["summary"] = summarize(run, bytes_per_token, warmup)
+    for index in range(runs):
+        print(f"run {index + 1}/{runs}: {tokens} tokens with {config.spec} ({backend}) ...", file=sys.stderr)
+        run = generate_long(model, config.spec, backend, tokens, prompt, sample_every)
+        run["summary"] = summarize(run, bytes_per_token, min(warmup, tokens // 2))
         result["runs"].append(run)
     return result
 
@@ -206,7 +200,9 @@ def check(result: dict[str, Any]) -> list[str]:
     for i, run in enumerate(runs[1:], start=2):
         held = run["samples"][-1]["held_bytes"]
         if first_after is not None and run["rss_after_bytes"] - first_after > held / 4:
-            problems.append(f"run {i}: RSS after the run is {_mib(run['rss_after_bytes'] - first_after)} above run 1's")
+            problems.append(
+                f"run {i}: RSS after the run is {format_bytes(run['rss_after_bytes'] - first_after)} above run 1's"
+            )
     for i, run in enumerate(runs):
         summary = run["summary"]
         if not summary["packed_bytes_equal_formula"]:
@@ -217,91 +213,50 @@ def check(result: dict[str, Any]) -> list[str]:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
+    """The long-run result as a Markdown page: one row per run, then samples of the first run, then the checks."""
     shape = result["model_shape"]
-    lines = [
-        f"# Long run: {result['tokens']:,} generated tokens, {result['spec']} ({result['backend']})",
-        "",
-        f"- command: `{result['command']}`; {result['date']}; torch {result['versions']['torch']}, transformers "
-        f"{result['versions']['transformers']}, {result['machine']['torch_threads']} thread(s)",
-        f"- model: {result['model']}, {shape['layers']} layers x {shape['kv_heads']} KV heads x "
-        f"{shape['head_dim']} dims, "
-        f"{shape['dtype']}; greedy decoding after a {result['prompt_tokens']}-token prompt, batch 1",
-        f"- sampled every {result['sample_every']} tokens; slopes are least squares over the samples after the warm-up",
-        "",
-        "| run | tok/s | packed bytes = formula | packed tokens as the rule says | formula B/token | packed slope "
-        "| held slope | RSS slope | RSS growth beyond the cache, B/token | RSS after run |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["run", "tok/s", "packed bytes = formula", "packed tokens as the rule says", "formula B/token",
+              "packed slope", "held slope", "RSS slope", "RSS growth beyond the cache, B/token",
+              "RSS after run"]  # fmt: skip
+    rows = []
     for i, run in enumerate(result["runs"]):
         s = run["summary"]
         leak = s["rss_growth_beyond_cache_per_token"]
-        lines.append(
-            f"| {i + 1} | {s['tokens_per_s']:.0f} | {'yes' if s['packed_bytes_equal_formula'] else 'NO'} | "
-            f"{'yes' if s['packed_tokens_as_expected'] else 'NO'} | {s['formula_bytes_per_token']:.2f} | "
-            f"{s['packed_slope_bytes_per_token']:.2f} | {s['held_slope_bytes_per_token']:.2f} | "
-            f"{s['rss_slope_bytes_per_token']:.1f} | {'' if leak is None else f'{leak:.1f}'} | "
-            f"{_mib(run['rss_after_bytes'])} |"
-        )
-    last = result["runs"][-1]["samples"][-1]
-    lines += [
+        rows.append(
+            [i + 1, f"{s['tokens_per_s']:.0f}", "yes" if s["packed_bytes_equal_formula"] else "NO",
+             "yes" if s["packed_tokens_as_expected"] else "NO", f"{s['formula_bytes_per_token']:.2f}",
+             f"{s['packed_slope_bytes_per_token']:.2f}", f"{s['held_slope_bytes_per_token']:.2f}",
+             f"{s['rss_slope_bytes_per_token']:.1f}", "" if leak is None else f"{leak:.1f}",
+             format_bytes(run["rss_after_bytes"])]
+        )  # fmt: skip
+    samples = result["runs"][0]["samples"]
+    every = max(1, len(samples) // 16)
+    shown = samples[::every] + ([samples[-1]] if (len(samples) - 1) % every else [])
+    sample_rows = [
+        [f"{s['new_tokens']:,}", f"{s['cached_tokens']:,}", f"{s['packed_tokens']:,}", f"{s['packed_bytes']:,}",
+         f"{s['held_bytes']:,}", format_bytes(s["rss_bytes"])]
+        for s in shown
+    ]  # fmt: skip
+    last, problems = result["runs"][-1]["samples"][-1], check(result)
+    lines = [
+        f"# Long run: {result['tokens']:,} generated tokens, {result['spec']} ({result['backend']})",
         "",
-        f"At {last['cached_tokens']:,} cached tokens: held {last['held_bytes']:,} bytes ({_mib(last['held_bytes'])}), "
-        f"of which packed {last['packed_bytes']:,}; a float16 DynamicCache would hold {last['fp16_bytes']:,} "
-        f"({last['fp16_bytes'] / last['held_bytes']:.2f}x). RSS before the first run: "
-        f"{_mib(result['rss_before_bytes'])}.",
+        *provenance_lines(result),
+        f"- model: {result['model']}, {shape['layers']} layers x {shape['kv_heads']} KV heads x {shape['head_dim']} "
+        f"dims, {shape['dtype']}; greedy decoding after a {result['prompt_tokens']}-token prompt, batch 1",
+        f"- sampled every {result['sample_every']} tokens; slopes are least squares over the samples after the warm-up",
+        "",
+        *markdown_table(header, rows),
+        "",
+        f"At {last['cached_tokens']:,} cached tokens: held {last['held_bytes']:,} bytes "
+        f"({format_bytes(last['held_bytes'])}), of which packed {last['packed_bytes']:,}; a float16 DynamicCache "
+        f"would hold {last['fp16_bytes']:,} ({last['fp16_bytes'] / last['held_bytes']:.2f}x). RSS before the first "
+        f"run: {format_bytes(result['rss_before_bytes'])}.",
         "",
         "## Samples of the first run",
         "",
-        "| new tokens | cached | packed tokens | packed bytes | held bytes | RSS |",
-        "|---|---|---|---|---|---|",
+        *markdown_table(["new tokens", "cached", "packed tokens", "packed bytes", "held bytes", "RSS"], sample_rows),
+        "",
+        "Checks: " + ("all passed." if not problems else "; ".join(problems)),
     ]
-    samples = result["runs"][0]["samples"]
-    every = max(1, len(samples) // 16)
-    for s in samples[::every] + ([samples[-1]] if (len(samples) - 1) % every else []):
-        lines.append(
-            f"| {s['new_tokens']:,} | {s['cached_tokens']:,} | {s['packed_tokens']:,} | {s['packed_bytes']:,} | "
-            f"{s['held_bytes']:,} | {_mib(s['rss_bytes'])} |"
-        )
-    problems = check(result)
-    lines += ["", "Checks: " + ("all passed." if not problems else "; ".join(problems))]
     return "\n".join(lines) + "\n"
-
-
-def _mib(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**20:.1f} MiB"
-
-
-def cmd_long(args: argparse.Namespace) -> int:
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = run_long(args)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    page = to_markdown(result)
-    out.with_suffix(".md").write_text(page)
-    print(page)
-    print(f"wrote {out}, {out.with_suffix('.md')}", file=sys.stderr)
-    return 1 if check(result) else 0
-
-
-def add_parser(bench_subparsers: Any) -> None:
-    """Register `kvpack bench long` on `kvpack bench`'s subparsers."""
-    parser = bench_subparsers.add_parser(
-        "long",
-        help="a 16k-token generation: exact cache growth and process memory",
-        description="Generate --tokens tokens greedily with a small random-weight Llama and a packed cache; check the "
-        "packed bytes against the layout's formula at every sample and report the growth slopes and RSS. Writes "
-        "JSON and Markdown.",
-    )
-    parser.add_argument("--tokens", type=int, default=16384, help="new tokens per run (default 16384)")
-    parser.add_argument("--prompt", type=int, default=64, help="prompt tokens (default 64)")
-    parser.add_argument("--spec", default="k4v4", help="cache spec (default k4v4)")
-    parser.add_argument("--backend", default="auto", help="attention backend (default auto; dense: no fused path)")
-    parser.add_argument("--runs", type=int, default=2, help="generations, each with a fresh cache (default 2)")
-    parser.add_argument("--sample-every", type=int, default=256, help="tokens between samples (default 256)")
-    parser.add_argument("--warmup", type=int, default=1024, help="tokens left out of the slopes (default 1024)")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=4)
-    parser.add_argument("--head-dim", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--json", default=str(DEFAULT_RESULTS), help="JSON path (.md beside it)")
-    parser.set_defaults(func=cmd_long)

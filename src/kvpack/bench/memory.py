@@ -14,7 +14,8 @@ The bytes a cache holds after a prefill of N tokens at batch B follow from the m
   Layers that cache nothing (`DummyLayer`) hold 0 bytes.
 
 The formula is exact (tests compare it with `nbytes()` of filled caches); `--measure` fills real caches for a
-few cells and checks it against `nbytes()` and against the memory the process or device actually gained.
+few cells and checks it against `nbytes()` and against the memory the process or device actually gained. Weight
+bytes come from the model transformers builds from the config on the meta device (no memory allocated).
 
     kvpack memory                                     # the embedded default model's config, default grid
     kvpack memory --model benchmarks/configs/llama-2-7b.json --weights fp16,int8,int4 --budget-gib 24 --measure
@@ -24,23 +25,26 @@ few cells and checks it against `nbytes()` and against the memory the process or
 
 from __future__ import annotations
 
-import argparse
-import ctypes
-import datetime
-import gc
 import json
-import os
-import platform
-import sys
+import math
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from kvpack.config import CacheConfig, QuantSpec, parse_spec
+from kvpack.cache.plan import cache_shape, dropped_tokens, exact_capacity, flushed_tokens, packed_bytes
+from kvpack.config import CacheConfig, parse_spec
 from kvpack.errors import ConfigError, KVPackError, ModelNotFoundError, ShapeError, UnsupportedModelError
+from kvpack.harness.process import libc, release_freed_memory, rss_bytes
+from kvpack.harness.results import (
+    GIB,
+    MIB,
+    format_bytes,
+    markdown_table,
+)
 from kvpack.quant.packing import packed_row_bytes
 
 if TYPE_CHECKING:
@@ -54,10 +58,6 @@ FP_CACHES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float3
 MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHT_FORMATS = ("fp16", "int8", "int4")
 INT4_GROUP = 64
-GIB = 1 << 30
-MIB = 1 << 20
-# PackedBuffer stores every scale and zero point as float16.
-PARAM_BYTES = torch.float16.itemsize
 # The tokens used to read off the marginal bytes per token: a multiple of every block size, far past any window.
 _MARGINAL_TOKENS = 1 << 20
 # Binary search for the max context stops here and calls the cache unbounded (e.g. an fp cache of window layers).
@@ -69,26 +69,17 @@ MEASURE_LENGTHS = (512, 2048, 8192)
 MEASURE_MAX_GIB = 2.0
 MEASURE_TOLERANCE = 0.02
 # Below this, page rounding and allocator headers of each tensor (hundreds per cache, ~1-2 KiB each) approach the
-# tolerance: measured here, +3-6% on 6-30 MiB caches of the default model, +0.2-0.4% from 128 MiB.
+# tolerance on small caches.
 MEASURE_MIN_CHECKED_BYTES = 64 * MIB
 
-# Model types whose parameters follow the Llama layout; the values say which optional tensors they have.
-_LLAMA_LIKE = {
-    # model_type: (q/k/v biases always, o and q/k/v biases from `attention_bias`, per-head q/k norms)
-    "llama": (False, True, False),
-    "mistral": (False, False, False),
-    "qwen2": (True, False, False),
-    "qwen3": (False, True, True),
-}
-
 WEIGHTS_METHOD = (
-    "Parameters counted from the config for the Llama layout (Llama, Mistral, Qwen2, Qwen3): token embeddings; per "
-    "layer the q/k/v/o attention projections, the gate/up/down MLP projections, two RMSNorms, and the biases and "
-    "q/k norms the architecture has; the final norm; lm_head unless tied to the embeddings. fp16: 2 bytes per "
-    f"parameter. int8: the decoder layers' projection matrices at 1 byte per weight plus one float16 scale per "
-    f"output channel. int4: 0.5 byte per weight plus a float16 scale and zero per group of {INT4_GROUP} input "
-    "channels. Embeddings, lm_head, norms and biases stay float16 in every format (as GPTQ, AWQ and bitsandbytes "
-    "checkpoints keep them). Activations, workspace and framework overhead are not counted."
+    "Parameters of the model transformers builds from the config (`AutoModelForCausalLM.from_config` on the meta "
+    "device, so any architecture, nothing allocated), each tensor once (embeddings tied to lm_head count once). "
+    "fp16: 2 bytes per parameter. int8: the weight matrices at 1 byte per weight plus one float16 scale per output "
+    f"channel. int4: 0.5 byte per weight plus a float16 scale and zero per group of {INT4_GROUP} input channels. "
+    "Weight matrices: the parameters of two or more dimensions (linear layers, mixture-of-experts tensors) other "
+    "than embeddings, lm_head and convolutions; those, norms and biases stay float16 in every format (as GPTQ, AWQ "
+    "and bitsandbytes checkpoints keep them). Activations, workspace and framework overhead are not counted."
 )
 
 
@@ -97,13 +88,8 @@ WEIGHTS_METHOD = (
 
 @dataclass(frozen=True)
 class ModelShape:
-    """The fields of a model config that its KV cache size depends on.
-
-    layers: per decoder layer, (layer type, sliding window or None) exactly as `KVPackCache` builds its layers
-        (`kvpack.cache.cache._layer_plan`); "dummy" layers cache nothing.
-    kv_heads, head_dim: of the keys and values (`num_key_value_heads`, default `num_attention_heads`;
-        `head_dim`, default `hidden_size // num_attention_heads`), read from the text decoder's config.
-    """
+    """What the KV-cache size of a model config depends on: `kvpack.cache.plan.cache_shape` (per decoder layer its
+    type and sliding window, "dummy" layers caching nothing; KV heads; head_dim) and its max position embeddings."""
 
     model_type: str
     kv_heads: int
@@ -114,31 +100,17 @@ class ModelShape:
     @classmethod
     def from_config(cls, config: PretrainedConfig) -> ModelShape:
         """Read a (possibly multimodal) transformers config; raises `UnsupportedModelError` like `KVPackCache`."""
-        from kvpack.cache.cache import _layer_plan
-
-        text = config.get_text_config(decoder=True)
-        heads = int(text.num_attention_heads)
-        kv_heads = getattr(text, "num_key_value_heads", None) or heads
-        head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
-        max_positions = getattr(text, "max_position_embeddings", None)
-        return cls(
-            model_type=str(getattr(text, "model_type", type(text).__name__)),
-            kv_heads=int(kv_heads),
-            head_dim=int(head_dim),
-            layers=tuple(_layer_plan(config)),
-            max_position_embeddings=int(max_positions) if max_positions else None,
-        )
+        shape = cache_shape(config)
+        max_positions = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+        return cls(shape.architecture, shape.kv_heads, shape.head_dim, shape.plan, int(max_positions or 0) or None)
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready description: layer counts by type and window, heads, head_dim, max context."""
-        counts: dict[str, int] = {}
-        for layer_type, window in self.layers:
-            key = layer_type if window is None else f"{layer_type} (window {window})"
-            counts[key] = counts.get(key, 0) + 1
+        """JSON-ready description: layer counts by type and window, KV heads, head_dim, max position embeddings."""
+        counts = Counter(kind if window is None else f"{kind} (window {window})" for kind, window in self.layers)
         return {
             "model_type": self.model_type,
             "layers": len(self.layers),
-            "layer_types": counts,
+            "layer_types": dict(counts),
             "kv_heads": self.kv_heads,
             "head_dim": self.head_dim,
             "max_position_embeddings": self.max_position_embeddings,
@@ -161,15 +133,13 @@ class CacheKind:
         """One line: what the cache stores."""
         if self.config is None:
             return f"transformers DynamicCache, keys and values in {_dtype_name(self.dtype)}"
-        c = self.config
+        c, exact = self.config, _dtype_name(model_dtype)
         parts = [
             f"keys {c.key.bits}-bit per {c.key.axis} (groups of {c.key.group_size})",
             f"values {c.value.bits}-bit per {c.value.axis} (groups of {c.value.group_size})",
-            f"residual window {c.residual} (+ up to {c.block_tokens}) tokens in {_dtype_name(model_dtype)}",
+            f"residual window {c.residual} (+ up to {c.block_tokens}) tokens in {exact}",
         ]
-        if c.sinks:
-            parts.append(f"{c.sinks} sink tokens in {_dtype_name(model_dtype)}")
-        return ", ".join(parts)
+        return ", ".join(parts + ([f"{c.sinks} sink tokens in {exact}"] if c.sinks else []))
 
 
 def parse_cache(name: str | CacheConfig) -> CacheKind:
@@ -198,30 +168,14 @@ def _dtype_name(dtype: torch.dtype | None) -> str:
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in MODEL_DTYPES.values():
-            raise ConfigError(f"model dtype {dtype} is not supported; use one of {sorted(MODEL_DTYPES)}.")
-        return dtype
-    if dtype not in MODEL_DTYPES:
+    """The model dtype named by `dtype` (a `torch.dtype` or a `MODEL_DTYPES` key); raises `ConfigError` otherwise."""
+    name = _dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name not in MODEL_DTYPES:
         raise ConfigError(f"model dtype {dtype!r} is not supported; use one of {sorted(MODEL_DTYPES)}.")
-    return MODEL_DTYPES[dtype]
+    return MODEL_DTYPES[name]
 
 
 # -- the exact formula ----------------------------------------------------------------------------------------
-
-
-def packed_bytes(spec: QuantSpec, tokens: int, head_dim: int) -> int:
-    """Bytes of one (batch, head) row of a `PackedBuffer` holding exactly `tokens` tokens (codes, scales, zeros, and
-    with outliers their float16 values and uint8 positions)."""
-    if spec.axis == "channel":  # one row of `group_size` codes per channel per block of tokens
-        units, code_bytes, params = (
-            tokens // spec.group_size,
-            head_dim * packed_row_bytes(spec.group_size, spec.bits),
-            head_dim,
-        )
-    else:  # one row of `head_dim` codes per token
-        units, code_bytes, params = tokens, packed_row_bytes(head_dim, spec.bits), head_dim // spec.group_size
-    return units * (code_bytes + params * (2 * PARAM_BYTES + spec.outliers * (PARAM_BYTES + 1)))
 
 
 def _check_fits(config: CacheConfig, head_dim: int) -> None:
@@ -241,25 +195,19 @@ def _kvpack_row_bytes(
     its exact buffer grown to its largest, `sinks + residual + block_tokens` tokens, as decoding leaves it)."""
     if window is not None:
         config = replace(config, sinks=0)  # as PackedSlidingLayer: the window moves past the sinks
-    block = config.block_tokens
-    # PackedLayer._append: the first `sinks` tokens go to the sinks; of the rest, whole blocks leave the residual
-    # once it holds `residual + block` tokens, keeping at least `residual` tokens exact.
+    # The first `sinks` tokens go to the sinks; whole blocks of the rest are packed by the flush rule.
     sink_len = min(config.sinks, length)
     stored = length - sink_len
-    flush = (stored - config.residual) // block * block if stored >= config.residual + block else 0
+    flush = flushed_tokens(stored, config)
     residual_len = stored - flush
-    if window is not None:
-        # PackedSlidingLayer._forget_outside_window: packed blocks older than the window (plus a margin of
-        # residual + block tokens, so a rollback stays exact) are dropped, and after a prefill the storage is
-        # reallocated to what is kept (`PackedBuffer.drop_oldest`).
-        excess = flush + (stored - flush) - (window - 1 + config.residual + block)
-        flush -= min(max(excess, 0) // block * block, flush)
+    if window is not None:  # after a prefill the storage is reallocated to the blocks kept (`drop_oldest`)
+        flush -= dropped_tokens(stored, flush, window, config)
     # The record-past shadow block is empty (only assisted decoding turns it on).
     # PackedLayer._reserve_exact: one buffer, sized at the first fill to the exact tokens (the residual starts after
     # all `sinks` slots; it holds tokens only once they are full).
     dense_tokens = (config.sinks if residual_len else sink_len) + residual_len
     if full_window:
-        dense_tokens = config.sinks + config.residual + block
+        dense_tokens = exact_capacity(config)
     packed = packed_bytes(config.key, flush, head_dim) + packed_bytes(config.value, flush, head_dim)
     return 2 * dense_tokens * head_dim * element_size + packed
 
@@ -291,21 +239,14 @@ def cache_bytes(
     if batch < 1 or length < 0:
         raise ConfigError(f"batch {batch} and length {length} must be >= 1 and >= 0.")
     element_size = _as_dtype(dtype).itemsize
-    rows = batch * shape.kv_heads
-    total = 0
+    windows = [window for layer_type, window in shape.layers if layer_type != "dummy"]
     if kind.config is not None:
         _check_fits(kind.config, shape.head_dim)
-        for layer_type, window in shape.layers:
-            if layer_type != "dummy":
-                total += rows * _kvpack_row_bytes(
-                    kind.config, window, length, shape.head_dim, element_size, full_window
-                )
-        return total
-    assert kind.dtype is not None
-    for layer_type, window in shape.layers:
-        if layer_type != "dummy":
-            total += rows * _dynamic_row_tokens(window, length) * 2 * shape.head_dim * kind.dtype.itemsize
-    return total
+        row = [_kvpack_row_bytes(kind.config, w, length, shape.head_dim, element_size, full_window) for w in windows]
+    else:
+        assert kind.dtype is not None
+        row = [_dynamic_row_tokens(w, length) * 2 * shape.head_dim * kind.dtype.itemsize for w in windows]
+    return batch * shape.kv_heads * sum(row)
 
 
 def bytes_per_token(shape: ModelShape, kind: CacheKind, dtype: torch.dtype | str) -> float:
@@ -336,23 +277,17 @@ def max_context(
 
     if not fits(1):
         return 0
-    if not fits(1, full_window=True):
-        low = 1
-    else:
-        low, high = 1, 2
-        while fits(high, full_window=True):  # double until the bound does not fit, then bisect
-            low, high = high, high * 2
-            if high > _MAX_SEARCH_TOKENS:
-                return None
-        while high - low > 1:
-            mid = (low + high) // 2
-            if fits(mid, full_window=True):
-                low = mid
-            else:
-                high = mid
+    low, high = 0, 1
+    while fits(high, full_window=True):  # double until the bound does not fit, then bisect
+        low, high = high, 2 * high
+        if high > _MAX_SEARCH_TOKENS:
+            return None
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid, full_window=True) else (low, mid)
     # Every length up to `low` fits under the bound; the exact bytes stay below it, so follow them from there.
     # Sliding-window layers release packed blocks, so a cache made only of them may never stop fitting.
-    n = low
+    n = max(low, 1)
     while fits(n + 1):
         n += 1
         if n > _MAX_SEARCH_TOKENS:
@@ -363,101 +298,71 @@ def max_context(
 # -- weights --------------------------------------------------------------------------------------------------
 
 
-def weight_shapes(config: PretrainedConfig) -> list[tuple[str, tuple[int, ...]]]:
-    """Names and shapes of the model's parameters, as `named_parameters()` of its `*ForCausalLM` lists them.
+class WeightTensor(NamedTuple):
+    """One parameter of a model: its name, shape, and input channels if int8/int4 quantize it (else None)."""
 
-    Derived from the config for the Llama layout only (model types llama, mistral, qwen2, qwen3); any other
-    architecture raises `UnsupportedModelError` rather than guessing its parameters.
+    name: str
+    shape: tuple[int, ...]
+    inputs: int | None
+
+
+def weight_tensors(config: PretrainedConfig) -> list[WeightTensor]:
+    """Every parameter of the model `AutoModelForCausalLM.from_config(config)` builds, built on the meta device.
+
+    Listed as `named_parameters()` lists them: a tensor shared by two modules (embeddings tied to lm_head) once.
+    Raises `UnsupportedModelError` when transformers has no causal LM for the config.
     """
-    text = config.get_text_config(decoder=True)
-    model_type = getattr(text, "model_type", type(text).__name__)
-    if model_type not in _LLAMA_LIKE:
-        raise UnsupportedModelError(
-            f"the parameter count of a {model_type!r} model cannot be derived from its config by kvpack (it knows "
-            f"the layouts of {', '.join(sorted(_LLAMA_LIKE))}); weights are left out."
-        )
-    qkv_bias_always, bias_from_config, qk_norm = _LLAMA_LIKE[model_type]
-    attention_bias = bool(getattr(text, "attention_bias", False)) and bias_from_config
-    mlp_bias = bool(getattr(text, "mlp_bias", False))
-    hidden, inter, vocab = int(text.hidden_size), int(text.intermediate_size), int(text.vocab_size)
-    heads = int(text.num_attention_heads)
-    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
-    tied = bool(getattr(text, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
 
-    shapes: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (vocab, hidden))]
-    for i in range(int(text.num_hidden_layers)):
-        attn, mlp = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-        for proj, out in (
-            ("q_proj", heads * head_dim),
-            ("k_proj", kv_heads * head_dim),
-            ("v_proj", kv_heads * head_dim),
-        ):
-            shapes.append((f"{attn}.{proj}.weight", (out, hidden)))
-            if qkv_bias_always or attention_bias:
-                shapes.append((f"{attn}.{proj}.bias", (out,)))
-        shapes.append((f"{attn}.o_proj.weight", (hidden, heads * head_dim)))
-        if attention_bias:
-            shapes.append((f"{attn}.o_proj.bias", (hidden,)))
-        if qk_norm:
-            shapes += [(f"{attn}.q_norm.weight", (head_dim,)), (f"{attn}.k_norm.weight", (head_dim,))]
-        for proj, (out, inp) in (
-            ("gate_proj", (inter, hidden)),
-            ("up_proj", (inter, hidden)),
-            ("down_proj", (hidden, inter)),
-        ):
-            shapes.append((f"{mlp}.{proj}.weight", (out, inp)))
-            if mlp_bias:
-                shapes.append((f"{mlp}.{proj}.bias", (out,)))
-        shapes += [
-            (f"model.layers.{i}.input_layernorm.weight", (hidden,)),
-            (f"model.layers.{i}.post_attention_layernorm.weight", (hidden,)),
-        ]
-    shapes.append(("model.norm.weight", (hidden,)))
-    if not tied:
-        shapes.append(("lm_head.weight", (vocab, hidden)))
-    return shapes
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:  # its message goes on to list every supported config class
+        reason = str(exc).splitlines()[0]
+        raise UnsupportedModelError(f"no causal LM to count the weights of ({reason}); weights are left out.") from exc
+    head = model.get_output_embeddings()
+    kept_float = (torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    modules = dict(model.named_modules())
+    tensors = []
+    for name, param in model.named_parameters():
+        owner = modules[name.rpartition(".")[0]]
+        quantized = param.dim() >= 2 and owner is not head and not isinstance(owner, kept_float)
+        # Input channels: the last dim (`x @ W.T`), the second-last where the module stores W transposed.
+        transposed = isinstance(owner, Conv1D) or getattr(owner, "is_transposed", False)
+        inputs = param.shape[-2 if transposed else -1] if quantized else None
+        tensors.append(WeightTensor(name, tuple(param.shape), inputs))
+    return tensors
 
 
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for size in shape:
-        n *= size
-    return n
-
-
-def weight_bytes(shapes: Sequence[tuple[str, tuple[int, ...]]], fmt: str) -> int:
+def weight_bytes(tensors: Sequence[WeightTensor], fmt: str) -> int:
     """Bytes of the weights in `fmt` (fp16, int8, int4), as `WEIGHTS_METHOD` describes."""
     if fmt not in WEIGHT_FORMATS:
         raise ConfigError(f"unknown weight format {fmt!r}; use one of {', '.join(WEIGHT_FORMATS)}.")
     total = 0
-    for name, shape in shapes:
-        quantized = fmt != "fp16" and name.startswith("model.layers.") and len(shape) == 2
-        if not quantized:
-            total += _numel(shape) * 2
-            continue
-        out, inp = shape
-        if fmt == "int8":
-            total += out * inp + out * 2  # codes + one float16 scale per output channel
-        else:
-            groups = -(-inp // INT4_GROUP)
-            total += out * packed_row_bytes(inp, 4) + out * groups * 2 * 2  # codes + float16 scale and zero per group
+    for _, shape, inputs in tensors:
+        size = math.prod(shape)
+        if fmt == "fp16" or inputs is None:
+            total += size * 2
+        elif fmt == "int8":
+            total += size + size // inputs * 2  # codes + one float16 scale per output channel
+        else:  # codes + a float16 scale and zero per group of input channels
+            total += size // inputs * (packed_row_bytes(inputs, 4) + -(-inputs // INT4_GROUP) * 2 * 2)
     return total
 
 
 def _weights_section(config: PretrainedConfig, formats: Sequence[str]) -> dict[str, Any]:
     for fmt in formats:
-        if fmt not in WEIGHT_FORMATS:
-            raise ConfigError(f"unknown weight format {fmt!r}; use one of {', '.join(WEIGHT_FORMATS)}.")
+        weight_bytes([], fmt)  # an unknown format fails before the model is built
     try:
-        shapes = weight_shapes(config)
+        tensors = weight_tensors(config)
     except UnsupportedModelError as exc:
         return {"formats": list(formats), "error": str(exc)}
     return {
         "formats": list(formats),
         "method": WEIGHTS_METHOD,
-        "parameters": sum(_numel(shape) for _, shape in shapes),
-        "bytes": {fmt: weight_bytes(shapes, fmt) for fmt in formats},
+        "parameters": sum(math.prod(t.shape) for t in tensors),
+        "bytes": {fmt: weight_bytes(tensors, fmt) for fmt in formats},
     }
 
 
@@ -488,6 +393,8 @@ def memory_table(
     batches, token_counts = list(batch_sizes), list(lengths)
     if not batches or not token_counts or min(batches) < 1 or min(token_counts) < 1:
         raise ConfigError(f"batch sizes {batches} and lengths {token_counts} must be non-empty and >= 1.")
+    if budget_gib is not None and budget_gib <= 0:
+        raise ConfigError(f"--budget-gib {budget_gib} must be positive.")
     shape = ModelShape.from_config(config)
     fp16 = parse_cache("fp16")
     fp16_per_token = bytes_per_token(shape, fp16, model_dtype)
@@ -505,13 +412,6 @@ def memory_table(
                 "vs_fp16_per_token": fp16_per_token / per_token if per_token else None,
             }
         )
-    result: dict[str, Any] = {
-        "model": shape.summary(),
-        "dtype": _dtype_name(model_dtype),
-        "caches": caches,
-        "batch_sizes": batches,
-        "lengths": token_counts,
-    }
     weights_info = _weights_section(config, weights) if weights else None
     weight_sizes: dict[str, int] = weights_info.get("bytes", {}) if weights_info else {}
     cells = []
@@ -520,7 +420,7 @@ def memory_table(
             reference = cache_bytes(shape, fp16, batch, length, model_dtype)
             for kind in kinds:
                 held = cache_bytes(shape, kind, batch, length, model_dtype)
-                cell: dict[str, Any] = {
+                cell = {
                     "cache": kind.name,
                     "batch": batch,
                     "length": length,
@@ -530,21 +430,23 @@ def memory_table(
                 if weight_sizes:
                     cell["total_bytes"] = {fmt: size + held for fmt, size in weight_sizes.items()}
                 cells.append(cell)
-    result["cells"] = cells
+    result: dict[str, Any] = {
+        "model": shape.summary(),
+        "dtype": _dtype_name(model_dtype),
+        "caches": caches,
+        "batch_sizes": batches,
+        "lengths": token_counts,
+        "cells": cells,
+    }
     if weights_info is not None:
         result["weights"] = weights_info
     if budget_gib is not None:
-        if budget_gib <= 0:
-            raise ConfigError(f"--budget-gib {budget_gib} must be positive.")
-        budget = int(budget_gib * GIB)
-        options: list[str | None] = [None, *weight_sizes]
+        budget, limit = int(budget_gib * GIB), shape.max_position_embeddings
         rows = []
         for kind in kinds:
-            for fmt in options:
+            for fmt in [None, *weight_sizes]:
                 for batch in batches:
-                    fixed = weight_sizes[fmt] if fmt is not None else 0
-                    tokens = max_context(shape, kind, batch, model_dtype, budget, fixed)
-                    limit = shape.max_position_embeddings
+                    tokens = max_context(shape, kind, batch, model_dtype, budget, weight_sizes[fmt] if fmt else 0)
                     rows.append(
                         {
                             "cache": kind.name,
@@ -568,39 +470,6 @@ def default_measure_cells(batch_sizes: Sequence[int], lengths: Sequence[int]) ->
     return [(b, n) for b in batches for n in tokens]
 
 
-def _libc() -> Any | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-def _release_freed_memory(device: torch.device) -> None:
-    """Return freed memory to the OS, so that RSS counts live allocations only (glibc keeps freed heap pages)."""
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        return
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _rss_bytes() -> int | None:
-    """Resident set size of this process: psutil if installed, else /proc/self/statm; None if neither works."""
-    try:
-        import psutil
-    except ImportError:
-        statm = Path("/proc/self/statm")
-        if not statm.is_file():
-            return None
-        return int(statm.read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    return int(psutil.Process().memory_info().rss)
-
-
 def _held_storages(cache: Any, kvpack: bool) -> list[torch.UntypedStorage]:
     """The distinct non-empty storages of a cache's tensors: every tensor of a kvpack layer (attributes and one
     level below), the keys and values of a DynamicCache layer."""
@@ -616,11 +485,8 @@ def _held_storages(cache: Any, kvpack: bool) -> list[torch.UntypedStorage]:
                 visit(value, depth + 1)
 
     for layer in cache.layers:
-        if kvpack:
-            visit(layer, 0)
-        else:
-            visit(getattr(layer, "keys", None), 0)
-            visit(getattr(layer, "values", None), 0)
+        for obj in [layer] if kvpack else [getattr(layer, "keys", None), getattr(layer, "values", None)]:
+            visit(obj, 0)
     return list(found.values())
 
 
@@ -653,12 +519,8 @@ def _logical_bytes(cache: Any, kvpack: bool) -> int:
     """`nbytes()` of a kvpack cache; the bytes of a DynamicCache's keys and values tensors."""
     if kvpack:
         return int(cache.nbytes())
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def measure_cells(
@@ -685,20 +547,21 @@ def measure_cells(
     """
     model_dtype = _as_dtype(dtype)
     dev = torch.device(device)
+    cuda = dev.type == "cuda"
     kinds = [parse_cache(spec) for spec in cache_specs]
     shape = ModelShape.from_config(config)
-    if dev.type == "cuda":
+    if cuda:
         method = "torch.cuda.memory_allocated growth"
-    elif _rss_bytes() is not None:
-        method = "RSS growth" + ("" if _libc() is not None else " (no malloc_trim: freed memory may be reused)")
+    elif rss_bytes() is not None:
+        method = "RSS growth" + ("" if libc() is not None else " (no malloc_trim: freed memory may be reused)")
     else:
         method = "none (no psutil or /proc/self/statm): memory not measured"
     generator = torch.Generator(device=dev).manual_seed(seed)
 
     def sample(batch: int, length: int, kind: CacheKind) -> torch.Tensor:
-        x_dtype = model_dtype if kind.is_kvpack else kind.dtype
         size = (batch, shape.kv_heads, length, shape.head_dim)
-        return torch.randn(size, generator=generator, device=dev, dtype=torch.float32).to(x_dtype)
+        x = torch.randn(size, generator=generator, device=dev, dtype=torch.float32)
+        return x.to(model_dtype if kind.is_kvpack else kind.dtype)
 
     for kind in kinds:  # warm up (a prefill that packs blocks): torch's first-call allocations are not the cache's
         c = kind.config
@@ -712,31 +575,28 @@ def measure_cells(
             continue
         for kind in kinds:
             x = sample(batch, length, kind)
-            _release_freed_memory(dev)
-            if dev.type == "cuda":
+            release_freed_memory(dev)
+            if cuda:
                 torch.cuda.reset_peak_memory_stats(dev)
-                before = torch.cuda.memory_allocated(dev)
-            else:
-                before = _rss_bytes() or 0
+            before = torch.cuda.memory_allocated(dev) if cuda else rss_bytes() or 0
             cache = _fill(config, kind, x)
-            _release_freed_memory(dev)
+            release_freed_memory(dev)
             storages = _held_storages(cache, kind.is_kvpack)
-            peak = None
-            if dev.type == "cuda":
-                growth: int | None = torch.cuda.memory_allocated(dev) - before
+            growth: int | None
+            if cuda:
+                growth = torch.cuda.memory_allocated(dev) - before
                 peak = torch.cuda.max_memory_allocated(dev) - before
             else:
                 _touch(storages)
-                after = _rss_bytes()
+                after, peak = rss_bytes(), None
                 growth = after - before if after is not None else None
             formula = cache_bytes(shape, kind, batch, length, model_dtype)
             counted = _logical_bytes(cache, kind.is_kvpack)
             storage_bytes = sum(s.nbytes() for s in storages)
             del cache, storages, x
             row = _check_cell(kind, batch, length, formula, counted, storage_bytes, growth)
-            row["peak_growth_bytes"] = peak
-            rows.append(row)
-    _release_freed_memory(dev)
+            rows.append({**row, "peak_growth_bytes": peak})
+    release_freed_memory(dev)
     return {
         "device": str(dev),
         "method": method,
@@ -751,6 +611,7 @@ def measure_cells(
 def _check_cell(
     kind: CacheKind, batch: int, length: int, formula: int, counted: int, storage_bytes: int, growth: int | None
 ) -> dict[str, Any]:
+    """One measured row; raises `KVPackError` where the formula, `nbytes()` or the memory growth disagree."""
     where = f"{kind.name} at batch {batch}, {length} tokens"
     if counted != formula:
         what = "nbytes()" if kind.is_kvpack else "the DynamicCache's keys/values"
@@ -763,23 +624,19 @@ def _check_cell(
             f"{where}: the cache holds {storage_bytes:,} bytes of tensor storage but nbytes() counts {counted:,}; "
             "nbytes() must count every byte the cache holds (views of larger buffers included)."
         )
-    note = ""
-    checked = False
+    notes = []
     if growth is None:
-        note = "memory not measured"
+        notes.append("memory not measured")
     elif storage_bytes < MEASURE_MIN_CHECKED_BYTES:
-        note = f"under {MEASURE_MIN_CHECKED_BYTES // MIB} MiB, where page rounding of each tensor is a few %"
-    else:
-        error = (growth - storage_bytes) / storage_bytes
-        if abs(error) > MEASURE_TOLERANCE:
-            raise KVPackError(
-                f"{where}: the process gained {growth:,} bytes of memory but the cache holds {storage_bytes:,} "
-                f"({error:+.2%}, tolerance ±{MEASURE_TOLERANCE:.0%}): the exact count does not describe real memory. "
-                "Rerun on an idle machine; if it persists, find what the cache allocates beyond its tensors."
-            )
-        checked = True
+        notes.append(f"under {MEASURE_MIN_CHECKED_BYTES // MIB} MiB, where page rounding of each tensor is a few %")
+    elif abs(error := (growth - storage_bytes) / storage_bytes) > MEASURE_TOLERANCE:
+        raise KVPackError(
+            f"{where}: the process gained {growth:,} bytes of memory but the cache holds {storage_bytes:,} "
+            f"({error:+.2%}, tolerance ±{MEASURE_TOLERANCE:.0%}): the exact count does not describe real memory. "
+            "Rerun on an idle machine; if it persists, find what the cache allocates beyond its tensors."
+        )
     if storage_bytes != counted:  # fp sliding layers: a view of the prefill's whole keys/values until the next step
-        note = (note + "; " if note else "") + (
+        notes.append(
             f"holds {storage_bytes:,} bytes of storage for {counted:,} bytes of keys/values (transformers keeps the "
             "window as a view of the prefill's states until the next update)"
         )
@@ -792,23 +649,12 @@ def _check_cell(
         "storage_bytes": storage_bytes,
         "growth_bytes": growth,
         "growth_vs_storage": growth / storage_bytes if growth is not None and storage_bytes else None,
-        "checked": checked,
-        "note": note,
+        "checked": growth is not None and storage_bytes >= MEASURE_MIN_CHECKED_BYTES,
+        "note": "; ".join(notes),
     }
 
 
 # -- Markdown -------------------------------------------------------------------------------------------------
-
-
-def human_bytes(n: float) -> str:
-    """Binary units: `512.0 KiB`, `11.3 MiB`, `1.25 GiB`."""
-    if n >= GIB:
-        return f"{n / GIB:,.2f} GiB"
-    if n >= MIB:
-        return f"{n / MIB:,.1f} MiB"
-    if n >= 1024:
-        return f"{n / 1024:,.1f} KiB"
-    return f"{n:,.0f} B"
 
 
 def _ratio(r: float | None) -> str:
@@ -822,25 +668,30 @@ def _tokens(n: int | None, limit: int | None) -> str:
     return f"{n:,}{mark}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(row) + " |" for row in rows]
-    return lines
+def _measured_row(r: dict[str, Any]) -> list[str]:
+    growth, share = r["growth_bytes"], r["growth_vs_storage"]
+    numbers = [f"{r[key]:,}" for key in ("length", "formula_bytes", "nbytes")]
+    memory = ["—" if growth is None else format_bytes(growth), "—" if share is None else f"{share:.4f}"]
+    status = ("ok" if r["checked"] else "not checked") + (f": {r['note']}" if r["note"] else "")
+    return [f"`{r['cache']}`", str(r["batch"]), *numbers, *memory, status]
 
 
 def to_markdown(result: dict[str, Any]) -> str:
     """The Markdown report of a `memory_table` result (with the run's provenance and measurements if present)."""
     model, caches = result["model"], result["caches"]
     names = [c["name"] for c in caches]
+    name_columns = [f"`{n}`" for n in names]
+    batches, lengths = result["batch_sizes"], result["lengths"]
     limit = model.get("max_position_embeddings")
     by_cell = {(c["batch"], c["length"], c["cache"]): c for c in result["cells"]}
     layer_text = ", ".join(f"{count} {kind}" for kind, count in model["layer_types"].items())
-    lines = [f"# KV-cache memory: {result.get('model_name', model['model_type'])}", ""]
-    lines.append(
+    lines = [
+        f"# KV-cache memory: {result.get('model_name', model['model_type'])}",
+        "",
         f"{model['model_type']}: {model['layers']} layers ({layer_text}), {model['kv_heads']} KV heads x head_dim "
         f"{model['head_dim']}, max position embeddings {limit or 'unknown'}. Model dtype {result['dtype']}: kvpack's "
-        "residual and sink tokens are stored in it."
-    )
+        "residual and sink tokens are stored in it.",
+    ]
     if "date" in result:
         machine, versions = result["machine"], result["versions"]
         lines += [
@@ -866,7 +717,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             "the packed blocks that overlap the window plus a margin of residual + block tokens (so that a rollback "
             "stays exact), and release the rest after a prefill.",
         ]
-    if limit and any(n > limit for n in result["lengths"]):
+    if limit and any(n > limit for n in lengths):
         lines += [
             "",
             f"† beyond the model's max position embeddings ({limit:,}): the memory it would take, not a "
@@ -877,32 +728,28 @@ def to_markdown(result: dict[str, Any]) -> str:
         [f"`{c['name']}`", c["description"], f"{c['bytes_per_token']:,.0f}", _ratio(c["vs_fp16_per_token"])]
         for c in caches
     ]
-    lines += _table(["cache", "what it holds", "bytes per token (batch 1, long context)", "vs fp16"], rows)
-    for batch in result["batch_sizes"]:
-        lines += ["", f"## Batch {batch}", ""]
-        rows = []
-        for length in result["lengths"]:
-            label = _tokens(length, limit)
-            cells = [by_cell[(batch, length, name)] for name in names]
-            rows.append([label, *(f"{human_bytes(c['bytes'])} ({_ratio(c['vs_fp16'])})" for c in cells)])
-        lines += _table(["tokens", *(f"`{n}`" for n in names)], rows)
+    lines += markdown_table(["cache", "what it holds", "bytes per token (batch 1, long context)", "vs fp16"], rows)
+    for batch in batches:
+        cells = [[by_cell[(batch, n, name)] for name in names] for n in lengths]
+        rows = [
+            [_tokens(n, limit), *(f"{format_bytes(c['bytes'])} ({_ratio(c['vs_fp16'])})" for c in row)]
+            for n, row in zip(lengths, cells, strict=True)
+        ]
+        lines += ["", f"## Batch {batch}", "", *markdown_table(["tokens", *name_columns], rows)]
     weights = result.get("weights")
-    if weights is not None:
-        lines += ["", "## Weights", ""]
-        if "error" in weights:
-            lines.append(f"Weights not shown: {weights['error']}")
-        else:
-            lines += [weights["method"], ""]
-            rows = [[fmt, f"{weights['parameters']:,}", human_bytes(size)] for fmt, size in weights["bytes"].items()]
-            lines += _table(["format", "parameters", "bytes"], rows)
-            for fmt, size in weights["bytes"].items():
-                lines += ["", f"### Total: {fmt} weights ({human_bytes(size)}) + cache", ""]
-                rows = []
-                for batch in result["batch_sizes"]:
-                    for length in result["lengths"]:
-                        totals = [by_cell[(batch, length, name)]["total_bytes"][fmt] for name in names]
-                        rows.append([str(batch), _tokens(length, limit), *(human_bytes(t) for t in totals)])
-                lines += _table(["batch", "tokens", *(f"`{n}`" for n in names)], rows)
+    if weights is not None and "error" in weights:
+        lines += ["", "## Weights", "", f"Weights not shown: {weights['error']}"]
+    elif weights is not None:
+        rows = [[fmt, f"{weights['parameters']:,}", format_bytes(size)] for fmt, size in weights["bytes"].items()]
+        lines += ["", "## Weights", "", weights["method"], "", *markdown_table(["format", "parameters", "bytes"], rows)]
+        for fmt, size in weights["bytes"].items():
+            rows = []
+            for b in batches:
+                for n in lengths:
+                    totals = [by_cell[(b, n, name)]["total_bytes"][fmt] for name in names]
+                    rows.append([str(b), _tokens(n, limit), *map(format_bytes, totals)])
+            lines += ["", f"### Total: {fmt} weights ({format_bytes(size)}) + cache", ""]
+            lines += markdown_table(["batch", "tokens", *name_columns], rows)
     context = result.get("max_context")
     if context is not None:
         budget = context["budget_gib"]
@@ -917,14 +764,10 @@ def to_markdown(result: dict[str, Any]) -> str:
         if limit:
             lines.append(f"† beyond the model's max position embeddings ({limit:,}).")
         grid = {(r["cache"], r["weights"], r["batch"]): r["max_length"] for r in context["rows"]}
-        weight_options = list(dict.fromkeys(r["weights"] for r in context["rows"]))  # cache only, then as given
-        for fmt in weight_options:
-            title = "cache only" if fmt is None else f"{fmt} weights + cache"
-            lines += ["", f"### {title}", ""]
-            rows = [
-                [f"`{name}`", *(_tokens(grid[(name, fmt, b)], limit) for b in result["batch_sizes"])] for name in names
-            ]
-            lines += _table(["cache", *(f"batch {b}" for b in result["batch_sizes"])], rows)
+        for fmt in dict.fromkeys(r["weights"] for r in context["rows"]):  # cache only, then as given
+            lines += ["", f"### {'cache only' if fmt is None else f'{fmt} weights + cache'}", ""]
+            rows = [[f"`{name}`", *(_tokens(grid[(name, fmt, b)], limit) for b in batches)] for name in names]
+            lines += markdown_table(["cache", *(f"batch {b}" for b in batches)], rows)
     measured = result.get("measurements")
     if measured is not None:
         lines += [
@@ -939,42 +782,12 @@ def to_markdown(result: dict[str, Any]) -> str:
             "counts what was allocated.",
             "",
         ]
-        rows = []
-        for r in measured["rows"]:
-            growth = "—" if r["growth_bytes"] is None else human_bytes(r["growth_bytes"])
-            share = "—" if r["growth_vs_storage"] is None else f"{r['growth_vs_storage']:.4f}"
-            status = "ok" if r["checked"] else "not checked"
-            if r["note"]:
-                status += f": {r['note']}"
-            rows.append(
-                [
-                    f"`{r['cache']}`",
-                    str(r["batch"]),
-                    f"{r['length']:,}",
-                    f"{r['formula_bytes']:,}",
-                    f"{r['nbytes']:,}",
-                    growth,
-                    share,
-                    status,
-                ]
-            )
-        lines += _table(
-            [
-                "cache",
-                "batch",
-                "tokens",
-                "formula (bytes)",
-                "nbytes() (bytes)",
-                "memory growth",
-                "growth / held",
-                "check",
-            ],
-            rows,
-        )
+        header = ["cache", "batch", "tokens", "formula (bytes)", "nbytes() (bytes)", "memory growth", "growth / held"]
+        lines += markdown_table([*header, "check"], [_measured_row(r) for r in measured["rows"]])
         for s in measured["skipped"]:
             lines.append(
                 f"\nSkipped batch {s['batch']} x {s['length']:,} tokens: its largest cache, "
-                f"{human_bytes(s['largest_bytes'])}, is over the --measure cap of {measured['max_gib']:g} GiB."
+                f"{format_bytes(s['largest_bytes'])}, is over the --measure cap of {measured['max_gib']:g} GiB."
             )
     return "\n".join(lines) + "\n"
 
@@ -988,7 +801,7 @@ def load_config(model: str | None) -> tuple[PretrainedConfig, str]:
     model: None (the embedded SmolLM2's GGUF), a `.json` config file, a `.gguf` file, a local model directory,
     or a model id already in the Hugging Face cache. Raises `ModelNotFoundError` when it cannot be read offline.
     """
-    from transformers import AutoConfig
+    from transformers import CONFIG_MAPPING, AutoConfig
 
     from kvpack.models import DEFAULT_MODEL, default_model_file
 
@@ -997,169 +810,17 @@ def load_config(model: str | None) -> tuple[PretrainedConfig, str]:
             gguf = default_model_file()
             return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), DEFAULT_MODEL
         path = Path(model)
-        if path.suffix == ".json" and path.is_file():
-            return _config_from_json(path), model
         if path.suffix == ".gguf" and path.is_file():
             return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), model
-        return AutoConfig.from_pretrained(model, local_files_only=True), model
+        if path.suffix != ".json" or not path.is_file():
+            return AutoConfig.from_pretrained(model, local_files_only=True), model
+        data = json.loads(path.read_text(encoding="utf-8"))
+        model_type = data.get("model_type") if isinstance(data, dict) else None
+        if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
+            return CONFIG_MAPPING[model_type].from_json_file(str(path)), model
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"cannot read the config of {model!r} without a download: {exc}. Pass a config .json file, a .gguf file, "
             "a local model directory or a model already in the Hugging Face cache, or omit --model."
         ) from exc
-
-
-def _config_from_json(path: Path) -> PretrainedConfig:
-    from transformers import CONFIG_MAPPING
-
-    data = json.loads(path.read_text(encoding="utf-8"))
-    model_type = data.get("model_type") if isinstance(data, dict) else None
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        raise ModelNotFoundError(
-            f'{path}: a config file needs a known "model_type" (e.g. "llama"), got {model_type!r}.'
-        )
-    config: PretrainedConfig = CONFIG_MAPPING[model_type].from_json_file(str(path))
-    return config
-
-
-def _int_list(text: str, option: str) -> list[int]:
-    try:
-        values = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as exc:
-        raise ConfigError(f"{option} {text!r}: expected comma-separated integers, e.g. 1,4,16.") from exc
-    if not values or min(values) < 1:
-        raise ConfigError(f"{option} {text!r}: expected positive integers, e.g. 1,4,16.")
-    return values
-
-
-def _names(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The command that reproduces this run, every setting spelled out."""
-    parts = ["kvpack memory"]
-    if args.model:
-        parts.append(f"--model {args.model}")
-    parts += [f"--caches {args.caches}", f"--batch {args.batch}", f"--lengths {args.lengths}", f"--dtype {args.dtype}"]
-    if args.weights:
-        parts.append(f"--weights {args.weights}")
-    if args.budget_gib is not None:
-        parts.append(f"--budget-gib {args.budget_gib:g}")
-    if args.measure:
-        parts += ["--measure", f"--device {args.device}", f"--threads {args.threads}"]
-        if args.measure_max_gib != MEASURE_MAX_GIB:
-            parts.append(f"--measure-max-gib {args.measure_max_gib:g}")
-    if args.json:
-        parts.append(f"--json {args.json}")
-    if args.markdown:
-        parts.append(f"--markdown {args.markdown}")
-    return " ".join(parts)
-
-
-def _provenance(args: argparse.Namespace) -> dict[str, Any]:
-    import transformers
-
-    import kvpack
-
-    device = torch.device(args.device)
-    machine: dict[str, Any] = {
-        "platform": platform.platform(),
-        "processor": platform.processor(),
-        "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "device": str(device),
-    }
-    if device.type == "cuda" and torch.cuda.is_available():
-        machine["device_name"] = torch.cuda.get_device_name(device)
-    return {
-        "benchmark": "memory",
-        "command": _command(args),
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": machine,
-        "versions": {
-            "kvpack": kvpack.__version__,
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
-    }
-
-
-def cmd_memory(args: argparse.Namespace) -> int:
-    """Build the memory table (and measurements) from parsed arguments; print the Markdown, write JSON/Markdown."""
-    caches = _names(args.caches)
-    batches = _int_list(args.batch, "--batch")
-    lengths = _int_list(args.lengths, "--lengths")
-    weights = _names(args.weights) if args.weights else None
-    for fmt in weights or ():
-        if fmt not in WEIGHT_FORMATS:
-            raise ConfigError(f"--weights {args.weights!r}: use formats among {', '.join(WEIGHT_FORMATS)}.")
-    for name in caches:
-        parse_cache(name)  # a bad spec fails before the config loads
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    config, name = load_config(args.model)
-    table = memory_table(config, caches, batches, lengths, args.dtype, weights=weights, budget_gib=args.budget_gib)
-    result: dict[str, Any] = {**_provenance(args), "model_name": name, **table}
-    if args.measure:
-        cells = default_measure_cells(batches, lengths)
-        print(f"Measuring {len(cells)} cells x {len(caches)} caches on {args.device} ...", file=sys.stderr, flush=True)
-        result["measurements"] = measure_cells(
-            config, caches, cells, args.dtype, device=args.device, max_gib=args.measure_max_gib
-        )
-    markdown = to_markdown(result)
-    for path, text in ((args.json, json.dumps(result, indent=2) + "\n"), (args.markdown, markdown)):
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-            Path(path).write_text(text, encoding="utf-8")
-            print(f"wrote {path}", file=sys.stderr)
-    print(markdown)
-    return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    """Register `kvpack memory` on the CLI's subparsers (the object `add_subparsers()` returns)."""
-    parser = subparsers.add_parser(
-        "memory",
-        help="cache memory by batch × length for a model config",  # noqa: RUF001
-        description="Exact KV-cache bytes by batch size x sequence length for a model config (no weights loaded), "
-        "the ratio vs a float16 cache, optional weight memory and the max context that fits in a memory budget. "
-        "--measure fills real caches for a few cells and checks the numbers against nbytes() and process memory.",
-    )
-    parser.add_argument(
-        "--model",
-        default=None,
-        help="a config .json, a .gguf, a local model dir or a cached HF id; only the config is read "
-        "(default: the embedded SmolLM2-135M)",
-    )
-    parser.add_argument(
-        "--caches", default=DEFAULT_CACHES, help=f"fp16/bf16/fp32 and kvpack specs (default {DEFAULT_CACHES})"
-    )
-    parser.add_argument("--batch", default=DEFAULT_BATCHES, help=f"batch sizes (default {DEFAULT_BATCHES})")
-    parser.add_argument(
-        "--lengths", default=DEFAULT_LENGTHS, help=f"sequence lengths in tokens (default {DEFAULT_LENGTHS})"
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=tuple(MODEL_DTYPES),
-        default=DEFAULT_DTYPE,
-        help="the model's dtype, in which kvpack keeps residual and sink tokens (default float16, as models are "
-        "usually served; fp16/bf16/fp32 caches use their own dtype)",
-    )
-    parser.add_argument("--weights", default=None, help="also count weights in these formats: fp16,int8,int4")
-    parser.add_argument("--budget-gib", type=float, default=None, help="max context that fits in this many GiB")
-    parser.add_argument("--measure", action="store_true", help="fill real caches for a few cells and check the numbers")
-    parser.add_argument("--device", default="cpu", help="device for --measure: cpu, cuda ... (default cpu)")
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch CPU threads for --measure (default 1: the fills are small)"
-    )
-    parser.add_argument(
-        "--measure-max-gib",
-        type=float,
-        default=MEASURE_MAX_GIB,
-        help=f"skip measured cells whose largest cache exceeds this (default {MEASURE_MAX_GIB:g})",
-    )
-    parser.add_argument("--json", default=None, help="write the result as JSON here")
-    parser.add_argument("--markdown", default=None, help="write the Markdown report here")
-    parser.set_defaults(func=cmd_memory)
+    raise ModelNotFoundError(f'{path}: a config file needs a known "model_type" (e.g. "llama"), got {model_type!r}.')

@@ -23,24 +23,22 @@ made from it.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from kvpack.bench.compare import result_header
+from kvpack.cache.plan import context_limit
 from kvpack.compat import cache_kwargs
+from kvpack.harness.data import default_data_path, load_tokens
+from kvpack.harness.results import format_bytes, markdown_table, provenance, provenance_lines
 
-DEFAULT_SPECS = "k4v4,k8v8"
-DEFAULT_CONTEXTS = "1024,4096,8192"
-DEFAULT_RESULTS = Path("benchmarks/results/persist.json")
 REFERENCE = "fp16 dump (DynamicCache)"
 
 
@@ -175,54 +173,64 @@ class _Case:
         return row
 
 
-def run_persist(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything `kvpack bench persist` measures, as the JSON-ready result."""
+def run_persist(
+    caches: Sequence[str],
+    contexts: Sequence[int],
+    *,
+    suffix: int = 16,
+    prefill_repeats: int = 2,
+    repeats: int = 7,
+    data: str | Path | None = None,
+    model_name: str | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    tmp: str | Path | None = None,
+) -> dict[str, Any]:
+    """Everything `kvpack bench persist` measures, as the JSON-ready result: for each prefix length of `contexts`
+    (capped to fit the model) and each kvpack spec of `caches`, and for the fp16 dump, prefill + first token vs load +
+    first token (`suffix` tokens after the prefix), files in `tmp` (default the system's temporary folder).
+    data: the text (default WikiText-2 test)."""
     from kvpack.attention import use_kvpack_attention
     from kvpack.attention.registry import prepare
-    from kvpack.eval.perplexity import load_tokens
     from kvpack.models import load_model
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    data = data or default_data_path()
     load_before = os.getloadavg()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
     use_kvpack_attention(model)  # as `kvpack generate`: the first token after a load reads the packed cache
     prepare("auto")  # a kernel compiled on first use must not land in a timed step
-    limit = getattr(model.config.get_text_config(decoder=True), "max_position_embeddings", None) or 1 << 30
-    contexts = [min(int(c), limit - args.suffix) for c in args.contexts.split(",") if c]
-    all_ids, data_sha = load_tokens(args.data, tokenizer, max(contexts) + args.suffix)
+    contexts = [min(c, context_limit(model.config) - suffix) for c in contexts]
+    all_ids, data_sha = load_tokens(data, tokenizer, max(contexts) + suffix)
     all_ids = all_ids.to(model.device)
-    specs = [s for s in args.caches.split(",") if s]
     result: dict[str, Any] = {
-        **result_header("persist", model, args.model),
-        "data": Path(args.data).name,
+        **provenance("persist", model, model_name),
+        "data": Path(data).name,
         "data_sha256": data_sha,
         "contexts": contexts,
-        "suffix_tokens": args.suffix,
-        "prefill_repeats": args.prefill_repeats,
-        "repeats": args.repeats,
+        "suffix_tokens": suffix,
+        "prefill_repeats": prefill_repeats,
+        "repeats": repeats,
         "load_average_1min": {"before": load_before[0]},
         "rows": [],
     }
-    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+    with tempfile.TemporaryDirectory(dir=tmp) as folder:
         warm_up = all_ids[:, : min(256, contexts[0])]
-        for case in [_Case(REFERENCE, None, Path(tmp) / "warm.st")] + [
-            _Case(spec, spec, Path(tmp) / "warm.kvpc") for spec in specs
-        ]:
+        warm = [_Case(REFERENCE, None, Path(folder) / "warm.st")]
+        for case in warm + [_Case(spec, spec, Path(folder) / "warm.kvpc") for spec in caches]:
             case.prefill(model, tokenizer, warm_up, warm_up[:, :4])
             case.load(model, tokenizer, warm_up[:, :4])
         for context in contexts:
-            ids, suffix = all_ids[:, :context], all_ids[:, context : context + args.suffix]
-            cases = [_Case(REFERENCE, None, Path(tmp) / f"fp16-{context}.safetensors")]
-            cases += [_Case(spec, spec, Path(tmp) / f"{spec}-{context}.kvpc") for spec in specs]
-            for repeat in range(args.prefill_repeats):
+            ids, question = all_ids[:, :context], all_ids[:, context : context + suffix]
+            cases = [_Case(REFERENCE, None, Path(folder) / f"fp16-{context}.safetensors")]
+            cases += [_Case(spec, spec, Path(folder) / f"{spec}-{context}.kvpc") for spec in caches]
+            for repeat in range(prefill_repeats):
                 for case in cases:
                     print(f"{context} tokens, prefill {repeat + 1}: {case.name} ...", file=sys.stderr, flush=True)
-                    case.prefill(model, tokenizer, ids, suffix)
-            print(f"{context} tokens: {args.repeats} loads of each ...", file=sys.stderr, flush=True)
-            for _ in range(args.repeats):
+                    case.prefill(model, tokenizer, ids, question)
+            print(f"{context} tokens: {repeats} loads of each ...", file=sys.stderr, flush=True)
+            for _ in range(repeats):
                 for case in cases:
-                    case.load(model, tokenizer, suffix)
+                    case.load(model, tokenizer, question)
             reference_bytes = cases[0].path.stat().st_size
             for case in cases:
                 row = case.row(model, tokenizer)
@@ -235,31 +243,16 @@ def run_persist(args: argparse.Namespace) -> dict[str, Any]:
 def to_markdown(result: dict[str, Any]) -> str:
     """The persist result as a Markdown page."""
     load = result["load_average_1min"]
-    lines = [
-        f"# kvpack bench persist: {result['model']} ({result['dtype']})",
-        "",
-        f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['machine']['torch_threads']} "
-        f"torch thread(s), {result['machine']['device']}; 1-minute load average {load['before']:.1f} before, "
-        f"{load['after']:.1f} after (a shared VM: other jobs ran beside this one)",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        f"- command: `{result['command']}`",
-        f"- prefixes: the first N tokens of {result['data']}; then a {result['suffix_tokens']}-token suffix (the "
-        f"question) gives the first generated token. Best of {result['prefill_repeats']} prefills and of "
-        f"{result['repeats']} loads from the page cache (interleaved across caches; medians in the JSON), and one "
-        "load after dropping the file's pages (cold); every kvpack load verifies the checksum and the model and "
-        "tokenizer fingerprints. Times are wall-clock seconds, with this process's CPU seconds in parentheses (what "
-        "the other jobs on the machine do not inflate).",
-        "",
-        "| prefix tokens | cache | file | vs fp16 dump | prefill s | save s | load s | load s (cold) | "
-        "load vs prefill | prefill + 1st token s | load + 1st token s | speedup to 1st token | same logits |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["prefix tokens", "cache", "file", "vs fp16 dump", "prefill s", "save s", "load s", "load s (cold)",
+              "load vs prefill", "prefill + 1st token s", "load + 1st token s", "speedup to 1st token",
+              "same logits"]  # fmt: skip
+    rows = []
     for row in result["rows"]:
         kvpack = "load_cold_s" in row
-        cells = [
+        rows.append([
             f"{row['context']:,}",
             row["cache"],
-            f"{row['file_bytes'] / 1e6:,.1f} MB",
+            format_bytes(row["file_bytes"]),
             f"{row['size_vs_fp16_dump']:.2f}x smaller" if kvpack else "1.00x",
             f"{row['prefill_s']:.2f} ({row['prefill_cpu_s']:.2f})",
             f"{row['save_s']:.3f}",
@@ -270,48 +263,20 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{row['load_first_token_s']:.3f} ({row['load_first_token_cpu_s']:.3f})",
             f"{row['speedup_first_token']:.0f}x ({row['speedup_first_token_cpu']:.0f}x)",
             ("yes" if row["identical_first_token_logits"] else "NO") if kvpack else "",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
+        ])  # fmt: skip
+    lines = [
+        f"# kvpack bench persist: {result['model']} ({result['dtype']})",
+        "",
+        *provenance_lines(result),
+        f"- 1-minute load average {load['before']:.1f} before, {load['after']:.1f} after (a shared VM: other jobs ran "
+        "beside this one)",
+        f"- prefixes: the first N tokens of {result['data']}; then a {result['suffix_tokens']}-token suffix (the "
+        f"question) gives the first generated token. Best of {result['prefill_repeats']} prefills and of "
+        f"{result['repeats']} loads from the page cache (interleaved across caches; medians in the JSON), and one "
+        "load after dropping the file's pages (cold); every kvpack load verifies the checksum and the model and "
+        "tokenizer fingerprints. Times are wall-clock seconds, with this process's CPU seconds in parentheses (what "
+        "the other jobs on the machine do not inflate).",
+        "",
+        *markdown_table(header, rows),
+    ]
     return "\n".join(lines) + "\n"
-
-
-def cmd_persist(args: argparse.Namespace) -> int:
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    result = run_persist(args)
-    out.write_text(json.dumps(result, indent=2) + "\n")
-    page = to_markdown(result)
-    out.with_suffix(".md").write_text(page)
-    print(page)
-    print(f"wrote {out}, {out.with_suffix('.md')}", file=sys.stderr)
-    return 0
-
-
-def add_parser(bench_subparsers: Any) -> None:
-    """Register `kvpack bench persist` on the `kvpack bench` subparsers."""
-    from kvpack.eval.perplexity import default_data_path
-
-    parser = bench_subparsers.add_parser(
-        "persist",
-        help="loading a saved prompt cache vs recomputing the prefill; file size vs a float16 dump",
-        description="For each prefix length and cache spec: prefill + first token vs load (all checks) + first token, "
-        "save and load times, and the file's size vs a float16 safetensors dump of the same tokens' DynamicCache. "
-        "Writes JSON and Markdown.",
-    )
-    parser.add_argument(
-        "--caches", default=DEFAULT_SPECS, help=f"kvpack specs, comma-separated (default {DEFAULT_SPECS})"
-    )
-    parser.add_argument(
-        "--contexts", default=DEFAULT_CONTEXTS, help=f"prefix lengths (default {DEFAULT_CONTEXTS}; capped)"
-    )
-    parser.add_argument("--suffix", type=int, default=16, help="tokens after the prefix (the question; default 16)")
-    parser.add_argument("--prefill-repeats", type=int, default=2, help="prefills timed per cache (default 2)")
-    parser.add_argument("--repeats", type=int, default=7, help="loads timed per file (default 7)")
-    parser.add_argument("--data", default=str(default_data_path()), help="text file (default: WikiText-2 test)")
-    parser.add_argument("--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2)")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--tmp", default=None, help="directory for the files (default: the system's temporary one)")
-    parser.add_argument("--json", default=str(DEFAULT_RESULTS), help="JSON path (.md beside it)")
-    parser.set_defaults(func=cmd_persist)

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpack.bench.compare import row_key
+from kvpack.harness.results import format_bytes, markdown_table, provenance_lines
 
 
 def _fmt(value: Any, pattern: str) -> str:
@@ -25,17 +26,7 @@ def markdown(result: dict[str, Any]) -> str:
     """The compare result as a Markdown page: setup, then one table (a weights section when weights vary)."""
     contexts = result.get("contexts", [])
     with_weights = any(row.get("weights", "fp") != "fp" for row in result["rows"])
-    lines = [
-        f"# kvpack compare: {result['model']} ({result['dtype']})",
-        "",
-        f"- date: {result['date']}; machine: {result['machine']['platform']}, "
-        f"{result['machine']['torch_threads']} torch threads, {result['machine']['device']}",
-        "- versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
-        f"- data: {Path(result['data']['path']).name} (sha256 {result['data']['sha256'][:12]}…), first "
-        f"{result['data']['tokens']} tokens, {result['data']['mode']} one token at a time",
-        f"- command: `{result['command']}`",
-        "",
-    ]
+    data = result["data"]
     header = ["cache", "PPL", "ΔPPL", "mean KL", "top-1", "worst KL (pos)"]
     if with_weights:
         header = ["weights", *header[:3], "ΔPPL vs fp weights", *header[3:]]
@@ -43,7 +34,7 @@ def markdown(result: dict[str, Any]) -> str:
         header += [f"bytes @{context}", f"vs fp16 @{context}", f"tok/s @{context}", f"vs fp @{context}"]
         if with_weights:
             header.append(f"weights + cache @{context}")
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    rows = []
     for row in result["rows"]:
         cells = [
             row["cache"],
@@ -55,7 +46,7 @@ def markdown(result: dict[str, Any]) -> str:
         ]
         if with_weights:
             vs_fp_weights = row.get("delta_ppl_vs_fp_weights_pct")
-            weights = f"{row['weights']} ({row['weight_bytes'] / 1e6:,.1f} MB)"
+            weights = f"{row['weights']} ({format_bytes(row['weight_bytes'])})"
             cells = [weights, *cells[:3], "—" if vs_fp_weights is None else f"{vs_fp_weights:+.2f}%", *cells[3:]]
         for context in contexts:
             cells += [
@@ -65,8 +56,17 @@ def markdown(result: dict[str, Any]) -> str:
                 f"{row[f'speed_vs_fp@{context}']:.2f}x",
             ]
             if with_weights:
-                cells.append(f"{row[f'total_bytes@{context}'] / 1e6:,.1f} MB")
-        lines.append("| " + " | ".join(cells) + " |")
+                cells.append(format_bytes(row[f"total_bytes@{context}"]))
+        rows.append(cells)
+    lines = [
+        f"# kvpack compare: {result['model']} ({result['dtype']})",
+        "",
+        *provenance_lines(result),
+        f"- data: {Path(data['path']).name} (sha256 {data['sha256'][:12]}…), first {data['tokens']} tokens, "
+        f"{data['mode']} one token at a time",
+        "",
+        *markdown_table(header, rows),
+    ]
     notes = dict.fromkeys((row["cache"], note) for row in result["rows"] for note in row.get("notes", []))
     if notes:
         lines += ["", "Notes:"] + [f"- {cache}: {note}" for cache, note in notes]

@@ -9,6 +9,7 @@ changes in one place:
 - `flushed_tokens(stored, config)`: how many of the tokens stored after the sinks are packed (the flush rule);
 - `dropped_tokens(...)`: how many packed tokens a sliding-window layer forgets;
 - `exact_capacity(config)`: the most tokens the exact buffer (sinks + residual window) ever holds;
+- `packed_bytes(spec, tokens, head_dim)`: the bytes one (batch, head) row of packed tokens takes;
 - `context_limit(config)`, `check_exact_tokens(...)`: the bound that keeps a configured window allocatable.
 """
 
@@ -20,8 +21,9 @@ from typing import Any, TypeVar
 import torch
 from transformers import PretrainedConfig
 
-from kvpack.config import CacheConfig
+from kvpack.config import CacheConfig, QuantSpec
 from kvpack.errors import ConfigError, UnsupportedModelError
+from kvpack.quant.packing import packed_row_bytes
 
 # Layer types whose cache is plain per-head keys/values, and how kvpack stores them.
 _SLIDING_TYPES = ("sliding_attention", "chunked_attention")
@@ -117,6 +119,7 @@ def cache_shape(config: PretrainedConfig | Any) -> CacheShape:
 
 
 Count = TypeVar("Count", int, torch.Tensor)
+_PARAM_BYTES = torch.float16.itemsize  # scales, zeros and outlier values are float16
 
 
 def flushed_tokens(stored: Count, config: CacheConfig) -> Count:
@@ -144,6 +147,20 @@ def exact_capacity(config: CacheConfig) -> int:
     """The most tokens a layer's exact buffer holds: the sinks, the residual window, and one block that fills
     before it is packed. The buffer grows to this as it fills (`PackedLayer`), never beyond."""
     return config.sinks + config.residual + config.block_tokens
+
+
+def packed_bytes(spec: QuantSpec, tokens: int, head_dim: int) -> int:
+    """Bytes of one (batch, head) row of a `PackedBuffer` holding exactly `tokens` tokens (codes, scales, zeros, and
+    with outliers their float16 values and uint8 positions)."""
+    if spec.axis == "channel":  # one row of `group_size` codes per channel per block of tokens
+        units, code_bytes, params = (
+            tokens // spec.group_size,
+            head_dim * packed_row_bytes(spec.group_size, spec.bits),
+            head_dim,
+        )
+    else:  # one row of `head_dim` codes per token
+        units, code_bytes, params = tokens, packed_row_bytes(head_dim, spec.bits), head_dim // spec.group_size
+    return units * (code_bytes + params * (2 * _PARAM_BYTES + spec.outliers * (_PARAM_BYTES + 1)))
 
 
 # The context assumed for a model whose config does not state one (max_position_embeddings).

@@ -24,24 +24,16 @@ prompt token, which, like every answer token, attends to the cache under test. A
 maximum context runs `MAX_NEW_TOKENS` tokens shorter, to leave room for the answer; a longer one is an error.
 
 The prompt is raw text by default: the embedded default model (SmolLM2-135M-Instruct) answers it better than
-the same text inside its chat template. Measured here in full precision, 3 keys at each of depths 0.1, 0.5 and
-0.9 at 1024 and 4096 tokens: raw 18/18; chat template 16/18 (at 1024 tokens and depth 0.1 it twice answered
-"the pass key. The pass key is"). `chat=True` (`--chat`) wraps the same text in the tokenizer's chat template,
-with "The pass key is" as the start of the assistant's answer.
+the same text inside its chat template (which it sometimes answers with "the pass key. The pass key is").
+`chat=True` (`--chat`) wraps the same text in the tokenizer's chat template, with "The pass key is" as the start
+of the assistant's answer.
 
-    kvpack passkey                                   # fp,k8v8,k4v4,k2v2 at 1024..8192 tokens, depths 0.1..0.9
-    kvpack passkey --caches fp,k4v2 --lengths 2048 --trials 5
-
-Results: a JSON-ready dict (`run_passkey`), a Markdown table (`to_markdown`) and a heatmap (`plot_heatmap`),
-all three written by `write_results`; the Markdown and PNG are made from the JSON form.
+Results: a JSON-ready dict (`run_passkey`), a Markdown table (`to_markdown`) and a heatmap (`plot_heatmap`), both
+made from the JSON form.
 """
 
 from __future__ import annotations
 
-import argparse
-import datetime
-import json
-import platform
 import random
 import re
 import sys
@@ -51,10 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kvpack.bench.caches import make_cache as build_cache
-from kvpack.bench.caches import parse_cache_name
+from kvpack.cache.plan import context_limit
 from kvpack.compat import cache_kwargs
-from kvpack.errors import ConfigError, KVPackError
+from kvpack.errors import ConfigError
+from kvpack.harness.caches import CacheSpec, make_cache, parse_cache_name
+from kvpack.harness.results import markdown_table, parse_list, provenance, provenance_lines
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -71,7 +64,6 @@ DEFAULT_CACHES = ("fp", "k8v8", "k4v4", "k2v2")
 DEFAULT_LENGTHS = (1024, 2048, 4096, 8192)
 DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_TRIALS = 3
-DEFAULT_RESULTS = Path("benchmarks") / "results" / "passkey"
 
 _FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")
 
@@ -206,63 +198,26 @@ def is_correct(output: str, passkey: str) -> bool:
     return extract_passkey(output) == passkey
 
 
-# -- argument parsing ---------------------------------------------------------------------------------------
+# -- settings -----------------------------------------------------------------------------------------------
 
 
-def parse_lengths(text: str) -> list[int]:
-    """Comma-separated positive token counts, e.g. "1024,2048"; ConfigError otherwise."""
-    try:
-        lengths = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        lengths = []
-    if not lengths or any(n <= 0 for n in lengths):
-        raise ConfigError(f"--lengths {text!r}: give comma-separated positive token counts, e.g. 1024,2048,4096.")
-    return sorted(set(lengths))
+def parse_caches(names: str | Sequence[str]) -> dict[str, CacheSpec]:
+    """Cache names as `kvpack compare` takes them ("fp", kvpack specs, peers), each once, keyed by the name results
+    use: the canonical spec (k4v4 -> k4v4-g64-r128), or a profile's path (its label, profile:<stem>, does not parse
+    back). Raises ConfigError for an unknown name or none."""
+    specs: dict[str, CacheSpec] = {}
+    for name in parse_list(names, "--caches"):
+        spec = parse_cache_name(name)
+        specs.setdefault(spec.profile or spec.name, spec)
+    return specs
 
 
-def parse_depths(text: str) -> list[float]:
-    """Comma-separated fractions in [0, 1], e.g. "0.1,0.5,0.9"; ConfigError otherwise."""
-    try:
-        depths = [float(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        depths = []
-    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
-        raise ConfigError(f"--depths {text!r}: give comma-separated fractions in [0, 1], e.g. 0.1,0.5,0.9.")
-    return sorted(set(depths))
-
-
-def parse_caches(text: str | Sequence[str]) -> list[str]:
-    """Cache names as `kvpack compare` takes them ("fp", kvpack specs, peers), canonicalised (k4v4 -> k4v4-g64-r128);
-    profiles by their path."""
-    parts = text.split(",") if isinstance(text, str) else list(text)
-    names: list[str] = []
-    for part in (p.strip() for p in parts):
-        if not part:
-            continue
-        spec = parse_cache_name(part)
-        name = spec.profile or spec.name  # a profile's label (profile:<stem>) does not parse back: keep its path
-        if name not in names:
-            names.append(name)
-    if not names:
-        raise ConfigError("no caches given; use e.g. --caches fp,k8v8,k4v4,k2v2.")
-    return names
-
-
-def max_context(model_config: Any) -> int | None:
-    """The model's maximum context (max_position_embeddings), or None when its config does not say."""
-    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
-    value = getattr(text, "max_position_embeddings", None)
-    return int(value) if value else None
-
-
-def fit_lengths(lengths: Sequence[int], context: int | None, new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
-    """Prompt lengths that leave room for `new_tokens` in a `context`-token model.
+def fit_lengths(lengths: Sequence[int], context: int, new_tokens: int = MAX_NEW_TOKENS) -> list[int]:
+    """Prompt lengths that leave room for `new_tokens` in a `context`-token model, sorted, each once.
 
     A length beyond `context` raises ConfigError. A length that fits but leaves no room for the generated
     tokens becomes `context - new_tokens` (so the default 8192 on an 8192-token model runs at 8184).
     """
-    if context is None:
-        return list(lengths)
     too_long = [n for n in lengths if n > context]
     if too_long:
         raise ConfigError(
@@ -273,12 +228,17 @@ def fit_lengths(lengths: Sequence[int], context: int | None, new_tokens: int = M
     return sorted({min(n, context - new_tokens) for n in lengths})
 
 
+def check_settings(lengths: Sequence[int], depths: Sequence[float], trials: int) -> None:
+    """Raise ConfigError unless every length and `trials` is positive and every depth is in [0, 1]."""
+    if not lengths or min(lengths) < 1:
+        raise ConfigError(f"lengths {list(lengths)}: give positive token counts, e.g. 1024,2048,4096.")
+    if not depths or any(not 0.0 <= d <= 1.0 for d in depths):
+        raise ConfigError(f"depths {list(depths)}: give fractions in [0, 1], e.g. 0.1,0.5,0.9.")
+    if trials < 1:
+        raise ConfigError(f"trials {trials}: give at least 1 trial per cell.")
+
+
 # -- the run ------------------------------------------------------------------------------------------------
-
-
-def make_cache(name: str, model_config: Any) -> Any:
-    """A fresh, empty cache of the given name (see `kvpack.bench.caches`)."""
-    return build_cache(parse_cache_name(name), model_config)
 
 
 def prefill(model: Any, prompt: PasskeyPrompt) -> Any | None:
@@ -305,14 +265,14 @@ def prefill(model: Any, prompt: PasskeyPrompt) -> Any | None:
     return cache
 
 
-def filled_cache(name: str, model_config: Any, prefilled: Any | None) -> Any:
-    """A fresh cache `name` (see `make_cache`) holding the keys/values of `prefilled`, when given.
+def filled_cache(spec: CacheSpec, model_config: Any, prefilled: Any | None) -> Any:
+    """A fresh cache of kind `spec` holding the keys/values of `prefilled`, when given.
 
     This is what a prefill with that cache itself would store: a prefill attends to its own tokens in full
     precision (kvpack stores what it is given, split into calls or not), so the prompt is run through the
     model once for every cache under test.
     """
-    cache = make_cache(name, model_config)
+    cache = make_cache(spec, model_config)
     if prefilled is not None:
         for idx, layer in enumerate(prefilled.layers):
             if getattr(layer, "keys", None) is not None and layer.keys.numel():
@@ -341,32 +301,18 @@ def generate_answer(model: Any, tokenizer: Any, prompt: PasskeyPrompt, cache: An
     return str(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
 
 
-def _versions() -> dict[str, str]:
-    import torch
-    import transformers
-
-    import kvpack
-
-    return {
-        "kvpack": kvpack.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
-
-
 def run_passkey(
     model: Any,
     tokenizer: Any,
     *,
-    caches: Sequence[str] = DEFAULT_CACHES,
+    caches: str | Sequence[str] = DEFAULT_CACHES,
     lengths: Sequence[int] = DEFAULT_LENGTHS,
     depths: Sequence[float] = DEFAULT_DEPTHS,
     trials: int = DEFAULT_TRIALS,
     seed: int = 0,
     chat: bool = False,
-    model_name: str = "",
-    command: str = "",
+    model_name: str | None = None,
+    command: str | None = None,
     progress: bool = True,
     shared_prefill: bool = True,
 ) -> dict[str, Any]:
@@ -376,22 +322,20 @@ def run_passkey(
     but the last prompt token are run through the model once and their keys/values handed to each cache: the
     same state that cache's own prefill would store (see `filled_cache`), at a fraction of the cost; the last
     prompt token and the answer then attend to that cache. Lengths are total prompt tokens; one beyond the
-    model's maximum context raises ConfigError before anything runs (see `fit_lengths`).
+    model's maximum context raises ConfigError before anything runs (see `fit_lengths`), as do the settings
+    `check_settings` refuses. command: what the result records (default the running command line).
     The result holds the run's settings, machine and versions, `accuracy[cache][length][depth]` (string keys,
     e.g. accuracy["fp"]["1024"]["0.5"]) and one record per generation in `runs`.
     """
-    import torch
     from tqdm import tqdm
 
-    cache_names = parse_caches(caches)
-    depths = parse_depths(",".join(map(str, depths)))
-    if not isinstance(trials, int) or trials < 1:
-        raise ConfigError(f"trials={trials!r}: give a positive number of trials per cell.")
-    requested = parse_lengths(",".join(map(str, lengths)))
-    context = max_context(model.config)
+    specs = parse_caches(caches)
+    check_settings(lengths, depths, trials)
+    requested, depths = sorted(set(lengths)), sorted(set(depths))
+    context = context_limit(model.config)
     lengths = fit_lengths(requested, context)
     notes = []
-    if context is not None and any(n > context - MAX_NEW_TOKENS for n in requested):
+    if any(n > context - MAX_NEW_TOKENS for n in requested):
         notes.append(
             f"lengths are whole-prompt tokens; {context} is the model's maximum context, so the longest prompt is "
             f"{context - MAX_NEW_TOKENS} tokens, leaving room for {MAX_NEW_TOKENS} generated tokens"
@@ -401,15 +345,8 @@ def run_passkey(
     cells = [(n, d, t) for n in reversed(lengths) for d in depths for t in range(trials)]
     runs: list[dict[str, Any]] = []
     start = time.perf_counter()
-    bar = tqdm(
-        total=sum(n for n, _, _ in cells),
-        unit="tok",
-        unit_scale=True,
-        desc="passkey",
-        disable=not progress,
-        file=sys.stderr,
-    )
-    with bar:
+    total = sum(n for n, _, _ in cells)
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="passkey", disable=not progress, file=sys.stderr) as bar:
         for n_tokens, depth, trial in cells:
             bar.set_postfix_str(f"{n_tokens} tokens, depth {depth:g}, trial {trial + 1}/{trials}")
             key = passkey_for(seed, n_tokens, depth, trial)
@@ -417,49 +354,25 @@ def run_passkey(
             prefill_start = time.perf_counter()
             prefilled = prefill(model, prompt) if shared_prefill else None
             prefill_s = time.perf_counter() - prefill_start
-            for name in cache_names:
+            for name, spec in specs.items():
                 generate_start = time.perf_counter()
-                output = generate_answer(model, tokenizer, prompt, filled_cache(name, model.config, prefilled))
-                runs.append(
-                    {
-                        "cache": name,
-                        "length": n_tokens,
-                        "depth": depth,
-                        "trial": trial,
-                        "passkey": key,
-                        "prompt_tokens": prompt.n_tokens,
-                        "needle_token": prompt.needle_token,
-                        "needle_depth": round(prompt.depth, 4),
-                        "output": output,
-                        "answer": extract_passkey(output),
-                        "correct": is_correct(output, key),
-                        "shared_prefill_s": round(prefill_s, 3) if prefilled is not None else None,
-                        "generate_s": round(time.perf_counter() - generate_start, 3),
-                    }
-                )
+                output = generate_answer(model, tokenizer, prompt, filled_cache(spec, model.config, prefilled))
+                runs.append({
+                    "cache": name, "length": n_tokens, "depth": depth, "trial": trial, "passkey": key,
+                    "prompt_tokens": prompt.n_tokens, "needle_token": prompt.needle_token,
+                    "needle_depth": round(prompt.depth, 4), "output": output, "answer": extract_passkey(output),
+                    "correct": is_correct(output, key),
+                    "shared_prefill_s": round(prefill_s, 3) if prefilled is not None else None,
+                    "generate_s": round(time.perf_counter() - generate_start, 3),
+                })  # fmt: skip
             bar.update(n_tokens)
 
-    accuracy: dict[str, dict[str, dict[str, float]]] = {}
-    for name in cache_names:
-        accuracy[name] = {}
-        for n_tokens in lengths:
-            accuracy[name][str(n_tokens)] = {}
-            for depth in depths:
-                hits = [r["correct"] for r in runs if (r["cache"], r["length"], r["depth"]) == (name, n_tokens, depth)]
-                accuracy[name][str(n_tokens)][f"{depth:g}"] = sum(hits) / len(hits)
+    def share(name: str, n_tokens: int, depth: float) -> float:
+        return _mean([r["correct"] for r in runs if (r["cache"], r["length"], r["depth"]) == (name, n_tokens, depth)])
+
+    accuracy = {name: {str(n): {f"{d:g}": share(name, n, d) for d in depths} for n in lengths} for name in specs}
     return {
-        "benchmark": "passkey",
-        "command": command,
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "device": str(model.device),
-            "threads": torch.get_num_threads(),
-        },
-        "versions": _versions(),
-        "model": model_name or str(getattr(model.config, "name_or_path", "") or type(model).__name__),
-        "dtype": str(model.dtype).removeprefix("torch."),
+        **provenance("passkey", model, model_name or getattr(model.config, "name_or_path", None), command=command),
         "prompt": "chat" if chat else "raw",
         "max_new_tokens": MAX_NEW_TOKENS,
         "max_context": context,
@@ -468,7 +381,7 @@ def run_passkey(
         "depths": depths,
         "trials": trials,
         "seed": seed,
-        "caches": cache_names,
+        "caches": list(specs),
         "shared_prefill": any(r["shared_prefill_s"] is not None for r in runs),
         "notes": notes,
         "accuracy": accuracy,
@@ -485,16 +398,13 @@ def _mean(values: Sequence[float]) -> float:
 
 
 def to_markdown(result: dict[str, Any]) -> str:
-    """A Markdown report of a `run_passkey` result: one row per cache x length, one column per depth, and mean."""
-    depths = [f"{d:g}" for d in result["depths"]]
-    machine = result["machine"]
-    versions = result["versions"]
+    """A Markdown report of a `run_passkey` result: one row per cache x length, one column per depth, and mean; then
+    one row per cache, one column per length."""
+    depths, lengths, accuracy = [f"{d:g}" for d in result["depths"]], result["lengths"], result["accuracy"]
     lines = [
         f"# Passkey retrieval: {result['model']}, {result['date'][:10]}",
         "",
-        f"Machine: {machine['platform']}, {machine['device']}, {machine['threads']} threads; "
-        f"kvpack {versions['kvpack']}, torch {versions['torch']}, transformers {versions['transformers']}. "
-        f"Command: `{result['command']}`.",
+        *provenance_lines(result),
         "",
         f"A random 5-digit pass key hidden at each depth of a filler haystack ({result['prompt']} prompt, "
         f"{result['dtype']}); length = total prompt tokens. Greedy decoding of up to {result['max_new_tokens']} "
@@ -510,36 +420,27 @@ def to_markdown(result: dict[str, Any]) -> str:
         )
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}."]
-    if "fp" in result["caches"]:
-        missed = [
-            f"{n} tokens at depth {d}"
-            for n in result["lengths"]
-            for d in depths
-            if result["accuracy"]["fp"][str(n)][d] < 1.0
+    fp = accuracy.get("fp")
+    missed = [f"{n} tokens at depth {d}" for n in lengths for d in depths if fp and fp[str(n)][d] < 1]
+    if missed:
+        lines += [
+            "",
+            f"The full-precision cache itself misses some keys ({'; '.join(missed)}): there the limit is "
+            "the model's, not the quantized caches'.",
         ]
-        if missed:
-            lines += [
-                "",
-                f"The full-precision cache itself misses some keys ({'; '.join(missed)}): there the limit is "
-                "the model's, not the quantized caches'.",
-            ]
+    rows = []
+    for name in result["caches"]:
+        for n in lengths:
+            cells = [accuracy[name][str(n)][d] for d in depths]
+            rows.append([name, n, *(f"{a:.0%}" for a in [*cells, _mean(cells)])])
+    header = ["cache", "length", *(f"depth {d}" for d in depths), "mean"]
+    lines += ["", *markdown_table(header, rows, "lr" + "r" * len(depths) + "r")]
+    per_length = {name: [_mean(list(accuracy[name][str(n)].values())) for n in lengths] for name in result["caches"]}
+    rows = [[name, *(f"{a:.0%}" for a in means), f"{_mean(means):.0%}"] for name, means in per_length.items()]
     lines += [
         "",
-        "| cache | length | " + " | ".join(f"depth {d}" for d in depths) + " | mean |",
-        "|---|---:|" + "---:|" * (len(depths) + 1),
+        *markdown_table(["cache", *(f"{n} tokens" for n in lengths), "all"], rows, "l" + "r" * (len(lengths) + 1)),
     ]
-    for name in result["caches"]:
-        for n_tokens in result["lengths"]:
-            row = result["accuracy"][name][str(n_tokens)]
-            cells = [row[d] for d in depths]
-            lines.append(
-                f"| {name} | {n_tokens} | " + " | ".join(f"{a:.0%}" for a in cells) + f" | {_mean(cells):.0%} |"
-            )
-    lines += ["", "| cache | " + " | ".join(f"{n} tokens" for n in result["lengths"]) + " | all |"]
-    lines.append("|---|" + "---:|" * (len(result["lengths"]) + 1))
-    for name in result["caches"]:
-        per_length = [_mean(list(result["accuracy"][name][str(n)].values())) for n in result["lengths"]]
-        lines.append(f"| {name} | " + " | ".join(f"{a:.0%}" for a in per_length) + f" | {_mean(per_length):.0%} |")
     return "\n".join(lines) + "\n"
 
 
@@ -568,106 +469,3 @@ def plot_heatmap(result: dict[str, Any], path: str | Path) -> None:
     fig.suptitle(f"Passkey retrieval, {result['model']} ({result['trials']} keys per cell)", fontsize=11)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
-
-
-def write_results(
-    result: dict[str, Any],
-    json_path: str | Path | None = None,
-    markdown_path: str | Path | None = None,
-    png_path: str | Path | None = None,
-) -> None:
-    """Write the result as JSON, then the Markdown table and the heatmap made from it (each path optional)."""
-    if json_path is not None:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-    if markdown_path is not None:
-        Path(markdown_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(markdown_path).write_text(to_markdown(result), encoding="utf-8")
-    if png_path is not None:
-        plot_heatmap(result, png_path)
-
-
-# -- command line -------------------------------------------------------------------------------------------
-
-
-def _command(args: argparse.Namespace) -> str:
-    """The command that reproduces this run, with every setting spelled out."""
-    parts = ["kvpack passkey"]
-    if args.model:
-        parts.append(f"--model {args.model}")
-    parts += [f"--caches {args.caches}", f"--lengths {args.lengths}", f"--depths {args.depths}"]
-    parts += [f"--trials {args.trials}", f"--seed {args.seed}", f"--dtype {args.dtype}"]
-    if args.chat:
-        parts.append("--chat")
-    if args.threads:
-        parts.append(f"--threads {args.threads}")
-    if args.device != "cpu":
-        parts.append(f"--device {args.device}")
-    return " ".join(parts)
-
-
-def cmd_passkey(args: argparse.Namespace) -> int:
-    """Run the passkey benchmark from parsed arguments and write its JSON, Markdown and PNG."""
-    import torch
-
-    from kvpack.models import DEFAULT_MODEL, load_model
-
-    caches = parse_caches(args.caches)  # fail on a bad spec, length or depth before loading the model
-    lengths = parse_lengths(args.lengths)
-    depths = parse_depths(args.depths)
-    if args.trials < 1:
-        raise KVPackError(f"--trials {args.trials}: give at least 1 trial per cell.")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    result = run_passkey(
-        model,
-        tokenizer,
-        caches=caches,
-        lengths=lengths,
-        depths=depths,
-        trials=args.trials,
-        seed=args.seed,
-        chat=args.chat,
-        model_name=args.model or DEFAULT_MODEL,
-        command=_command(args),
-    )
-    write_results(result, args.json, args.markdown, args.png)
-    print(to_markdown(result))
-    print(f"Wrote {args.json}, {args.markdown}, {args.png}", file=sys.stderr)
-    return 0
-
-
-def add_parser(subparsers: Any) -> None:
-    """Register `kvpack passkey` on the CLI's subparsers (the object `add_subparsers()` returns)."""
-    parser = subparsers.add_parser(
-        "passkey",
-        help="passkey retrieval by length and depth, fp vs quantized",
-        description="Hide a random 5-digit pass key at several depths of a filler haystack of N tokens and ask "
-        "for it back, with the full-precision cache and with kvpack caches; print the accuracy table and write "
-        "JSON, Markdown and a heatmap PNG.",
-    )
-    parser.add_argument(
-        "--model", default=None, help="local dir or cached HF model id (default: embedded SmolLM2-135M)"
-    )
-    parser.add_argument(
-        "--caches", default=",".join(DEFAULT_CACHES), help="fp and/or kvpack specs (default fp,k8v8,k4v4,k2v2)"
-    )
-    parser.add_argument(
-        "--lengths",
-        default=",".join(map(str, DEFAULT_LENGTHS)),
-        help="total prompt tokens, up to the model's max context (default 1024,2048,4096,8192)",
-    )
-    parser.add_argument(
-        "--depths", default=",".join(map(str, DEFAULT_DEPTHS)), help="needle depths in [0, 1] (default 0.1,...,0.9)"
-    )
-    parser.add_argument("--trials", type=int, default=DEFAULT_TRIALS, help="keys per (length, depth) cell (default 3)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random keys (default 0)")
-    parser.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 ... (default cpu)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument("--json", default=str(DEFAULT_RESULTS.with_suffix(".json")), help="JSON output path")
-    parser.add_argument("--markdown", default=str(DEFAULT_RESULTS.with_suffix(".md")), help="Markdown output path")
-    parser.add_argument("--png", default=str(DEFAULT_RESULTS.with_suffix(".png")), help="heatmap PNG output path")
-    parser.set_defaults(func=cmd_passkey)

@@ -1,4 +1,4 @@
-"""One name space for every cache a benchmark compares: kvpack specs, the full-precision cache, and peers.
+"""One name space for every cache a benchmark or evaluation compares: kvpack specs, the full-precision cache, and peers.
 
     fp                           transformers' DynamicCache (the model's dtype)
     fp-prealloc                  a full-precision cache in preallocated buffers (no copy of the whole cache per
@@ -26,9 +26,10 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvpack.attention.registry import check_backend
-from kvpack.calibrate import is_profile_path
-from kvpack.config import CacheConfig, as_config
+from kvpack.compat import cache_kwargs
+from kvpack.config import CacheConfig
 from kvpack.errors import ConfigError, KVPackError
+from kvpack.profile import is_profile_path, resolve_config
 
 _PEER = re.compile(r"^(quanto|hqq)-int(\d)((?:-(?:g\d+|r\d+|axis[01]))*)$")
 _PEER_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
@@ -50,19 +51,20 @@ class CacheSpec:
         """Tokens to feed in the first call of a streamed run (a workaround some peers need)."""
         return 2 if self.peer.get("backend") == "hqq" else 1
 
+    @property
+    def source(self) -> str:
+        """What `KVPackCache` takes (kind "kvpack"): the profile's path, or the spec without its `@backend`; a path,
+        not the profile's config, so that the cache checks the profile was made for its model."""
+        return self.profile or self.name.partition("@")[0]
+
     def config(self) -> CacheConfig:
         """The kvpack cache config (kind "kvpack" only)."""
-        return as_config(self.profile or self.name.partition("@")[0])
+        return resolve_config(self.source)
 
     def bits_per_value(self) -> float | None:
-        """Nominal stored bits per cached value (codes + metadata), when defined."""
-        if self.kind == "kvpack":
-            return self.config().bits_per_value
-        if self.kind == "peer":
-            # HF's quantized caches store one scale and one shift per group, in the model's float32 here
-            # (quanto) or in float32 metadata (HQQ); counted by cache_nbytes, not assumed here.
-            return None
-        return None
+        """Nominal stored bits per cached value (codes + metadata) of a kvpack cache; None for the others (a peer's
+        metadata dtype is its own: `cache_nbytes` counts its bytes instead of assuming them)."""
+        return self.config().bits_per_value if self.kind == "kvpack" else None
 
 
 def parse_cache_name(name: str) -> CacheSpec:
@@ -95,7 +97,7 @@ def parse_cache_name(name: str) -> CacheSpec:
         return spec
     spec_text, _, backend = name.partition("@")
     try:
-        config = as_config(spec_text)
+        config = resolve_config(spec_text)
         if backend:
             check_backend(backend)
     except ConfigError as exc:
@@ -122,11 +124,21 @@ def make_cache(spec: CacheSpec, model_config: Any) -> Any:
     if spec.kind == "kvpack":
         from kvpack.cache import KVPackCache
 
-        return KVPackCache(model_config, spec.profile or spec.name.partition("@")[0], backend=spec.backend)
+        return KVPackCache(model_config, spec.source, backend=spec.backend)
     require_packages(spec)
     from transformers import QuantizedCache
 
     return QuantizedCache(config=model_config, **spec.peer)
+
+
+def prefill(model: Any, ids: torch.Tensor, spec: CacheSpec, cache: Any) -> None:
+    """Run `ids` `[batch, n]` through `model` into `cache` (of kind `spec`), keeping only the last logits; the first
+    call takes `spec.feed_first_tokens_together` tokens (a peer's workaround), the next one the rest."""
+    first = spec.feed_first_tokens_together
+    with torch.no_grad():
+        for part in (ids[:, :first], ids[:, first:]):
+            if part.shape[1]:
+                model(part, **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
 
 
 class PreallocatedLayer(DynamicLayer):

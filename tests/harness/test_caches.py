@@ -1,4 +1,4 @@
-"""Cache names for benchmarks: parsing, construction, byte counting (peers included)."""
+"""Caches under test (kvpack, fp, peers): parsing, construction, byte counting (peers included)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import torch
 from transformers import DynamicCache, LlamaConfig
 
 from kvpack import ConfigError, KVPackCache, KVPackError
-from kvpack.bench import caches
-from kvpack.bench.caches import cache_nbytes, make_cache, parse_cache_name
 from kvpack.compat import cache_kwargs
+from kvpack.harness import caches
+from kvpack.harness.caches import cache_nbytes, make_cache, parse_cache_name
 
 
 def tiny_config() -> LlamaConfig:
@@ -93,7 +93,7 @@ def test_cache_nbytes_of_quanto_counts_codes_scales_shifts_and_residual() -> Non
 def test_preallocated_fp_cache_generates_as_dynamic_cache() -> None:
     from transformers import LlamaForCausalLM
 
-    from kvpack.bench.caches import PreallocatedCache
+    from kvpack.harness.caches import PreallocatedCache
 
     torch.manual_seed(0)
     config = LlamaConfig(
