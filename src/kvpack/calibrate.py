@@ -39,10 +39,11 @@ from typing import Any
 
 import torch
 
-from kvpack.cache.plan import flushed_tokens, layer_plan
+from kvpack.cache.plan import check_head_dims, flushed_tokens, layer_plan
 from kvpack.compat import cache_kwargs
 from kvpack.config import DEFAULT_PRESET, SUPPORTED_BITS, CacheConfig, QuantSpec, as_config
 from kvpack.errors import ConfigError
+from kvpack.harness.results import markdown_table
 from kvpack.profile import Profile, ProfileModel
 from kvpack.version import __version__
 
@@ -120,13 +121,11 @@ def _calibration_attention(
     target = _active.target
     tokens, queries = key.shape[2], query.shape[2]  # the queries are the last `queries` of the `tokens` positions
     layer_idx = getattr(module, "layer_idx", None)
-    if target is None or (target.layer is not None and layer_idx != target.layer):
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
-    config = target.config.for_layer(int(layer_idx or 0)) if target.config.layer_bits else target.config
-    mask = quantized_mask(tokens, config, key.device)[tokens - queries :]
-    if not bool(mask.any()):  # nothing packed yet: exactly what the cache gives
+    mask = None
+    if target is not None and (target.layer is None or layer_idx == target.layer):
+        config = target.config.for_layer(int(layer_idx or 0)) if target.config.layer_bits else target.config
+        mask = quantized_mask(tokens, config, key.device)[tokens - queries :]
+    if target is None or mask is None or not bool(mask.any()):  # not perturbed, or nothing packed yet: as the cache
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -161,8 +160,9 @@ def _calibration_attention(
 
 
 @contextmanager
-def _calibration_attention_on(model: Any) -> Iterator[None]:
-    """Run `model` with `_calibration_attention`, restoring its attention implementation afterwards."""
+def _calibration_attention_on(model: Any, target: _Target | None = None) -> Iterator[None]:
+    """Run `model` with `_calibration_attention` perturbing `target`, restoring its attention implementation
+    afterwards."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -170,6 +170,7 @@ def _calibration_attention_on(model: Any) -> Iterator[None]:
     AttentionMaskInterface.register(_ATTENTION_NAME, sdpa_mask)
     previous = model.config._attn_implementation
     model.set_attn_implementation(_ATTENTION_NAME)
+    _active.target = target
     try:
         yield
     finally:
@@ -178,15 +179,11 @@ def _calibration_attention_on(model: Any) -> Iterator[None]:
 
 
 def _decoder_layers(model: Any) -> Sequence[torch.nn.Module]:
-    for path in ("model.layers", "model.model.layers", "model.language_model.layers"):
-        obj = model
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-            if obj is None:
-                break
-        if isinstance(obj, torch.nn.ModuleList):
-            return list(obj)
-    raise ConfigError(f"kvpack calibrate cannot find the decoder layers of {type(model).__name__}.")
+    """The decoder layers of `model`, found by transformers' own rule (`get_decoder`, multimodal models included)."""
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList):
+        raise ConfigError(f"kvpack calibrate cannot find the decoder layers of {type(model).__name__}.")
+    return list(layers)
 
 
 class SensitivityMeter:
@@ -238,13 +235,11 @@ class SensitivityMeter:
                 layer, recorded = self.layers[i], self._outputs[i]
                 originals.append((layer, layer.__dict__.get("forward")))
                 layer.forward = lambda *args, recorded=recorded, **kwargs: recorded
-        _active.target = target
         try:
-            with torch.no_grad(), _calibration_attention_on(self.model):
+            with torch.no_grad(), _calibration_attention_on(self.model, target):
                 out = self.model(self.ids[:, self.prefix :], **cache_kwargs(self.model, self.cache), use_cache=True)
                 logits = out.logits[0, :-1].double()
         finally:
-            _active.target = None
             cache_layers: list[Any] = list(self.cache.layers)
             for cache_layer in cache_layers:  # (the skipped layers did not grow)
                 if cache_layer.get_seq_length() > self.prefix:
@@ -396,34 +391,28 @@ def calibrate(
     path = Path(data) if data is not None else calibration_data_path()
     ids, sha256 = load_tokens(path, tokenizer, tokens)
     fingerprint = ProfileModel.of(model, model_name)
-    for name, spec in (("key", base_config.key), ("value", base_config.value)):
-        if spec.axis == "token" and fingerprint.head_dim % spec.group_size:
-            raise ConfigError(
-                f"the base {base_config.spec} groups {name}s per token in groups of {spec.group_size}, which do not "
-                f"divide this model's head_dim {fingerprint.head_dim}; pick a group size that divides it."
-            )
+    check_head_dims(
+        base_config, fingerprint.head_dim, fingerprint.head_dim, where=f"the base spec {base_config.spec}: "
+    )
     start = time.perf_counter()
     key_kl, value_kl = measure_sensitivity(model, ids, base_config, candidates, progress)
-    allocation = allocate(
-        key_kl, value_kl, candidates, base_config, budget_bits, fingerprint.head_dim, fingerprint.head_dim
-    )
-    seconds = time.perf_counter() - start
-    return Profile(
-        config=replace(base_config, layer_bits=allocation.layer_bits),
+    measured = Profile(
+        config=base_config,
         base=base_config.spec,
         model=fingerprint,
         data_name=path.name,
         data_sha256=sha256,
         tokens=tokens,
         budget_bits=budget_bits,
-        average_bits=allocation.average_bits,
+        average_bits=base_config.average_bits(fingerprint.head_dim, fingerprint.head_dim),  # (uniform, reallocated)
         candidates=candidates,
         key_kl=key_kl,
         value_kl=value_kl,
-        seconds=seconds,
         kvpack_version=__version__,
-        created=datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     )
+    profile = reallocate(measured, budget_bits)
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return replace(profile, seconds=time.perf_counter() - start, created=created)
 
 
 def reallocate(profile: Profile, budget_bits: float) -> Profile:
@@ -442,13 +431,12 @@ def reallocate(profile: Profile, budget_bits: float) -> Profile:
 
 def summary_table(profile: Profile) -> str:
     """The per-layer choice and KLs as a Markdown table, then the totals."""
-    bits = profile.candidates
-    head = "| layer | K bits | V bits | " + " | ".join(f"K KL@{b}" for b in bits) + " | "
-    head += " | ".join(f"V KL@{b}" for b in bits) + " |"
-    lines = [head, "|" + "---|" * (3 + 2 * len(bits))]
-    for i, (k, v) in enumerate(profile.config.layer_bits):
-        kls = " | ".join(f"{x:.2e}" for x in (*profile.key_kl[i], *profile.value_kl[i]))
-        lines.append(f"| {i} | {k} | {v} | {kls} |")
+    header = ["layer", "K bits", "V bits", *(f"{t} KL@{b}" for t in "KV" for b in profile.candidates)]
+    rows = [
+        [i, k, v, *(f"{x:.2e}" for x in (*profile.key_kl[i], *profile.value_kl[i]))]
+        for i, (k, v) in enumerate(profile.config.layer_bits)
+    ]
+    lines = markdown_table(header, rows)
     lines.append(
         f"\nbudget {profile.budget_bits:g} bits/value, achieved {profile.average_bits:.4g} (metadata included); "
         f"summed KL {profile.predicted_kl:.4g} (additive model); base {profile.base}; "

@@ -14,6 +14,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -180,9 +181,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
     from transformers import DynamicCache
 
-    from kvpack.attention import use_kvpack_attention
-    from kvpack.attention.registry import prepare
     from kvpack.cache import KVPackCache
+    from kvpack.harness.caches import load_timed_model
     from kvpack.models import load_model
     from kvpack.weights import weight_nbytes
 
@@ -194,10 +194,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise KVPackError(f"--prefix-cache {args.prefix_cache} does not exist; make one with `kvpack cache build`.")
     elif not args.prompt:
         raise KVPackError("give a prompt to append after the cached prefix (a positional argument).")
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
-    if args.backend != "dense":
-        use_kvpack_attention(model)  # the fp cache of --check still goes through SDPA
-        prepare(args.backend)
+    loader = load_model if args.backend == "dense" else partial(load_timed_model, backends=[args.backend])
+    # Through kvpack's attention unless dense; the fp cache of --check still goes through SDPA.
+    model, tokenizer = loader(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     cached, load_s = 0, 0.0
     if args.prefix_cache is None:
         inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)

@@ -391,7 +391,7 @@ better for a model, can do better at the same bits. The README gives their measu
 DEFAULT_PRESET = "balanced"
 
 
-def as_config(config: CacheConfig | str) -> CacheConfig:
+def as_config(config: object) -> CacheConfig:
     """Accept a `CacheConfig`, a preset name (`PRESETS`) or a spec string. (A calibrated profile's path is accepted
     one layer up, by `kvpack.profile.resolve_config`, which the CLI and `KVPackCache` use.)"""
     if isinstance(config, CacheConfig):

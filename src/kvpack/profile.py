@@ -11,7 +11,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 from kvpack.cache.plan import cache_shape
 from kvpack.config import CacheConfig, as_config
@@ -191,7 +191,7 @@ class Profile:
         self.path = path
 
 
-def is_profile_path(config: Any) -> bool:
+def is_profile_path(config: object) -> TypeGuard[str | os.PathLike[str]]:
     """Whether `config` names a profile file (a path object, or a string ending in `.json`)."""
     return isinstance(config, os.PathLike) or (isinstance(config, str) and config.strip().lower().endswith(".json"))
 

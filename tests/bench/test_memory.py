@@ -29,8 +29,9 @@ from transformers.pytorch_utils import Conv1D
 
 from kvpack import cli
 from kvpack.bench import memory
-from kvpack.bench.memory import ModelShape, cache_bytes, max_context, memory_table, parse_cache
+from kvpack.bench.memory import cache_bytes, max_context, memory_table, parse_cache
 from kvpack.cache import KVPackCache
+from kvpack.cache.plan import CacheShape, cache_shape
 from kvpack.errors import ConfigError, KVPackError, ModelNotFoundError, ShapeError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,7 +96,7 @@ def one_thread() -> Any:
     torch.set_num_threads(previous)
 
 
-def filled(cache: Any, shape: ModelShape, batch: int, length: int, dtype: torch.dtype) -> Any:
+def filled(cache: Any, shape: CacheShape, batch: int, length: int, dtype: torch.dtype) -> Any:
     """Call each caching layer's `update` once: the prefill of `length` tokens."""
     size = (batch, shape.kv_heads, length, shape.head_dim)
     keys, values = torch.randn(size).to(dtype), torch.randn(size).to(dtype)
@@ -110,7 +111,7 @@ def filled(cache: Any, shape: ModelShape, batch: int, length: int, dtype: torch.
 @pytest.mark.parametrize("batch", [1, 3])
 def test_formula_equals_nbytes_of_a_filled_cache(config_name: str, spec: str, batch: int) -> None:
     config = CONFIGS[config_name]()
-    shape = ModelShape.from_config(config)
+    shape = cache_shape(config)
     kind = parse_cache(spec)
     dtype = torch.bfloat16 if batch == 3 else torch.float32  # residual/sinks in the model dtype
     for length in LENGTHS:
@@ -122,7 +123,7 @@ def test_sliding_layers_release_what_falls_outside_the_window() -> None:
     # A sliding layer forgets packed blocks older than its window (plus a rollback margin) and releases their
     # storage, so after a long prefill it holds less than a full-attention layer.
     config = gemma_config()
-    cache = filled(KVPackCache(config, "k4v4-plain-g16-r16"), ModelShape.from_config(config), 1, 700, torch.float32)
+    cache = filled(KVPackCache(config, "k4v4-plain-g16-r16"), cache_shape(config), 1, 700, torch.float32)
     sliding, full = cache.layers[0], cache.layers[1]
     assert sliding.packed_length < full.packed_length
     assert sliding.nbytes() < full.nbytes()
@@ -132,7 +133,7 @@ def test_sliding_layers_release_what_falls_outside_the_window() -> None:
 @pytest.mark.parametrize("config_name", list(CONFIGS))
 def test_fp_formula_equals_the_dynamic_caches_keys_and_values(config_name: str, name: str) -> None:
     config = CONFIGS[config_name]()
-    shape = ModelShape.from_config(config)
+    shape = cache_shape(config)
     kind = parse_cache(name)
     for length in LENGTHS:
         cache = filled(DynamicCache(config=config), shape, 2, length, kind.dtype)
@@ -146,19 +147,19 @@ def test_shape_reads_defaults_and_text_sub_configs() -> None:
     config = llama_config(hidden_size=256, num_attention_heads=4)
     config.head_dim = None
     config.num_key_value_heads = None
-    shape = ModelShape.from_config(config)
-    assert (shape.kv_heads, shape.head_dim, len(shape.layers)) == (4, 64, 2)
+    shape = cache_shape(config)
+    assert (shape.kv_heads, shape.head_dim, shape.layers) == (4, 64, 2)
 
     multimodal = Gemma3Config(text_config=gemma_config())
-    assert ModelShape.from_config(multimodal) == ModelShape.from_config(gemma_config())
-    shape = ModelShape.from_config(multimodal)
+    assert cache_shape(multimodal) == cache_shape(gemma_config())
+    shape = cache_shape(multimodal)
     cache = filled(KVPackCache(multimodal, "k4v4-plain"), shape, 1, 300, torch.float32)
     assert cache_bytes(shape, parse_cache("k4v4-plain"), 1, 300, torch.float32) == cache.nbytes()
 
 
 def test_a_spec_that_cannot_hold_the_model_fails_like_the_cache() -> None:
     config = llama_config(head_dim=48)
-    shape = ModelShape.from_config(config)
+    shape = cache_shape(config)
     with pytest.raises(ShapeError, match="not divisible"):
         cache_bytes(shape, parse_cache("k4v4-plain"), 1, 10, "float16")
     with pytest.raises(ShapeError):
@@ -175,7 +176,7 @@ def test_a_spec_that_cannot_hold_the_model_fails_like_the_cache() -> None:
 
 @pytest.mark.parametrize("spec", ["fp16", "k4v4-plain", "k2v4-plain-gk32-gv64-r16-s4", "k4v2-plain-kt-g32-r8-s3"])
 def test_max_context_is_the_last_length_that_fits(spec: str) -> None:
-    shape = ModelShape.from_config(gemma_config())
+    shape = cache_shape(gemma_config())
     kind = parse_cache(spec)
 
     def total(n: int) -> int:
@@ -192,12 +193,12 @@ def test_max_context_is_the_last_length_that_fits(spec: str) -> None:
 
 
 def test_max_context_edge_cases() -> None:
-    shape = ModelShape.from_config(llama_config())
+    shape = cache_shape(llama_config())
     fp16 = parse_cache("fp16")
     exact = cache_bytes(shape, fp16, 1, 777, "float16")
     assert max_context(shape, fp16, 1, "float16", exact) == 777
     assert max_context(shape, fp16, 1, "float16", exact, fixed_bytes=exact + 1) == 0
-    all_sliding = ModelShape.from_config(gemma_config(layer_types=["sliding_attention"] * 3))
+    all_sliding = cache_shape(gemma_config(layer_types=["sliding_attention"] * 3))
     assert max_context(all_sliding, fp16, 1, "float16", 10**9) is None  # window layers stop growing
 
 
@@ -279,8 +280,9 @@ def parameter_count(config: PretrainedConfig) -> int:
 def test_llama_2_7b_config_file() -> None:
     config, name = memory.load_config(str(ROOT / "benchmarks" / "configs" / "llama-2-7b.json"))
     assert name.endswith("llama-2-7b.json")
-    shape = ModelShape.from_config(config)
-    assert (len(shape.layers), shape.kv_heads, shape.head_dim, shape.max_position_embeddings) == (32, 32, 128, 4096)
+    shape = cache_shape(config)
+    assert (shape.layers, shape.kv_heads, shape.head_dim) == (32, 32, 128)
+    assert memory.model_summary(config)["max_position_embeddings"] == 4096
     assert parameter_count(config) == 6_738_415_616  # Llama-2-7B's count
     fp16 = cache_bytes(shape, parse_cache("fp16"), 1, 4096, "float16")
     assert fp16 == 4096 * 32 * 32 * 128 * 2 * 2  # 2 GiB, the well-known figure
@@ -398,7 +400,7 @@ def test_cli_rejects_bad_options_before_loading(tmp_path: Path) -> None:
 def test_load_config_from_a_directory_and_clear_errors(tmp_path: Path) -> None:
     llama_config().save_pretrained(str(tmp_path / "model"))
     config, _ = memory.load_config(str(tmp_path / "model"))
-    assert ModelShape.from_config(config) == ModelShape.from_config(llama_config())
+    assert cache_shape(config) == cache_shape(llama_config())
     with pytest.raises(ModelNotFoundError, match="without a download"):
         memory.load_config(str(tmp_path / "nowhere"))
     (tmp_path / "no_type.json").write_text('{"hidden_size": 8}')
@@ -409,7 +411,7 @@ def test_load_config_from_a_directory_and_clear_errors(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_default_model_config_loads_without_weights() -> None:
     config, name = memory.load_config(None)
-    shape = ModelShape.from_config(config)
+    shape = cache_shape(config)
     assert name == "smollm2-135m-instruct"
-    assert (len(shape.layers), shape.kv_heads, shape.head_dim) == (30, 3, 64)
+    assert (shape.layers, shape.kv_heads, shape.head_dim) == (30, 3, 64)
     assert parameter_count(config) == 134_515_008  # SmolLM2-135M, tied

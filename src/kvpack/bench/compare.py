@@ -16,11 +16,39 @@ import torch
 
 from kvpack.compat import cache_kwargs
 from kvpack.eval.perplexity import stream
-from kvpack.harness.caches import CacheSpec, cache_nbytes, make_cache, parse_cache_name, prefill, require_packages
+from kvpack.harness.caches import CacheSpec, cache_nbytes, load_timed_model, make_cache, parse_compared, prefill
 from kvpack.harness.data import default_data_path, load_tokens
 from kvpack.harness.results import display_path, provenance
 
 DEFAULT_CACHES = "fp,k8v8,k4v4,k4v2,k2v2,quanto-int4,quanto-int2,hqq-int8,hqq-int4-axis1"
+
+
+def interleaved(calls: dict[str, Callable[[int], object]], rounds: int, warmup: int = 0) -> dict[str, float]:
+    """Seconds each of `calls` took over `rounds` timed rounds, after `warmup` untimed ones. Every round calls each
+    once, with the round's index (warm-up rounds counted), in an order that rotates each round, so that drift in the
+    machine's speed affects all alike."""
+    elapsed = dict.fromkeys(calls, 0.0)
+    names = list(calls)
+    for index in range(warmup + rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            calls[name](index)
+            if index >= warmup:
+                elapsed[name] += time.perf_counter() - start
+    return elapsed
+
+
+def speed_columns(by_key: dict[str, dict[str, Any]], key: str, context: int) -> dict[str, Any]:
+    """A row's columns at `context` from `decode_speed`'s measurements (`by_key`, fp's included): tokens/s and its
+    ratio to fp's, prefill seconds and cache bytes."""
+    measured = by_key[key]
+    return {
+        f"tokens_per_s@{context}": measured["tokens_per_s"],
+        f"speed_vs_fp@{context}": measured["tokens_per_s"] / by_key["fp"]["tokens_per_s"],
+        f"prefill_s@{context}": measured["prefill_s"],
+        f"cache_bytes@{context}": int(measured["cache_bytes"]),
+    }
 
 
 def decode_speed(
@@ -58,18 +86,13 @@ def decode_speed(
         out[key] = {"prefill_s": time.perf_counter() - start, "cache_bytes": float(cache_nbytes(cache))}
         caches[key] = (model, cache)
     token = ids[:, -1:]
-    elapsed = dict.fromkeys(caches, 0.0)
-    keys = list(caches)
+
+    def step(model: Any, cache: Any) -> Callable[[int], object]:
+        return lambda _: model(token.to(model.device), **cache_kwargs(model, cache), use_cache=True)
+
     with torch.no_grad():
-        for step in range(warmup + steps):
-            order = keys[step % len(keys) :] + keys[: step % len(keys)]
-            for key in order:
-                model, cache = caches[key]
-                start = time.perf_counter()
-                model(token.to(model.device), **cache_kwargs(model, cache), use_cache=True)
-                if step >= warmup:
-                    elapsed[key] += time.perf_counter() - start
-    for key in keys:
+        elapsed = interleaved({key: step(*caches[key]) for key in caches}, steps, warmup)
+    for key in caches:
         out[key]["tokens_per_s"] = steps / elapsed[key]
         if profile_steps:
             model, cache = caches[key]
@@ -166,27 +189,17 @@ def run_compare(
     with the partial result (`"complete": False`) after each streamed run, so a long run can be inspected, and is not
     lost, before it ends.
     """
-    from kvpack.attention import use_kvpack_attention
-    from kvpack.attention.registry import prepare
-    from kvpack.models import load_model
     from kvpack.weights import check_weights, weight_nbytes
 
     data = data or default_data_path()
-    specs = [parse_cache_name(name) for name in caches]
-    if specs[0].kind != "fp":
-        specs.insert(0, parse_cache_name("fp"))  # the reference for ΔPPL, KL and top-1
+    specs = parse_compared(caches)  # before the model loads: a missing peer fails in seconds, not minutes
     weight_formats = ["fp", *(w for w in dict.fromkeys(weights) if w != "fp")]  # the reference has fp weights
-    for spec in specs:
-        require_packages(spec)  # before the model loads: a missing peer fails in seconds, not minutes
     for name in weight_formats:
         check_weights(name)
+    backends = [spec.backend for spec in specs]
     models = {}
     for name in weight_formats:
-        models[name], tokenizer = load_model(model_name, dtype=dtype, device=device, weights=name)
-        # kvpack caches take the fused path (their default); fp and peer caches still go through SDPA.
-        use_kvpack_attention(models[name])
-    for spec in specs:
-        prepare(spec.backend)  # a kernel compiled on first use must not land in a timed step
+        models[name], tokenizer = load_timed_model(model_name, backends, dtype=dtype, device=device, weights=name)
     model = models["fp"]
     ids, data_sha256 = load_tokens(data, tokenizer, tokens)
 
@@ -222,22 +235,17 @@ def run_compare(
         checkpoint(result)
     del ref_logprobs
 
-    speed: dict[int, dict[str, dict[str, float]]] = {}
     entries = [(row_key(fmt, spec.name), models[fmt], spec) for fmt, spec in runs]
+    speed = {}
     for context in contexts:
         print(f"Decode speed at {context} tokens ({steps} interleaved steps) ...", file=sys.stderr)
         speed[context] = decode_speed(entries, context, steps)
     element_size = torch.finfo(model.dtype).bits // 8
     for row in rows:
         for context, by_cache in speed.items():
-            measured = by_cache[row_key(row["weights"], row["cache"])]
-            fp = by_cache["fp"]
-            fp16_bytes = fp["cache_bytes"] * 2 / element_size
-            row[f"tokens_per_s@{context}"] = measured["tokens_per_s"]
-            row[f"speed_vs_fp@{context}"] = measured["tokens_per_s"] / fp["tokens_per_s"]
-            row[f"prefill_s@{context}"] = measured["prefill_s"]
-            row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
-            row[f"vs_fp16@{context}"] = fp16_bytes / measured["cache_bytes"]
-            row[f"total_bytes@{context}"] = row["weight_bytes"] + int(measured["cache_bytes"])
+            row.update(speed_columns(by_cache, row_key(row["weights"], row["cache"]), context))
+            cache_bytes = row[f"cache_bytes@{context}"]
+            row[f"vs_fp16@{context}"] = by_cache["fp"]["cache_bytes"] * 2 / element_size / cache_bytes
+            row[f"total_bytes@{context}"] = row["weight_bytes"] + cache_bytes
     result.update(contexts=list(contexts), complete=True)
     return result

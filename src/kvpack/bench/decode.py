@@ -24,10 +24,11 @@ from typing import Any
 
 import torch
 
-from kvpack.bench.compare import decode_speed
+from kvpack.bench.compare import decode_speed, interleaved, speed_columns
+from kvpack.bench.report import tokens_per_s_lines
 from kvpack.cache.plan import cache_shape, context_limit, flushed_tokens
-from kvpack.harness.caches import parse_cache_name, require_packages
-from kvpack.harness.results import markdown_table, provenance, provenance_lines
+from kvpack.harness.caches import load_timed_model, parse_compared, uniform_spec
+from kvpack.harness.results import figure, markdown_page, markdown_table, plot_lines, provenance
 
 GB = 1e9
 
@@ -51,13 +52,9 @@ def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> dict[str, float]
 def _layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -> tuple[list[Any], list[Any], int]:
     """`layers` independent (AttentionInputs, fp32 keys/values) pairs of `tokens` tokens with the model's shapes."""
     from kvpack.attention.inputs import AttentionInputs
-    from kvpack.config import parse_spec
-    from kvpack.errors import ConfigError
     from kvpack.quant.tensor import PackedTensor
 
-    cache_config = parse_spec(spec)
-    if cache_config.layer_bits:
-        raise ConfigError(f"{spec}: per-layer bits (-l...) are not supported by this benchmark; give a uniform spec.")
+    cache_config = uniform_spec(spec)
     shape = cache_shape(config)
     packed = flushed_tokens(tokens, cache_config)
     gen = torch.Generator().manual_seed(seed)
@@ -96,26 +93,19 @@ def attention_speed(
         for backend in backends:
 
             def run(i: int, backend: str = backend, inputs: list[Any] = inputs, query: Any = query) -> Any:
-                layer: AttentionInputs = inputs[i]
+                layer: AttentionInputs = inputs[i % len(inputs)]
                 layer.backend = backend
                 return attend(query, layer, None, scaling)
 
             candidates[f"kvpack {spec} ({backend})"] = (run, packed_bytes + exact_bytes)
 
         def sdpa(i: int, dense: list[Any] = dense, query: Any = query) -> Any:
-            keys, values = dense[i]
+            keys, values = dense[i % len(dense)]
             return torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
 
         candidates["fp32 SDPA"] = (sdpa, dense[0][0].nbytes + dense[0][1].nbytes)
-        for fn, _ in candidates.values():
-            for i in range(min(layers, 3)):
-                fn(i)  # warm up (and build the kernels)
-        timings = dict.fromkeys(candidates, 0.0)
-        for call in range(calls):
-            for name, (fn, _) in candidates.items():  # interleaved, like the full-model measurement
-                start = time.perf_counter()
-                fn(call % layers)
-                timings[name] += time.perf_counter() - start
+        # Interleaved like the full-model measurement, after untimed calls that build the kernels.
+        timings = interleaved({name: fn for name, (fn, _) in candidates.items()}, calls, warmup=min(layers, 3))
         sdpa_us = timings["fp32 SDPA"] / calls * 1e6
         for name, (_, n_bytes) in candidates.items():
             us = timings[name] / calls * 1e6
@@ -143,19 +133,8 @@ def run_decode(
     """Everything `kvpack bench decode` measures, as the JSON-ready result: full-model decode of each cache (fp
     added first when missing) at each context (capped to fit the model), then the attention kernels of `backends`
     alone on `spec` (none when empty)."""
-    from kvpack.attention import use_kvpack_attention
-    from kvpack.attention.registry import prepare
-    from kvpack.models import load_model
-
-    specs = [parse_cache_name(name) for name in caches]
-    if specs[0].name != "fp":
-        specs.insert(0, parse_cache_name("fp"))
-    for cache in specs:
-        require_packages(cache)
-    model, _ = load_model(model_name, dtype=dtype, device=device)
-    use_kvpack_attention(model)  # fp and peer caches still go through SDPA; kvpack caches take the fused path
-    for cache in specs:
-        prepare(cache.backend)  # a kernel compiled on first use must not land in a timed prefill
+    specs = parse_compared(caches)
+    model, _ = load_timed_model(model_name, [cache.backend for cache in specs], dtype=dtype, device=device)
     contexts = [min(c, context_limit(model.config) - steps - 3) for c in contexts]
     result: dict[str, Any] = {
         **provenance("decode", model, model_name),
@@ -172,15 +151,12 @@ def run_decode(
     for cache in specs:
         row: dict[str, Any] = {"cache": cache.name}
         for context, by_cache in speed.items():
-            measured, fp = by_cache[cache.name], by_cache["fp"]
-            row[f"tokens_per_s@{context}"] = measured["tokens_per_s"]
-            row[f"speed_vs_fp@{context}"] = measured["tokens_per_s"] / fp["tokens_per_s"]
+            measured = by_cache[cache.name]
+            row.update(speed_columns(by_cache, cache.name, context))
             if "fp-prealloc" in by_cache:
                 prealloc = by_cache["fp-prealloc"]["tokens_per_s"]
                 row[f"speed_vs_fp_prealloc@{context}"] = measured["tokens_per_s"] / prealloc
-            row[f"prefill_s@{context}"] = measured["prefill_s"]
-            row[f"prefill_vs_fp@{context}"] = measured["prefill_s"] / fp["prefill_s"]
-            row[f"cache_bytes@{context}"] = int(measured["cache_bytes"])
+            row[f"prefill_vs_fp@{context}"] = measured["prefill_s"] / by_cache["fp"]["prefill_s"]
             if "profile_ms" in measured:
                 row[f"profile_ms@{context}"] = measured["profile_ms"]
         result["rows"].append(row)
@@ -209,13 +185,11 @@ def to_markdown(result: dict[str, Any]) -> str:
                 f"{row[f'prefill_s@{c}']:.2f} ({row[f'prefill_vs_fp@{c}']:.2f}x)",
             ]
         rows.append(cells)
-    lines = [
-        f"# kvpack bench decode: {result['model']} ({result['dtype']})",
-        "",
-        *provenance_lines(result),
+    notes = [
         f"- memory bandwidth measured in the same run: read {bandwidth['read_gb_s']:.1f} GB/s, copy (read + write) "
-        f"{bandwidth['copy_gb_s']:.1f} GB/s",
-        "",
+        f"{bandwidth['copy_gb_s']:.1f} GB/s"
+    ]
+    lines = [
         f"## Full-model decode ({result['steps']} single-token steps per cache and context, interleaved)",
         "",
         *markdown_table(header, rows),
@@ -234,7 +208,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             "",
             *markdown_table(header, rows),
         ]
-    return "\n".join(lines) + "\n"
+    return markdown_page(f"kvpack bench decode: {result['model']} ({result['dtype']})", result, notes, lines)
 
 
 def _profile_markdown(result: dict[str, Any]) -> list[str]:
@@ -272,29 +246,12 @@ def _profile_markdown(result: dict[str, Any]) -> list[str]:
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Decode tokens/s vs context per cache, and attention µs per call vs context per kernel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    contexts = result["contexts"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in result["rows"]:
-        left.plot(contexts, [row[f"tokens_per_s@{c}"] for c in contexts], marker="o", label=row["cache"])
-    left.set_xlabel("context (tokens)")
-    left.set_ylabel("decode tokens/s")
-    left.legend(fontsize=7)
-    left.grid(alpha=0.3)
-    kernels = list(dict.fromkeys(row["kernel"] for row in result.get("attention", [])))
-    for kernel in kernels:
-        points = [(r["context"], r["us_per_call"]) for r in result["attention"] if r["kernel"] == kernel]
-        right.plot(*zip(*points, strict=True), marker="o", label=kernel)
-    right.set_xlabel("context (tokens)")
-    right.set_ylabel("µs per attention call")
-    right.set_yscale("log")
-    right.legend(fontsize=7)
-    right.grid(alpha=0.3)
-    fig.suptitle(f"{result['model']}: decode, {result['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    kernels: dict[str, tuple[list[float], list[float]]] = {}
+    for row in result.get("attention", []):
+        contexts, us = kernels.setdefault(row["kernel"], ([], []))
+        contexts.append(row["context"])
+        us.append(row["us_per_call"])
+    with figure(path, f"{result['model']}: decode, {result['date'][:10]}") as (left, right):
+        plot_lines(left, tokens_per_s_lines(result), "context (tokens)", "decode tokens/s")
+        plot_lines(right, kernels, "context (tokens)", "µs per attention call")
+        right.set_yscale("log")

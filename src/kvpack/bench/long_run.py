@@ -30,9 +30,9 @@ import torch
 from kvpack.cache.plan import flushed_tokens, packed_bytes
 from kvpack.compat import cache_kwargs
 from kvpack.config import parse_spec
-from kvpack.errors import ConfigError
+from kvpack.harness.caches import uniform_spec
 from kvpack.harness.process import release_freed_memory, rss_bytes
-from kvpack.harness.results import format_bytes, markdown_table, provenance, provenance_lines
+from kvpack.harness.results import format_bytes, markdown_page, markdown_table, provenance
 
 
 def tiny_llama(max_tokens: int, layers: int = 2, kv_heads: int = 2, head_dim: int = 64, seed: int = 0) -> Any:
@@ -161,9 +161,7 @@ def run_long(
     first `warmup` tokens."""
     from kvpack.attention.registry import prepare, use_kvpack_attention
 
-    config = parse_spec(spec)
-    if config.layer_bits:
-        raise ConfigError(f"{spec}: per-layer bits (-l...) are not supported by this benchmark; give a uniform spec.")
+    config = uniform_spec(spec)
     model = tiny_llama(prompt + tokens + 1, layers=layers, kv_heads=kv_heads, head_dim=head_dim)
     if backend != "dense":
         use_kvpack_attention(model)
@@ -238,14 +236,12 @@ def to_markdown(result: dict[str, Any]) -> str:
         for s in shown
     ]  # fmt: skip
     last, problems = result["runs"][-1]["samples"][-1], check(result)
-    lines = [
-        f"# Long run: {result['tokens']:,} generated tokens, {result['spec']} ({result['backend']})",
-        "",
-        *provenance_lines(result),
+    setup = [
         f"- model: {result['model']}, {shape['layers']} layers x {shape['kv_heads']} KV heads x {shape['head_dim']} "
         f"dims, {shape['dtype']}; greedy decoding after a {result['prompt_tokens']}-token prompt, batch 1",
         f"- sampled every {result['sample_every']} tokens; slopes are least squares over the samples after the warm-up",
-        "",
+    ]
+    lines = [
         *markdown_table(header, rows),
         "",
         f"At {last['cached_tokens']:,} cached tokens: held {last['held_bytes']:,} bytes "
@@ -259,4 +255,5 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         "Checks: " + ("all passed." if not problems else "; ".join(problems)),
     ]
-    return "\n".join(lines) + "\n"
+    title = f"Long run: {result['tokens']:,} generated tokens, {result['spec']} ({result['backend']})"
+    return markdown_page(title, result, setup, lines)

@@ -25,6 +25,7 @@ bytes come from the model transformers builds from the config on the meta device
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import Counter
@@ -35,16 +36,21 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from kvpack.cache.plan import cache_shape, dropped_tokens, exact_capacity, flushed_tokens, packed_bytes
-from kvpack.config import CacheConfig, parse_spec
-from kvpack.errors import ConfigError, KVPackError, ModelNotFoundError, ShapeError, UnsupportedModelError
-from kvpack.harness.process import libc, release_freed_memory, rss_bytes
-from kvpack.harness.results import (
-    GIB,
-    MIB,
-    format_bytes,
-    markdown_table,
+from kvpack.cache.plan import (
+    CacheShape,
+    cache_shape,
+    check_head_dims,
+    dropped_tokens,
+    exact_capacity,
+    flushed_tokens,
+    packed_bytes,
 )
+from kvpack.config import CacheConfig, parse_spec
+from kvpack.errors import ConfigError, KVPackError, ModelNotFoundError, UnsupportedModelError
+from kvpack.harness.process import libc, release_freed_memory, rss_bytes
+from kvpack.harness.results import GIB, MIB, format_bytes, markdown_table, provenance_lines
+from kvpack.models import DEFAULT_MODEL, default_model_file
+from kvpack.models import DTYPES as MODEL_DTYPES
 from kvpack.quant.packing import packed_row_bytes
 
 if TYPE_CHECKING:
@@ -55,7 +61,6 @@ DEFAULT_BATCHES = "1,4,16,64"
 DEFAULT_LENGTHS = "512,1024,2048,4096,8192,16384,32768,65536,131072"
 DEFAULT_DTYPE = "float16"
 FP_CACHES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-MODEL_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 WEIGHT_FORMATS = ("fp16", "int8", "int4")
 INT4_GROUP = 64
 # The tokens used to read off the marginal bytes per token: a multiple of every block size, far past any window.
@@ -86,35 +91,20 @@ WEIGHTS_METHOD = (
 # -- what the cache size depends on ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """What the KV-cache size of a model config depends on: `kvpack.cache.plan.cache_shape` (per decoder layer its
-    type and sliding window, "dummy" layers caching nothing; KV heads; head_dim) and its max position embeddings."""
-
-    model_type: str
-    kv_heads: int
-    head_dim: int
-    layers: tuple[tuple[str, int | None], ...]
-    max_position_embeddings: int | None
-
-    @classmethod
-    def from_config(cls, config: PretrainedConfig) -> ModelShape:
-        """Read a (possibly multimodal) transformers config; raises `UnsupportedModelError` like `KVPackCache`."""
-        shape = cache_shape(config)
-        max_positions = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
-        return cls(shape.architecture, shape.kv_heads, shape.head_dim, shape.plan, int(max_positions or 0) or None)
-
-    def summary(self) -> dict[str, Any]:
-        """JSON-ready description: layer counts by type and window, KV heads, head_dim, max position embeddings."""
-        counts = Counter(kind if window is None else f"{kind} (window {window})" for kind, window in self.layers)
-        return {
-            "model_type": self.model_type,
-            "layers": len(self.layers),
-            "layer_types": dict(counts),
-            "kv_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "max_position_embeddings": self.max_position_embeddings,
-        }
+def model_summary(config: PretrainedConfig) -> dict[str, Any]:
+    """JSON-ready description of what a config's KV-cache size depends on: `cache_shape` (layer counts by type and
+    window, KV heads, head_dim) and its max position embeddings (None if it states none). Raises as `cache_shape`."""
+    shape = cache_shape(config)
+    counts = Counter(kind if window is None else f"{kind} (window {window})" for kind, window in shape.plan)
+    max_positions = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
+    return {
+        "model_type": shape.architecture,
+        "layers": shape.layers,
+        "layer_types": dict(counts),
+        "kv_heads": shape.kv_heads,
+        "head_dim": shape.head_dim,
+        "max_position_embeddings": int(max_positions or 0) or None,
+    }
 
 
 @dataclass(frozen=True)
@@ -163,29 +153,18 @@ def parse_cache(name: str | CacheConfig) -> CacheKind:
     return CacheKind(name=config.spec, config=config)
 
 
-def _dtype_name(dtype: torch.dtype | None) -> str:
+def _dtype_name(dtype: torch.dtype | str | None) -> str:
     return str(dtype).removeprefix("torch.")
 
 
 def _as_dtype(dtype: torch.dtype | str) -> torch.dtype:
     """The model dtype named by `dtype` (a `torch.dtype` or a `MODEL_DTYPES` key); raises `ConfigError` otherwise."""
-    name = _dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype
-    if name not in MODEL_DTYPES:
+    if _dtype_name(dtype) not in MODEL_DTYPES:
         raise ConfigError(f"model dtype {dtype!r} is not supported; use one of {sorted(MODEL_DTYPES)}.")
-    return MODEL_DTYPES[name]
+    return MODEL_DTYPES[_dtype_name(dtype)]
 
 
 # -- the exact formula ----------------------------------------------------------------------------------------
-
-
-def _check_fits(config: CacheConfig, head_dim: int) -> None:
-    """Raise the `ShapeError` that `PackedLayer.lazy_initialization` would raise for this head_dim."""
-    for name, spec in (("key", config.key), ("value", config.value)):
-        if spec.axis == "token" and head_dim % spec.group_size:
-            raise ShapeError(
-                f"{config.spec}: the {name} head_dim {head_dim} is not divisible by the {name} group size "
-                f"{spec.group_size}, so this cache cannot hold this model; choose a group size that divides {head_dim}."
-            )
 
 
 def _kvpack_row_bytes(
@@ -212,15 +191,8 @@ def _kvpack_row_bytes(
     return 2 * dense_tokens * head_dim * element_size + packed
 
 
-def _dynamic_row_tokens(window: int | None, length: int) -> int:
-    """Tokens a `DynamicLayer` / `DynamicSlidingWindowLayer` keeps (`states[:, :, -window + 1:]`)."""
-    if window is None or window - 1 <= 0:
-        return length
-    return min(length, window - 1)
-
-
 def cache_bytes(
-    shape: ModelShape,
+    shape: CacheShape,
     kind: CacheKind,
     batch: int,
     length: int,
@@ -239,24 +211,25 @@ def cache_bytes(
     if batch < 1 or length < 0:
         raise ConfigError(f"batch {batch} and length {length} must be >= 1 and >= 0.")
     element_size = _as_dtype(dtype).itemsize
-    windows = [window for layer_type, window in shape.layers if layer_type != "dummy"]
+    windows = [window for layer_type, window in shape.plan if layer_type != "dummy"]
     if kind.config is not None:
-        _check_fits(kind.config, shape.head_dim)
+        check_head_dims(kind.config, shape.head_dim, shape.head_dim, where=f"{kind.config.spec}: ")
         row = [_kvpack_row_bytes(kind.config, w, length, shape.head_dim, element_size, full_window) for w in windows]
     else:
-        assert kind.dtype is not None
-        row = [_dynamic_row_tokens(w, length) * 2 * shape.head_dim * kind.dtype.itemsize for w in windows]
+        assert kind.dtype is not None  # a DynamicSlidingWindowLayer keeps `states[:, :, -window + 1:]`
+        tokens = [length if w is None or w <= 1 else min(length, w - 1) for w in windows]
+        row = [n * 2 * shape.head_dim * kind.dtype.itemsize for n in tokens]
     return batch * shape.kv_heads * sum(row)
 
 
-def bytes_per_token(shape: ModelShape, kind: CacheKind, dtype: torch.dtype | str) -> float:
+def bytes_per_token(shape: CacheShape, kind: CacheKind, dtype: torch.dtype | str) -> float:
     """Marginal bytes per additional cached token at batch 1, for long contexts (past every window and block)."""
     n = _MARGINAL_TOKENS
     return (cache_bytes(shape, kind, 1, 2 * n, dtype) - cache_bytes(shape, kind, 1, n, dtype)) / n
 
 
 def max_context(
-    shape: ModelShape,
+    shape: CacheShape,
     kind: CacheKind,
     batch: int,
     dtype: torch.dtype | str,
@@ -395,67 +368,51 @@ def memory_table(
         raise ConfigError(f"batch sizes {batches} and lengths {token_counts} must be non-empty and >= 1.")
     if budget_gib is not None and budget_gib <= 0:
         raise ConfigError(f"--budget-gib {budget_gib} must be positive.")
-    shape = ModelShape.from_config(config)
-    fp16 = parse_cache("fp16")
+    shape, fp16 = cache_shape(config), parse_cache("fp16")
     fp16_per_token = bytes_per_token(shape, fp16, model_dtype)
     caches = []
     for kind in kinds:
         per_token = bytes_per_token(shape, kind, model_dtype)
-        caches.append(
-            {
-                "name": kind.name,
-                "kind": "kvpack" if kind.is_kvpack else "dynamic",
-                "dtype": _dtype_name(model_dtype if kind.is_kvpack else kind.dtype),
-                "config": kind.config.to_dict() if kind.config is not None else None,
-                "description": kind.describe(model_dtype),
-                "bytes_per_token": per_token,
-                "vs_fp16_per_token": fp16_per_token / per_token if per_token else None,
-            }
-        )
+        caches.append({
+            "name": kind.name,
+            "kind": "kvpack" if kind.is_kvpack else "dynamic",
+            "dtype": _dtype_name(model_dtype if kind.is_kvpack else kind.dtype),
+            "config": kind.config.to_dict() if kind.config is not None else None,
+            "description": kind.describe(model_dtype),
+            "bytes_per_token": per_token,
+            "vs_fp16_per_token": fp16_per_token / per_token if per_token else None,
+        })  # fmt: skip
     weights_info = _weights_section(config, weights) if weights else None
     weight_sizes: dict[str, int] = weights_info.get("bytes", {}) if weights_info else {}
     cells = []
-    for batch in batches:
-        for length in token_counts:
-            reference = cache_bytes(shape, fp16, batch, length, model_dtype)
-            for kind in kinds:
-                held = cache_bytes(shape, kind, batch, length, model_dtype)
-                cell = {
-                    "cache": kind.name,
-                    "batch": batch,
-                    "length": length,
-                    "bytes": held,
-                    "vs_fp16": reference / held if held else None,
-                }
-                if weight_sizes:
-                    cell["total_bytes"] = {fmt: size + held for fmt, size in weight_sizes.items()}
-                cells.append(cell)
-    result: dict[str, Any] = {
-        "model": shape.summary(),
-        "dtype": _dtype_name(model_dtype),
-        "caches": caches,
-        "batch_sizes": batches,
-        "lengths": token_counts,
-        "cells": cells,
-    }
+    for batch, length in itertools.product(batches, token_counts):
+        reference = cache_bytes(shape, fp16, batch, length, model_dtype)
+        for kind in kinds:
+            held = cache_bytes(shape, kind, batch, length, model_dtype)
+            cells.append({"cache": kind.name, "batch": batch, "length": length, "bytes": held})
+            cells[-1]["vs_fp16"] = reference / held if held else None
+            if weight_sizes:
+                cells[-1]["total_bytes"] = {fmt: size + held for fmt, size in weight_sizes.items()}
+    model = model_summary(config)
+    result: dict[str, Any] = {"model": model, "dtype": _dtype_name(model_dtype), "caches": caches}
+    result.update(batch_sizes=batches, lengths=token_counts, cells=cells)
     if weights_info is not None:
         result["weights"] = weights_info
     if budget_gib is not None:
-        budget, limit = int(budget_gib * GIB), shape.max_position_embeddings
+        budget, limit = int(budget_gib * GIB), model["max_position_embeddings"]
         rows = []
-        for kind in kinds:
-            for fmt in [None, *weight_sizes]:
-                for batch in batches:
-                    tokens = max_context(shape, kind, batch, model_dtype, budget, weight_sizes[fmt] if fmt else 0)
-                    rows.append(
-                        {
-                            "cache": kind.name,
-                            "weights": fmt,
-                            "batch": batch,
-                            "max_length": tokens,
-                            "beyond_max_position": limit is not None and (tokens is None or tokens > limit),
-                        }
-                    )
+        for kind, fmt, batch in itertools.product(kinds, [None, *weight_sizes], batches):
+            tokens = max_context(shape, kind, batch, model_dtype, budget, weight_sizes[fmt] if fmt else 0)
+            beyond = limit is not None and (tokens is None or tokens > limit)
+            rows.append(
+                {
+                    "cache": kind.name,
+                    "weights": fmt,
+                    "batch": batch,
+                    "max_length": tokens,
+                    "beyond_max_position": beyond,
+                }
+            )
         result["max_context"] = {"budget_gib": budget_gib, "budget_bytes": budget, "rows": rows}
     return result
 
@@ -470,9 +427,10 @@ def default_measure_cells(batch_sizes: Sequence[int], lengths: Sequence[int]) ->
     return [(b, n) for b in batches for n in tokens]
 
 
-def _held_storages(cache: Any, kvpack: bool) -> list[torch.UntypedStorage]:
-    """The distinct non-empty storages of a cache's tensors: every tensor of a kvpack layer (attributes and one
-    level below), the keys and values of a DynamicCache layer."""
+def _held(cache: Any, kvpack: bool) -> tuple[int, list[torch.UntypedStorage]]:
+    """The bytes a cache counts (`nbytes()` of a kvpack cache; a DynamicCache's keys and values tensors) and the
+    distinct non-empty storages it holds: every tensor of a kvpack layer (attributes and one level below), the keys
+    and values of a DynamicCache layer."""
     found: dict[int, torch.UntypedStorage] = {}
 
     def visit(obj: Any, depth: int) -> None:
@@ -484,20 +442,15 @@ def _held_storages(cache: Any, kvpack: bool) -> list[torch.UntypedStorage]:
             for value in vars(obj).values():
                 visit(value, depth + 1)
 
-    for layer in cache.layers:
-        for obj in [layer] if kvpack else [getattr(layer, "keys", None), getattr(layer, "values", None)]:
-            visit(obj, 0)
-    return list(found.values())
-
-
-def _touch(storages: Sequence[torch.UntypedStorage]) -> None:
-    """Write every byte of each CPU storage with itself (no data changes) so all its pages are resident.
-
-    A cache preallocates buffers it has not written yet (the free slots of the residual buffer); their pages do
-    not count in RSS until first written. Touching them makes RSS measure what was allocated.
-    """
-    for storage in storages:
-        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).bitwise_or_(0)
+    if kvpack:
+        for layer in cache.layers:
+            visit(layer, 0)
+        return int(cache.nbytes()), list(found.values())
+    held = (getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values"))
+    tensors = [t for t in held if isinstance(t, torch.Tensor)]
+    for t in tensors:
+        visit(t, 0)
+    return sum(t.numel() * t.element_size() for t in tensors), list(found.values())
 
 
 def _fill(config: PretrainedConfig, kind: CacheKind, x: torch.Tensor) -> Any:
@@ -513,14 +466,6 @@ def _fill(config: PretrainedConfig, kind: CacheKind, x: torch.Tensor) -> Any:
         if not isinstance(layer, DummyLayer):
             layer.update(x, x)
     return cache
-
-
-def _logical_bytes(cache: Any, kvpack: bool) -> int:
-    """`nbytes()` of a kvpack cache; the bytes of a DynamicCache's keys and values tensors."""
-    if kvpack:
-        return int(cache.nbytes())
-    tensors = [t for layer in cache.layers for t in (getattr(layer, "keys", None), getattr(layer, "values", None))]
-    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
 
 
 def measure_cells(
@@ -549,7 +494,7 @@ def measure_cells(
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     kinds = [parse_cache(spec) for spec in cache_specs]
-    shape = ModelShape.from_config(config)
+    shape = cache_shape(config)
     if cuda:
         method = "torch.cuda.memory_allocated growth"
     elif rss_bytes() is not None:
@@ -581,17 +526,19 @@ def measure_cells(
             before = torch.cuda.memory_allocated(dev) if cuda else rss_bytes() or 0
             cache = _fill(config, kind, x)
             release_freed_memory(dev)
-            storages = _held_storages(cache, kind.is_kvpack)
+            counted, storages = _held(cache, kind.is_kvpack)
             growth: int | None
             if cuda:
                 growth = torch.cuda.memory_allocated(dev) - before
                 peak = torch.cuda.max_memory_allocated(dev) - before
             else:
-                _touch(storages)
+                # A cache preallocates buffers it has not written yet (the free slots of the residual buffer), whose
+                # pages count in RSS only once written: rewrite every byte with itself so RSS sees what was allocated.
+                for storage in storages:
+                    torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).bitwise_or_(0)
                 after, peak = rss_bytes(), None
                 growth = after - before if after is not None else None
             formula = cache_bytes(shape, kind, batch, length, model_dtype)
-            counted = _logical_bytes(cache, kind.is_kvpack)
             storage_bytes = sum(s.nbytes() for s in storages)
             del cache, storages, x
             row = _check_cell(kind, batch, length, formula, counted, storage_bytes, growth)
@@ -693,14 +640,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         "residual and sink tokens are stored in it.",
     ]
     if "date" in result:
-        machine, versions = result["machine"], result["versions"]
-        lines += [
-            "",
-            f"Run {result['date']} on {machine['platform']} ({machine.get('cpus', '?')} CPUs, "
-            f"{machine.get('torch_threads', '?')} torch threads, device {machine.get('device', 'cpu')}); "
-            f"kvpack {versions['kvpack']}, torch {versions['torch']}, transformers {versions['transformers']}, "
-            f"Python {versions.get('python', '?')}. Command: `{result['command']}`.",
-        ]
+        lines += ["", *provenance_lines(result)]
     lines += [
         "",
         "Exact bytes each cache holds after a prefill of N tokens at batch size B, computed from the config (no "
@@ -730,10 +670,10 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     lines += markdown_table(["cache", "what it holds", "bytes per token (batch 1, long context)", "vs fp16"], rows)
     for batch in batches:
-        cells = [[by_cell[(batch, n, name)] for name in names] for n in lengths]
+        cells = [(n, [by_cell[(batch, n, name)] for name in names]) for n in lengths]
         rows = [
             [_tokens(n, limit), *(f"{format_bytes(c['bytes'])} ({_ratio(c['vs_fp16'])})" for c in row)]
-            for n, row in zip(lengths, cells, strict=True)
+            for n, row in cells
         ]
         lines += ["", f"## Batch {batch}", "", *markdown_table(["tokens", *name_columns], rows)]
     weights = result.get("weights")
@@ -743,11 +683,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         rows = [[fmt, f"{weights['parameters']:,}", format_bytes(size)] for fmt, size in weights["bytes"].items()]
         lines += ["", "## Weights", "", weights["method"], "", *markdown_table(["format", "parameters", "bytes"], rows)]
         for fmt, size in weights["bytes"].items():
-            rows = []
-            for b in batches:
-                for n in lengths:
-                    totals = [by_cell[(b, n, name)]["total_bytes"][fmt] for name in names]
-                    rows.append([str(b), _tokens(n, limit), *map(format_bytes, totals)])
+            rows = [
+                [
+                    str(b),
+                    _tokens(n, limit),
+                    *(format_bytes(by_cell[(b, n, name)]["total_bytes"][fmt]) for name in names),
+                ]
+                for b, n in itertools.product(batches, lengths)
+            ]
             lines += ["", f"### Total: {fmt} weights ({format_bytes(size)}) + cache", ""]
             lines += markdown_table(["batch", "tokens", *name_columns], rows)
     context = result.get("max_context")
@@ -802,8 +745,6 @@ def load_config(model: str | None) -> tuple[PretrainedConfig, str]:
     or a model id already in the Hugging Face cache. Raises `ModelNotFoundError` when it cannot be read offline.
     """
     from transformers import CONFIG_MAPPING, AutoConfig
-
-    from kvpack.models import DEFAULT_MODEL, default_model_file
 
     try:
         if model is None or model == DEFAULT_MODEL:

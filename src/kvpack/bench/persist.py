@@ -36,8 +36,9 @@ import torch
 
 from kvpack.cache.plan import context_limit
 from kvpack.compat import cache_kwargs
+from kvpack.harness.caches import load_timed_model
 from kvpack.harness.data import default_data_path, load_tokens
-from kvpack.harness.results import format_bytes, markdown_table, provenance, provenance_lines
+from kvpack.harness.results import format_bytes, markdown_page, markdown_table, provenance
 
 REFERENCE = "fp16 dump (DynamicCache)"
 
@@ -87,12 +88,8 @@ class _Case:
     def __init__(self, name: str, spec: str | None, path: Path):
         self.name, self.spec, self.path = name, spec, path
         self.saved = False
-        self.times: dict[str, list[tuple[float, float]]] = {
-            "prefill": [],
-            "prefill_first_token": [],
-            "load": [],
-            "load_first_token": [],
-        }
+        parts = ("prefill", "prefill_first_token", "load", "load_first_token")
+        self.times: dict[str, list[tuple[float, float]]] = {part: [] for part in parts}
         self.save_s = 0.0
         self.fresh_logits: torch.Tensor | None = None
         self.identical = True
@@ -190,15 +187,10 @@ def run_persist(
     (capped to fit the model) and each kvpack spec of `caches`, and for the fp16 dump, prefill + first token vs load +
     first token (`suffix` tokens after the prefix), files in `tmp` (default the system's temporary folder).
     data: the text (default WikiText-2 test)."""
-    from kvpack.attention import use_kvpack_attention
-    from kvpack.attention.registry import prepare
-    from kvpack.models import load_model
-
     data = data or default_data_path()
     load_before = os.getloadavg()
-    model, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    use_kvpack_attention(model)  # as `kvpack generate`: the first token after a load reads the packed cache
-    prepare("auto")  # a kernel compiled on first use must not land in a timed step
+    # As `kvpack generate`: the first token after a load reads the packed cache.
+    model, tokenizer = load_timed_model(model_name, ["auto"], dtype=dtype, device=device)
     contexts = [min(c, context_limit(model.config) - suffix) for c in contexts]
     all_ids, data_sha = load_tokens(data, tokenizer, max(contexts) + suffix)
     all_ids = all_ids.to(model.device)
@@ -264,10 +256,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"{row['speedup_first_token']:.0f}x ({row['speedup_first_token_cpu']:.0f}x)",
             ("yes" if row["identical_first_token_logits"] else "NO") if kvpack else "",
         ])  # fmt: skip
-    lines = [
-        f"# kvpack bench persist: {result['model']} ({result['dtype']})",
-        "",
-        *provenance_lines(result),
+    notes = [
         f"- 1-minute load average {load['before']:.1f} before, {load['after']:.1f} after (a shared VM: other jobs ran "
         "beside this one)",
         f"- prefixes: the first N tokens of {result['data']}; then a {result['suffix_tokens']}-token suffix (the "
@@ -276,7 +265,6 @@ def to_markdown(result: dict[str, Any]) -> str:
         "load after dropping the file's pages (cold); every kvpack load verifies the checksum and the model and "
         "tokenizer fingerprints. Times are wall-clock seconds, with this process's CPU seconds in parentheses (what "
         "the other jobs on the machine do not inflate).",
-        "",
-        *markdown_table(header, rows),
     ]
-    return "\n".join(lines) + "\n"
+    title = f"kvpack bench persist: {result['model']} ({result['dtype']})"
+    return markdown_page(title, result, notes, markdown_table(header, rows))

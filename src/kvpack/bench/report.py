@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from kvpack.bench.compare import row_key
-from kvpack.harness.results import format_bytes, markdown_table, provenance_lines
+from kvpack.harness.results import figure, format_bytes, markdown_page, markdown_table, plot_lines
 
 
 def _fmt(value: Any, pattern: str) -> str:
@@ -58,53 +58,42 @@ def markdown(result: dict[str, Any]) -> str:
             if with_weights:
                 cells.append(format_bytes(row[f"total_bytes@{context}"]))
         rows.append(cells)
-    lines = [
-        f"# kvpack compare: {result['model']} ({result['dtype']})",
-        "",
-        *provenance_lines(result),
+    setup = [
         f"- data: {Path(data['path']).name} (sha256 {data['sha256'][:12]}…), first {data['tokens']} tokens, "
-        f"{data['mode']} one token at a time",
-        "",
-        *markdown_table(header, rows),
+        f"{data['mode']} one token at a time"
     ]
+    lines = markdown_table(header, rows)
     notes = dict.fromkeys((row["cache"], note) for row in result["rows"] for note in row.get("notes", []))
     if notes:
         lines += ["", "Notes:"] + [f"- {cache}: {note}" for cache, note in notes]
-    return "\n".join(lines) + "\n"
+    return markdown_page(f"kvpack compare: {result['model']} ({result['dtype']})", result, setup, lines)
+
+
+def tokens_per_s_lines(result: dict[str, Any]) -> dict[str, tuple[list[int], list[float]]]:
+    """Decode tokens/s vs context of each row of a compare or decode result, by row name (`plot_lines`' input)."""
+    contexts = result.get("contexts", [])
+    return {_key(row): (contexts, [row[f"tokens_per_s@{c}"] for c in contexts]) for row in result["rows"]}
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
     """Two panels: quality (mean KL) vs bits per cached value, and decode tokens/s vs context."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     contexts = result.get("contexts", [])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     fp_row = next(row for row in result["rows"] if _is_reference(row))
     element_bits = 32 if result["dtype"] == "float32" else 16
     last = contexts[-1] if contexts else None
-    for row in result["rows"]:
-        if _is_reference(row) or last is None or row.get("mean_kl") is None:
-            continue
-        bits = element_bits * row[f"cache_bytes@{last}"] / fp_row[f"cache_bytes@{last}"]
-        left.scatter(bits, max(row["mean_kl"], 1e-6))
-        left.annotate(_key(row), (bits, max(row["mean_kl"], 1e-6)), fontsize=8)
-    left.set_xlabel(f"bits per cached value at {last} tokens (all bytes held)")
-    left.set_ylabel("mean KL vs full-precision cache")
-    left.set_yscale("log")
-    left.grid(alpha=0.3)
-    for row in result["rows"]:
-        right.plot(contexts, [row[f"tokens_per_s@{c}"] for c in contexts], marker="o", label=_key(row))
-    right.set_xlabel("context (tokens)")
-    right.set_ylabel("decode tokens/s")
-    right.legend(fontsize=7)
-    right.grid(alpha=0.3)
-    fig.suptitle(f"{result['model']}: {result['data']['tokens']} streamed tokens, {result['date'][:10]}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    title = f"{result['model']}: {result['data']['tokens']} streamed tokens, {result['date'][:10]}"
+    with figure(path, title) as (left, right):
+        for row in result["rows"]:
+            if _is_reference(row) or last is None or row.get("mean_kl") is None:
+                continue
+            bits = element_bits * row[f"cache_bytes@{last}"] / fp_row[f"cache_bytes@{last}"]
+            left.scatter(bits, max(row["mean_kl"], 1e-6))
+            left.annotate(_key(row), (bits, max(row["mean_kl"], 1e-6)), fontsize=8)
+        left.set_xlabel(f"bits per cached value at {last} tokens (all bytes held)")
+        left.set_ylabel("mean KL vs full-precision cache")
+        left.set_yscale("log")
+        left.grid(alpha=0.3)
+        plot_lines(right, tokens_per_s_lines(result), "context (tokens)", "decode tokens/s")
 
 
 def write_report(json_path: Path) -> tuple[Path, Path]:

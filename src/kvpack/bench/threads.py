@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from kvpack.compat import cache_kwargs
-from kvpack.harness.results import markdown_table, provenance, provenance_lines
+from kvpack.harness.results import markdown_page, markdown_table, provenance
 
 
 def _prompts(tokenizer: Any, workers: int, length: int) -> list[torch.Tensor]:
@@ -113,13 +113,9 @@ def to_markdown(result: dict[str, Any]) -> str:
          f"{row['sequential_s']:.1f}", f"{min(row['concurrent_s']):.1f}", f"{row['speedup']:.2f}x"]
         for row in result["rows"]
     ]  # fmt: skip
-    lines = [
-        f"# Concurrency: {result['workers']} threads, each with its own cache, one shared model",
-        "",
-        *provenance_lines(result),
+    setup = [
         f"- model: {result['model']} ({result['dtype']}); prompts of {', '.join(map(str, result['prompt_tokens']))} "
-        f"tokens, {result['new_tokens']} new tokens each, greedy; {result['rounds']} concurrent rounds",
-        "",
-        *markdown_table(header, rows),
+        f"tokens, {result['new_tokens']} new tokens each, greedy; {result['rounds']} concurrent rounds"
     ]
-    return "\n".join(lines) + "\n"
+    title = f"Concurrency: {result['workers']} threads, each with its own cache, one shared model"
+    return markdown_page(title, result, setup, markdown_table(header, rows))

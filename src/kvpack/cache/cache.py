@@ -60,7 +60,7 @@ class KVPackCache(Cache):
         if not isinstance(config, PretrainedConfig) and isinstance(getattr(config, "config", None), PretrainedConfig):
             config = config.config
         if is_profile_path(cache_config):
-            profile = load_profile(cache_config)  # type: ignore[arg-type]
+            profile = load_profile(cache_config)
             profile.check_model(config)
             self.cache_config = profile.config
         else:

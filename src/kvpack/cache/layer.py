@@ -9,7 +9,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from kvpack.attention.inputs import INPUTS_ATTRIBUTE, AttentionInputs
-from kvpack.cache.plan import dropped_tokens, exact_capacity, flushed_tokens
+from kvpack.cache.plan import check_head_dims, dropped_tokens, exact_capacity, flushed_tokens
 from kvpack.cache.storage import PackedBuffer
 from kvpack.config import CacheConfig
 from kvpack.errors import DtypeDeviceError, ShapeError, UnsupportedOperationError
@@ -125,12 +125,7 @@ class PackedLayer(CacheLayerMixin):
             )
         batch, heads, _, key_dim = key_states.shape
         value_dim = value_states.shape[-1]
-        for name, spec, dim in (("key", self.config.key, key_dim), ("value", self.config.value, value_dim)):
-            if spec.axis == "token" and dim % spec.group_size:
-                raise ShapeError(
-                    f"layer {self.layer_idx}: {name} head_dim {dim} is not divisible by the {name} group size "
-                    f"{spec.group_size}; {_group_advice(name, dim)}"
-                )
+        check_head_dims(self.config, key_dim, value_dim, where=f"layer {self.layer_idx}: ")
         self.dtype, self.device = key_states.dtype, key_states.device
         # Empty: `_reserve_exact` grows them as tokens arrive.
         self.exact_keys = key_states.new_empty((batch, heads, 0, key_dim))
@@ -586,11 +581,3 @@ class PackedSlidingLayer(PackedLayer):
 def _owned(packed: PackedTensor, device: torch.device) -> PackedTensor:
     """A copy of `packed` on `device` that shares no storage with it (a first append keeps its tensors)."""
     return packed.map_parts(lambda t: t.to(device, copy=True, memory_format=torch.contiguous_format))
-
-
-def _group_advice(name: str, dim: int) -> str:
-    fitting = [g for g in (128, 64, 32, 16) if dim % g == 0]
-    if fitting:
-        return f"choose a group size that divides {dim} (e.g. '-g{fitting[0]}')."
-    flag = "-vc" if name == "value" else "drop '-kt'"
-    return f"no supported group size divides {dim}: quantize the {name}s per channel instead ('{flag}')."

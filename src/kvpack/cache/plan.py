@@ -10,6 +10,7 @@ changes in one place:
 - `dropped_tokens(...)`: how many packed tokens a sliding-window layer forgets;
 - `exact_capacity(config)`: the most tokens the exact buffer (sinks + residual window) ever holds;
 - `packed_bytes(spec, tokens, head_dim)`: the bytes one (batch, head) row of packed tokens takes;
+- `check_head_dims(config, key_dim, value_dim)`: whether the group sizes fit the model's head dims;
 - `context_limit(config)`, `check_exact_tokens(...)`: the bound that keeps a configured window allocatable.
 """
 
@@ -22,7 +23,7 @@ import torch
 from transformers import PretrainedConfig
 
 from kvpack.config import CacheConfig, QuantSpec
-from kvpack.errors import ConfigError, UnsupportedModelError
+from kvpack.errors import ConfigError, ShapeError, UnsupportedModelError
 from kvpack.quant.packing import packed_row_bytes
 
 # Layer types whose cache is plain per-head keys/values, and how kvpack stores them.
@@ -161,6 +162,22 @@ def packed_bytes(spec: QuantSpec, tokens: int, head_dim: int) -> int:
     else:  # one row of `head_dim` codes per token
         units, code_bytes, params = tokens, packed_row_bytes(head_dim, spec.bits), head_dim // spec.group_size
     return units * (code_bytes + params * (2 * _PARAM_BYTES + spec.outliers * (_PARAM_BYTES + 1)))
+
+
+def check_head_dims(config: CacheConfig, key_dim: int, value_dim: int, where: str = "") -> None:
+    """Raise ShapeError when a tensor grouped along channels (`axis="token"`) has a head dim its group size does not
+    divide, with advice; `where` prefixes the message (e.g. the layer)."""
+    for name, spec, dim in (("key", config.key, key_dim), ("value", config.value, value_dim)):
+        if spec.axis == "token" and dim % spec.group_size:
+            fitting = [g for g in (128, 64, 32, 16) if dim % g == 0]
+            if fitting:
+                advice = f"choose a group size that divides {dim} (e.g. '-g{fitting[0]}')."
+            else:
+                flag = "-vc" if name == "value" else "drop '-kt'"
+                advice = f"no supported group size divides {dim}: quantize the {name}s per channel instead ('{flag}')."
+            raise ShapeError(
+                f"{where}{name} head_dim {dim} is not divisible by the {name} group size {spec.group_size}; {advice}"
+            )
 
 
 # The context assumed for a model whose config does not state one (max_position_embeddings).

@@ -34,10 +34,12 @@ made from the JSON form.
 
 from __future__ import annotations
 
+import itertools
 import random
 import re
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,21 +98,15 @@ class PasskeyPrompt:
         return len(self.input_ids)
 
 
-def _sentence(i: int) -> str:
-    return FILLER_SENTENCES[i % len(FILLER_SENTENCES)]
-
-
-def _render(tokenizer: Any, n_sentences: int, depth: float, passkey: str, chat: bool) -> tuple[str, int, int]:
-    """(prompt text, character offset of the needle, filler sentences before it) for `n_sentences` of filler."""
+def _render(tokenizer: Any, n_sentences: int, depth: float, passkey: str, chat: bool) -> tuple[str, int]:
+    """(prompt text, character offset of the needle) for `n_sentences` of filler."""
     # Tokens per filler sentence (as it appears mid-text, after a space) decide the boundary nearest the depth.
     counts = [len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in FILLER_SENTENCES]
-    cumulative = [0]
-    for i in range(n_sentences):
-        cumulative.append(cumulative[-1] + counts[i % len(counts)])
+    cumulative = [0, *itertools.accumulate(counts[i % len(counts)] for i in range(n_sentences))]
     target = depth * cumulative[-1]
     before = min(range(n_sentences + 1), key=lambda k: (abs(cumulative[k] - target), k))
-    prefix = " ".join(_sentence(i) for i in range(before))
-    suffix = " ".join(_sentence(i) for i in range(before, n_sentences))
+    sentences = [FILLER_SENTENCES[i % len(FILLER_SENTENCES)] for i in range(n_sentences)]
+    prefix, suffix = " ".join(sentences[:before]), " ".join(sentences[before:])
     needle = NEEDLE.format(key=passkey)
     head = "\n".join(part for part in (INTRO, prefix) if part) + "\n"
     body = head + needle + "\n" + "\n".join(part for part in (suffix, QUESTION) if part)
@@ -119,7 +115,7 @@ def _render(tokenizer: Any, n_sentences: int, depth: float, passkey: str, chat: 
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) + ANSWER_PREFIX
     else:
         text = body + " " + ANSWER_PREFIX
-    return text, text.index(needle), before
+    return text, text.index(needle)
 
 
 def _encode(tokenizer: Any, text: str, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
@@ -140,8 +136,7 @@ def build_prompt(tokenizer: Any, n_tokens: int, depth: float, passkey: str, chat
         raise ConfigError(f"depth {depth} is outside [0, 1]; give depths as fractions, e.g. 0.1,0.5,0.9.")
 
     def length(n: int) -> int:
-        text, _, _ = _render(tokenizer, n, depth, passkey, chat)
-        return len(_encode(tokenizer, text, chat)[0])
+        return len(_encode(tokenizer, _render(tokenizer, n, depth, passkey, chat)[0], chat)[0])
 
     fixed = length(0)
     if fixed > n_tokens:
@@ -157,7 +152,7 @@ def build_prompt(tokenizer: Any, n_tokens: int, depth: float, passkey: str, chat
     while high - low > 1:
         mid = (low + high) // 2
         low, high = (mid, high) if length(mid) <= n_tokens else (low, mid)
-    text, needle_at, _ = _render(tokenizer, low, depth, passkey, chat)
+    text, needle_at = _render(tokenizer, low, depth, passkey, chat)
     ids, offsets = _encode(tokenizer, text, chat)
     needle_token = next(i for i, (_, end) in enumerate(offsets) if end > needle_at)
     filler_before = _tokens_between(text, offsets, text.index(INTRO) + len(INTRO), needle_at)
@@ -367,10 +362,12 @@ def run_passkey(
                 })  # fmt: skip
             bar.update(n_tokens)
 
-    def share(name: str, n_tokens: int, depth: float) -> float:
-        return _mean([r["correct"] for r in runs if (r["cache"], r["length"], r["depth"]) == (name, n_tokens, depth)])
-
-    accuracy = {name: {str(n): {f"{d:g}": share(name, n, d) for d in depths} for n in lengths} for name in specs}
+    outcomes: dict[tuple[str, int, float], list[bool]] = defaultdict(list)
+    for r in runs:
+        outcomes[r["cache"], r["length"], r["depth"]].append(r["correct"])
+    accuracy = {
+        name: {str(n): {f"{d:g}": _mean(outcomes[name, n, d]) for d in depths} for n in lengths} for name in specs
+    }
     return {
         **provenance("passkey", model, model_name or getattr(model.config, "name_or_path", None), command=command),
         "prompt": "chat" if chat else "raw",

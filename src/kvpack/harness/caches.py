@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from kvpack.attention.registry import check_backend
 from kvpack.compat import cache_kwargs
-from kvpack.config import CacheConfig
+from kvpack.config import CacheConfig, parse_spec
 from kvpack.errors import ConfigError, KVPackError
 from kvpack.profile import is_profile_path, resolve_config
 
@@ -111,6 +112,43 @@ def parse_cache_name(name: str) -> CacheSpec:
     if backend and backend != "auto":
         return CacheSpec(name=f"{label}@{backend}", kind="kvpack", backend=backend, profile=profile)
     return CacheSpec(name=label, kind="kvpack", profile=profile)
+
+
+def uniform_spec(spec: str) -> CacheConfig:
+    """The config of a spec string without per-layer bits (what a benchmark of one layout measures); raises
+    ConfigError for a bad spec or one with per-layer bits."""
+    config = parse_spec(spec)
+    if config.layer_bits:
+        raise ConfigError(f"{spec}: per-layer bits (-l...) are not supported by this benchmark; give a uniform spec.")
+    return config
+
+
+def parse_compared(names: Iterable[str]) -> list[CacheSpec]:
+    """`parse_cache_name` of each name, with `fp` (the reference of a comparison) put first when it is not there;
+    raises KVPackError naming what to install for a peer whose package is missing (before any model loads)."""
+    specs = [parse_cache_name(name) for name in names]
+    if not specs or specs[0].name != "fp":
+        specs.insert(0, parse_cache_name("fp"))
+    for spec in specs:
+        require_packages(spec)
+    return specs
+
+
+def load_timed_model(
+    model_name: str | None, backends: Iterable[str], *, dtype: str, device: str, weights: str = "fp"
+) -> tuple[Any, Any]:
+    """The model and tokenizer (`kvpack.models.load_model`) made ready to time caches on: attention goes through
+    kvpack's (kvpack caches take the fused path; fp and peer caches still go through SDPA), and each of `backends`
+    is prepared, so that a kernel compiled on first use does not land in a timed step."""
+    from kvpack.attention import use_kvpack_attention
+    from kvpack.attention.registry import prepare
+    from kvpack.models import load_model
+
+    model, tokenizer = load_model(model_name, dtype=dtype, device=device, weights=weights)
+    use_kvpack_attention(model)
+    for backend in dict.fromkeys(backends):
+        prepare(backend)
+    return model, tokenizer
 
 
 def make_cache(spec: CacheSpec, model_config: Any) -> Any:

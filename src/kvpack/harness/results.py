@@ -15,7 +15,7 @@ import math
 import os
 import platform
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +146,38 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], align: 
     rule = "".join("---:|" if align[i : i + 1] == "r" else "---|" for i in range(len(header)))
     lines = ["| " + " | ".join(header) + " |", "|" + rule]
     return lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+
+
+def markdown_page(title: str, result: dict[str, Any], notes: Sequence[str], body: Sequence[str]) -> str:
+    """A result's Markdown page: `# title`, its provenance bullets and then `notes` (more bullets), a blank line, and
+    `body`'s lines; ends with a newline."""
+    return "\n".join([f"# {title}", "", *provenance_lines(result), *notes, "", *body]) + "\n"
+
+
+@contextlib.contextmanager
+def figure(path: str | os.PathLike[str], title: str, panels: int = 2) -> Iterator[list[Any]]:
+    """Yield `panels` matplotlib Axes side by side to draw on; then title the figure and save it as a PNG at `path`.
+
+    A bare `Figure` (no pyplot): no global backend state, and importing kvpack never imports matplotlib."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(12, 4.5))
+    yield list(fig.subplots(1, panels, squeeze=False)[0])
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_lines(
+    axes: Any, lines: Mapping[str, tuple[Sequence[float], Sequence[float]]], xlabel: str, ylabel: str
+) -> None:
+    """One marked line per `label: (xs, ys)` of `lines` on `axes`, with axis labels, a legend and a light grid."""
+    for label, (xs, ys) in lines.items():
+        axes.plot(xs, ys, marker="o", label=label)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel(ylabel)
+    axes.legend(fontsize=7)
+    axes.grid(alpha=0.3)
 
 
 def format_bytes(n: float | None) -> str:
