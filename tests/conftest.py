@@ -1,35 +1,49 @@
-"""Shared fixtures: the device under test, the embedded default model (loaded once per session), and a tiny
-random-weight Llama saved locally with the default model's tokenizer (for CLI and benchmark tests)."""
+"""Shared fixtures: the device under test, the tiny random-weight models (one instance per test module), the embedded
+default model (loaded once per session), and a tiny Llama saved with the default model's tokenizer (for CLI and
+benchmark tests). What they build comes from `tests.helpers`, the only package a conftest imports."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
 
-# Without a GPU, the triton backend's tests (tests/attention/test_triton.py) run its kernels under Triton's
-# interpreter. Triton reads TRITON_INTERPRET when `@triton.jit` decorates a function, and its own library
-# functions (tl.zeros, tl.sum, ...) are decorated when triton is first imported, which happens early and not by
-# kvpack: transformers imports hqq, whose `torch.compile` imports torch._dynamo, which imports triton wherever it
-# is installed. So the variable is set here, before pytest imports any test module (a test module or fixture
-# would be too late in a full run). It changes nothing else: only kvpack's triton backend runs Triton kernels,
-# and `auto` never picks it for CPU tensors. With a GPU it stays unset and the kernels are compiled.
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+# Without a GPU, the triton backend's tests run its kernels under Triton's interpreter. Triton reads TRITON_INTERPRET
+# when `@triton.jit` decorates a function, and its own library functions (tl.zeros, tl.sum, ...) are decorated when
+# triton is first imported, which happens early and not by kvpack: transformers imports hqq, whose `torch.compile`
+# imports torch._dynamo, which imports triton wherever it is installed. So the variable is set here, before pytest
+# imports any test module (a test module or fixture would be too late in a full run). It changes nothing else: only
+# kvpack's triton backend runs Triton kernels, and `auto` never picks it for CPU tensors. With a GPU it stays unset
+# and the kernels are compiled. (For the same reason the fixtures below import transformers, through
+# `tests.helpers.models`, only when they run.)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")
 def one_intra_op_thread() -> Iterator[None]:
-    """One torch thread for a module of tiny-model tests: they run fastest that way, and on a busy 2-core machine a
-    second thread that is not scheduled makes every op wait (measured 5 s instead of 0.3 s for one batched
-    generate). Use with `pytestmark = pytest.mark.usefixtures("one_intra_op_thread")`."""
+    """One torch thread for a module of tiny-model tests (its module-scoped fixtures included): they run fastest that
+    way, and on a busy 2-core machine a second thread that is not scheduled makes every op wait (measured 5 s instead
+    of 0.3 s for one batched generate). Use with `pytestmark = pytest.mark.usefixtures("one_intra_op_thread")`."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_again(request: pytest.FixtureRequest) -> None:
+    """Before each test of such a module, one thread again: the numba kernel's first call sets torch's thread count
+    back to the number of cores."""
+    if "one_intra_op_thread" in request.fixturenames:
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
@@ -57,30 +71,39 @@ def triton_device() -> torch.device:
     return torch.device("cpu")
 
 
-@pytest.fixture(scope="session")
-def default_model(device: torch.device):
-    """(model, tokenizer) of the embedded default model, float32, on the test device."""
-    from kvpack.models import load_model
+@pytest.fixture(scope="module")
+def llama() -> PreTrainedModel:
+    """The tiny random-weight Llama of `tests.helpers.models`, one per test module."""
+    from tests.helpers import models
 
-    torch.manual_seed(0)
-    return load_model(None, dtype="float32", device=device, verbose=False)
+    return models.tiny_llama()
+
+
+@pytest.fixture(scope="module")
+def gemma() -> PreTrainedModel:
+    """The tiny random-weight Gemma 3 (a sliding-window layer, then a full one), one per test module."""
+    from tests.helpers import models
+
+    return models.tiny_gemma()
+
+
+@pytest.fixture(params=["llama", "gemma"])
+def model(request: pytest.FixtureRequest) -> PreTrainedModel:
+    """Each tiny model in turn."""
+    return request.getfixturevalue(request.param)
+
+
+@pytest.fixture(scope="session")
+def default_model(device: torch.device) -> tuple[PreTrainedModel, object]:
+    """(model, tokenizer) of the embedded default model, float32, on the test device."""
+    from tests.helpers import models
+
+    return models.default_model(device)
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random-weight Llama (2 layers, 2 kv heads, head_dim 16) saved with the default model's tokenizer."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from tests.helpers import models
 
-    from kvpack.models import default_model_file
-
-    gguf = default_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
-        intermediate_size=128, vocab_size=len(tokenizer), head_dim=16, max_position_embeddings=512,
-    )  # fmt: skip
-    path = tmp_path_factory.mktemp("tiny")
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return models.save_tiny_llama_with_default_tokenizer(tmp_path_factory.mktemp("tiny"))

@@ -50,7 +50,7 @@ from kvpack.compat import cache_kwargs
 from kvpack.errors import BackendUnavailableError
 from kvpack.quant.tensor import PackedTensor
 from kvpack.support import ARCHITECTURES, CPU_ONLY_BACKENDS, REFUSED, Architecture, cells, status
-from tests.cache.test_cache import assert_same_greedy
+from tests.helpers.generation import assert_same_greedy
 from tests.quant.tolerances import (
     GEMMA3_270M_K4V4_MIN_TOP1_AGREEMENT,
     K4V4_MIN_TOP1_AGREEMENT,

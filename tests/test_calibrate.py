@@ -12,12 +12,12 @@ import pytest
 import torch
 from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
 
-from kvpack import ConfigError, KVPackCache, cli, parse_spec
+from kvpack import ConfigError, KVPackCache, ShapeError, cli, parse_spec
 from kvpack.cache.layer import PackedLayer
 from kvpack.calibrate import SensitivityMeter, allocate, emulate_stored, quantized_mask
 from kvpack.compat import cache_kwargs
 from kvpack.profile import PROFILE_SCHEMA_VERSION, Profile, ProfileModel, load_profile, resolve_config
-from tests.cache.test_cache import llama_config, prompt
+from tests.helpers.models import llama_config, prompt, tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -36,8 +36,7 @@ def llama() -> PreTrainedModel:
     """A tiny random Llama whose output weights are scaled up 30x: a random model's next-token distributions are
     nearly flat (logits span ~0.8), which puts a 2-bit cache's KL (~1e-5) near float32's rounding of log-softmax;
     sharper ones (logits span ~25, as a trained model's) give KLs of ~1e-3 that the comparisons below resolve."""
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(llama_config()).eval()
+    model = tiny_llama()
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
     return model
@@ -325,5 +324,7 @@ def test_a_base_whose_groups_do_not_fit_the_model_fails_before_measuring(llama: 
     def tokenizer(text: str, return_tensors: str) -> SimpleNamespace:
         return SimpleNamespace(input_ids=torch.randint(0, 128, (1, 600)))
 
-    with pytest.raises(ConfigError, match="groups of 32, which do not divide this model's head_dim 16"):
+    with pytest.raises(
+        ShapeError, match=r"the base spec k4v4-plain.*value head_dim 16 is not divisible by the value group size 32"
+    ):
         calibrate(llama, tokenizer, 5.0, base="k4v4-plain-gk16-gv32")

@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kvpack.bench.caches import parse_cache_name
 from kvpack.bench.synthetic import biased_key_model
-from kvpack.eval.perplexity import calibration_data_path, load_tokens, stream
+from kvpack.eval.perplexity import stream
+from kvpack.harness.caches import parse_cache_name
+from kvpack.harness.data import calibration_data_path, load_tokens
+from tests.helpers.models import default_tokenizer
 from tests.quant.tolerances import DEFAULT_VS_KIVI_SINKS_MAX_RATIO, ROTATED_KEYS_VS_KIVI_SINKS_MIN_RATIO
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_intra_op_thread")]
@@ -22,12 +24,7 @@ TOKENS = 384  # past the residual window (128) and two blocks, so most of the ca
 def kl_ratios() -> dict[str, float]:
     """Per cache, its mean KL over `TOKENS` streamed calibration-text tokens divided by KIVI + 4 sinks', averaged
     over `SEEDS` stand-in models."""
-    from transformers import AutoTokenizer
-
-    from kvpack.models import default_model_file
-
-    gguf = default_model_file()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tokenizer = default_tokenizer()
     ids, _ = load_tokens(calibration_data_path(), tokenizer, TOKENS)
     names = ("k4v4", "k4v4-plain-s4", "k4v4-rotk")
     ratios = dict.fromkeys(names, 0.0)

@@ -115,3 +115,18 @@ def test_no_module_imports_another_modules_private_name() -> None:
 )
 def test_layer_of_takes_the_longest_prefix(module: str, layer: str) -> None:
     assert LAYERS[layer_of(module)] == next(group for group in LAYERS if layer in group)
+
+
+TESTS = Path(__file__).resolve().parent
+
+
+def test_tests_share_code_through_helpers_only() -> None:
+    """No test module imports another test module; shared code lives in `tests/helpers/` (and the tolerance table)."""
+    crossing = []
+    for path in sorted(TESTS.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("tests."):
+                leaf = node.module.rpartition(".")[2]
+                if leaf.startswith(("test_", "conftest")):
+                    crossing.append(f"{path.relative_to(TESTS.parent)}:{node.lineno} imports {node.module}")
+    assert not crossing, "test modules imported by other modules:\n" + "\n".join(crossing)

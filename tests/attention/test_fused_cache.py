@@ -2,82 +2,80 @@
 
 The fused path must compute what the dense path computes (the same stored data, the same semantics: the stored
 past, then the new tokens exactly), so the comparison here is between the two paths on one model and one cache
-spec, and the only allowed difference is float32 arithmetic order (`FUSED_LOGIT_TOL`).
+spec, over every storage option (bits, groups, sinks, rotation, codebooks, clipping, outliers), and the only allowed
+difference is float32 arithmetic order (`tolerances.FUSED_LOGIT_TOL`).
 """
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
 import torch
-from transformers import DynamicCache, Gemma3ForCausalLM, LlamaForCausalLM, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from kvpack import KVPackCache
-from kvpack.attention import cpu, use_kvpack_attention
-from kvpack.attention.registry import INPUTS_ATTRIBUTE
+from kvpack.attention.inputs import INPUTS_ATTRIBUTE
 from kvpack.cache.layer import FUSED_MAX_NEW_TOKENS
 from kvpack.compat import cache_kwargs
 from kvpack.errors import BackendUnavailableError, ConfigError
-from tests.cache.test_cache import gemma_config, generate, left_padded_batch, llama_config, prompt
-
-# Logits of these tiny models span ~1; float32 reordering of sums over <= 100 tokens moves them by ~1e-6
-# (measured <= 2e-6). 1e-4 leaves room and is still 30x below an 8-bit cache's own effect (>= 3e-3).
-FUSED_LOGIT_TOL = 1e-4
-BACKENDS = ["torch"] + ["cpu"] * (cpu.why_unavailable() is None) + ["numba"] * bool(importlib.util.find_spec("numba"))
-SPECS = ["k8v8-g16-r16", "k4v2-g16-r0", "k3v3-g16-r16-s2", "k2v4-gk32-gv16-r16"]
-
+from tests.helpers.backends import CPU_KERNELS, backend_params
+from tests.helpers.generation import generate, set_attention, step_logits
+from tests.helpers.models import left_padded_batch, llama_config, prompt
+from tests.helpers.states import packed_layers
+from tests.quant.tolerances import FUSED_LOGIT_TOL
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
-
-@pytest.fixture(scope="module", params=["llama", "gemma"])
-def model(request: pytest.FixtureRequest) -> PreTrainedModel:
-    torch.manual_seed(0)
-    if request.param == "llama":
-        return LlamaForCausalLM(llama_config()).eval()
-    return Gemma3ForCausalLM(gemma_config()).eval()
-
-
-def set_attention(model: PreTrainedModel, fused: bool) -> None:
-    if fused:
-        use_kvpack_attention(model)
-    else:
-        model.set_attn_implementation("sdpa")
+SPECS = [
+    "k8v8-g16-r16", "k4v2-g16-r0", "k3v3-g16-r16-s2", "k2v4-gk32-gv16-r16",
+    "k4v4-g16-r16-s2-rot", "k2v3-g16-r0-rotk", "k8v4-g16-r16-rotv",
+    "k4v2-g16-r16-cb-clip", "k2v4-g16-r0-s2-rot-cb-clip", "k8v3-g16-r16-cbv-clipk",
+]  # fmt: skip
+# Outlier entries: the fused kernels refuse them (tests/attention/test_backends.py), `auto` reads them with torch.
+OUTLIER_SPECS = ["k2v2-g16-r16-o1", "k3v4-g16-r0-s2-ok2-ov1", "k2v3-g16-r16-rot-o2"]
 
 
-@torch.no_grad()
-def step_logits(model: PreTrainedModel, cache: Any, ids: torch.Tensor, prefill: int, fused: bool) -> torch.Tensor:
-    set_attention(model, fused)
-    logits = [model(ids[:, :prefill], **cache_kwargs(model, cache)).logits[:, -1]]
-    for i in range(prefill, ids.shape[1], 3):  # chunks of 1-3 tokens: decode and candidate-verification shapes
-        step = ids[:, i : i + 1 + (i // 3) % 3]
-        logits.append(model(step, **cache_kwargs(model, cache)).logits[:, -1])
-    return torch.stack(logits, dim=1)
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec", SPECS)
-def test_fused_steps_match_the_dense_path(model: PreTrainedModel, spec: str, backend: str) -> None:
-    ids = prompt(batch=2, tokens=100, seed=3)
+def assert_fused_matches_dense(model: PreTrainedModel, spec: str, backend: str, ids: torch.Tensor) -> None:
+    """Decode steps read through `backend` give the dense path's logits, on packed data in every layer."""
     dense = step_logits(model, KVPackCache(model, spec), ids, prefill=37, fused=False)
     cache = KVPackCache(model, spec, backend=backend)
     fused = step_logits(model, cache, ids, prefill=37, fused=True)
     assert (fused - dense).abs().max().item() <= FUSED_LOGIT_TOL
-    assert all(layer.packed_length > 0 for layer in cache.layers if hasattr(layer, "packed_length"))
+    assert all(layer.packed_length > 0 for layer in packed_layers(cache))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("spec", ["k4v4-g16-r16-s2-rot", "k2v3-g16-r0-rotk", "k8v4-g16-r16-rotv"])
-def test_rotated_caches_match_the_dense_path(model: PreTrainedModel, spec: str, backend: str) -> None:
-    ids = prompt(batch=2, tokens=70, seed=4)
-    dense = step_logits(model, KVPackCache(model, spec), ids, prefill=37, fused=False)
-    fused = step_logits(model, KVPackCache(model, spec, backend=backend), ids, prefill=37, fused=True)
-    assert (fused - dense).abs().max().item() <= FUSED_LOGIT_TOL
+@pytest.mark.parametrize("backend", backend_params(*CPU_KERNELS))
+@pytest.mark.parametrize("spec", SPECS)
+def test_fused_steps_match_the_dense_path(model: PreTrainedModel, spec: str, backend: str) -> None:
+    assert_fused_matches_dense(model, spec, backend, prompt(batch=2, tokens=100, seed=3))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("spec", OUTLIER_SPECS)
+def test_fused_steps_with_outliers_match_the_dense_path(llama: PreTrainedModel, spec: str, backend: str) -> None:
+    assert_fused_matches_dense(llama, spec, backend, prompt(batch=2, tokens=90, seed=3))
+
+
+@pytest.mark.parametrize(
+    ("spec", "without"),
+    [
+        ("k2v2-g16-r16-o1", "k2v2-g16-r16"),
+        ("k3v4-g16-r0-s2-ok2-ov1", "k3v4-g16-r0-s2"),
+        ("k2v3-g16-r16-rot-o2", "k2v3-g16-r16-rot"),
+        ("k2v2-g16-r0-cb", "k2v2-g16-r0"),
+    ],
+)
+def test_the_option_reaches_what_attention_reads(llama: PreTrainedModel, spec: str, without: str) -> None:
+    """Outliers and codebooks change the stored data (not silently ignored): other logits, beyond the fused
+    tolerance, than the same spec without them."""
+    ids = prompt(batch=2, tokens=90, seed=3)
+    with_option = step_logits(llama, KVPackCache(llama, spec), ids, prefill=37, fused=False)
+    without_option = step_logits(llama, KVPackCache(llama, without), ids, prefill=37, fused=False)
+    assert (with_option - without_option).abs().max().item() > FUSED_LOGIT_TOL
+
+
+@pytest.mark.parametrize("backend", backend_params(*CPU_KERNELS))
 def test_left_padded_batch_generates_as_the_dense_path(model: PreTrainedModel, backend: str) -> None:
     ids, mask = left_padded_batch()
     kwargs: dict[str, Any] = dict(attention_mask=mask, max_new_tokens=25, return_dict_in_generate=True)
@@ -131,10 +129,9 @@ def test_backend_names_are_checked() -> None:
         KVPackCache(llama_config(), "k4v4", backend="cuda")
 
 
-def test_explicit_cpu_backend_refuses_layouts_it_cannot_read(model: PreTrainedModel) -> None:
-    if "cpu" not in BACKENDS:
-        pytest.skip("needs numba")
+@pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_explicit_cpu_backend_refuses_layouts_it_cannot_read(model: PreTrainedModel, backend: str) -> None:
     ids = prompt(tokens=60, seed=4)
     set_attention(model, fused=True)
     with pytest.raises(BackendUnavailableError, match="KIVI layout"), torch.no_grad():
-        step_logits(model, KVPackCache(model, "k4v4-g16-r16-kt", backend="cpu"), ids, prefill=40, fused=True)
+        step_logits(model, KVPackCache(model, "k4v4-g16-r16-kt", backend=backend), ids, prefill=40, fused=True)

@@ -1,13 +1,11 @@
-"""`KVPackCache` inside transformers generation, on tiny random-weight models built locally.
-
-Two models: a Llama (full attention only, head_dim 16) and a Gemma 3 text model whose layers mix a sliding
-window of 8 tokens with full attention (head_dim 32). Group 16 and residual 0 / 16 / 32 make packing start
-after a few dozen tokens, so every generation below runs on packed data.
+"""`KVPackCache` inside transformers generation, on the tiny random-weight models of `tests.helpers.models` (a Llama,
+and a Gemma 3 whose layers mix an 8-token sliding window with full attention). Group 16 and residual 0 / 16 / 32 make
+packing start after a few dozen tokens, so every generation below runs on packed data.
 
 Random-weight models have flat next-token distributions, so two top logits can be closer than an 8-bit cache's
-error. Greedy comparisons therefore check logits against a tolerance (`LOGIT_TOL_8BIT`), and require equal
-tokens up to the first step where the full-precision top-2 margin is within twice that tolerance (a genuine
-near-tie, where either token is a correct greedy choice for a cache this accurate).
+error. Greedy comparisons therefore check logits against a tolerance (`tolerances.LOGIT_TOL_8BIT`), and require equal
+tokens up to the first step where the full-precision top-2 margin is within twice that tolerance (a genuine near-tie,
+where either token is a correct greedy choice for a cache this accurate): `tests.helpers.generation.assert_same_greedy`.
 """
 
 from __future__ import annotations
@@ -16,15 +14,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import (
-    DeepseekV3Config,
-    DynamicCache,
-    Gemma3TextConfig,
-    LlamaConfig,
-    MistralConfig,
-    PreTrainedModel,
-    Qwen3NextConfig,
-)
+from transformers import DeepseekV3Config, DynamicCache, MistralConfig, PreTrainedModel, Qwen3NextConfig
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
 from kvpack import CacheConfig, ConfigError, KVPackCache, KVPackError, UnsupportedModelError, parse_spec
@@ -32,97 +22,19 @@ from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
 from kvpack.compat import cache_kwargs, output_cache
 from kvpack.config import DEFAULT_PRESET, PRESETS
 from kvpack.errors import UnsupportedOperationError
+from tests.helpers.generation import assert_same_greedy, generate, teacher_forced_logits
+from tests.helpers.models import gemma_config, left_padded_batch, llama_config, prompt
+from tests.helpers.states import packed_layers
+from tests.quant.tolerances import LOGIT_TOL_8BIT
 
-# Largest |logit difference| allowed between an 8-bit, group-16 cache and DynamicCache on these tiny models.
-# Why this number: an 8-bit code is within half a step, range / 510, of its input, i.e. ~0.2% of a group's
-# range; through two layers this moves logits (which span ~0.8 here) by at most 3.5e-3 in every measured run
-# (teacher-forced, 100 tokens, batch 2: residual 16 <= 0.9e-3, residual 0 <= 3.5e-3; CPU, torch 2.13). 5e-3
-# keeps 1.4x headroom over that worst case, and is still 14x below what a 2-bit cache does to the same logits
-# (>= 7e-2), which `test_logit_tolerance_separates_8_bit_from_2_bit` checks so that the tolerance stays
-# meaningful.
-LOGIT_TOL_8BIT = 5e-3
 SPEC_8BIT = "k8v8-g16-r16"
 
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 
-def llama_config(**overrides: Any) -> LlamaConfig:
-    fields: dict[str, Any] = dict(
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        vocab_size=128,
-        head_dim=16,
-        max_position_embeddings=256,
-    )
-    return LlamaConfig(**{**fields, **overrides})
-
-
-def gemma_config() -> Gemma3TextConfig:
-    return Gemma3TextConfig(
-        hidden_size=64,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_hidden_layers=2,
-        intermediate_size=128,
-        vocab_size=128,
-        head_dim=32,
-        sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"],
-        max_position_embeddings=256,
-    )
-
-
-def prompt(batch: int = 1, tokens: int = 40, seed: int = 1) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randint(2, 128, (batch, tokens), generator=gen)
-
-
-def generate(model: PreTrainedModel, cache: Any, input_ids: torch.Tensor, **kwargs: Any) -> Any:
-    kwargs.setdefault("max_new_tokens", 30)
-    kwargs.setdefault("do_sample", False)
-    return model.generate(input_ids, **cache_kwargs(model, cache), pad_token_id=0, **kwargs)
-
-
-def assert_same_greedy(reference: Any, packed: Any, prompt_len: int, tol: float = LOGIT_TOL_8BIT) -> None:
-    """Greedy outputs (`return_dict_in_generate`, `output_logits`) agree, allowing only near-tie divergence.
-
-    Per row: tokens equal and logits within `tol` up to the first differing token; at that step the reference's
-    top-2 margin must be within 2 * tol (so the cache's error alone can explain the other choice).
-    """
-    ref_logits, got_logits = torch.stack(reference.logits, dim=1), torch.stack(packed.logits, dim=1)
-    ref_new, got_new = reference.sequences[:, prompt_len:], packed.sequences[:, prompt_len:]
-    assert ref_new.shape == got_new.shape
-    for row in range(ref_new.shape[0]):
-        differ = (ref_new[row] != got_new[row]).nonzero()
-        agree = int(differ[0]) if len(differ) else ref_new.shape[1]
-        steps = min(agree + 1, ref_new.shape[1])  # logits of the diverging step still come from one prefix
-        err = (ref_logits[row, :steps] - got_logits[row, :steps]).abs().max().item()
-        assert err <= tol, f"row {row}: logits differ by {err:.2e} > {tol:.0e}"
-        if agree < ref_new.shape[1]:
-            top2 = ref_logits[row, agree].topk(2).values
-            margin = (top2[0] - top2[1]).item()
-            assert margin <= 2 * tol, f"row {row}: token {agree} differs, yet the top-2 margin is {margin:.2e}"
-
-
-def packed_layers(cache: KVPackCache) -> list[PackedLayer]:
-    return [layer for layer in cache.layers if isinstance(layer, PackedLayer)]
-
-
 def dynamic_fp16_nbytes(cache: DynamicCache) -> int:
     return sum((layer.keys.numel() + layer.values.numel()) * 2 for layer in cache.layers if layer.is_initialized)
-
-
-@torch.no_grad()
-def teacher_forced_logits(model: PreTrainedModel, cache: Any, ids: torch.Tensor, prefill: int) -> torch.Tensor:
-    """Next-token logits `[batch, steps, vocab]`: one prefill, then one token per forward, as in decoding."""
-    logits = [model(ids[:, :prefill], **cache_kwargs(model, cache)).logits[:, -1]]
-    for i in range(prefill, ids.shape[1]):
-        logits.append(model(ids[:, i : i + 1], **cache_kwargs(model, cache)).logits[:, -1])
-    return torch.stack(logits, dim=1)
 
 
 # -- structure -------------------------------------------------------------------------------------------------
@@ -349,15 +261,6 @@ def test_prompt_lookup_matches_prompt_lookup_with_dynamic_cache(model: PreTraine
     reference = generate(model, DynamicCache(config=model.config), ids, **kwargs)
     packed = generate(model, KVPackCache(model.config, "k8v8-g16-r16"), ids, **kwargs)
     assert torch.equal(packed, reference)
-
-
-def left_padded_batch() -> tuple[torch.Tensor, torch.Tensor]:
-    ids = prompt(batch=3, tokens=37, seed=7)
-    mask = torch.ones_like(ids)
-    mask[0, :5] = 0
-    mask[1, :17] = 0
-    ids[mask == 0] = 0
-    return ids, mask
 
 
 def test_batched_left_padded_generation_matches_dynamic_cache(model: PreTrainedModel) -> None:

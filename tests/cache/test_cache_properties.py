@@ -1,10 +1,10 @@
 """Property tests (hypothesis): random sequences of cache operations on a `KVPackCache` and on a `DynamicCache`.
 
-Each example draws a cache spec, a dtype and a sequence of operations (prefill and decode updates of random sizes,
-crops of the newest tokens, beam reorders with repeated rows, batch selections, batch repeats) and applies it to
-both caches, layer by layer, through the `Cache` methods transformers calls. A third model, the plain list of
-tokens every layer logically holds (`Stream`), is checked equal to what the DynamicCache holds, and the kvpack
-cache is checked against it, bit for bit, after every operation:
+Each example draws a cache spec (some keeping outlier entries), a dtype and a sequence of operations (prefill and
+decode updates of random sizes, crops of the newest tokens, beam reorders with repeated rows, batch selections, batch
+repeats) and applies it to both caches, layer by layer, through the `Cache` methods transformers calls. A third
+model, the plain list of tokens every layer logically holds (`Stream`), is checked equal to what the DynamicCache
+holds, and the kvpack cache is checked against it, bit for bit, after every operation:
   - sequence length and mask sizes equal the DynamicCache's;
   - what each layer stores is the stream with its packed range quantize-dequantized by the reference
     (`PackedTensor`), the sinks and the newest tokens exact; packed tokens are whole blocks, tokens an update packs
@@ -33,12 +33,16 @@ from kvpack import KVPackCache
 from kvpack.cache.layer import PackedLayer
 from kvpack.errors import UnsupportedOperationError
 from kvpack.quant.tensor import PackedTensor
-from tests.cache.test_cache import gemma_config, llama_config
+from tests.helpers.models import gemma_config, llama_config
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 HEADS, HEAD_DIM = 2, 16
-SPECS = ["k8v8-g16-r16", "k4v2-g16-r16-s3", "k2v4-gk32-gv16-r16", "k4v4-g16-r0", "k3v3-g16-r32-s1-kt"]
+SPECS = [
+    "k8v8-g16-r16", "k4v2-g16-r16-s3", "k2v4-gk32-gv16-r16", "k4v4-g16-r0", "k3v3-g16-r32-s1-kt",
+    # outlier entries (`-o`): the buffers grow, crop, drop and reorder them with the codes
+    "k4v2-g16-r16-o1", "k2v3-g16-r16-s3-ok2", "k3v2-gk32-gv16-r16-ov4", "k2v2-g16-r0-o2-rot", "k3v3-g16-r32-kt-o1",
+]  # fmt: skip
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 Op = tuple[str, Any]
@@ -169,7 +173,7 @@ def run_sequence(config: Any, spec: str, dtype: torch.dtype, ops: list[Op], seed
         check_layers(cache, dynamic, streams, packed_before)
 
 
-SETTINGS = settings(max_examples=60, deadline=None, database=None)
+SETTINGS = settings(max_examples=100, deadline=None, database=None)
 
 
 @SETTINGS

@@ -10,32 +10,21 @@ backend's per-process caches included). Several rounds, started together on a ba
 
 from __future__ import annotations
 
-import importlib.util
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
 import torch
-from transformers import LlamaForCausalLM, PreTrainedModel
+from transformers import PreTrainedModel
 
 from kvpack import KVPackCache, use_kvpack_attention
-from kvpack.attention import cpu
 from kvpack.compat import cache_kwargs
-from tests.cache.test_cache import llama_config
+from tests.helpers.backends import CPU_KERNELS, backend_params
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 THREADS, ROUNDS = 4, 3
-BACKENDS = (
-    ["dense", "torch"] + ["cpu"] * (cpu.why_unavailable() is None) + ["numba"] * bool(importlib.util.find_spec("numba"))
-)
-
-
-@pytest.fixture(scope="module")
-def model() -> PreTrainedModel:
-    torch.manual_seed(0)
-    return LlamaForCausalLM(llama_config()).eval()
 
 
 def prompts() -> list[torch.Tensor]:
@@ -59,18 +48,18 @@ def run(model: PreTrainedModel, ids: torch.Tensor, backend: str, start: threadin
     return out.sequences, torch.stack(out.logits), cache.nbytes()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_threads_with_their_own_caches_match_sequential_runs(model: PreTrainedModel, backend: str) -> None:
+@pytest.mark.parametrize("backend", backend_params("dense", *CPU_KERNELS))
+def test_threads_with_their_own_caches_match_sequential_runs(llama: PreTrainedModel, backend: str) -> None:
     if backend == "dense":
-        model.set_attn_implementation("sdpa")
+        llama.set_attn_implementation("sdpa")
     else:
-        use_kvpack_attention(model)
+        use_kvpack_attention(llama)
     inputs = prompts()
-    sequential = [run(model, ids, backend) for ids in inputs]
+    sequential = [run(llama, ids, backend) for ids in inputs]
     for _ in range(ROUNDS):
         start = threading.Barrier(THREADS)
         with ThreadPoolExecutor(THREADS) as pool:
-            concurrent = list(pool.map(run, [model] * THREADS, inputs, [backend] * THREADS, [start] * THREADS))
+            concurrent = list(pool.map(run, [llama] * THREADS, inputs, [backend] * THREADS, [start] * THREADS))
         for (seq, logits, nbytes), (c_seq, c_logits, c_nbytes) in zip(sequential, concurrent, strict=True):
             assert torch.equal(c_seq, seq) and torch.equal(c_logits, logits) and c_nbytes == nbytes
-    model.set_attn_implementation("sdpa")
+    llama.set_attn_implementation("sdpa")

@@ -20,12 +20,13 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM, PreTrainedModel
+from transformers import AutoModelForCausalLM, DynamicCache, PreTrainedModel
 
 from kvpack import KVPackCache, use_kvpack_attention
-from kvpack.cache.layer import PackedLayer
 from kvpack.compat import cache_kwargs
-from tests.cache.test_cache import assert_same_greedy, llama_config, prompt
+from tests.helpers.generation import assert_same_greedy
+from tests.helpers.models import llama_config, prompt, tiny_llama
+from tests.helpers.states import packed_layers
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -34,9 +35,8 @@ SPEC = "k8v8-g16-r16"
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp("tiny-llama")
-    LlamaForCausalLM(llama_config()).save_pretrained(path)
+    tiny_llama().save_pretrained(path)
     return path
 
 
@@ -49,10 +49,6 @@ def layer_map(devices: list[str]) -> dict[str, str]:
     mapping = {"model.embed_tokens": devices[0], "model.rotary_emb": devices[0]}
     mapping |= {f"model.layers.{i}": device for i, device in enumerate(devices)}
     return mapping | {"model.norm": devices[-1], "lm_head": devices[-1]}
-
-
-def packed_layers(cache: KVPackCache) -> list[PackedLayer]:
-    return [layer for layer in cache.layers if isinstance(layer, PackedLayer)]
 
 
 def test_cache_under_an_accelerate_device_map(model_dir: Path, tmp_path: Path) -> None:
@@ -110,7 +106,7 @@ def test_tensor_parallel_ranks_hold_their_own_heads(model_dir: Path, tmp_path: P
     reference = greedy(plain, DynamicCache(config=plain.config), ids)[0].tolist()
     single = KVPackCache(plain, SPEC)
     single_tokens = greedy(plain, single, ids)[0].tolist()
-    worker = Path(__file__).with_name("tp_worker.py")
+    worker = Path(__file__).parents[1] / "helpers" / "tp_worker.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     # A session of its own, so that a hang kills the launcher and its workers together.

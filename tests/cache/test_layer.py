@@ -870,7 +870,8 @@ def test_keys_and_values_of_different_dtypes_raise() -> None:
         layer.update(keys, values.half())
 
 
-SUGGESTION = re.compile(r"-g(\d+)")
+# A suggested option is quoted ('-g16'); the message also names the layer's own spec, unquoted.
+SUGGESTION = re.compile(r"'-g(\d+)'")
 
 
 @pytest.mark.parametrize(

@@ -15,9 +15,11 @@ from transformers import PreTrainedModel
 from kvpack import CacheConfig, ConfigError, KVPackCache, parse_spec, prefix_cache
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
 from kvpack.cache.persist import read_cache_file
-from tests.attention.test_fused_cache import BACKENDS, FUSED_LOGIT_TOL, step_logits
-from tests.cache.test_cache import prompt
-from tests.cache.test_persist import assert_same_states, continue_steps
+from tests.helpers.backends import CPU_KERNELS, backend_params
+from tests.helpers.generation import continue_steps, step_logits
+from tests.helpers.models import prompt
+from tests.helpers.states import assert_same_states
+from tests.quant.tolerances import FUSED_LOGIT_TOL
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -98,10 +100,8 @@ def test_each_layer_holds_the_bytes_of_its_own_uniform_config(model: PreTrainedM
     assert mixed.nbytes() == total
 
 
-@pytest.mark.parametrize(
-    ("spec", "backend"),
-    [(PER_LAYER, b) for b in BACKENDS] + [("k4v4-g16-r16-l3228", b) for b in BACKENDS],
-)
+@pytest.mark.parametrize("backend", backend_params(*CPU_KERNELS))
+@pytest.mark.parametrize("spec", [PER_LAYER, "k4v4-g16-r16-l3228"])
 def test_fused_path_matches_dense_path_with_per_layer_bits(model: PreTrainedModel, spec: str, backend: str) -> None:
     """Each layer's packed views carry their own specs, so every kernel reads each layer at its own bits."""
     model = copy.deepcopy(model)  # step_logits switches the attention implementation

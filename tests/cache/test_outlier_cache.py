@@ -1,5 +1,6 @@
-"""Caches with outliers (`-o<k>`): the buffers grow, crop, drop and reorder them with the codes (checked against the
-dense model of `test_cache_properties`), `nbytes` counts them exactly, and saved files round-trip them bit for bit."""
+"""Caches with outliers (`-o<k>`): `nbytes` counts them exactly, and saved files round-trip them bit for bit and
+refuse forged positions. (Their buffers against DynamicCache: tests/cache/test_cache_properties.py; attention over
+them: tests/attention/test_backends.py and test_fused_cache.py; the format: tests/quant/test_outliers.py.)"""
 
 from __future__ import annotations
 
@@ -7,47 +8,21 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from transformers import PreTrainedModel
 
 from kvpack import CacheFormatError, KVPackCache, prefix_cache
-from kvpack.bench.memory import packed_bytes
 from kvpack.cache.layer import PackedLayer
 from kvpack.cache.persist import read_cache_file
+from kvpack.cache.plan import packed_bytes
 from kvpack.compat import cache_kwargs
-from tests.cache.test_cache import gemma_config, llama_config, prompt
-from tests.cache.test_cache_properties import DTYPES, operations, run_sequence
-from tests.cache.test_persist import assert_same_states, continue_steps, join_file, load_error, split_file
+from kvpack.errors import CacheFileError
+from tests.helpers.generation import continue_steps
+from tests.helpers.models import prompt
+from tests.helpers.states import assert_same_states
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
 SPECS = ["k4v2-g16-r16-o1", "k2v3-g16-r16-s3-ok2", "k3v2-gk32-gv16-r16-ov4", "k2v2-g16-r0-o2-rot", "k3v3-g16-r32-kt-o1"]
-SETTINGS = settings(max_examples=40, deadline=None, database=None)
-
-
-@SETTINGS
-@given(
-    spec=st.sampled_from(SPECS),
-    dtype=st.sampled_from(DTYPES),
-    ops=operations(crops=True),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_full_attention_layers_with_outliers_follow_dynamic_cache(
-    spec: str, dtype: torch.dtype, ops: list, seed: int
-) -> None:
-    run_sequence(llama_config(), spec, dtype, ops, seed)
-
-
-@SETTINGS
-@given(
-    spec=st.sampled_from(SPECS),
-    dtype=st.sampled_from(DTYPES),
-    ops=operations(crops=False),
-    seed=st.integers(0, 2**31 - 1),
-)
-def test_sliding_layers_with_outliers_follow_dynamic_cache(spec: str, dtype: torch.dtype, ops: list, seed: int) -> None:
-    run_sequence(gemma_config(), spec, dtype, ops, seed)
 
 
 @pytest.mark.parametrize("spec", SPECS)
@@ -113,12 +88,16 @@ def test_saved_file_holds_the_outlier_tensors(llama: PreTrainedModel, tmp_path: 
 
 @pytest.mark.parametrize("forged", [16, "repeat"])
 def test_forged_outlier_positions_are_refused(llama: PreTrainedModel, tmp_path: Path, forged: int | str) -> None:
+    """A file whose outlier positions fall outside their group or repeat one is refused, checksum valid or not."""
     path = tmp_path / "c.kvpc"
-    prefix_cache(llama, prompt(tokens=70, seed=1), "k4v4-g16-r16-o2").save(path, llama)
-    index, header, data = split_file(path)
-    begin, _ = index["layers.1.packed_values.outlier_positions"]["data_offsets"]
-    raw = bytearray(data)
-    raw[begin + 1] = raw[begin] if forged == "repeat" else int(forged)  # the second position of the first group
-    join_file(path, index, header, bytes(raw), resign=True)
-    error = load_error(path, llama)
+    cache = prefix_cache(llama, prompt(tokens=70, seed=1), "k4v4-g16-r16-o2")
+    positions = cache.layers[1].packed_values.outlier_positions
+    assert positions is not None
+    first_group = positions[0, 0, 0, 0]  # the second position of the first group is forged, then the file signed
+    first_group[1] = first_group[0] if forged == "repeat" else int(forged)
+    cache.save(path, llama)
+    with pytest.raises(CacheFileError) as info:
+        KVPackCache.load(path, llama)
+    error = info.value
+    assert str(path) in str(error)
     assert isinstance(error, CacheFormatError) and error.check == "layers" and "outlier positions" in str(error)

@@ -43,7 +43,9 @@ from kvpack.cache.persist import (
     read_cache_file,
 )
 from kvpack.compat import cache_kwargs
-from tests.cache.test_cache import gemma_config, llama_config, prompt
+from tests.helpers.generation import continue_steps
+from tests.helpers.models import default_tokenizer, gemma_config, llama_config, prompt
+from tests.helpers.states import assert_same_states
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 
@@ -61,12 +63,7 @@ SPECS = [
 
 @pytest.fixture(scope="module")
 def tokenizer() -> Any:
-    from transformers import AutoTokenizer
-
-    from kvpack.models import default_model_file
-
-    gguf = default_model_file()
-    return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return default_tokenizer()
 
 
 def saved(
@@ -75,40 +72,6 @@ def saved(
     cache = prefix_cache(model, prompt(tokens=tokens, seed=11), spec)
     cache.save(path, model, **kwargs)
     return path
-
-
-def assert_same_states(a: KVPackCache, b: KVPackCache) -> None:
-    """Every layer holds the same counts and bit-identical tensors (dtype, shape, device type and bytes)."""
-    assert len(a.layers) == len(b.layers) and type(a) is type(b)
-    for layer_a, layer_b in zip(a.layers, b.layers, strict=True):
-        assert type(layer_a) is type(layer_b)
-        if not isinstance(layer_a, PackedLayer):
-            continue
-        assert isinstance(layer_b, PackedLayer)
-        state_a, state_b = layer_a.state(), layer_b.state()
-        assert (state_a.seen_tokens, state_a.record_past) == (state_b.seen_tokens, state_b.record_past)
-        tensors_a, tensors_b = state_a.tensors(), state_b.tensors()
-        assert tensors_a.keys() == tensors_b.keys()
-        for name, x in tensors_a.items():
-            y = tensors_b[name]
-            assert x.dtype == y.dtype and x.shape == y.shape and x.device.type == y.device.type, name
-            assert torch.equal(x.contiguous().view(torch.uint8), y.contiguous().view(torch.uint8)), name
-        for part in ("packed_keys", "packed_values"):
-            packed_a, packed_b = getattr(state_a, part), getattr(state_b, part)
-            assert (packed_a is None) == (packed_b is None)
-            if packed_a is not None:
-                assert packed_a.shape == packed_b.shape and packed_a.spec == packed_b.spec
-
-
-@torch.no_grad()
-def continue_steps(model: PreTrainedModel, cache: KVPackCache, ids: torch.Tensor) -> list[torch.Tensor]:
-    """Feed `ids` in chunks of 1-3 tokens (decode and candidate-verification shapes); the logits of each chunk."""
-    logits, i = [], 0
-    while i < ids.shape[1]:
-        size = 1 + (i // 2) % 3
-        logits.append(model(ids[:, i : i + size], **cache_kwargs(model, cache)).logits)
-        i += size
-    return logits
 
 
 # -- round trips --------------------------------------------------------------------------------------------------

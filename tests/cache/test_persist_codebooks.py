@@ -10,8 +10,9 @@ from transformers import PreTrainedModel
 
 from kvpack import KVPackCache, prefix_cache
 from kvpack.quant.codebooks import FITTED_CODEBOOK
-from tests.cache.test_cache import prompt
-from tests.cache.test_persist import assert_same_states, continue_steps
+from tests.helpers.generation import continue_steps
+from tests.helpers.models import prompt
+from tests.helpers.states import assert_same_states
 
 pytestmark = pytest.mark.usefixtures("one_intra_op_thread")
 

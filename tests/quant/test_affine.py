@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import SCALE_RELATIVE_SLACK, max_abs_error
 
 from kvpack.errors import KVPackError, NonFiniteError, ShapeError
 from kvpack.quant.affine import (
@@ -16,6 +15,7 @@ from kvpack.quant.affine import (
     quantize_groups,
     to_groups,
 )
+from tests.quant.tolerances import SCALE_RELATIVE_SLACK, max_abs_error
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (16, 32, 64, 128)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_codebooks import heavy_tailed
-from tolerances import max_abs_error
 
 from kvpack.errors import NonFiniteError
 from kvpack.quant.affine import CLIP_CUTS, dequantize_groups, quantize_groups
 from kvpack.quant.codebooks import FITTED_CODEBOOK, codebook_levels
+from tests.helpers.quant import heavy_tailed
+from tests.quant.tolerances import max_abs_error
 
 BITS = (2, 3, 4, 8)
 

@@ -5,25 +5,18 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tolerances import codebook_max_abs_error
 
 from kvpack.config import CacheConfig, QuantSpec, parse_spec
 from kvpack.errors import ConfigError
 from kvpack.quant.affine import dequantize_groups, quantize_groups
 from kvpack.quant.codebooks import CODEBOOKS, FITTED_CODEBOOK, codebook_levels
 from kvpack.quant.tensor import PackedTensor
+from tests.helpers.quant import heavy_tailed
+from tests.quant.tolerances import codebook_max_abs_error
 
 FITTED = [c for c in CODEBOOKS if c != "uniform"]
 WIDTHS = (2, 3, 4)
 AXES = ("channel", "token")
-
-
-def heavy_tailed(shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    """Student-t (3 degrees of freedom) samples: outliers, as real keys and values have."""
-    g = torch.Generator().manual_seed(seed)
-    normal = torch.randn(shape, generator=g)
-    chi2 = torch.randn((3, *shape), generator=g).pow(2).sum(0)
-    return normal / (chi2 / 3).sqrt()
 
 
 @pytest.mark.parametrize("codebook", FITTED)

@@ -7,8 +7,6 @@ import itertools
 
 import pytest
 import torch
-from test_tensor import gaussian, per_element, reference_dequantize
-from tolerances import max_abs_error
 
 from kvpack.config import Axis, CacheConfig, QuantSpec, parse_spec
 from kvpack.errors import ConfigError, NonFiniteError, ShapeError
@@ -17,6 +15,8 @@ from kvpack.quant.outliers import outlier_positions, split_outliers
 from kvpack.quant.packing import pack, packed_row_bytes
 from kvpack.quant.rotation import rotate
 from kvpack.quant.tensor import PackedTensor
+from tests.helpers.quant import gaussian, per_element, reference_dequantize
+from tests.quant.tolerances import max_abs_error
 
 AXES: tuple[Axis, ...] = ("token", "channel")
 

@@ -6,48 +6,17 @@ import math
 
 import pytest
 import torch
-from tolerances import SQNR_MIN_DB, max_abs_error
 
 from kvpack.config import Axis, QuantSpec
 from kvpack.errors import NonFiniteError, ShapeError
-from kvpack.quant.packing import unpack
 from kvpack.quant.tensor import PackedTensor
+from tests.helpers.quant import assert_within_half_step, gaussian, reference_dequantize
+from tests.quant.tolerances import SQNR_MIN_DB
 
 BITS = (2, 3, 4, 8)
 GROUP_SIZES = (16, 32, 64, 128)
 AXES: tuple[Axis, ...] = ("token", "channel")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-
-
-def gaussian(shape: tuple[int, ...], seed: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(dtype)
-
-
-def per_element(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Broadcast a per-group tensor (scale or zero) to `[..., tokens, channels]`, as the layout documents."""
-    dim = -1 if spec.axis == "token" else -2  # token: [..., T, C/g]; channel: [..., T/g, C]
-    return t.repeat_interleave(spec.group_size, dim=dim)
-
-
-def reference_dequantize(pt: PackedTensor) -> torch.Tensor:
-    """Element (t, c) from the documented fields, by index arithmetic; float32 `[..., tokens, channels]`."""
-    tokens, channels = pt.shape[-2], pt.shape[-1]
-    g, bits = pt.spec.group_size, pt.spec.bits
-    if pt.spec.axis == "token":
-        codes = unpack(pt.codes, bits, channels)  # [..., T, C]
-    else:
-        blocks = unpack(pt.codes, bits, g)  # [..., T/g, C, g]
-        t = torch.arange(tokens)
-        codes = blocks[..., t // g, :, t % g].movedim(0, -2)  # advanced indices go first: [T, ..., C]
-    return codes.float() * per_element(pt.scale, pt.spec).float() + per_element(pt.zero, pt.spec).float()
-
-
-def assert_within_half_step(x: torch.Tensor, pt: PackedTensor) -> None:
-    x_hat = pt.dequantize(torch.float32)
-    bound = max_abs_error(per_element(pt.scale, pt.spec), x_hat, pt.spec.bits)
-    error = (x.double() - x_hat.double()).abs()
-    assert torch.all(error <= bound), f"worst error / bound: {float((error / bound).max())}"
 
 
 def sqnr_db(x: torch.Tensor, x_hat: torch.Tensor) -> float:

@@ -16,13 +16,13 @@ from __future__ import annotations
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from test_tensor import assert_within_half_step, per_element
 
 from kvpack.config import Axis, QuantSpec
 from kvpack.errors import NonFiniteError
 from kvpack.quant.affine import FP16_MAX
 from kvpack.quant.packing import packed_row_bytes
 from kvpack.quant.tensor import PackedTensor
+from tests.helpers.quant import assert_within_half_step, per_element
 
 BITS = (2, 3, 4, 8)
 AXES: tuple[Axis, ...] = ("token", "channel")

@@ -106,7 +106,7 @@ def _tiles(rows: int, dim: int) -> tuple[int, int, int]:
 
     One row (multi-head decode) takes the elementwise path; more rows are padded to a tensor-core tile of 16, and
     a kv head with more than 16 rows is split over programs that each read its cache. Chosen from sm_90 builds
-    (ptxas -v, `python -m tests.attention.triton_compile`): these stay within 255 registers without spilling,
+    (ptxas -v, `python -m tests.helpers.triton_compile`): these stay within 255 registers without spilling,
     except head dims of 256 with several rows (~100 bytes spilled); tiles of 64 tokens, or of 32 or 64 rows,
     spilled.
     """

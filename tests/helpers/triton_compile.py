@@ -1,6 +1,6 @@
 """Compile the triton backend's kernels for an H100 (sm_90) on a machine without a GPU, and report their resources.
 
-    python -m tests.attention.triton_compile      # from the project root; TRITON_INTERPRET must not be set
+    python -m tests.helpers.triton_compile      # from the project root; TRITON_INTERPRET must not be set
 
 Triton's interpreter, which the tests use where there is no GPU, runs kernels with numpy and never calls Triton's
 compiler: it cannot see code the compiler rejects, nor registers and spills. This runs the real compiler (Triton's
@@ -23,23 +23,22 @@ from typing import Any
 
 import torch
 
-from tests.attention.inputs import make_inputs, padding_mask
+from tests.helpers.inputs import Case
 
 SM90 = 90
-# Packed data stored rotated, with codebooks: the float32 rotated query and the level tables' gathers.
-_ROTATED_CODEBOOKS = {
-    "key_rotation": "hadamard", "value_rotation": "hadamard", "key_codebook": "lloyd1", "value_codebook": "lloyd1",
-}  # fmt: skip
-# (key bits, value bits), group, kv heads, query heads per kv head, queries, padded, head dim, dtype, and what else
-# `make_inputs` is asked: the paths of the kernel (one row, tensor-core rows, 3-bit codes, bool mask, float32 exact
-# tokens, head dim 256, codebooks on both paths).
+# The paths of the kernel, as attention cases (tests.helpers.inputs.Case): one row, tensor-core rows, 3-bit codes,
+# a boolean mask, float32 exact tokens, head dim 256, and packed data stored rotated with codebooks (the float32
+# rotated query and the level tables' gathers).
 VARIANTS = [
-    ((4, 4), 64, 2, 1, 1, False, 128, torch.float16, {}),
-    ((4, 4), 64, 2, 4, 1, False, 128, torch.bfloat16, {}),
-    ((3, 2), 32, 2, 8, 2, True, 128, torch.float32, {}),
-    ((2, 8), 128, 1, 1, 1, True, 256, torch.float16, {}),
-    ((4, 4), 64, 2, 1, 1, False, 128, torch.float16, _ROTATED_CODEBOOKS),
-    ((3, 2), 32, 2, 4, 1, True, 128, torch.bfloat16, _ROTATED_CODEBOOKS),
+    Case.parse(text)
+    for text in (
+        "k4v4-plain-g64 h2x1 d128 f16",
+        "k4v4-plain-g64 h2x4 d128 bf16",
+        "k3v2-plain-g32 h2x8 q2 d128 pad3",
+        "k2v8-plain-g128 h1x1 d256 pad3 f16",
+        "k4v4-plain-g64-rot-cb h2x1 d128 f16",
+        "k3v2-plain-g32-rot-cb h2x4 d128 pad3 bf16",
+    )
 ]
 
 
@@ -121,11 +120,10 @@ def compile_variants() -> list[dict[str, Any]]:
         raise RuntimeError("unset TRITON_INTERPRET: the interpreter compiles nothing")
     rows = []
     with _compiling_for_sm90() as compiled:
-        for bits, group, kv_heads, rep, queries, padded, dim, dtype, options in VARIANTS:
-            inputs = make_inputs(1, kv_heads, 2, 5, 0, *bits, group, dim=dim, dtype=dtype, **options)
-            query = torch.zeros(1, kv_heads * rep, queries, dim, dtype=dtype)
-            mask = padding_mask(1, queries, inputs.total_tokens, pad=3) if padded else None
-            triton_gpu.triton_attention(query, inputs, mask, 0.1)
+        for case in VARIANTS:
+            inputs = case.inputs()
+            mask = case.mask(inputs.total_tokens) if case.pad is not None else None
+            triton_gpu.triton_attention(case.query(), inputs, mask, case.scaling)
     for name, kwargs, binary in compiled:
         constexprs = {key: value for key, value in kwargs.items() if key.isupper()}
         rows.append(

@@ -1,7 +1,7 @@
-"""One rank of `test_tensor_parallel.py`: run under `torchrun --nproc-per-node N` with the model directory and an
-output directory as arguments. Loads the model with transformers' tensor parallelism (`tp_plan="auto"`, gloo on
-CPU), generates greedily with a DynamicCache and with kvpack caches (dense and fused), and writes what it saw as
-`rank<R>.json`."""
+"""One rank of tests/cache/test_devices.py's tensor-parallel test: run under `torchrun --nproc-per-node N` with the
+model directory and an output directory as arguments. Loads the model with transformers' tensor parallelism
+(`tp_plan="auto"`, gloo on CPU), generates greedily with a DynamicCache and with kvpack caches (dense and fused), and
+writes what it saw as `rank<R>.json`."""
 
 from __future__ import annotations
 
