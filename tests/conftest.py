@@ -40,8 +40,8 @@ def one_intra_op_thread() -> Iterator[None]:
 
 @pytest.fixture(autouse=True)
 def _one_thread_again(request: pytest.FixtureRequest) -> None:
-    """Before each test of such a module, one thread again: the numba kernel's first call sets torch's thread count
-    back to the number of cores."""
+    """Before each test of such a module, one thread again, whatever an earlier test set (a test that measures
+    threads sets its own)."""
     if "one_intra_op_thread" in request.fixturenames:
         torch.set_num_threads(1)
 

@@ -14,6 +14,8 @@ masking, splitting and merging, not the compiler: tests/attention/test_triton.py
 from __future__ import annotations
 
 import platform
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -280,3 +282,21 @@ def test_portable_build_matches_the_definition(monkeypatch: pytest.MonkeyPatch) 
             out = attend(query, inputs, None, case.scaling)
             expected = attention_definition(query, inputs, None, case.scaling)
             assert_close_to_definition(out, expected, case.tolerance(inputs))
+
+
+def test_the_numba_kernel_keeps_torchs_thread_count() -> None:
+    """Starting numba's threading layer resets torch's thread count to the cores; the kernel sets it back, so a
+    user's `torch.set_num_threads` holds (checked in a fresh process: the reset happens on the first call only)."""
+    pytest.importorskip("numba")
+    code = (
+        "import torch\n"
+        "from kvpack.attention.inputs import AttentionInputs\n"
+        "from kvpack.attention.numba_cpu import numba_attention\n"
+        "torch.set_num_threads(1)\n"
+        "k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 40, 32)\n"
+        "numba_attention(torch.randn(1, 4, 1, 32), AttentionInputs(k, v, None, None, 0), None, 32**-0.5)\n"
+        "print(torch.get_num_threads())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split()[-1] == "1"

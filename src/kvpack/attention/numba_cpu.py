@@ -319,7 +319,10 @@ def numba_attention(
     """
     if not _compiled:
         _announce_first_compile()
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    threads = torch.get_num_threads()
+    numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))  # type: ignore[attr-defined]
+    if torch.get_num_threads() != threads:  # starting numba's threading layer (OpenMP) resets torch's count
+        torch.set_num_threads(threads)
     batch, heads, queries, dim = query.shape
     kv_heads = inputs.exact_keys.shape[1]
     rows = heads // kv_heads * queries
