@@ -13,6 +13,7 @@ masking, splitting and merging, not the compiler: tests/attention/test_triton.py
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import sys
@@ -300,3 +301,17 @@ def test_the_numba_kernel_keeps_torchs_thread_count() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split()[-1] == "1"
+
+
+def test_the_cpu_kernel_runs_on_torchs_threads() -> None:
+    """The C++ kernel is built with OpenMP, so `at::parallel_for` splits its work over torch's thread count (without
+    it, ATen's inline `parallel_for` runs serially whatever the count)."""
+    if cpu.why_unavailable() is not None:
+        pytest.skip(cpu.why_unavailable())
+    kernel, before = cpu.extension(), torch.get_num_threads()
+    try:
+        for threads in sorted({1, min(2, os.cpu_count() or 1)}):
+            torch.set_num_threads(threads)
+            assert kernel.parallel_threads(64) == threads
+    finally:
+        torch.set_num_threads(before)

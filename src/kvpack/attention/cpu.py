@@ -26,7 +26,11 @@ from kvpack.attention.reference import attention_bias
 from kvpack.quant.rotation import rotate, rotation_matrix
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_attention.cpp"
-CFLAGS = ["-O3", "-fopenmp-simd", "-fno-math-errno"]
+CFLAGS = ["-O3", "-fno-math-errno"]
+# OpenMP, at compile and link time: ATen's `parallel_for` is an inline template that runs serially unless _OPENMP is
+# defined where it is compiled. The built library needs `libgomp.so.1`, which torch's CPU build has already loaded
+# (torch/lib), so the kernel's threads are torch's, sized by `torch.set_num_threads`.
+OPENMP_FLAGS = ["-fopenmp"]
 # Items per thread: enough to balance uneven chunks, few enough that each reads a long run of blocks.
 _ITEMS_PER_THREAD = 4
 _MIN_CHUNK_TOKENS = 256
@@ -51,15 +55,18 @@ def compiler() -> str | None:
 
 
 @cache
-def extension(march: str = "native") -> Any:
+def extension(march: str = "native", openmp: bool = True) -> Any:
     """Build (first use on this machine: ~30-45 s, announced on stderr) or load the compiled kernel.
 
     march: the target of `-march`; `native` (the default) is this CPU. Tests also build an older target (e.g.
     `x86-64-v3`, AVX2 without AVX-512) to check the kernel's portable code paths on a machine that has more.
+    openmp: build with OpenMP (the default: the kernel splits its work over torch's threads); False builds the
+    single-threaded kernel, for the benchmark that compares the two.
     """
     from torch.utils.cpp_extension import _get_build_directory, load
 
-    flags = [*CFLAGS, f"-march={march}"]
+    threads = OPENMP_FLAGS if openmp else ["-fopenmp-simd"]
+    flags = [*CFLAGS, *threads, f"-march={march}"]
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_identity().encode()).hexdigest()
     name = f"kvpack_attention_{key[:16]}"
     built = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
@@ -70,7 +77,7 @@ def extension(march: str = "native") -> Any:
             file=sys.stderr,
             flush=True,
         )
-    module = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, verbose=False)
+    module = load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=threads, verbose=False)
     if not built:
         print(f"kvpack: CPU attention kernel ready ({time.perf_counter() - start:.0f} s)", file=sys.stderr, flush=True)
     return module

@@ -152,7 +152,11 @@ def describe() -> list[str]:
     why_cpu = cpu.why_unavailable()
     if why_cpu is None:
         # Builds the kernel if this machine has not yet (once, announced on stderr): its code path is the answer.
-        lines.append(f"backend cpu: available, compiler {cpu.compiler()}, code path {cpu.extension().simd_path()}")
+        kernel, threads = cpu.extension(), torch.get_num_threads()
+        lines.append(
+            f"backend cpu: available, compiler {cpu.compiler()}, code path {kernel.simd_path()}, "
+            f"{kernel.parallel_threads(64)} of torch's {threads} threads (OpenMP build)"
+        )
     else:
         lines.append(f"backend cpu: {why_cpu}")
     numba_spec = importlib.util.find_spec("numba")

@@ -750,8 +750,20 @@ std::string simd_path() {
 #endif
 }
 
+// How many threads at::parallel_for runs `items` items on in this build: 1 when it was compiled without OpenMP
+// (ATen's parallel_for is inline; without _OPENMP it takes its serial path whatever torch's thread count).
+int64_t parallel_threads(int64_t items) {
+  std::vector<int64_t> seen(static_cast<size_t>(items), -1);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) seen[static_cast<size_t>(i)] = at::get_thread_num();
+  });
+  std::sort(seen.begin(), seen.end());
+  return std::unique(seen.begin(), seen.end()) - seen.begin();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_path", &simd_path, "which SIMD code path this build of the kernel uses");
+  m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses for this many items in this build");
   // Without the GIL: attention calls of caches used from several Python threads run at the same time.
   m.def("packed_attention", &packed_attention, "kvpack fused attention over a packed KV cache (CPU)",
         py::call_guard<py::gil_scoped_release>());
