@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from typing import Any, Literal
 
 from kvpack.errors import ConfigError
@@ -187,7 +188,7 @@ class CacheConfig:
         """`average_bits()` for keys and values of equal head dims (every supported model so far)."""
         return self.average_bits()
 
-    @property
+    @cached_property  # read at every decode step; the config is frozen
     def block_tokens(self) -> int:
         """Tokens quantized together: whole groups of every spec that groups along tokens."""
         sizes = [s.group_size for s in (self.key, self.value) if s.axis == "channel"]

@@ -210,9 +210,13 @@ def load_profile(path: str | os.PathLike[str]) -> Profile:
     return profile
 
 
-def resolve_config(config: CacheConfig | str | os.PathLike[str]) -> CacheConfig:
+def resolve_config(config: CacheConfig | str | os.PathLike[str], model: Any = None) -> CacheConfig:
     """`kvpack.config.as_config`, and also the path of a calibrated profile (a `.json` file written by `kvpack
-    calibrate`): its cache config. A missing, invalid or other-version profile raises ConfigError."""
-    if is_profile_path(config):
-        return load_profile(config).config
-    return as_config(config)
+    calibrate`): its cache config. A missing, invalid or other-version profile raises ConfigError, and so does a
+    profile made for a model whose cache has another shape than `model` (a model or its config), when given."""
+    if not is_profile_path(config):
+        return as_config(config)
+    profile = load_profile(config)
+    if model is not None:
+        profile.check_model(model)
+    return profile.config

@@ -12,9 +12,9 @@ from transformers.cache_utils import Cache, DummyLayer
 from kvpack.attention.registry import ATTENTION_NAME
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
 from kvpack.cache.plan import check_exact_tokens, context_limit, layer_plan
-from kvpack.config import DEFAULT_PRESET, CacheConfig, as_config
+from kvpack.config import DEFAULT_PRESET, CacheConfig
 from kvpack.errors import ConfigError
-from kvpack.profile import is_profile_path, load_profile
+from kvpack.profile import resolve_config
 
 
 class KVPackCache(Cache):
@@ -59,12 +59,7 @@ class KVPackCache(Cache):
 
         if not isinstance(config, PretrainedConfig) and isinstance(getattr(config, "config", None), PretrainedConfig):
             config = config.config
-        if is_profile_path(cache_config):
-            profile = load_profile(cache_config)
-            profile.check_model(config)
-            self.cache_config = profile.config
-        else:
-            self.cache_config = as_config(cache_config)
+        self.cache_config = resolve_config(cache_config, config)
         check_exact_tokens(self.cache_config, context_limit(config))
         self.backend = check_backend(backend)
         # Read at every update (cheap), so switching the model's attention implementation is always honoured.
