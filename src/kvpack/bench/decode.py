@@ -56,18 +56,23 @@ def _layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -
 
     cache_config = uniform_spec(spec)
     shape = cache_shape(config)
-    packed = flushed_tokens(tokens, cache_config)
+    sinks = min(cache_config.sinks, tokens)
+    packed = flushed_tokens(tokens - sinks, cache_config)  # what a streamed cache holds packed, after the sinks
     gen = torch.Generator().manual_seed(seed)
     inputs, dense = [], []
+
+    def exact(x: torch.Tensor) -> torch.Tensor:  # the sinks, then the residual window
+        return torch.cat([x[:, :, :sinks], x[:, :, sinks + packed :]], dim=2)
+
     for _ in range(layers):
         keys, values = (torch.randn(1, shape.kv_heads, tokens, shape.head_dim, generator=gen) for _ in range(2))
         inputs.append(
             AttentionInputs(
-                exact_keys=keys[:, :, packed:].contiguous(),
-                exact_values=values[:, :, packed:].contiguous(),
-                packed_keys=PackedTensor.quantize(keys[:, :, :packed], cache_config.key),
-                packed_values=PackedTensor.quantize(values[:, :, :packed], cache_config.value),
-                sink_len=0,
+                exact_keys=exact(keys),
+                exact_values=exact(values),
+                packed_keys=PackedTensor.quantize(keys[:, :, sinks : sinks + packed], cache_config.key),
+                packed_values=PackedTensor.quantize(values[:, :, sinks : sinks + packed], cache_config.value),
+                sink_len=sinks,
             )
         )
         dense.append((keys, values))
