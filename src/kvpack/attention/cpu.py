@@ -15,15 +15,17 @@ import platform
 import shutil
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from kvpack.attention import op
 from kvpack.attention.inputs import AttentionInputs
 from kvpack.attention.reference import attention_bias
-from kvpack.quant.rotation import rotate, rotation_matrix
 
 SOURCE = Path(__file__).parent / "csrc" / "packed_attention.cpp"
 CFLAGS = ["-O3", "-fno-math-errno"]
@@ -31,9 +33,6 @@ CFLAGS = ["-O3", "-fno-math-errno"]
 # defined where it is compiled. The built library needs `libgomp.so.1`, which torch's CPU build has already loaded
 # (torch/lib), so the kernel's threads are torch's, sized by `torch.set_num_threads`.
 OPENMP_FLAGS = ["-fopenmp"]
-# Items per thread: enough to balance uneven chunks, few enough that each reads a long run of blocks.
-_ITEMS_PER_THREAD = 4
-_MIN_CHUNK_TOKENS = 256
 
 
 def _cpu_identity() -> str:
@@ -67,6 +66,8 @@ def extension(march: str = "native", openmp: bool = True) -> Any:
 
     threads = OPENMP_FLAGS if openmp else ["-fopenmp-simd"]
     flags = [*CFLAGS, *threads, f"-march={march}"]
+    if march == "native" and openmp:
+        flags.append("-DKVPACK_REGISTER_OP")  # the default build is the operator's CPU kernel (see op.py)
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_identity().encode()).hexdigest()
     name = f"kvpack_attention_{key[:16]}"
     built = (Path(_get_build_directory(name, verbose=False)) / f"{name}.so").is_file()
@@ -95,15 +96,6 @@ def why_unavailable() -> str | None:
     return None
 
 
-_EMPTY = torch.empty(0)  # stands for absent tensors (no bias, nothing packed yet); the kernel never writes it
-
-
-@cache
-def _row_query(rows: int, queries: int) -> torch.Tensor:
-    """The new token (mask row) of each query row: the same few small tensors at every decode step."""
-    return torch.arange(rows) % queries
-
-
 def supports(inputs: AttentionInputs) -> str | None:
     """None when the kernel handles `inputs`, else why not."""
     if inputs.exact_keys.device.type != "cpu":
@@ -123,6 +115,29 @@ def supports(inputs: AttentionInputs) -> str | None:
     return None
 
 
+Runner = Callable[[torch.Tensor, AttentionInputs, "torch.Tensor | None", float], torch.Tensor]
+
+
+def runner(inputs: AttentionInputs) -> Runner:
+    """`cpu_attention` for every step of the layer that `inputs` come from: the kernel loaded and the layer's
+    `op.Constants` worked out once, each call is one call of the `kvpack::packed_attention` operator."""
+    extension()  # loading the default build registers the operator's CPU kernel
+    operator = torch.ops.kvpack.packed_attention.default
+    pk, pv = inputs.packed_keys, inputs.packed_values
+    constants = None if pk is None or pv is None else op.Constants.of(pk, pv)
+
+    def run(query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
+        batch, _, queries, _ = query.shape
+        bias = None if mask is None and queries == 1 else attention_bias(mask, batch, queries, inputs.total_tokens)
+        if query.dtype == torch.float32 and inputs.exact_keys.dtype == torch.float32:
+            return operator(*op.arguments(query, inputs, bias, scaling, constants))
+        # The kernel reads float32: a half-precision model's query and exact tokens are converted.
+        inputs = replace(inputs, exact_keys=inputs.exact_keys.float(), exact_values=inputs.exact_values.float())
+        return operator(*op.arguments(query.float(), inputs, bias, scaling, constants)).to(query.dtype)
+
+    return run
+
+
 def cpu_attention(
     query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
@@ -130,39 +145,6 @@ def cpu_attention(
 
     Packed keys stored rotated (`QuantSpec.rotation`) are scored with the query rotated the same way; packed values
     stored rotated are turned back once, in the kernel's merge of its partial results. Codes of a codebook
-    (`QuantSpec.codebook`) are read through its level table.
+    (`QuantSpec.codebook`) are read through its level table. A cache layer calls `runner` once instead.
     """
-    kernel = extension()
-    batch, heads, queries, dim = query.shape
-    kv_heads = inputs.exact_keys.shape[1]
-    rows = heads // kv_heads * queries
-    q = (query.float() * scaling).reshape(batch, kv_heads, rows, dim).contiguous()
-    row_query = _row_query(rows, queries)
-    bias = attention_bias(mask, batch, queries, inputs.total_tokens)
-    bias = _EMPTY if bias is None else bias.float()
-    pk, pv = inputs.packed_keys, inputs.packed_values
-    empty = _EMPTY
-    exact_keys = inputs.exact_keys if inputs.exact_keys.dtype == torch.float32 else inputs.exact_keys.float()
-    exact_values = inputs.exact_values if inputs.exact_values.dtype == torch.float32 else inputs.exact_values.float()
-    if pk is None or pv is None:
-        out = kernel.packed_attention(
-            q, q, row_query, empty, empty, empty, empty, empty, empty, 0, exact_keys, exact_values, bias,
-            inputs.sink_len, 8, 8, 16, 1, empty, empty, empty,
-        )  # fmt: skip
-    else:
-        blocks = pk.codes.shape[2]
-        threads = torch.get_num_threads()
-        chunks_per_head = max(1, -(-_ITEMS_PER_THREAD * threads // (batch * kv_heads)))
-        group = pk.spec.group_size
-        chunk_blocks = max(-(-blocks // chunks_per_head), -(-_MIN_CHUNK_TOKENS // group), 1)
-        q_packed = q if pk.spec.rotation == "none" else rotate(q, pk.spec.rotation).contiguous()
-        value_rotation = empty if pv.spec.rotation == "none" else rotation_matrix(pv.shape[-1])
-        key_levels = empty if pk.levels is None else pk.levels  # codebooks: code c reads as level[c]
-        value_levels = empty if pv.levels is None else pv.levels
-        out = kernel.packed_attention(
-            q, q_packed, row_query, pk.codes, pk.scale, pk.zero, pv.codes, pv.scale, pv.zero, blocks, exact_keys,
-            exact_values, bias, inputs.sink_len, pk.spec.bits, pv.spec.bits, pv.spec.group_size, chunk_blocks,
-            value_rotation, key_levels, value_levels,
-        )  # fmt: skip
-    value_dim = inputs.exact_values.shape[-1]
-    return out.reshape(batch, heads, queries, value_dim).transpose(1, 2).to(query.dtype)
+    return runner(inputs)(query, inputs, mask, scaling)

@@ -10,6 +10,7 @@ token `e + packed_tokens`. In fused mode `KVPackCache.update` returns a key tens
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -26,7 +27,9 @@ class AttentionInputs:
     exact_keys, exact_values: `[batch, kv_heads, exact_tokens, head_dim]`, model dtype: the sinks (the first
         `sink_len`), then the residual window and the new tokens.
     packed_keys, packed_values: the packed tokens between the sinks and the residual, or None when there are none.
-    backend: the attention backend asked for (`auto`, `torch`, `cpu`, `triton`).
+    backend: the attention backend asked for (`auto`, `torch`, `cpu`, `numba`, `triton`).
+    memo: where attention keeps what it resolved for this layer (backend, constants), so that it does so once per
+        layer, not per step: the layer passes the same dict at every step and never reads it. None: resolve per call.
     """
 
     exact_keys: torch.Tensor
@@ -35,6 +38,7 @@ class AttentionInputs:
     packed_values: PackedTensor | None
     sink_len: int
     backend: str = "auto"
+    memo: dict[Any, Any] | None = None
 
     @property
     def packed_tokens(self) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -108,26 +109,43 @@ def prepare(backend: str) -> None:
             cpu.extension()
 
 
+Runner = Callable[[torch.Tensor, AttentionInputs, "torch.Tensor | None", float], torch.Tensor]
+
+
+def runner(backend: str, inputs: AttentionInputs) -> Runner:
+    """The function that computes attention with `backend` for the layer `inputs` come from (the CPU kernel's
+    prepares the layer's constants once; triton's is the `kvpack::packed_attention` operator's CUDA kernel, called
+    directly so that it also runs interpreted on CPU tensors)."""
+    if backend == "cpu":
+        from kvpack.attention import cpu
+
+        return cpu.runner(inputs)
+    if backend == "numba":
+        from kvpack.attention import numba_cpu
+
+        return numba_cpu.numba_attention
+    if backend == "triton":
+        from kvpack.attention import triton_gpu
+
+        return triton_gpu.triton_attention
+    return reference_attention
+
+
 def attend(query: torch.Tensor, inputs: AttentionInputs, mask: torch.Tensor | None, scaling: float) -> torch.Tensor:
     """Attention of `query` `[batch, heads, queries, head_dim]` over one layer's packed and exact tokens.
 
     mask: transformers' mask `[batch, 1, queries, tokens]` (boolean or additive) or None (causal among the new
-    tokens). Returns `[batch, queries, heads, value_dim]` in the query's dtype.
+    tokens). Returns `[batch, queries, heads, value_dim]` in the query's dtype. The backend is resolved once per
+    layer (`inputs.memo`) and whether it holds packed tokens yet.
     """
-    backend = resolve_backend(inputs)
-    if backend == "cpu":
-        from kvpack.attention import cpu
-
-        return cpu.cpu_attention(query, inputs, mask, scaling)
-    if backend == "numba":
-        from kvpack.attention import numba_cpu
-
-        return numba_cpu.numba_attention(query, inputs, mask, scaling)
-    if backend == "triton":
-        from kvpack.attention import triton_gpu
-
-        return triton_gpu.triton_attention(query, inputs, mask, scaling)
-    return reference_attention(query, inputs, mask, scaling)
+    memo = inputs.memo
+    key = (inputs.backend, inputs.packed_keys is None, inputs.exact_keys.device)
+    run = None if memo is None else memo.get(key)
+    if run is None:
+        run = runner(resolve_backend(inputs), inputs)
+        if memo is not None:
+            memo[key] = run
+    return run(query, inputs, mask, scaling)
 
 
 def describe() -> list[str]:

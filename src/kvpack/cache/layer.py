@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 from transformers.cache_utils import CacheLayerMixin
@@ -101,6 +102,7 @@ class PackedLayer(CacheLayerMixin):
         self.record_past = False
         self.shadow_len = 0
         self.shadow_keys = self.shadow_values = torch.empty(0)
+        self.attention_memo: dict[Any, Any] = {}  # attention's per-layer resolution (see AttentionInputs.memo)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.spec}, tokens={self.seen_tokens})"
@@ -326,10 +328,11 @@ class PackedLayer(CacheLayerMixin):
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """`append` of checked input to an initialised layer."""
         n_sink = min(self.config.sinks - self.sink_len, key_states.shape[2])
-        keys, values = key_states[:, :, n_sink:], value_states[:, :, n_sink:]
+        keys, values = (
+            (key_states, value_states) if not n_sink else (key_states[:, :, n_sink:], value_states[:, :, n_sink:])
+        )
         n = keys.shape[2]
         stored = self.residual_len + n
-        block = self.config.block_tokens
         flush = flushed_tokens(stored, self.config)
         if flush:
             # Quantize before touching any state, so a refused value leaves the cache as it was.
@@ -349,6 +352,7 @@ class PackedLayer(CacheLayerMixin):
             self.packed_values.append(packed_values)
             keep = stored - flush
             if self.record_past:
+                block = self.config.block_tokens
                 self.shadow_len = block
                 self.shadow_keys[:, :, :block] = all_keys[:, :, flush - block : flush]
                 self.shadow_values[:, :, :block] = all_values[:, :, flush - block : flush]
@@ -384,13 +388,15 @@ class PackedLayer(CacheLayerMixin):
         if not flushed_tokens(self.residual_len + key_states.shape[2], self.config):
             # No block leaves the residual: the new tokens land right after it, and a view reads them all.
             self._append(key_states, value_states)
-            exact_keys = self.exact_keys[:, :, : self.sink_len + self.residual_len]
-            exact_values = self.exact_values[:, :, : self.sink_len + self.residual_len]
+            held = self.sink_len + self.residual_len
+            exact_keys, exact_values = self.exact_keys.narrow(2, 0, held), self.exact_values.narrow(2, 0, held)
         else:
             exact_keys = torch.cat([self.exact_keys[:, :, :past], key_states], dim=2)
             exact_values = torch.cat([self.exact_values[:, :, :past], value_states], dim=2)
             self._append(key_states, value_states)
-        inputs = AttentionInputs(exact_keys, exact_values, packed_keys, packed_values, self.sink_len, backend)
+        inputs = AttentionInputs(
+            exact_keys, exact_values, packed_keys, packed_values, self.sink_len, backend, self.attention_memo
+        )
         keys = key_states.view_as(key_states)  # a new tensor object: the caller's own stays unmarked
         setattr(keys, INPUTS_ATTRIBUTE, inputs)
         return keys, value_states

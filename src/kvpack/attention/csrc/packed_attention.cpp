@@ -1,22 +1,22 @@
 // kvpack's fused CPU attention over a packed KV cache (KIVI layout), built at first use with torch's extension
 // tooling and -march=native (see kvpack/attention/cpu.py).
 //
-// Inputs (one layer; B batch, H kv heads, R query rows per kv head = query heads per kv head x new tokens):
-//   q            float32 [B, H, R, D], already multiplied by the softmax scaling
-//   q_packed     the same for the packed keys: q @ R_k when the packed keys are stored rotated, else q itself
-//   row_query    int64 [R]: the new token (mask row) of each query row
+// Inputs (one layer; B batch, Hq query heads, H kv heads, Q new tokens, R query rows per kv head = Hq / H x Q):
+//   query        float32 [B, Hq, Q, D], any strides; the kernel scales it (and rotates it for rotated keys)
 //   key_codes    uint8 [B, H, >=NB, D, G*KB/8]: per channel, G consecutive tokens per row
 //   key_scale/zero  float16 [B, H, >=NB, D]
 //   value_codes  uint8 [B, H, >=P, Dv*VB/8]: per token, one row of Dv codes
 //   value_scale/zero float16 [B, H, >=P, Dv/VG]
-//   blocks       NB (P = NB * G packed tokens; the tensors may be views with more capacity along dim 2)
-//   exact_keys/values float32 [B, H, E, D / Dv]: sinks (the first sink_len), then residual and new tokens
-//   bias         float32 [B, Q, total tokens] additive, or an empty tensor
-//   value_rotation  float32 [Dv, Dv] R_v when the packed values are stored rotated (their share of the output is
-//                turned back with R_v^T when the items are merged), or an empty tensor
+//   packed_tokens P = NB * G (the tensors may have more capacity along dim 2: the cache's own buffers)
+//   exact_keys/values float32 [B, H, >=E, D / Dv]: sinks (the first sink_len), then residual and new tokens;
+//                the first exact_tokens E are read
+//   bias         float32 [B, Q, total tokens] additive, or None
+//   key_rotation, value_rotation  float32 [D, D] / [Dv, Dv] R when the packed keys / values are stored rotated
+//                (keys are scored with q @ R_k; the values' share of the output is turned back with R_v^T when the
+//                items are merged), or None
 //   key_levels, value_levels  float32 [2**bits] codebook levels (code c stands for level[c] * scale + zero; bits
-//                <= 4), or an empty tensor for uniform codes (level[c] = c)
-// Output: float32 [B, H, R, Dv].
+//                <= 4), or None for uniform codes (level[c] = c)
+// Output: float32 [B, Q, Hq, Dv].
 //
 // Every (batch, kv head) is split into chunks of packed blocks plus one item for the exact tokens; items run in
 // parallel (torch's thread pool), each keeping a running max / sum / weighted value sum per row (online softmax);
@@ -26,6 +26,7 @@
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
+#include <torch/library.h>
 
 #if defined(__AVX512F__) || defined(__F16C__)
 #include <immintrin.h>
@@ -44,6 +45,8 @@ namespace {
 constexpr float kNegLarge = -1.0e30f;  // running maxima start here: a fully masked row ends as 0 / 0 -> 0
 constexpr int kLanes = 16;             // the width of the register tiles
 constexpr int kExactTile = 64;         // exact tokens scored per tile
+constexpr int kItemsPerThread = 4;     // work items per thread (see packed_attention)
+constexpr int kMinChunkTokens = 256;   // packed tokens per work item, at least
 
 // exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), |relative error| < 2e-7.
 // Below -87 (or -inf: a masked score) it is exactly 0.
@@ -625,61 +628,124 @@ PackedItemFn packed_item(const Layer& L) {
 
 }  // namespace
 
-torch::Tensor packed_attention(torch::Tensor q, torch::Tensor q_packed, torch::Tensor row_query, torch::Tensor key_codes,
-                               torch::Tensor key_scale, torch::Tensor key_zero, torch::Tensor value_codes,
-                               torch::Tensor value_scale, torch::Tensor value_zero, int64_t blocks,
-                               torch::Tensor exact_keys, torch::Tensor exact_values, torch::Tensor bias,
-                               int64_t sink_len, int64_t key_bits, int64_t value_bits, int64_t value_group,
-                               int64_t chunk_blocks, torch::Tensor value_rotation, torch::Tensor key_levels,
-                               torch::Tensor value_levels) {
-  TORCH_CHECK(q.is_contiguous() && q.dtype() == torch::kFloat32, "kvpack: q must be contiguous float32");
-  TORCH_CHECK(q_packed.is_contiguous() && q_packed.sizes() == q.sizes() && q_packed.dtype() == torch::kFloat32,
-              "kvpack: q_packed must be contiguous float32 shaped like q");
+using OptionalTensor = c10::optional<at::Tensor>;
+
+// A float32 tensor's data, or nullptr when absent; checks the layout the kernel reads.
+const float* matrix_or_null(const OptionalTensor& t, int64_t rows, int64_t cols, const char* name) {
+  if (!t.has_value() || !t->defined() || t->numel() == 0) return nullptr;
+  TORCH_CHECK(t->is_contiguous() && t->dtype() == torch::kFloat32 && t->numel() == rows * cols, "kvpack: ", name,
+              " must be contiguous float32 with ", rows * cols, " elements");
+  return t->data_ptr<float>();
+}
+
+// `kvpack::packed_attention` on CPU (the schema and its other implementations: kvpack/attention/op.py).
+//   query         float32 [B, Hq, Q, D], any strides (scaled by `scaling`, and rotated by key_rotation for the
+//                 packed keys, here)
+//   exact_keys/values  float32 [B, H, >=exact_tokens, D / Dv], rows contiguous: the first `exact_tokens` are read
+//   key_*, value_*     the packed tokens (see the top of this file); `packed_tokens` of them are read (blocks =
+//                 packed_tokens / G), the tensors may have more capacity along dim 2
+//   key_rotation  float32 [D, D] R_k when the packed keys are stored rotated (scored with q @ R_k), or None
+// Output: float32 [B, Q, Hq, Dv] (the layout transformers' attention functions return).
+at::Tensor packed_attention(const at::Tensor& query, const at::Tensor& exact_keys, const at::Tensor& exact_values,
+                            int64_t exact_tokens, int64_t sink_len, const OptionalTensor& key_codes,
+                            const OptionalTensor& key_scale, const OptionalTensor& key_zero,
+                            const OptionalTensor& value_codes, const OptionalTensor& value_scale,
+                            const OptionalTensor& value_zero, int64_t packed_tokens, int64_t key_bits,
+                            int64_t value_bits, int64_t value_group, const OptionalTensor& key_rotation,
+                            const OptionalTensor& value_rotation, const OptionalTensor& key_levels,
+                            const OptionalTensor& value_levels, const OptionalTensor& bias, double scaling) {
+  TORCH_CHECK(query.dim() == 4 && query.dtype() == torch::kFloat32, "kvpack: query must be float32 [B, Hq, Q, D]");
+  TORCH_CHECK(exact_keys.dtype() == torch::kFloat32 && exact_values.dtype() == torch::kFloat32,
+              "kvpack: exact keys/values must be float32");
   TORCH_CHECK(exact_keys.stride(3) == 1 && exact_values.stride(3) == 1, "kvpack: exact rows must be contiguous");
-  const int B = q.size(0), H = q.size(1), R = q.size(2), D = q.size(3), Dv = exact_values.size(3);
+  TORCH_CHECK(exact_tokens <= exact_keys.size(2) && exact_tokens <= exact_values.size(2),
+              "kvpack: exact_tokens exceeds the exact buffers");
+  const int B = query.size(0), Hq = query.size(1), Q = query.size(2), D = query.size(3);
+  const int H = exact_keys.size(1), Dv = exact_values.size(3);
+  TORCH_CHECK(H > 0 && Hq % H == 0 && exact_keys.size(3) == D, "kvpack: query heads must be a multiple of kv heads");
+  const int group = Hq / H, R = group * Q;
+  const bool packed = packed_tokens > 0;
+  // q and q_packed [B, H, R, D]: row r of kv head h is query head h * group + r / Q, new token r % Q.
+  std::vector<float> q_rows(static_cast<size_t>(B) * H * R * D);
+  const auto qa = query.accessor<float, 4>();
+  for (int b = 0; b < B; ++b)
+    for (int hq = 0; hq < Hq; ++hq)
+      for (int t = 0; t < Q; ++t) {
+        float* dst = q_rows.data() + ((static_cast<int64_t>(b) * H + hq / group) * R + (hq % group) * Q + t) * D;
+        for (int d = 0; d < D; ++d) dst[d] = qa[b][hq][t][d] * static_cast<float>(scaling);
+      }
+  const float* rotation_k = matrix_or_null(key_rotation, D, D, "key_rotation");
+  std::vector<float> q_rotated(rotation_k && packed ? q_rows.size() : 0);
+  for (size_t row = 0; row < q_rotated.size() / D; ++row)  // q_packed = q @ R_k
+    for (int d = 0; d < D; ++d) {
+      float sum = 0.0f;
+      for (int e = 0; e < D; ++e) sum += q_rows[row * D + e] * rotation_k[static_cast<int64_t>(e) * D + d];
+      q_rotated[row * D + d] = sum;
+    }
+  std::vector<int64_t> row_query(R);
+  for (int r = 0; r < R; ++r) row_query[r] = r % Q;
+
   Layer L{};
-  L.q = q.data_ptr<float>();
-  L.q_packed = q_packed.data_ptr<float>();
-  L.row_query = row_query.data_ptr<int64_t>();
+  L.q = q_rows.data();
+  L.q_packed = q_rotated.empty() ? q_rows.data() : q_rotated.data();
+  L.row_query = row_query.data();
   L.exact_keys = exact_keys.data_ptr<float>();
   L.exact_values = exact_values.data_ptr<float>();
-  L.bias = bias.numel() ? bias.data_ptr<float>() : nullptr;
-  L.bias_s0 = bias.numel() ? bias.stride(0) : 0;
-  L.bias_s1 = bias.numel() ? bias.stride(1) : 0;
+  const bool biased = bias.has_value() && bias->defined() && bias->numel() > 0;
+  if (biased) {
+    TORCH_CHECK(bias->dtype() == torch::kFloat32 && bias->dim() == 3 && bias->stride(2) == 1,
+                "kvpack: bias must be float32 [B, Q, tokens] with contiguous rows");
+    L.bias = bias->data_ptr<float>();
+    L.bias_s0 = bias->stride(0), L.bias_s1 = bias->stride(1);
+  }
   L.ek_s0 = exact_keys.stride(0), L.ek_s1 = exact_keys.stride(1), L.ek_s2 = exact_keys.stride(2);
   L.ev_s0 = exact_values.stride(0), L.ev_s1 = exact_values.stride(1), L.ev_s2 = exact_values.stride(2);
-  L.H = H, L.R = R, L.D = D, L.Dv = Dv, L.blocks = blocks, L.n_exact = exact_keys.size(2), L.sink_len = sink_len;
+  L.H = H, L.R = R, L.D = D, L.Dv = Dv, L.n_exact = exact_tokens, L.sink_len = sink_len;
   L.key_bits = key_bits, L.value_bits = value_bits, L.VG = value_group;
   // Codebook levels, copied into the zero-padded tables every item reads (one 64-byte line each).
-  auto set_levels = [](const torch::Tensor& levels, int64_t bits, float* table, bool* on, const char* name) {
-    *on = levels.numel() > 0;
+  auto set_levels = [](const OptionalTensor& levels, int64_t bits, float* table, bool* on, const char* name) {
     std::fill(table, table + 16, 0.0f);
-    if (!*on) return;
-    TORCH_CHECK(bits <= 4 && levels.numel() == (int64_t{1} << bits) && levels.dtype() == torch::kFloat32 &&
-                    levels.is_contiguous(),
-                "kvpack: ", name, " must be contiguous float32 [2**bits] with bits <= 4");
-    std::copy(levels.data_ptr<float>(), levels.data_ptr<float>() + levels.numel(), table);
+    const float* given = matrix_or_null(levels, 1, int64_t{1} << bits, name);
+    *on = given != nullptr;
+    TORCH_CHECK(!*on || bits <= 4, "kvpack: ", name, " need bits <= 4");
+    if (*on) std::copy(given, given + (int64_t{1} << bits), table);
   };
-  set_levels(key_levels, key_bits, L.key_levels, &L.key_lut, "key_levels");
-  set_levels(value_levels, value_bits, L.value_levels, &L.value_lut, "value_levels");
-  if (blocks > 0) {
-    L.key_codes = key_codes.data_ptr<uint8_t>();
-    L.key_scale = key_scale.data_ptr<at::Half>();
-    L.key_zero = key_zero.data_ptr<at::Half>();
-    L.value_codes = value_codes.data_ptr<uint8_t>();
-    L.value_scale = value_scale.data_ptr<at::Half>();
-    L.value_zero = value_zero.data_ptr<at::Half>();
-    L.G = key_codes.size(4) * 8 / key_bits;
-    L.kc_s0 = key_codes.stride(0), L.kc_s1 = key_codes.stride(1), L.kc_s2 = key_codes.stride(2);
-    L.ks_s0 = key_scale.stride(0), L.ks_s1 = key_scale.stride(1), L.ks_s2 = key_scale.stride(2);
-    L.vc_s0 = value_codes.stride(0), L.vc_s1 = value_codes.stride(1), L.vc_s2 = value_codes.stride(2);
-    L.vs_s0 = value_scale.stride(0), L.vs_s1 = value_scale.stride(1), L.vs_s2 = value_scale.stride(2);
-    TORCH_CHECK(key_scale.stride(3) == 1 && key_zero.strides() == key_scale.strides(), "kvpack: key params layout");
-    TORCH_CHECK(value_scale.stride(3) == 1 && value_zero.strides() == value_scale.strides(), "kvpack: value params");
-    TORCH_CHECK(key_codes.stride(4) == 1 && key_codes.stride(3) == key_codes.size(4), "kvpack: key codes layout");
-    TORCH_CHECK(value_codes.stride(3) == 1 && value_codes.stride(2) == value_codes.size(3), "kvpack: value codes");
+  int blocks = 0;
+  if (packed) {
+    TORCH_CHECK(key_codes.has_value() && key_scale.has_value() && key_zero.has_value() && value_codes.has_value() &&
+                    value_scale.has_value() && value_zero.has_value(),
+                "kvpack: packed tokens need every packed tensor");
+    const at::Tensor &kc = *key_codes, &ks = *key_scale, &kz = *key_zero;
+    const at::Tensor &vc = *value_codes, &vs = *value_scale, &vz = *value_zero;
+    set_levels(key_levels, key_bits, L.key_levels, &L.key_lut, "key_levels");
+    set_levels(value_levels, value_bits, L.value_levels, &L.value_lut, "value_levels");
+    L.G = kc.size(4) * 8 / key_bits;
+    TORCH_CHECK(L.G > 0 && packed_tokens % L.G == 0, "kvpack: packed tokens must be whole key groups");
+    blocks = packed_tokens / L.G;
+    TORCH_CHECK(blocks <= kc.size(2) && packed_tokens <= vc.size(2), "kvpack: packed_tokens exceeds the buffers");
+    L.blocks = blocks;
+    L.key_codes = kc.data_ptr<uint8_t>();
+    L.key_scale = ks.data_ptr<at::Half>();
+    L.key_zero = kz.data_ptr<at::Half>();
+    L.value_codes = vc.data_ptr<uint8_t>();
+    L.value_scale = vs.data_ptr<at::Half>();
+    L.value_zero = vz.data_ptr<at::Half>();
+    L.kc_s0 = kc.stride(0), L.kc_s1 = kc.stride(1), L.kc_s2 = kc.stride(2);
+    L.ks_s0 = ks.stride(0), L.ks_s1 = ks.stride(1), L.ks_s2 = ks.stride(2);
+    L.vc_s0 = vc.stride(0), L.vc_s1 = vc.stride(1), L.vc_s2 = vc.stride(2);
+    L.vs_s0 = vs.stride(0), L.vs_s1 = vs.stride(1), L.vs_s2 = vs.stride(2);
+    TORCH_CHECK(ks.stride(3) == 1 && kz.strides() == ks.strides(), "kvpack: key params layout");
+    TORCH_CHECK(vs.stride(3) == 1 && vz.strides() == vs.strides(), "kvpack: value params");
+    TORCH_CHECK(kc.stride(4) == 1 && kc.stride(3) == kc.size(4), "kvpack: key codes layout");
+    TORCH_CHECK(vc.stride(3) == 1 && vc.stride(2) == vc.size(3), "kvpack: value codes");
     TORCH_CHECK(L.G % kLanes == 0 && Dv % kLanes == 0 && value_group % 8 == 0, "kvpack: sizes must be multiples of 16");
   }
+  // Work items: per (batch, kv head), chunks of packed blocks and one item of exact tokens. About kItemsPerThread
+  // items per thread balance uneven chunks; a chunk spans at least kMinChunkTokens tokens, a long run of reads.
+  const int threads = at::get_num_threads();
+  const int chunks_per_head = std::max<int64_t>(1, (kItemsPerThread * threads + B * H - 1) / (B * H));
+  const int chunk_blocks =
+      blocks ? std::max({(blocks + chunks_per_head - 1) / chunks_per_head, (kMinChunkTokens + L.G - 1) / L.G, 1}) : 1;
   const int chunks = blocks > 0 ? (blocks + chunk_blocks - 1) / chunk_blocks : 0;
   const int items = chunks + 1;
   std::vector<float> part_top(static_cast<size_t>(B) * H * items * R, kNegLarge);
@@ -699,25 +765,22 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor q_packed, torch::T
       }
     }
   });
-  auto out = torch::empty({B, H, R, Dv}, q.options());
+  auto out = torch::empty({B, Q, Hq, Dv}, query.options());
   float* o = out.data_ptr<float>();
-  const bool rotated = value_rotation.numel() > 0;
-  TORCH_CHECK(!rotated || (value_rotation.is_contiguous() && value_rotation.size(0) == Dv &&
-                           value_rotation.size(1) == Dv && value_rotation.dtype() == torch::kFloat32),
-              "kvpack: value_rotation must be contiguous float32 [Dv, Dv]");
-  const float* rotation = rotated ? value_rotation.data_ptr<float>() : nullptr;
+  const float* rotation = packed ? matrix_or_null(value_rotation, Dv, Dv, "value_rotation") : nullptr;
   // The merge is a few vectors per head: serial below 16 heads (waking a thread costs more than it saves).
   at::parallel_for(0, static_cast<int64_t>(B) * H, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> packed_share(rotated ? Dv : 0);
+    std::vector<float> packed_share(rotation ? Dv : 0);
     for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
       for (int r = 0; r < R; ++r) {
         float top_all = kNegLarge;
         for (int item = 0; item < items; ++item) top_all = std::max(top_all, part_top[(bh * items + item) * R + r]);
         float total_all = 0.0f;
-        float* dst = o + (bh * R + r) * Dv;
+        float* dst = o + ((b * Q + r % Q) * Hq + h * group + r / Q) * Dv;
         std::fill(dst, dst + Dv, 0.0f);
         // Packed items (all but the last) add into packed_share when their values are rotated, else into dst.
-        float* packed_dst = rotated ? packed_share.data() : dst;
+        float* packed_dst = rotation ? packed_share.data() : dst;
         std::fill(packed_share.begin(), packed_share.end(), 0.0f);
         for (int item = 0; item < items; ++item) {
           const int64_t at = (bh * items + item) * R + r;
@@ -727,7 +790,7 @@ torch::Tensor packed_attention(torch::Tensor q, torch::Tensor q_packed, torch::T
           float* into = item < chunks ? packed_dst : dst;
           for (int c = 0; c < Dv; ++c) into[c] += w * src[c];
         }
-        if (rotated)  // out += share @ R_v^T: channel c is the share's dot product with row c of R_v
+        if (rotation)  // out += share @ R_v^T: channel c is the share's dot product with row c of R_v
           for (int c = 0; c < Dv; ++c) dst[c] += dot(packed_share.data(), rotation + static_cast<int64_t>(c) * Dv, Dv);
         if (total_all > 0.0f)
           for (int c = 0; c < Dv; ++c) dst[c] /= total_all;
@@ -768,3 +831,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_attention", &packed_attention, "kvpack fused attention over a packed KV cache (CPU)",
         py::call_guard<py::gil_scoped_release>());
 }
+
+#ifdef KVPACK_REGISTER_OP
+// The CPU kernel of the `kvpack::packed_attention` operator (defined in kvpack/attention/op.py). Only the default
+// build registers it; the builds tests and benchmarks compare against it (other -march, no OpenMP) do not.
+TORCH_LIBRARY_IMPL(kvpack, CPU, m) { m.impl("packed_attention", &packed_attention); }
+#endif
