@@ -71,6 +71,15 @@ def test_cache_nbytes_of_dynamic_cache_is_its_keys_and_values() -> None:
     assert cache_nbytes(cache) == expected == 2 * 2 * 100 * 2 * 16 * 4
 
 
+def test_cache_nbytes_counts_shared_storage_once() -> None:
+    from types import SimpleNamespace
+
+    keys, empty = torch.zeros(1, 2, 10, 16), torch.zeros(0)
+    # A view of the same storage, and a container holding it again: counted once; an empty tensor adds nothing.
+    layer = SimpleNamespace(keys=keys, values=keys[:, :, :4], extra=[keys, {"again": keys}], empty=empty)
+    assert cache_nbytes(SimpleNamespace(layers=[layer, layer])) == keys.nbytes == 1280
+
+
 def test_cache_nbytes_of_kvpack_is_its_exact_count() -> None:
     config = tiny_config()
     cache = KVPackCache(config, "k4v4-plain-g16-r16")

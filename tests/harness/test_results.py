@@ -22,6 +22,7 @@ from kvpack.harness.results import (
     provenance,
     provenance_lines,
     publish,
+    timed,
 )
 
 
@@ -104,3 +105,8 @@ def test_provenance_and_publish(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert (tmp_path / "out" / "r.md").read_text() == "# value 1\n" and (tmp_path / "out" / "r.png").is_file()
     captured = capsys.readouterr()
     assert captured.out.startswith("# value 1") and "r.json" in captured.err and "r.png" in captured.err
+
+
+def test_timed_returns_the_value_and_the_seconds() -> None:
+    value, seconds = timed(sorted, [3, 1, 2], reverse=True)
+    assert value == [3, 2, 1] and 0 <= seconds < 10

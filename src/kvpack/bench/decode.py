@@ -17,7 +17,6 @@ JSON is the source of truth; Markdown and a PNG are made from it.
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from kvpack.bench.compare import decode_speed, interleaved, speed_columns
 from kvpack.bench.report import tokens_per_s_lines
 from kvpack.cache.plan import cache_shape, context_limit, flushed_tokens
 from kvpack.harness.caches import load_timed_model, parse_compared, uniform_spec
-from kvpack.harness.results import figure, markdown_page, markdown_table, plot_lines, provenance
+from kvpack.harness.results import figure, markdown_page, markdown_table, plot_lines, provenance, timed
 
 GB = 1e9
 
@@ -40,12 +39,8 @@ def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> dict[str, float]
     dst = torch.empty_like(src)
     best_sum = best_copy = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        src.sum()
-        best_sum = min(best_sum, time.perf_counter() - start)
-        start = time.perf_counter()
-        dst.copy_(src)
-        best_copy = min(best_copy, time.perf_counter() - start)
+        best_sum = min(best_sum, timed(src.sum)[1])
+        best_copy = min(best_copy, timed(dst.copy_, src)[1])
     return {"read_gb_s": n_bytes / best_sum / GB, "copy_gb_s": 2 * n_bytes / best_copy / GB}
 
 

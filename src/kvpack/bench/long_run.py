@@ -170,16 +170,9 @@ def run_long(
     per_block = packed_bytes(config.key, block, head_dim) + packed_bytes(config.value, block, head_dim)
     bytes_per_token = layers * kv_heads * per_block / block
     result = provenance("long", model, f"random-weight Llama ({layers} layers)")
-    result.update(
-        spec=config.spec,
-        backend=backend,
-        tokens=tokens,
-        prompt_tokens=prompt,
-        sample_every=sample_every,
-        model_shape={"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": result["dtype"]},
-        rss_before_bytes=rss_bytes(),
-        runs=[],
-    )
+    shape = {"layers": layers, "kv_heads": kv_heads, "head_dim": head_dim, "dtype": result["dtype"]}
+    result.update(spec=config.spec, backend=backend, tokens=tokens, prompt_tokens=prompt, sample_every=sample_every)
+    result.update(model_shape=shape, rss_before_bytes=rss_bytes(), runs=[])
     for index in range(runs):
         print(f"run {index + 1}/{runs}: {tokens} tokens with {config.spec} ({backend}) ...", file=sys.stderr)
         run = generate_long(model, config.spec, backend, tokens, prompt, sample_every)

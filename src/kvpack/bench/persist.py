@@ -38,7 +38,7 @@ from kvpack.cache.plan import context_limit
 from kvpack.compat import cache_kwargs
 from kvpack.harness.caches import load_timed_model
 from kvpack.harness.data import default_data_path, load_tokens
-from kvpack.harness.results import format_bytes, markdown_page, markdown_table, provenance
+from kvpack.harness.results import format_bytes, markdown_page, markdown_table, provenance, timed
 
 REFERENCE = "fp16 dump (DynamicCache)"
 
@@ -85,12 +85,12 @@ def _since(start: tuple[float, float]) -> tuple[float, float]:
 class _Case:
     """One cache kind at one prefix length: how to prefill it (and save it once), and how to load it."""
 
-    def __init__(self, name: str, spec: str | None, path: Path):
-        self.name, self.spec, self.path = name, spec, path
-        self.saved = False
+    def __init__(self, spec: str | None, path: Path):
+        """spec: a kvpack spec, or None for the fp16 dump."""
+        self.name, self.spec, self.path = spec or REFERENCE, spec, path
         parts = ("prefill", "prefill_first_token", "load", "load_first_token")
         self.times: dict[str, list[tuple[float, float]]] = {part: [] for part in parts}
-        self.save_s = 0.0
+        self.save_s: float | None = None  # once saved
         self.fresh_logits: torch.Tensor | None = None
         self.identical = True
 
@@ -109,13 +109,10 @@ class _Case:
             cache = prefix_cache(model, ids, self.spec)
             self.name = cache.cache_config.spec
         prefill = _since(start)
-        if not self.saved:
-            save_start = time.perf_counter()
-            if self.spec is None:
-                self.path.write_bytes(safetensors.torch.save(_fp16_tensors(cache)))
-            else:
-                cache.save(self.path, model, ids, tokenizer)
-            self.save_s, self.saved = time.perf_counter() - save_start, True
+        if self.save_s is None and self.spec is None:
+            _, self.save_s = timed(lambda: self.path.write_bytes(safetensors.torch.save(_fp16_tensors(cache))))
+        elif self.save_s is None:
+            _, self.save_s = timed(cache.save, self.path, model, ids, tokenizer)
         start = _clock()
         logits = _first_token_logits(model, cache, suffix)
         first = _since(start)
@@ -164,9 +161,7 @@ class _Case:
             row["identical_first_token_logits"] = self.identical
             row["load_cold_s"] = None
             if _drop_from_page_cache(self.path):
-                start = time.perf_counter()
-                KVPackCache.load(self.path, model, tokenizer)
-                row["load_cold_s"] = time.perf_counter() - start
+                row["load_cold_s"] = timed(KVPackCache.load, self.path, model, tokenizer)[1]
         return row
 
 
@@ -207,14 +202,12 @@ def run_persist(
     }
     with tempfile.TemporaryDirectory(dir=tmp) as folder:
         warm_up = all_ids[:, : min(256, contexts[0])]
-        warm = [_Case(REFERENCE, None, Path(folder) / "warm.st")]
-        for case in warm + [_Case(spec, spec, Path(folder) / "warm.kvpc") for spec in caches]:
+        for case in [_Case(spec, Path(folder) / f"warm-{i}") for i, spec in enumerate([None, *caches])]:
             case.prefill(model, tokenizer, warm_up, warm_up[:, :4])
             case.load(model, tokenizer, warm_up[:, :4])
         for context in contexts:
             ids, question = all_ids[:, :context], all_ids[:, context : context + suffix]
-            cases = [_Case(REFERENCE, None, Path(folder) / f"fp16-{context}.safetensors")]
-            cases += [_Case(spec, spec, Path(folder) / f"{spec}-{context}.kvpc") for spec in caches]
+            cases = [_Case(spec, Path(folder) / f"{context}-{i}") for i, spec in enumerate([None, *caches])]
             for repeat in range(prefill_repeats):
                 for case in cases:
                     print(f"{context} tokens, prefill {repeat + 1}: {case.name} ...", file=sys.stderr, flush=True)

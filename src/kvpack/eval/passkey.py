@@ -34,12 +34,12 @@ made from the JSON form.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import random
 import re
 import sys
 import time
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,7 +49,7 @@ from kvpack.cache.plan import context_limit
 from kvpack.compat import cache_kwargs
 from kvpack.errors import ConfigError
 from kvpack.harness.caches import CacheSpec, make_cache, parse_cache_name
-from kvpack.harness.results import markdown_table, parse_list, provenance, provenance_lines
+from kvpack.harness.results import markdown_page, markdown_table, parse_list, provenance, timed
 
 INTRO = (
     "There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -68,9 +68,6 @@ DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_TRIALS = 3
 
 _FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")
-
-
-# -- prompts ------------------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -144,29 +141,17 @@ def build_prompt(tokenizer: Any, n_tokens: int, depth: float, passkey: str, chat
             f"a passkey prompt needs at least {fixed} tokens (instructions, needle and question); "
             f"{n_tokens} is too short."
         )
-    # Largest number of filler sentences that fits; prompt length grows with it, so bisect.
-    per_sentence = max(1.0, (length(len(FILLER_SENTENCES)) - fixed) / len(FILLER_SENTENCES))
-    low, high = 0, int((n_tokens - fixed) / per_sentence) + 2
-    while length(high) <= n_tokens:
-        low, high = high, high * 2
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if length(mid) <= n_tokens else (low, mid)
-    text, needle_at = _render(tokenizer, low, depth, passkey, chat)
+    # Largest number of filler sentences that fits (fewer than n_tokens: each is at least a token); the prompt's
+    # length grows with it, so bisect.
+    sentences = bisect.bisect_right(range(n_tokens), n_tokens, key=length) - 1
+    text, needle_at = _render(tokenizer, sentences, depth, passkey, chat)
     ids, offsets = _encode(tokenizer, text, chat)
     needle_token = next(i for i, (_, end) in enumerate(offsets) if end > needle_at)
     filler_before = _tokens_between(text, offsets, text.index(INTRO) + len(INTRO), needle_at)
     needle_end = needle_at + len(NEEDLE.format(key=passkey))
     filler_after = _tokens_between(text, offsets, needle_end, text.rindex(QUESTION))
     haystack = filler_before + filler_after
-    return PasskeyPrompt(
-        input_ids=ids,
-        text=text,
-        passkey=passkey,
-        needle_token=needle_token,
-        haystack_tokens=haystack,
-        depth=filler_before / haystack if haystack else 0.0,
-    )
+    return PasskeyPrompt(ids, text, passkey, needle_token, haystack, filler_before / haystack if haystack else 0.0)
 
 
 def _tokens_between(text: str, offsets: list[tuple[int, int]], start: int, end: int) -> int:
@@ -179,21 +164,14 @@ def passkey_for(seed: int, n_tokens: int, depth: float, trial: int) -> str:
     return str(random.Random(f"passkey/{seed}/{n_tokens}/{depth:g}/{trial}").randint(10000, 99999))
 
 
-# -- scoring ------------------------------------------------------------------------------------------------
-
-
 def extract_passkey(output: str) -> str | None:
     """The first 5-digit number in `output` (a run of exactly five digits), or None."""
-    match = _FIVE_DIGITS.search(output)
-    return match.group(0) if match else None
+    return match.group(0) if (match := _FIVE_DIGITS.search(output)) else None
 
 
 def is_correct(output: str, passkey: str) -> bool:
     """Whether the first 5-digit number in the generated text is the pass key."""
     return extract_passkey(output) == passkey
-
-
-# -- settings -----------------------------------------------------------------------------------------------
 
 
 def parse_caches(names: str | Sequence[str]) -> dict[str, CacheSpec]:
@@ -213,8 +191,7 @@ def fit_lengths(lengths: Sequence[int], context: int, new_tokens: int = MAX_NEW_
     A length beyond `context` raises ConfigError. A length that fits but leaves no room for the generated
     tokens becomes `context - new_tokens` (so the default 8192 on an 8192-token model runs at 8184).
     """
-    too_long = [n for n in lengths if n > context]
-    if too_long:
+    if too_long := [n for n in lengths if n > context]:
         raise ConfigError(
             f"--lengths {','.join(map(str, too_long))} exceed the model's maximum context of {context} tokens "
             f"(max_position_embeddings); use lengths up to {context} (the largest is run at {context - new_tokens} "
@@ -233,9 +210,6 @@ def check_settings(lengths: Sequence[int], depths: Sequence[float], trials: int)
         raise ConfigError(f"trials {trials}: give at least 1 trial per cell.")
 
 
-# -- the run ------------------------------------------------------------------------------------------------
-
-
 def prefill(model: Any, prompt: PasskeyPrompt) -> Any | None:
     """All but the last prompt token, run once through the model into a full-precision `DynamicCache`.
 
@@ -250,13 +224,7 @@ def prefill(model: Any, prompt: PasskeyPrompt) -> Any | None:
     if any(getattr(layer, "is_sliding", False) for layer in cache.layers):
         return None
     with torch.inference_mode():
-        model(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            **cache_kwargs(model, cache),
-            use_cache=True,
-            logits_to_keep=1,
-        )
+        model(ids, attention_mask=torch.ones_like(ids), **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1)
     return cache
 
 
@@ -313,14 +281,12 @@ def run_passkey(
 ) -> dict[str, Any]:
     """Measure passkey accuracy per (length, depth) for each cache; the JSON-ready result.
 
-    Every (length, depth, trial) prompt is asked of every cache in turn. With `shared_prefill` (the default), all
-    but the last prompt token are run through the model once and their keys/values handed to each cache: the
-    same state that cache's own prefill would store (see `filled_cache`), at a fraction of the cost; the last
-    prompt token and the answer then attend to that cache. Lengths are total prompt tokens; one beyond the
-    model's maximum context raises ConfigError before anything runs (see `fit_lengths`), as do the settings
-    `check_settings` refuses. command: what the result records (default the running command line).
-    The result holds the run's settings, machine and versions, `accuracy[cache][length][depth]` (string keys,
-    e.g. accuracy["fp"]["1024"]["0.5"]) and one record per generation in `runs`.
+    Every (length, depth, trial) prompt is asked of every cache in turn. With `shared_prefill` (the default), each
+    prompt's prefill runs once and is handed to every cache (see `filled_cache`). Lengths are total prompt tokens; one
+    beyond the model's maximum context raises ConfigError before anything runs (see `fit_lengths`), as do the
+    settings `check_settings` refuses. command: what the result records (default the running command line). The
+    result holds the run's settings, machine and versions, `accuracy[cache][length][depth]` (string keys, e.g.
+    accuracy["fp"]["1024"]["0.5"]) and one record per generation in `runs`.
     """
     from tqdm import tqdm
 
@@ -346,9 +312,7 @@ def run_passkey(
             bar.set_postfix_str(f"{n_tokens} tokens, depth {depth:g}, trial {trial + 1}/{trials}")
             key = passkey_for(seed, n_tokens, depth, trial)
             prompt = build_prompt(tokenizer, n_tokens, depth, key, chat=chat)
-            prefill_start = time.perf_counter()
-            prefilled = prefill(model, prompt) if shared_prefill else None
-            prefill_s = time.perf_counter() - prefill_start
+            prefilled, prefill_s = timed(prefill, model, prompt) if shared_prefill else (None, 0.0)
             for name, spec in specs.items():
                 generate_start = time.perf_counter()
                 output = generate_answer(model, tokenizer, prompt, filled_cache(spec, model.config, prefilled))
@@ -362,12 +326,10 @@ def run_passkey(
                 })  # fmt: skip
             bar.update(n_tokens)
 
-    outcomes: dict[tuple[str, int, float], list[bool]] = defaultdict(list)
-    for r in runs:
-        outcomes[r["cache"], r["length"], r["depth"]].append(r["correct"])
-    accuracy = {
-        name: {str(n): {f"{d:g}": _mean(outcomes[name, n, d]) for d in depths} for n in lengths} for name in specs
-    }
+    def score(cell: tuple[str, int, float]) -> float:
+        return _mean([r["correct"] for r in runs if (r["cache"], r["length"], r["depth"]) == cell])
+
+    accuracy = {name: {str(n): {f"{d:g}": score((name, n, d)) for d in depths} for n in lengths} for name in specs}
     return {
         **provenance("passkey", model, model_name or getattr(model.config, "name_or_path", None), command=command),
         "prompt": "chat" if chat else "raw",
@@ -387,9 +349,6 @@ def run_passkey(
     }
 
 
-# -- reports ------------------------------------------------------------------------------------------------
-
-
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
 
@@ -398,23 +357,20 @@ def to_markdown(result: dict[str, Any]) -> str:
     """A Markdown report of a `run_passkey` result: one row per cache x length, one column per depth, and mean; then
     one row per cache, one column per length."""
     depths, lengths, accuracy = [f"{d:g}" for d in result["depths"]], result["lengths"], result["accuracy"]
-    lines = [
-        f"# Passkey retrieval: {result['model']}, {result['date'][:10]}",
-        "",
-        *provenance_lines(result),
-        "",
+    intro = (
         f"A random 5-digit pass key hidden at each depth of a filler haystack ({result['prompt']} prompt, "
         f"{result['dtype']}); length = total prompt tokens. Greedy decoding of up to {result['max_new_tokens']} "
         f"tokens; correct when the first 5-digit number of the answer is the key. Accuracy over "
         f"{result['trials']} keys per cell (seed {result['seed']}); the same keys for every cache. "
-        f"Run time {result['elapsed_s'] / 60:.1f} min.",
-    ]
+        f"Run time {result['elapsed_s'] / 60:.1f} min."
+    )
     if result.get("shared_prefill"):
-        lines[-1] += (
+        intro += (
             " Each prompt but its last token is run through the model once, in full precision, and handed to every "
             "cache: what that cache's own prefill stores (a kvpack prefill attends to itself exactly); the last "
             "prompt token and the answer attend to the cache under test."
         )
+    lines = [intro]
     for note in result.get("notes", []):
         lines += ["", f"Note: {note}."]
     fp = accuracy.get("fp")
@@ -425,20 +381,17 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"The full-precision cache itself misses some keys ({'; '.join(missed)}): there the limit is "
             "the model's, not the quantized caches'.",
         ]
-    rows = []
-    for name in result["caches"]:
-        for n in lengths:
-            cells = [accuracy[name][str(n)][d] for d in depths]
-            rows.append([name, n, *(f"{a:.0%}" for a in [*cells, _mean(cells)])])
+    cells = {(name, n): [accuracy[name][str(n)][d] for d in depths] for name in result["caches"] for n in lengths}
+    rows = [[name, n, *(f"{a:.0%}" for a in [*cell, _mean(cell)])] for (name, n), cell in cells.items()]
     header = ["cache", "length", *(f"depth {d}" for d in depths), "mean"]
     lines += ["", *markdown_table(header, rows, "lr" + "r" * len(depths) + "r")]
-    per_length = {name: [_mean(list(accuracy[name][str(n)].values())) for n in lengths] for name in result["caches"]}
+    per_length = {name: [_mean(cells[name, n]) for n in lengths] for name in result["caches"]}
     rows = [[name, *(f"{a:.0%}" for a in means), f"{_mean(means):.0%}"] for name, means in per_length.items()]
     lines += [
         "",
         *markdown_table(["cache", *(f"{n} tokens" for n in lengths), "all"], rows, "l" + "r" * (len(lengths) + 1)),
     ]
-    return "\n".join(lines) + "\n"
+    return markdown_page(f"Passkey retrieval: {result['model']}, {result['date'][:10]}", result, [], lines)
 
 
 def plot_heatmap(result: dict[str, Any], path: str | Path) -> None:
@@ -448,8 +401,7 @@ def plot_heatmap(result: dict[str, Any], path: str | Path) -> None:
 
     caches, lengths, depths = result["caches"], result["lengths"], [f"{d:g}" for d in result["depths"]]
     fig = Figure(figsize=(1.2 + 2.9 * len(caches), 0.9 + 0.45 * len(lengths) + 0.8), layout="constrained")
-    axes = fig.subplots(1, len(caches), squeeze=False, sharey=True)[0]
-    image = None
+    axes = fig.subplots(1, len(caches), squeeze=False, sharey=True)[0]  # at least one cache: a result has one
     for ax, name in zip(axes, caches, strict=True):
         grid = [[result["accuracy"][name][str(n)][d] for d in depths] for n in lengths]
         image = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
@@ -461,8 +413,7 @@ def plot_heatmap(result: dict[str, Any], path: str | Path) -> None:
         ax.set_xlabel("needle depth")
         ax.set_yticks(range(len(lengths)), [str(n) for n in lengths])
     axes[0].set_ylabel("prompt tokens")
-    if image is not None:
-        fig.colorbar(image, ax=list(axes), label="accuracy", shrink=0.9)
+    fig.colorbar(image, ax=list(axes), label="accuracy", shrink=0.9)
     fig.suptitle(f"Passkey retrieval, {result['model']} ({result['trials']} keys per cell)", fontsize=11)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -73,23 +73,13 @@ def parse_cache_name(name: str) -> CacheSpec:
     name = name.strip()
     if name in ("fp", "fp-prealloc"):
         return CacheSpec(name=name, kind=name)
-    peer = _PEER.match(name)
-    if peer:
+    if peer := _PEER.match(name):
         backend, bits = peer.group(1), int(peer.group(2))
         options = dict(re.findall(r"-(g|r|axis)(\d+)", peer.group(3)))
         axis = int(options.get("axis", 0))
-        spec = CacheSpec(
-            name=name,
-            kind="peer",
-            peer={
-                "backend": backend,
-                "nbits": bits,
-                "q_group_size": int(options.get("g", 64)),
-                "residual_length": int(options.get("r", 128)),
-                "axis_key": axis,
-                "axis_value": axis,
-            },
-        )
+        settings = {"backend": backend, "nbits": bits, "q_group_size": int(options.get("g", 64))}
+        settings.update(residual_length=int(options.get("r", 128)), axis_key=axis, axis_value=axis)
+        spec = CacheSpec(name=name, kind="peer", peer=settings)
         if backend == "hqq":
             spec.notes.append(
                 "first two tokens fed in one call: transformers' HQQ cache crashes on one token with an odd number "
@@ -243,11 +233,9 @@ def cache_nbytes(cache: Any) -> int:
     """
     if hasattr(cache, "nbytes") and callable(cache.nbytes):
         return int(cache.nbytes())
-    seen: set[tuple[int, int]] = set()
-    total = 0
+    held: dict[tuple[int, int], int] = {}  # bytes by storage (address, size): shared storage counted once
 
     def visit(obj: Any, depth: int) -> None:
-        nonlocal total
         if depth > 8:
             return
         if isinstance(obj, torch.Tensor):
@@ -257,10 +245,8 @@ def cache_nbytes(cache: Any) -> int:
                 for inner in inner_names:
                     visit(getattr(obj, inner), depth + 1)
                 return
-            key = (obj.untyped_storage().data_ptr(), obj.untyped_storage().nbytes())
-            if key not in seen and obj.untyped_storage().nbytes() > 0:
-                seen.add(key)
-                total += obj.untyped_storage().nbytes()
+            storage = obj.untyped_storage()
+            held[storage.data_ptr(), storage.nbytes()] = storage.nbytes()
             return
         if isinstance(obj, dict):
             for value in obj.values():
@@ -274,4 +260,4 @@ def cache_nbytes(cache: Any) -> int:
 
     for layer in cache.layers:
         visit(layer, 0)
-    return total
+    return sum(held.values())

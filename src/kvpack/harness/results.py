@@ -1,5 +1,5 @@
 """What every measuring tool records and prints, written once: provenance, JSON, Markdown tables, byte sizes, comma
-lists, and the command-line options shared by the tools that load a model.
+lists, timings, and the command-line options shared by the tools that load a model.
 
 JSON is the source of truth; Markdown (and plots) are made from it (`publish`). Nothing here imports torch or
 transformers at import time.
@@ -15,15 +15,17 @@ import math
 import os
 import platform
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kvpack.errors import ConfigError
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
 PEER_PACKAGES = ("optimum-quanto", "hqq")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
+T = TypeVar("T")
 
 
 def versions() -> dict[str, str]:
@@ -180,17 +182,20 @@ def plot_lines(
     axes.grid(alpha=0.3)
 
 
+def timed(fn: Callable[..., T], *args: Any, **kwargs: Any) -> tuple[T, float]:
+    """`fn(*args, **kwargs)` and the wall-clock seconds it took."""
+    start = time.perf_counter()
+    return fn(*args, **kwargs), time.perf_counter() - start
+
+
 def format_bytes(n: float | None) -> str:
     """A byte count in binary units, as reports print it: `512 B`, `1.5 KiB`, `11.3 MiB`, `1.25 GiB` (`n/a` for
     None)."""
     if n is None:
         return "n/a"
-    if abs(n) >= GIB:
-        return f"{n / GIB:,.2f} GiB"
-    if abs(n) >= MIB:
-        return f"{n / MIB:,.1f} MiB"
-    if abs(n) >= KIB:
-        return f"{n / KIB:,.1f} KiB"
+    for unit, size, digits in (("GiB", GIB, 2), ("MiB", MIB, 1), ("KiB", KIB, 1)):
+        if abs(n) >= size:
+            return f"{n / size:,.{digits}f} {unit}"
     return f"{n:,.0f} B"
 
 
