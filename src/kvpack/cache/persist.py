@@ -20,15 +20,16 @@ failed: `file`, `truncated`, `header`, `format`, `schema`, `checksum`, `layers` 
 from __future__ import annotations
 
 import datetime
+import functools
 import hashlib
 import json
 import os
 import re
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, is_dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
@@ -59,6 +60,13 @@ MAX_HEADER_BYTES = 100_000_000
 # Bounds on kv heads and head dims read from a file (real models have tens and hundreds), so that the shapes built
 # from them stay within torch's index range.
 MAX_HEADS_OR_DIM = 1 << 16
+# What the header's fields may hold beyond their types (checked by `_read`): (low, high) bounds an int (else
+# `_COUNT`) or a list's length (else none), a pattern a string (else at most 4096 characters).
+_COUNT = (0, 1 << 62)
+_HeadsOrDim = Annotated[int, (1, MAX_HEADS_OR_DIM)]
+_TokenId = Annotated[int, (0, (1 << 31) - 1)]
+_Sha256 = Annotated[str, re.compile("[0-9a-f]{64}")]
+_PER_LAYER = (0, 1 << 16)
 
 # The dtypes a prompt cache holds, by their safetensors names (the checksum spells them so).
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
@@ -90,13 +98,13 @@ class ModelFingerprint:
 
     name: str
     architecture: str
-    layer_plan: tuple[str, ...]
-    kv_heads: int
-    head_dim: int
+    layer_plan: Annotated[tuple[str, ...], _PER_LAYER]
+    kv_heads: _HeadsOrDim
+    head_dim: _HeadsOrDim
     dtype: str
-    config_sha256: str
-    weights_sha256: str
-    tokenizer_sha256: str | None
+    config_sha256: _Sha256
+    weights_sha256: _Sha256
+    tokenizer_sha256: _Sha256 | None
 
     @classmethod
     def of(cls, model: Any, tokenizer: Any = None, name: str | None = None) -> ModelFingerprint:
@@ -120,23 +128,6 @@ class ModelFingerprint:
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "layer_plan": list(self.layer_plan)}
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> ModelFingerprint:
-        obj = _object(data, where, set(cls.__dataclass_fields__))
-        plan = _list(obj["layer_plan"], f"{where}.layer_plan", 1 << 16)
-        tokenizer = obj["tokenizer_sha256"]
-        return cls(
-            name=_str(obj["name"], f"{where}.name"),
-            architecture=_str(obj["architecture"], f"{where}.architecture"),
-            layer_plan=tuple(_str(kind, f"{where}.layer_plan[]") for kind in plan),
-            kv_heads=_int(obj["kv_heads"], f"{where}.kv_heads", low=1, high=MAX_HEADS_OR_DIM),
-            head_dim=_int(obj["head_dim"], f"{where}.head_dim", low=1, high=MAX_HEADS_OR_DIM),
-            dtype=_str(obj["dtype"], f"{where}.dtype"),
-            config_sha256=_sha256(obj["config_sha256"], f"{where}.config_sha256"),
-            weights_sha256=_sha256(obj["weights_sha256"], f"{where}.weights_sha256"),
-            tokenizer_sha256=None if tokenizer is None else _sha256(tokenizer, f"{where}.tokenizer_sha256"),
-        )
 
 
 def config_sha256(config: Any) -> str:
@@ -217,28 +208,13 @@ class LayerEntry:
     """One decoder layer in the header. kind: `full`, `sliding` or `none` (a layer without a cache); the counts are
     the `LayerState`'s: tokens received, and tokens held as sinks, packed, in the residual window, in the shadow."""
 
-    kind: str
+    kind: Literal["full", "sliding", "none"]
     seen_tokens: int = 0
     sink_len: int = 0
     packed_len: int = 0
     residual_len: int = 0
     shadow_len: int = 0
     record_past: bool = False
-
-    @classmethod
-    def from_dict(cls, data: Any, where: str) -> LayerEntry:
-        obj = _object(data, where, set(cls.__dataclass_fields__))
-        kind = _str(obj["kind"], f"{where}.kind")
-        if kind not in ("full", "sliding", "none"):
-            raise _header_error(f"{where}.kind is {kind!r}, not one of full, sliding, none")
-        counts = {
-            name: _int(obj[name], f"{where}.{name}")
-            for name in ("seen_tokens", "sink_len", "packed_len", "residual_len", "shadow_len")
-        }
-        record_past = obj["record_past"]
-        if not isinstance(record_past, bool):
-            raise _header_error(f"{where}.record_past must be true or false")
-        return cls(kind=kind, record_past=record_past, **counts)
 
 
 @dataclass(frozen=True)
@@ -253,11 +229,11 @@ class CacheFileHeader:
     kvpack_version: str
     created: str
     cache_config: CacheConfig
-    token_ids: tuple[tuple[int, ...], ...]
+    token_ids: tuple[tuple[_TokenId, ...], ...]
     model: ModelFingerprint
-    layers: tuple[LayerEntry, ...]
+    layers: Annotated[tuple[LayerEntry, ...], _PER_LAYER]
     prefill_s: float | None
-    checksum: str
+    checksum: _Sha256
     schema_version: int = SCHEMA_VERSION
     format: str = FORMAT
 
@@ -297,32 +273,12 @@ class CacheFileHeader:
                 f"and this kvpack reads version {SCHEMA_VERSION}",
                 "schema",
             )
-        obj = _object(data, "header", set(cls.__dataclass_fields__))
-        try:
-            cache_config = CacheConfig.from_dict(obj["cache_config"])
-        except (ConfigError, TypeError, ValueError, AttributeError) as exc:
-            raise _header_error(f"cache_config is invalid: {exc}") from exc
-        rows = _list(obj["token_ids"], "token_ids", MAX_HEADER_BYTES)
-        token_ids = tuple(
-            tuple(_int(t, "token_ids[][]", high=(1 << 31) - 1) for t in _list(row, "token_ids[]", MAX_HEADER_BYTES))
-            for row in rows
-        )
-        if not token_ids or not token_ids[0] or any(len(row) != len(token_ids[0]) for row in token_ids):
+        # The version, checked above (where 1.0 and true equal 1), is kept as this kvpack writes it.
+        header: CacheFileHeader = _read(cls, {**data, "schema_version": SCHEMA_VERSION}, "")
+        rows = header.token_ids
+        if not rows or not rows[0] or any(len(row) != len(rows[0]) for row in rows):
             raise _header_error("token_ids must be one or more rows of the same, non-zero length")
-        prefill_s = obj["prefill_s"]
-        if prefill_s is not None and (not isinstance(prefill_s, int | float) or isinstance(prefill_s, bool)):
-            raise _header_error("prefill_s must be a number or null")
-        layers = _list(obj["layers"], "layers", 1 << 16)
-        return cls(
-            kvpack_version=_str(obj["kvpack_version"], "kvpack_version"),
-            created=_str(obj["created"], "created"),
-            cache_config=cache_config,
-            token_ids=token_ids,
-            model=ModelFingerprint.from_dict(obj["model"], "model"),
-            layers=tuple(LayerEntry.from_dict(entry, f"layers[{i}]") for i, entry in enumerate(layers)),
-            prefill_s=None if prefill_s is None else float(prefill_s),
-            checksum=_sha256(obj["checksum"], "checksum"),
-        )
+        return header
 
     def fp16_nbytes(self) -> int:
         """Bytes a float16 `DynamicCache` holds for these tokens (sliding layers: their window)."""
@@ -350,10 +306,7 @@ class CacheFile:
 
     def layer_states(self) -> Iterator[tuple[int, LayerState]]:
         """(layer index, its state) of each layer with a cache, tensors on the CPU."""
-        for idx in range(len(self.header.layers)):
-            template = _layer_template(self.header, idx)
-            if template is None:
-                continue
+        for idx, template in _layer_templates(self.header).items():
             state = _with_tensors(template, self.tensors, prefix=f"layers.{idx}.")
             for name in ("packed_keys", "packed_values"):
                 packed = getattr(state, name)
@@ -367,38 +320,41 @@ class CacheFile:
             yield idx, state
 
 
-def _layer_template(header: CacheFileHeader, idx: int) -> LayerState | None:
-    """Layer `idx`'s state by the header's counts, on the meta device: the names, dtypes and shapes of the tensors a
-    file holds for it, as the layer lays them out (None for a layer without a cache)."""
-    entry, fp = header.layers[idx], header.model
-    if entry.kind == "none":
-        return None
-    dtype = _DTYPE_NAMES.get(fp.dtype)
-    if dtype is None:
-        raise _header_error(f"model.dtype {fp.dtype!r} is not one of {sorted(_DTYPE_NAMES)}")
-    batch, heads, dim, meta = header.batch, fp.kv_heads, fp.head_dim, torch.device("meta")
-    lengths = {"sink": entry.sink_len, "residual": entry.residual_len, "shadow": entry.shadow_len}
-    dense: dict[str, Any] = {
-        name: torch.empty((batch, heads, lengths[name.split("_")[0]], dim), dtype=dtype, device=meta)
-        for name in _DENSE_TENSORS
-    }
+def _layer_templates(header: CacheFileHeader) -> dict[int, LayerState]:
+    """Each cached layer's state by the header's counts, on the meta device: the names, dtypes and shapes of the
+    tensors a file holds for it, as the layer lays them out (layers without a cache left out)."""
+    fp, meta = header.model, torch.device("meta")
+    batch, heads, dim = header.batch, fp.kv_heads, fp.head_dim
 
-    def packed(spec: QuantSpec) -> PackedTensor | None:
-        if not entry.packed_len:
+    def packed(spec: QuantSpec, tokens: int) -> PackedTensor | None:
+        if not tokens:
             return None
         buffer = PackedBuffer(spec, batch, heads, dim, meta)  # laid out as a layer stores it
-        units = entry.packed_len // buffer.unit_tokens
+        units = tokens // buffer.unit_tokens
         grown = buffer.view().map_parts(lambda t: t.new_empty((*t.shape[:2], units, *t.shape[3:])))
-        return replace(grown, shape=torch.Size((batch, heads, entry.packed_len, dim)))
+        return replace(grown, shape=torch.Size((batch, heads, tokens, dim)))
 
-    config = header.cache_config.for_layer(idx)
-    return LayerState(
-        seen_tokens=entry.seen_tokens,
-        packed_keys=packed(config.key),
-        packed_values=packed(config.value),
-        record_past=entry.record_past,
-        **dense,
-    )
+    templates = {}
+    for idx, entry in enumerate(header.layers):
+        if entry.kind == "none":
+            continue
+        dtype = _DTYPE_NAMES.get(fp.dtype)
+        if dtype is None:
+            raise _header_error(f"model.dtype {fp.dtype!r} is not one of {sorted(_DTYPE_NAMES)}")
+        lengths = {"sink": entry.sink_len, "residual": entry.residual_len, "shadow": entry.shadow_len}
+        dense: dict[str, Any] = {
+            name: torch.empty((batch, heads, lengths[name.split("_")[0]], dim), dtype=dtype, device=meta)
+            for name in _DENSE_TENSORS
+        }
+        config = header.cache_config.for_layer(idx)
+        templates[idx] = LayerState(
+            seen_tokens=entry.seen_tokens,
+            packed_keys=packed(config.key, entry.packed_len),
+            packed_values=packed(config.value, entry.packed_len),
+            record_past=entry.record_past,
+            **dense,
+        )
+    return templates
 
 
 def _with_tensors(state: LayerState, tensors: Mapping[str, torch.Tensor], prefix: str = "") -> LayerState:
@@ -596,13 +552,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, str], dict[str, torch.Tenso
 
 
 def _check_tensors(header: CacheFileHeader, tensors: Mapping[str, torch.Tensor]) -> None:
-    """The tensors are those the header's layers hold (`_layer_template`): names, dtypes and shapes."""
-    expected: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    found = {name: (t.dtype, tuple(t.shape)) for name, t in tensors.items()}
-    for idx in range(len(header.layers)):
-        template = _layer_template(header, idx)
-        if template is not None:
-            expected |= {f"layers.{idx}.{n}": (t.dtype, tuple(t.shape)) for n, t in template.tensors().items()}
+    """The tensors are those the header's layers hold (`_layer_templates`): names, dtypes and shapes."""
+    found = {name: (t.dtype, t.shape) for name, t in tensors.items()}
+    expected = {
+        f"layers.{idx}.{name}": (t.dtype, t.shape)
+        for idx, template in _layer_templates(header).items()
+        for name, t in template.tensors().items()
+    }
     if found != expected:
         missing = sorted(set(expected) - set(found))
         wrong = sorted(n for n in set(found) & set(expected) if found[n] != expected[n])
@@ -679,8 +635,8 @@ def check_model(file: CacheFile, model: Any, tokenizer: Any = None) -> ModelFing
     }
     if theirs.tokenizer_sha256 is not None and ours.tokenizer_sha256 is not None:
         checks["tokenizer"] = (("tokenizer_sha256",), "the tokenizer")
-    for check, (fields, what) in checks.items():
-        if any(getattr(theirs, field) != getattr(ours, field) for field in fields):
+    for check, (names, what) in checks.items():
+        if any(getattr(theirs, name) != getattr(ours, name) for name in names):
             raise CacheModelMismatchError(
                 f"{file.path}: it was built for another model ({theirs.name}): {what} differs. "
                 f"{_ADVICE[CacheModelMismatchError]}",
@@ -710,14 +666,10 @@ def load_cache(path: str | os.PathLike[str], model: Any, tokenizer: Any = None, 
     for idx, state in file.layer_states():
         layer = cache.layers[idx]
         assert isinstance(layer, PackedLayer)
-        layer.restore(_on_device(state, devices[idx]))
+        layer.restore(_with_tensors(state, {name: t.to(devices[idx]) for name, t in state.tensors().items()}))
     cache.prefix_ids = torch.tensor(header.token_ids, dtype=torch.long)
     cache.prefill_s = header.prefill_s
     return cache
-
-
-def _on_device(state: LayerState, device: torch.device) -> LayerState:
-    return _with_tensors(state, {name: t.to(device) for name, t in state.tensors().items()})
 
 
 def layer_devices(model: Any, n_layers: int) -> list[torch.device]:
@@ -761,39 +713,71 @@ def prefix_cache(
     return cache
 
 
-# -- strict JSON readers: every value from a file is checked before use ---------------------------------------------
+# -- reading the header's fields by their types --------------------------------------------------------------------
 
 
 def _header_error(detail: str) -> CacheFormatError:
     return CacheFormatError(f"its header is malformed: {detail}", "header")
 
 
-def _object(value: Any, where: str, fields: set[str]) -> dict[str, Any]:
-    if not isinstance(value, dict) or set(value) != fields:
-        got = sorted(map(str, value))[:12] if isinstance(value, dict) else type(value).__name__
-        raise _header_error(f"{where} must be an object with fields {sorted(fields)}, got {got}")
-    return value
+def _read(hint: Any, value: Any, where: str) -> Any:
+    """`value`, from the header's JSON, as the type `hint` (a field's annotation) says, or a `header` error naming
+    `where`. A dataclass is an object with exactly its fields, a tuple a list (of a length within its `Annotated`
+    bounds), a `Literal` one of its values, `X | None` null or an X, a `CacheConfig` what its `from_dict` reads, a
+    bool, float, int or str as `_scalar` reads it."""
+    hint, bound = get_args(hint) if get_origin(hint) is Annotated else (hint, None)
+    origin, args = get_origin(hint), get_args(hint)
+    if type(None) in args:  # X | None
+        return None if value is None else _read(args[0], value, where)
+    if hint is CacheConfig:
+        try:
+            return CacheConfig.from_dict(value)
+        except (ConfigError, TypeError, ValueError, AttributeError) as exc:
+            raise _header_error(f"{where} is invalid: {exc}") from exc
+    if isinstance(hint, type) and is_dataclass(hint):
+        names = [field.name for field in fields(hint)]
+        if not isinstance(value, dict) or set(value) != set(names):
+            got = sorted(map(str, value))[:12] if isinstance(value, dict) else type(value).__name__
+            raise _header_error(f"{where or 'header'} must be an object with fields {sorted(names)}, got {got}")
+        hints = _type_hints(hint)
+        return hint(**{name: _read(hints[name], value[name], f"{where}.{name}".lstrip(".")) for name in names})
+    if origin is tuple:
+        if not isinstance(value, list) or (bound and not bound[0] <= len(value) <= bound[1]):
+            raise _header_error(f"{where} must be a list" + (f" of at most {bound[1]} items" if bound else ""))
+        item, item_bound = get_args(args[0]) if get_origin(args[0]) is Annotated else (args[0], None)
+        if item in _SCALARS:  # typed once, named by the list: a header may hold millions of token ids
+            named = f"{where}[]"
+            return tuple(_scalar(item, v, named, item_bound) for v in value)
+        return tuple(_read(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is Literal:
+        if value not in args:
+            raise _header_error(f"{where} is {str(value)[:40]!r}, not one of {', '.join(args)}")
+        return value
+    return _scalar(hint, value, where, bound)
 
 
-def _list(value: Any, where: str, max_len: int) -> list[Any]:
-    if not isinstance(value, list) or len(value) > max_len:
-        raise _header_error(f"{where} must be a list of at most {max_len} items")
-    return value
+_SCALARS = (int, str, bool, float)
+_type_hints = functools.cache(functools.partial(get_type_hints, include_extras=True))
 
 
-def _int(value: Any, where: str, low: int = 0, high: int = 1 << 62) -> int:
-    if type(value) is not int or not low <= value <= high:
+def _scalar(hint: type, value: Any, where: str, bound: Any) -> Any:
+    """`value` as `hint`: an int within `bound` (else `_COUNT`), a str matching `bound` (a pattern, else of at
+    most 4096 characters), a bool, or a float (from any number)."""
+    if hint is int:
+        low, high = bound or _COUNT
+        if type(value) is int and low <= value <= high:
+            return value
         raise _header_error(f"{where} must be an integer in [{low}, {high}], got {str(value)[:40]}")
-    return value
-
-
-def _str(value: Any, where: str) -> str:
-    if not isinstance(value, str) or len(value) > 4096:
-        raise _header_error(f"{where} must be a string (of at most 4096 characters)")
-    return value
-
-
-def _sha256(value: Any, where: str) -> str:
-    if not isinstance(value, str) or not re.fullmatch("[0-9a-f]{64}", value):
-        raise _header_error(f"{where} must be a SHA-256 hex digest")
-    return value
+    if hint is str:
+        if isinstance(value, str) and (bound.fullmatch(value) if bound else len(value) <= 4096):
+            return value
+        raise _header_error(
+            f"{where} must be a string " + (f"matching {bound.pattern}" if bound else "(of at most 4096 characters)")
+        )
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        raise _header_error(f"{where} must be true or false")
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    raise _header_error(f"{where} must be a number or null")
