@@ -25,6 +25,7 @@ bytes come from the model transformers builds from the config on the meta device
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import math
@@ -36,15 +37,8 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from kvpack.cache.plan import (
-    CacheShape,
-    cache_shape,
-    check_head_dims,
-    dropped_tokens,
-    exact_capacity,
-    flushed_tokens,
-    packed_bytes,
-)
+from kvpack.cache import plan
+from kvpack.cache.plan import CacheShape
 from kvpack.config import CacheConfig, parse_spec
 from kvpack.errors import ConfigError, KVPackError, ModelNotFoundError, UnsupportedModelError
 from kvpack.harness.process import libc, release_freed_memory, rss_bytes
@@ -65,7 +59,7 @@ WEIGHT_FORMATS = ("fp16", "int8", "int4")
 INT4_GROUP = 64
 # The tokens used to read off the marginal bytes per token: a multiple of every block size, far past any window.
 _MARGINAL_TOKENS = 1 << 20
-# Binary search for the max context stops here and calls the cache unbounded (e.g. an fp cache of window layers).
+# The search for the max context stops here and calls the cache unbounded (e.g. an fp cache of window layers).
 _MAX_SEARCH_TOKENS = 1 << 40
 
 # --measure: the sample of cells, the cap on their size, and the process/device memory check.
@@ -94,7 +88,7 @@ WEIGHTS_METHOD = (
 def model_summary(config: PretrainedConfig) -> dict[str, Any]:
     """JSON-ready description of what a config's KV-cache size depends on: `cache_shape` (layer counts by type and
     window, KV heads, head_dim) and its max position embeddings (None if it states none). Raises as `cache_shape`."""
-    shape = cache_shape(config)
+    shape = plan.cache_shape(config)
     counts = Counter(kind if window is None else f"{kind} (window {window})" for kind, window in shape.plan)
     max_positions = getattr(config.get_text_config(decoder=True), "max_position_embeddings", None)
     return {
@@ -177,27 +171,22 @@ def _kvpack_row_bytes(
     # The first `sinks` tokens go to the sinks; whole blocks of the rest are packed by the flush rule.
     sink_len = min(config.sinks, length)
     stored = length - sink_len
-    flush = flushed_tokens(stored, config)
+    flush = plan.flushed_tokens(stored, config)
     residual_len = stored - flush
     if window is not None:  # after a prefill the storage is reallocated to the blocks kept (`drop_oldest`)
-        flush -= dropped_tokens(stored, flush, window, config)
+        flush -= plan.dropped_tokens(stored, flush, window, config)
     # The record-past shadow block is empty (only assisted decoding turns it on).
     # PackedLayer._reserve_exact: one buffer, sized at the first fill to the exact tokens (the residual starts after
     # all `sinks` slots; it holds tokens only once they are full).
     dense_tokens = (config.sinks if residual_len else sink_len) + residual_len
     if full_window:
-        dense_tokens = exact_capacity(config)
-    packed = packed_bytes(config.key, flush, head_dim) + packed_bytes(config.value, flush, head_dim)
+        dense_tokens = plan.exact_capacity(config)
+    packed = plan.packed_bytes(config.key, flush, head_dim) + plan.packed_bytes(config.value, flush, head_dim)
     return 2 * dense_tokens * head_dim * element_size + packed
 
 
 def cache_bytes(
-    shape: CacheShape,
-    kind: CacheKind,
-    batch: int,
-    length: int,
-    dtype: torch.dtype | str,
-    full_window: bool = False,
+    shape: CacheShape, kind: CacheKind, batch: int, length: int, dtype: torch.dtype | str, full_window: bool = False
 ) -> int:
     """Exact bytes `kind` holds after a single prefill of `length` tokens at batch size `batch`.
 
@@ -213,7 +202,7 @@ def cache_bytes(
     element_size = _as_dtype(dtype).itemsize
     windows = [window for layer_type, window in shape.plan if layer_type != "dummy"]
     if kind.config is not None:
-        check_head_dims(kind.config, shape.head_dim, shape.head_dim, where=f"{kind.config.spec}: ")
+        plan.check_head_dims(kind.config, shape.head_dim, shape.head_dim, where=f"{kind.config.spec}: ")
         row = [_kvpack_row_bytes(kind.config, w, length, shape.head_dim, element_size, full_window) for w in windows]
     else:
         assert kind.dtype is not None  # a DynamicSlidingWindowLayer keeps `states[:, :, -window + 1:]`
@@ -229,19 +218,14 @@ def bytes_per_token(shape: CacheShape, kind: CacheKind, dtype: torch.dtype | str
 
 
 def max_context(
-    shape: CacheShape,
-    kind: CacheKind,
-    batch: int,
-    dtype: torch.dtype | str,
-    budget_bytes: int,
-    fixed_bytes: int = 0,
+    shape: CacheShape, kind: CacheKind, batch: int, dtype: torch.dtype | str, budget_bytes: int, fixed_bytes: int = 0
 ) -> int | None:
     """Largest N such that every length up to N fits: `fixed_bytes + cache_bytes(n) <= budget_bytes` for all n <= N
     (a sequence decoded to N tokens passes through each of them).
 
     fixed_bytes: memory that does not grow with the context (the weights). Returns 0 when not even one token
     fits, None when every length up to 2**40 tokens fits (a cache that stops growing, e.g. fp window layers).
-    A binary search on the upper bound (`full_window`, non-decreasing) finds a length below which everything fits;
+    A binary search on the upper bound (`full_window`, non-decreasing) finds a length up to which everything fits;
     the exact bytes are then followed from there to the first length that does not fit.
     """
 
@@ -250,16 +234,12 @@ def max_context(
 
     if not fits(1):
         return 0
-    low, high = 0, 1
-    while fits(high, full_window=True):  # double until the bound does not fit, then bisect
-        low, high = high, 2 * high
-        if high > _MAX_SEARCH_TOKENS:
-            return None
-    while high - low > 1:
-        mid = (low + high) // 2
-        low, high = (mid, high) if fits(mid, full_window=True) else (low, mid)
-    # Every length up to `low` fits under the bound; the exact bytes stay below it, so follow them from there.
-    # Sliding-window layers release packed blocks, so a cache made only of them may never stop fitting.
+    # Every length below the first one that the upper bound does not fit fits (None: none up to 2**40 fails).
+    low = bisect.bisect_left(range(1, _MAX_SEARCH_TOKENS + 1), True, key=lambda m: not fits(m, full_window=True))
+    if low == _MAX_SEARCH_TOKENS:
+        return None
+    # The exact bytes stay below the bound, so follow them from there. Sliding-window layers release packed blocks,
+    # so a cache made only of them may never stop fitting.
     n = max(low, 1)
     while fits(n + 1):
         n += 1
@@ -368,7 +348,7 @@ def memory_table(
         raise ConfigError(f"batch sizes {batches} and lengths {token_counts} must be non-empty and >= 1.")
     if budget_gib is not None and budget_gib <= 0:
         raise ConfigError(f"--budget-gib {budget_gib} must be positive.")
-    shape, fp16 = cache_shape(config), parse_cache("fp16")
+    shape, fp16 = plan.cache_shape(config), parse_cache("fp16")
     fp16_per_token = bytes_per_token(shape, fp16, model_dtype)
     caches = []
     for kind in kinds:
@@ -403,16 +383,8 @@ def memory_table(
         rows = []
         for kind, fmt, batch in itertools.product(kinds, [None, *weight_sizes], batches):
             tokens = max_context(shape, kind, batch, model_dtype, budget, weight_sizes[fmt] if fmt else 0)
-            beyond = limit is not None and (tokens is None or tokens > limit)
-            rows.append(
-                {
-                    "cache": kind.name,
-                    "weights": fmt,
-                    "batch": batch,
-                    "max_length": tokens,
-                    "beyond_max_position": beyond,
-                }
-            )
+            rows.append({"cache": kind.name, "weights": fmt, "batch": batch, "max_length": tokens})
+            rows[-1]["beyond_max_position"] = limit is not None and (tokens is None or tokens > limit)
         result["max_context"] = {"budget_gib": budget_gib, "budget_bytes": budget, "rows": rows}
     return result
 
@@ -427,45 +399,49 @@ def default_measure_cells(batch_sizes: Sequence[int], lengths: Sequence[int]) ->
     return [(b, n) for b in batches for n in tokens]
 
 
-def _held(cache: Any, kvpack: bool) -> tuple[int, list[torch.UntypedStorage]]:
-    """The bytes a cache counts (`nbytes()` of a kvpack cache; a DynamicCache's keys and values tensors) and the
-    distinct non-empty storages it holds: every tensor of a kvpack layer (attributes and one level below), the keys
-    and values of a DynamicCache layer."""
-    found: dict[int, torch.UntypedStorage] = {}
-
-    def visit(obj: Any, depth: int) -> None:
-        if isinstance(obj, torch.Tensor):
-            storage = obj.untyped_storage()
-            if storage.nbytes():
-                found.setdefault(storage.data_ptr(), storage)
-        elif depth < 2 and hasattr(obj, "__dict__") and not isinstance(obj, type):
-            for value in vars(obj).values():
-                visit(value, depth + 1)
-
-    if kvpack:
-        for layer in cache.layers:
-            visit(layer, 0)
-        return int(cache.nbytes()), list(found.values())
-    held = (getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values"))
-    tensors = [t for t in held if isinstance(t, torch.Tensor)]
-    for t in tensors:
-        visit(t, 0)
-    return sum(t.numel() * t.element_size() for t in tensors), list(found.values())
-
-
-def _fill(config: PretrainedConfig, kind: CacheKind, x: torch.Tensor) -> Any:
-    """A fresh cache of `kind`, every caching layer's `update` called once with `x` as keys and values."""
+def _measure_fill(
+    config: PretrainedConfig, kind: CacheKind, x: torch.Tensor
+) -> tuple[int, int, int | None, int | None]:
+    """Fill a fresh cache of `kind` (each caching layer's `update` once, `x` as keys and values) and measure it as
+    `measure_cells` describes: `(counted, storage_bytes, growth, peak)`. Its storages: those of every tensor of a
+    kvpack layer (attributes and one level below), of the keys and values of a DynamicCache layer."""
     from transformers import DynamicCache
     from transformers.cache_utils import DummyLayer
 
     from kvpack.cache import KVPackCache
 
-    cache = KVPackCache(config, kind.config) if kind.config is not None else DynamicCache(config=config)
-    layer: Any
+    cuda = x.device.type == "cuda"
+    release_freed_memory(x.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(x.device)
+    before = torch.cuda.memory_allocated(x.device) if cuda else rss_bytes() or 0
+    cache: Any = KVPackCache(config, kind.config) if kind.config is not None else DynamicCache(config=config)
     for layer in cache.layers:
         if not isinstance(layer, DummyLayer):
             layer.update(x, x)
-    return cache
+    release_freed_memory(x.device)
+    if kind.is_kvpack:
+        attributes = [value for layer in cache.layers for value in vars(layer).values()]
+        objects = [obj for obj in attributes if hasattr(obj, "__dict__") and not isinstance(obj, type | torch.Tensor)]
+        held = attributes + [value for obj in objects for value in vars(obj).values()]
+        counted = int(cache.nbytes())
+    else:
+        held = [getattr(layer, name, None) for layer in cache.layers for name in ("keys", "values")]
+        counted = sum(t.nbytes for t in held if isinstance(t, torch.Tensor))
+    storages: dict[int, torch.UntypedStorage] = {}
+    for t in held:
+        if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes():
+            storages.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage())
+    storage_bytes = sum(s.nbytes() for s in storages.values())
+    if cuda:
+        peak = torch.cuda.max_memory_allocated(x.device) - before
+        return counted, storage_bytes, torch.cuda.memory_allocated(x.device) - before, peak
+    # A cache preallocates buffers it has not written yet (the free slots of the residual buffer), whose pages count
+    # in RSS only once written: rewrite every byte with itself so RSS sees what was allocated.
+    for storage in storages.values():
+        torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).bitwise_or_(0)
+    after = rss_bytes()
+    return counted, storage_bytes, after - before if after is not None else None, None
 
 
 def measure_cells(
@@ -490,12 +466,10 @@ def measure_cells(
     `nbytes()` does not count, or, for cells of at least 64 MiB, when the measured growth differs from the held
     storage by more than 2%. Cells whose largest cache would exceed `max_gib` GiB are skipped (and listed).
     """
-    model_dtype = _as_dtype(dtype)
-    dev = torch.device(device)
-    cuda = dev.type == "cuda"
+    model_dtype, dev = _as_dtype(dtype), torch.device(device)
     kinds = [parse_cache(spec) for spec in cache_specs]
-    shape = cache_shape(config)
-    if cuda:
+    shape = plan.cache_shape(config)
+    if dev.type == "cuda":
         method = "torch.cuda.memory_allocated growth"
     elif rss_bytes() is not None:
         method = "RSS growth" + ("" if libc() is not None else " (no malloc_trim: freed memory may be reused)")
@@ -510,7 +484,7 @@ def measure_cells(
 
     for kind in kinds:  # warm up (a prefill that packs blocks): torch's first-call allocations are not the cache's
         c = kind.config
-        _fill(config, kind, sample(1, c.sinks + c.residual + 2 * c.block_tokens if c is not None else 8, kind))
+        _measure_fill(config, kind, sample(1, c.sinks + c.residual + 2 * c.block_tokens if c is not None else 8, kind))
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     for batch, length in cells:
@@ -518,29 +492,9 @@ def measure_cells(
         if largest > max_gib * GIB:
             skipped.append({"batch": batch, "length": length, "largest_bytes": largest})
             continue
-        for kind in kinds:
-            x = sample(batch, length, kind)
-            release_freed_memory(dev)
-            if cuda:
-                torch.cuda.reset_peak_memory_stats(dev)
-            before = torch.cuda.memory_allocated(dev) if cuda else rss_bytes() or 0
-            cache = _fill(config, kind, x)
-            release_freed_memory(dev)
-            counted, storages = _held(cache, kind.is_kvpack)
-            growth: int | None
-            if cuda:
-                growth = torch.cuda.memory_allocated(dev) - before
-                peak = torch.cuda.max_memory_allocated(dev) - before
-            else:
-                # A cache preallocates buffers it has not written yet (the free slots of the residual buffer), whose
-                # pages count in RSS only once written: rewrite every byte with itself so RSS sees what was allocated.
-                for storage in storages:
-                    torch.empty(0, dtype=torch.uint8, device=storage.device).set_(storage).bitwise_or_(0)
-                after, peak = rss_bytes(), None
-                growth = after - before if after is not None else None
+        for kind in kinds:  # the keys/values are made before the fill is measured (the fp cache keeps them)
+            counted, storage_bytes, growth, peak = _measure_fill(config, kind, sample(batch, length, kind))
             formula = cache_bytes(shape, kind, batch, length, model_dtype)
-            storage_bytes = sum(s.nbytes() for s in storages)
-            del cache, storages, x
             row = _check_cell(kind, batch, length, formula, counted, storage_bytes, growth)
             rows.append({**row, "peak_growth_bytes": peak})
     release_freed_memory(dev)
@@ -623,65 +577,64 @@ def _measured_row(r: dict[str, Any]) -> list[str]:
     return [f"`{r['cache']}`", str(r["batch"]), *numbers, *memory, status]
 
 
+def _table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    return "\n".join(markdown_table(header, rows))
+
+
 def to_markdown(result: dict[str, Any]) -> str:
     """The Markdown report of a `memory_table` result (with the run's provenance and measurements if present)."""
-    model, caches = result["model"], result["caches"]
+    model, caches, batches, lengths = result["model"], result["caches"], result["batch_sizes"], result["lengths"]
     names = [c["name"] for c in caches]
     name_columns = [f"`{n}`" for n in names]
-    batches, lengths = result["batch_sizes"], result["lengths"]
     limit = model.get("max_position_embeddings")
     by_cell = {(c["batch"], c["length"], c["cache"]): c for c in result["cells"]}
     layer_text = ", ".join(f"{count} {kind}" for kind, count in model["layer_types"].items())
-    lines = [
+    blocks = [  # paragraphs, headings and tables, joined with a blank line between them
         f"# KV-cache memory: {result.get('model_name', model['model_type'])}",
-        "",
         f"{model['model_type']}: {model['layers']} layers ({layer_text}), {model['kv_heads']} KV heads x head_dim "
         f"{model['head_dim']}, max position embeddings {limit or 'unknown'}. Model dtype {result['dtype']}: kvpack's "
         "residual and sink tokens are stored in it.",
     ]
     if "date" in result:
-        lines += ["", *provenance_lines(result)]
-    lines += [
-        "",
+        blocks.append("\n".join(provenance_lines(result)))
+    blocks.append(
         "Exact bytes each cache holds after a prefill of N tokens at batch size B, computed from the config (no "
         "weights loaded): for kvpack specs, `KVPackCache.nbytes()`: packed codes, float16 scales and zeros, the "
         "exact residual window and sinks in the model dtype (a buffer that fits them after the prefill; decoding "
         "grows it by at most a block); for fp16/bf16/fp32, "
         "the keys and values transformers' DynamicCache keeps. The ratio is float16 DynamicCache bytes / this cache's "
-        "bytes. 1 GiB = 2^30 bytes. The cache alone: weights, activations and workspace are extra.",
-    ]
+        "bytes. 1 GiB = 2^30 bytes. The cache alone: weights, activations and workspace are extra."
+    )
     if any("window" in kind for kind in model["layer_types"]):
-        lines += [
-            "",
+        blocks.append(
             "Sliding-window layers: the fp caches keep the last window - 1 tokens; kvpack's sliding layers keep "
             "the packed blocks that overlap the window plus a margin of residual + block tokens (so that a rollback "
-            "stays exact), and release the rest after a prefill.",
-        ]
+            "stays exact), and release the rest after a prefill."
+        )
     if limit and any(n > limit for n in lengths):
-        lines += [
-            "",
+        blocks.append(
             f"† beyond the model's max position embeddings ({limit:,}): the memory it would take, not a "
-            "context the model was trained for.",
-        ]
-    lines += ["", "## Caches", ""]
+            "context the model was trained for."
+        )
     rows = [
         [f"`{c['name']}`", c["description"], f"{c['bytes_per_token']:,.0f}", _ratio(c["vs_fp16_per_token"])]
         for c in caches
     ]
-    lines += markdown_table(["cache", "what it holds", "bytes per token (batch 1, long context)", "vs fp16"], rows)
+    header = ["cache", "what it holds", "bytes per token (batch 1, long context)", "vs fp16"]
+    blocks += ["## Caches", _table(header, rows)]
     for batch in batches:
         cells = [(n, [by_cell[(batch, n, name)] for name in names]) for n in lengths]
         rows = [
             [_tokens(n, limit), *(f"{format_bytes(c['bytes'])} ({_ratio(c['vs_fp16'])})" for c in row)]
             for n, row in cells
         ]
-        lines += ["", f"## Batch {batch}", "", *markdown_table(["tokens", *name_columns], rows)]
+        blocks += [f"## Batch {batch}", _table(["tokens", *name_columns], rows)]
     weights = result.get("weights")
     if weights is not None and "error" in weights:
-        lines += ["", "## Weights", "", f"Weights not shown: {weights['error']}"]
+        blocks += ["## Weights", f"Weights not shown: {weights['error']}"]
     elif weights is not None:
         rows = [[fmt, f"{weights['parameters']:,}", format_bytes(size)] for fmt, size in weights["bytes"].items()]
-        lines += ["", "## Weights", "", weights["method"], "", *markdown_table(["format", "parameters", "bytes"], rows)]
+        blocks += ["## Weights", weights["method"], _table(["format", "parameters", "bytes"], rows)]
         for fmt, size in weights["bytes"].items():
             rows = [
                 [
@@ -691,48 +644,42 @@ def to_markdown(result: dict[str, Any]) -> str:
                 ]
                 for b, n in itertools.product(batches, lengths)
             ]
-            lines += ["", f"### Total: {fmt} weights ({format_bytes(size)}) + cache", ""]
-            lines += markdown_table(["batch", "tokens", *name_columns], rows)
+            blocks.append(f"### Total: {fmt} weights ({format_bytes(size)}) + cache")
+            blocks.append(_table(["batch", "tokens", *name_columns], rows))
     context = result.get("max_context")
     if context is not None:
         budget = context["budget_gib"]
-        lines += [
-            "",
-            f"## Max context in {budget:g} GiB",
-            "",
+        blocks.append(f"## Max context in {budget:g} GiB")
+        blocks.append(
             f"The largest N such that the cache (plus the weights, where shown) fits in {budget:g} GiB = "
             f"{context['budget_bytes']:,} bytes at every length up to N (the exact formula, as a sequence decoded to N "
-            "passes through each). 0: not even one token fits.",
-        ]
-        if limit:
-            lines.append(f"† beyond the model's max position embeddings ({limit:,}).")
+            "passes through each). 0: not even one token fits."
+            + (f"\n† beyond the model's max position embeddings ({limit:,})." if limit else "")
+        )
         grid = {(r["cache"], r["weights"], r["batch"]): r["max_length"] for r in context["rows"]}
         for fmt in dict.fromkeys(r["weights"] for r in context["rows"]):  # cache only, then as given
-            lines += ["", f"### {'cache only' if fmt is None else f'{fmt} weights + cache'}", ""]
             rows = [[f"`{name}`", *(_tokens(grid[(name, fmt, b)], limit) for b in batches)] for name in names]
-            lines += markdown_table(["cache", *(f"batch {b}" for b in batches)], rows)
+            blocks.append(f"### {'cache only' if fmt is None else f'{fmt} weights + cache'}")
+            blocks.append(_table(["cache", *(f"batch {b}" for b in batches)], rows))
     measured = result.get("measurements")
     if measured is not None:
-        lines += [
-            "",
-            "## Measured (`--measure`)",
-            "",
+        blocks.append("## Measured (`--measure`)")
+        blocks.append(
             f"Real caches built from the config and filled by each layer's `update` with random keys/values on "
             f"{measured['device']}; formula vs the cache's own count (must be equal) and the memory gained "
             f"({measured['method']}, must be within ±{measured['tolerance']:.0%} of the storage the cache holds; "
             f"checked from {measured['min_checked_bytes'] // MIB} MiB, smaller cells are too coarse for it). On CPU, "
             "freed memory is returned to the OS (`malloc_trim`) and every held page touched before RSS is read, so it "
-            "counts what was allocated.",
-            "",
-        ]
+            "counts what was allocated."
+        )
         header = ["cache", "batch", "tokens", "formula (bytes)", "nbytes() (bytes)", "memory growth", "growth / held"]
-        lines += markdown_table([*header, "check"], [_measured_row(r) for r in measured["rows"]])
-        for s in measured["skipped"]:
-            lines.append(
-                f"\nSkipped batch {s['batch']} x {s['length']:,} tokens: its largest cache, "
-                f"{format_bytes(s['largest_bytes'])}, is over the --measure cap of {measured['max_gib']:g} GiB."
-            )
-    return "\n".join(lines) + "\n"
+        blocks.append(_table([*header, "check"], [_measured_row(r) for r in measured["rows"]]))
+        blocks += [
+            f"Skipped batch {s['batch']} x {s['length']:,} tokens: its largest cache, "
+            f"{format_bytes(s['largest_bytes'])}, is over the --measure cap of {measured['max_gib']:g} GiB."
+            for s in measured["skipped"]
+        ]
+    return "\n\n".join(blocks) + "\n"
 
 
 # -- command line ---------------------------------------------------------------------------------------------
@@ -746,19 +693,17 @@ def load_config(model: str | None) -> tuple[PretrainedConfig, str]:
     """
     from transformers import CONFIG_MAPPING, AutoConfig
 
+    name = DEFAULT_MODEL if model is None else model
     try:
-        if model is None or model == DEFAULT_MODEL:
-            gguf = default_model_file()
-            return AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name), DEFAULT_MODEL
-        path = Path(model)
+        path = default_model_file() if name == DEFAULT_MODEL else Path(name)
         if path.suffix == ".gguf" and path.is_file():
-            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), model
+            return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name), name
         if path.suffix != ".json" or not path.is_file():
-            return AutoConfig.from_pretrained(model, local_files_only=True), model
+            return AutoConfig.from_pretrained(name, local_files_only=True), name
         data = json.loads(path.read_text(encoding="utf-8"))
         model_type = data.get("model_type") if isinstance(data, dict) else None
         if isinstance(model_type, str) and model_type in CONFIG_MAPPING:
-            return CONFIG_MAPPING[model_type].from_json_file(str(path)), model
+            return CONFIG_MAPPING[model_type].from_json_file(str(path)), name
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(
             f"cannot read the config of {model!r} without a download: {exc}. Pass a config .json file, a .gguf file, "
