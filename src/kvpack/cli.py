@@ -13,15 +13,15 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 from kvpack.attention.registry import CACHE_BACKENDS
 from kvpack.bench import compare, decode, long_run, memory, persist, report, threads
+from kvpack.bench.synthetic import MODEL_SHAPES
 from kvpack.compat import cache_kwargs
-from kvpack.config import DEFAULT_PRESET, PRESETS, CacheConfig, with_recommended_options
+from kvpack.config import DEFAULT_PRESET, PRESETS
 from kvpack.errors import KVPackError
 from kvpack.eval import passkey
 from kvpack.harness.data import default_data_path
@@ -61,51 +61,33 @@ def _read_prompt(args: argparse.Namespace) -> str:
 
 def _encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
     if chat and getattr(tokenizer, "chat_template", None):
-        messages = [{"role": "user", "content": prompt}]
-        return tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-        )
+        turns = [{"role": "user", "content": prompt}]
+        return tokenizer.apply_chat_template(turns, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     return tokenizer(prompt, return_tensors="pt")
 
 
-@dataclass
-class Generation:
-    """New token ids of one `generate` call, with the prefill and decode times measured apart."""
-
-    tokens: Any
-    prefill_s: float
-    decode_s: float
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.tokens.numel() / self.decode_s
-
-
-def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace, cached: int = 0) -> Generation:
-    """Generate after the prompt; `cached`: how many of the prompt's first tokens the cache already holds."""
+def _generate(model: Any, inputs: Any, cache: Any, args: argparse.Namespace) -> tuple[list[int], float, float]:
+    """The new token ids after the prompt, and the seconds of the prefill and of the decode, measured apart. `cache`
+    may already hold the prompt's first tokens."""
     import torch
 
     sampling: dict[str, Any] = {"do_sample": False}
     if args.sample:
         torch.manual_seed(args.seed)
         sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p}
-    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    ids, mask, cached = inputs["input_ids"], inputs["attention_mask"], cache.get_seq_length()
+    cache_args = cache_kwargs(model, cache)
     with torch.no_grad():  # not inference_mode: quanto's quantized weights fail on inference tensors
         # Prefill all but the last prompt token (after those the cache holds), so that generate's own time is the
         # decode alone.
         start = time.perf_counter()
         if ids.shape[1] - 1 > cached:
             model(
-                input_ids=ids[:, cached:-1],
-                attention_mask=mask[:, :-1],
-                **cache_kwargs(model, cache),
-                use_cache=True,
-                logits_to_keep=1,
+                input_ids=ids[:, cached:-1], attention_mask=mask[:, :-1], **cache_args, use_cache=True, logits_to_keep=1
             )
         prefilled = time.perf_counter()
-        out = model.generate(**inputs, **cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens, **sampling)
-        done = time.perf_counter()
-    return Generation(tokens=out[0, ids.shape[1] :], prefill_s=prefilled - start, decode_s=done - prefilled)
+        out = model.generate(**inputs, **cache_args, max_new_tokens=args.max_new_tokens, **sampling)
+    return out[0, ids.shape[1] :].tolist(), prefilled - start, time.perf_counter() - prefilled
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -114,7 +96,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, Any, float]:
     """The cache loaded from `--prefix-cache`, the prompt's inputs (the cached prefix, then the new text), and the
-    seconds the load took. Raises KVPackError when the prompt does not continue the cached prefix."""
+    seconds the load took (also said on stderr). Raises KVPackError when the prompt does not continue the prefix."""
     import torch
 
     from kvpack.cache import KVPackCache
@@ -132,18 +114,16 @@ def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
             f"--cache {args.cache} differs from the prefix cache's {cache.cache_config.spec}; omit --cache (the file's "
             "config is used) or rebuild the prefix cache with that spec."
         )
-    chat = not args.no_chat
-    head, tail = _chat_parts(tokenizer) if chat else ("", "")
+    head, tail = ("", "") if args.no_chat else _chat_parts(tokenizer)
     cached = prefix[0].tolist()
-    if chat:
-        head_ids = tokenizer(head, add_special_tokens=False).input_ids
-        if cached[: len(head_ids)] != head_ids:
-            raise KVPackError(
-                f"{args.prefix_cache} was not built with the chat template (its tokens do not start with it); "
-                "pass --no-chat."
-            )
+    head_ids = tokenizer(head, add_special_tokens=False).input_ids  # none without the chat template
+    if cached[: len(head_ids)] != head_ids:
+        raise KVPackError(
+            f"{args.prefix_cache} was not built with the chat template (its tokens do not start with it); "
+            "pass --no-chat."
+        )
     if args.prompt_file is not None:
-        ids = _encode(tokenizer, _read_prompt(args), chat)["input_ids"][0].tolist()
+        ids = _encode(tokenizer, _read_prompt(args), not args.no_chat)["input_ids"][0].tolist()
         same = _common_prefix(ids, cached)
         if same < len(cached):
             raise KVPackError(
@@ -156,6 +136,8 @@ def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
         ids = cached + tokenizer("\n\n" + args.prompt + tail, add_special_tokens=False).input_ids
     if len(ids) == len(cached):
         raise KVPackError("the prompt adds nothing after the cached prefix; give a question (a positional argument).")
+    built = f"; its prefill took {cache.prefill_s:.2f} s when built" if cache.prefill_s else ""
+    print(f"Loaded a {len(cached):,}-token prefix in {load_s:.2f} s{built}", file=sys.stderr, flush=True)
     input_ids = torch.tensor([ids], device=model.device)
     return cache, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, load_s
 
@@ -182,12 +164,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import DynamicCache
 
     from kvpack.cache import KVPackCache
+    from kvpack.cache.persist import prefix_cache
     from kvpack.harness.caches import load_timed_model
     from kvpack.models import load_model
     from kvpack.weights import weight_nbytes
 
-    # Bad arguments fail before the model loads.
-    config = resolve_config(args.cache or DEFAULT_PRESET)
+    resolve_config(args.cache or DEFAULT_PRESET)  # bad arguments fail before the model loads
     if args.prefix_cache is None:
         prompt = _read_prompt(args)
     elif not Path(args.prefix_cache).is_file():
@@ -197,66 +179,55 @@ def cmd_generate(args: argparse.Namespace) -> int:
     loader = load_model if args.backend == "dense" else partial(load_timed_model, backends=[args.backend])
     # Through kvpack's attention unless dense; the fp cache of --check still goes through SDPA.
     model, tokenizer = loader(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
-    cached, load_s = 0, 0.0
+    load_s = 0.0
     if args.prefix_cache is None:
         inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
         # A profile's path, not its config: KVPackCache checks that it was made for this model.
         cache = KVPackCache(model.config, args.cache or DEFAULT_PRESET, backend=args.backend)
     else:
         cache, inputs, load_s = _load_prefix(args, model, tokenizer)
-        config = cache.cache_config
-        cached = cache.get_seq_length()
-        built = f"; its prefill took {cache.prefill_s:.2f} s when built" if cache.prefill_s else ""
-        print(f"Loaded a {cached:,}-token prefix in {load_s:.2f} s{built}", file=sys.stderr, flush=True)
-    result = _generate(model, inputs, cache, args, cached)
-    new_tokens = result.tokens
-    print(tokenizer.decode(new_tokens, skip_special_tokens=True).strip())
-    print()
-    n_new = int(new_tokens.numel())
-    n_prompt = int(inputs["input_ids"].shape[1])
+    config, cached = cache.cache_config, cache.get_seq_length()
+    tokens, prefill_s, decode_s = _generate(model, inputs, cache, args)
+    print(tokenizer.decode(tokens, skip_special_tokens=True).strip() + "\n")
     packed, fp16 = cache.nbytes(), cache.fp16_nbytes()
-    model_dtype_bytes = fp16 * torch.finfo(model.dtype).bits // 16
-    prompt_time = f"{result.prefill_s:.1f} s"
+    prompt_time = f"{prefill_s:.1f} s"
     if cached:
         prompt_time = f"{cached:,} loaded from {Path(args.prefix_cache).name} in {load_s:.2f} s, the rest {prompt_time}"
     summary = (
-        f"[{config.spec}] prompt {n_prompt} tokens ({prompt_time}), "
-        f"{n_new} new tokens in {result.decode_s:.1f} s ({result.tokens_per_s:.1f} tokens/s); "
+        f"[{config.spec}] prompt {inputs['input_ids'].shape[1]} tokens ({prompt_time}), "
+        f"{len(tokens)} new tokens in {decode_s:.1f} s ({len(tokens) / decode_s:.1f} tokens/s); "
         f"cache {format_bytes(packed)} for {cache.get_seq_length()} tokens: "
         f"{_ratio(fp16, packed)} than a float16 cache ({format_bytes(fp16)})"
     )
     if model.dtype != torch.float16:
+        model_dtype_bytes = fp16 * torch.finfo(model.dtype).bits // 16
         summary += f", {_ratio(model_dtype_bytes, packed)} than this model's {str(model.dtype)[6:]} cache"
     if args.weights != "fp":
         weight_bytes = weight_nbytes(model)
         summary += f"; {args.weights} weights {format_bytes(weight_bytes)}, total {format_bytes(weight_bytes + packed)}"
     print(summary)
+    if args.check and cached:
+        # The same config, prefilled afresh: the loaded cache must generate exactly the same tokens.
+        fresh = prefix_cache(model, inputs["input_ids"][:, :cached], config, backend=args.backend)
+        assert fresh.prefill_s is not None
+        fresh_tokens = _generate(model, inputs, fresh, args)[0]
+        same = _common_prefix(tokens, fresh_tokens)
+        verdict = "identical" if tokens == fresh_tokens else f"DIFFERENT after {same} tokens"
+        print(
+            f"[check] a fresh {config.spec} prefill of the {cached:,}-token prefix took {fresh.prefill_s:.2f} s "
+            f"({fresh.prefill_s / load_s:.0f}x the load) and generates {verdict} tokens ({same}/{len(tokens)})"
+        )
     if args.check:
-        if cached:
-            # The same config, prefilled afresh: the loaded cache must generate exactly the same tokens.
-            fresh_cache = KVPackCache(model.config, config, backend=args.backend)
-            start = time.perf_counter()
-            with torch.no_grad():
-                model(input_ids=inputs["input_ids"][:, :cached], **cache_kwargs(model, fresh_cache), use_cache=True)
-            fresh_s = time.perf_counter() - start
-            fresh = _generate(model, inputs, fresh_cache, args, cached)
-            same = _common_prefix(new_tokens.tolist(), fresh.tokens.tolist())
-            verdict = "identical" if same == n_new == fresh.tokens.numel() else f"DIFFERENT after {same} tokens"
-            print(
-                f"[check] a fresh {config.spec} prefill of the {cached:,}-token prefix took {fresh_s:.2f} s "
-                f"({fresh_s / load_s:.0f}x the load) and generates {verdict} tokens ({same}/{n_new})"
-            )
-        ref = _generate(model, inputs, DynamicCache(config=model.config), args)
-        reference = ref.tokens
-        same = _common_prefix(new_tokens.tolist(), reference.tolist())
-        if same == n_new == reference.numel():
-            verdict = f"identical to the full-precision cache's output ({same}/{n_new} tokens)"
+        reference, _, reference_s = _generate(model, inputs, DynamicCache(config=model.config), args)
+        same = _common_prefix(tokens, reference)
+        if tokens == reference:
+            verdict = f"identical to the full-precision cache's output ({same}/{len(tokens)} tokens)"
         else:
             verdict = (
-                f"same as the full-precision cache's output for the first {same} of {reference.numel()} tokens; "
+                f"same as the full-precision cache's output for the first {same} of {len(reference)} tokens; "
                 f"it continues: {tokenizer.decode(reference[same:], skip_special_tokens=True).strip()[:200]!r}"
             )
-        print(f"[check] {verdict}; full-precision cache: {ref.tokens_per_s:.1f} tokens/s")
+        print(f"[check] {verdict}; full-precision cache: {len(reference) / reference_s:.1f} tokens/s")
     return 0
 
 
@@ -278,13 +249,11 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     ids = tokenizer(head + text, add_special_tokens=False).input_ids if head else tokenizer(text).input_ids
     print(f"Prefilling {len(ids):,} tokens with a {config.spec} cache ...", file=sys.stderr, flush=True)
     cache = prefix_cache(model, [ids], config)
-    assert cache.prefill_s is not None
     print(f"Prefilled in {cache.prefill_s:.2f} s; saving ...", file=sys.stderr, flush=True)
     start = time.perf_counter()
     cache.save(output, model, tokenizer=tokenizer, name=args.model or DEFAULT_MODEL)
     save_s = time.perf_counter() - start
-    size = output.stat().st_size
-    fp16 = read_cache_file(output).header.fp16_nbytes()
+    size, fp16 = output.stat().st_size, read_cache_file(output).header.fp16_nbytes()
     print(
         f"wrote {output}: {len(ids):,} tokens, {config.spec}, {format_bytes(size)} ({_ratio(fp16, size)} than "
         f"the float16 cache, {format_bytes(fp16)}); prefill {cache.prefill_s:.2f} s, save {save_s:.2f} s"
@@ -301,24 +270,21 @@ def cmd_cache_info(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"path": str(file.path), "nbytes": file.nbytes, **header.to_dict()}, indent=2))
         return 0
-    fp = header.model
+    fp, fp16 = header.model, header.fp16_nbytes()
     kinds = Counter(kind.split(":")[0] for kind in fp.layer_plan)
-    fp16 = header.fp16_nbytes()
-    lines = [
+    batch = f" x batch {header.batch}" if header.batch > 1 else ""
+    prefill = "" if header.prefill_s is None else f"\n  prefill: {header.prefill_s:.2f} s when built"
+    print(
         f"{file.path}: kvpack prompt cache, schema {header.schema_version}, written by kvpack {header.kvpack_version} "
-        f"on {header.created}; checksum ok",
-        f"  cache:   {header.cache_config.spec}, {header.tokens:,} tokens"
-        + (f" x batch {header.batch}" if header.batch > 1 else ""),
+        f"on {header.created}; checksum ok\n"
+        f"  cache:   {header.cache_config.spec}, {header.tokens:,} tokens{batch}\n"
         f"  size:    {format_bytes(file.nbytes)} on disk; a float16 cache of these tokens: {format_bytes(fp16)} "
-        f"({fp16 / file.nbytes:.2f}x)",
+        f"({fp16 / file.nbytes:.2f}x)\n"
         f"  model:   {fp.name}: {fp.architecture}, {fp.dtype}, {len(fp.layer_plan)} layers "
-        f"({', '.join(f'{n} {k}' for k, n in kinds.items())}) x {fp.kv_heads} kv heads x head dim {fp.head_dim}",
+        f"({', '.join(f'{n} {k}' for k, n in kinds.items())}) x {fp.kv_heads} kv heads x head dim {fp.head_dim}\n"
         f"           config {fp.config_sha256[:16]}, weights {fp.weights_sha256[:16]}, tokenizer "
-        f"{(fp.tokenizer_sha256 or 'not saved')[:16]}",
-    ]
-    if header.prefill_s is not None:
-        lines.append(f"  prefill: {header.prefill_s:.2f} s when built")
-    print("\n".join(lines))
+        f"{(fp.tokenizer_sha256 or 'not saved')[:16]}{prefill}"
+    )
     return 0
 
 
@@ -332,9 +298,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def cmd_spec(args: argparse.Namespace) -> int:
     """Explain a cache spec string."""
-    config: CacheConfig = resolve_config(args.spec)
-    if args.spec.strip().lower() in PRESETS:
-        print(f"preset {args.spec.strip().lower()}: {PRESETS[args.spec.strip().lower()]}")
+    config, preset = resolve_config(args.spec), args.spec.strip().lower()
+    if preset in PRESETS:
+        print(f"preset {preset}: {PRESETS[preset]}")
     print(f"spec: {config.spec}")
     for name, spec in (("keys", config.key), ("values", config.value)):
         print(
@@ -354,14 +320,13 @@ def cmd_spec(args: argparse.Namespace) -> int:
         print(f"  per-layer bits (replace the bits above): {per_layer}")
     print(f"  residual: newest {config.residual} tokens in full precision; sinks: first {config.sinks} tokens")
     print(f"  average: {config.bits_per_value:.4g} bits per value (metadata included; sinks and residual excluded)")
-    plain = replace(CacheConfig(), key=replace(CacheConfig().key, bits=config.key.bits))
-    plain = replace(plain, value=replace(plain.value, bits=config.value.bits))
-    recommended = with_recommended_options(plain)
-    if recommended != plain:
+    bits = f"k{config.key.bits}v{config.value.bits}"
+    recommended = resolve_config(bits)
+    if recommended != resolve_config(bits + "-plain"):
         added = recommended.spec.split("-")[3:]  # after k<b>v<b>-g<n>-r<n>
         print(
-            f"  a spec k{config.key.bits}v{config.value.bits} starts from -{'-'.join(added)} (measured best for these "
-            "bits on the calibration text); write -plain to start from plain KIVI"
+            f"  a spec {bits} starts from -{'-'.join(added)} (measured best for these bits on the calibration text); "
+            "write -plain to start from plain KIVI"
         )
     return 0
 
@@ -412,11 +377,8 @@ def _measure_settings(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_compare(args: argparse.Namespace) -> int:
     """Stream a text through the model with each cache (PPL, ΔPPL, KL and top-1 vs the full-precision cache), then
     measure cache bytes and decode tokens/s at each context, interleaved. Writes JSON, Markdown and PNG."""
-    out = Path(args.out)
-    caches, contexts = (
-        parse_list(args.caches, "--caches"),
-        parse_int_list(args.contexts, "--contexts", allow_empty=True),
-    )
+    out, caches = Path(args.out), parse_list(args.caches, "--caches")
+    contexts = parse_int_list(args.contexts, "--contexts", allow_empty=True)
     result = compare.run_compare(
         caches, **_measure_settings(args), contexts=contexts, steps=args.steps, checkpoint=lambda p: write_json(out, p)
     )
@@ -477,8 +439,9 @@ def cmd_bench_decode(args: argparse.Namespace) -> int:
         parse_list(args.caches, "--caches"),
         parse_int_list(args.contexts, "--contexts"),
         backends=parse_list(args.backends, "--backends", allow_empty=True),
+        kernel_threads=parse_int_list(args.kernel_threads, "--kernel-threads") if args.kernel_threads else (),
         model_name=args.model,
-        **_pick(args, "steps", "profile_steps", "spec", "layers", "calls", "dtype", "device"),
+        **_pick(args, "steps", "profile_steps", "spec", "layers", "calls", "model_shape", "dtype", "device"),
     )
     publish(result, args.json, decode.to_markdown, decode.plot)
     return 0
@@ -651,7 +614,10 @@ def _bench_decode_options(parser: argparse.ArgumentParser) -> None:
         spec=("k4v4", "cache spec of the attention-only measurement"),
         layers=(30, "layer caches to rotate over"),
         calls=(60, "timed calls per kernel and context"),
-    )
+        kernel_threads=("1,2", "torch thread counts the kernels alone are timed at ('': --threads only)"),
+        model_shape=(None, "a random-weight model of this shape instead of --model, its caches filled with random "
+                     f"keys and values (no prefill): {', '.join(MODEL_SHAPES)}"),
+    )  # fmt: skip
     add_model_options(parser, threads_default=2)
     _results(parser, "decode", ".md and .png")
 
