@@ -6,6 +6,7 @@ into Markdown and plots.
 
 from __future__ import annotations
 
+import itertools
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -14,6 +15,7 @@ from typing import Any
 
 import torch
 
+from kvpack.cache.plan import cache_shape
 from kvpack.compat import cache_kwargs
 from kvpack.eval.perplexity import stream
 from kvpack.harness.caches import CacheSpec, cache_nbytes, load_timed_model, make_cache, parse_compared, prefill
@@ -58,6 +60,7 @@ def decode_speed(
     warmup: int = 2,
     seed: int = 0,
     profile_steps: int = 0,
+    random_fill: bool = False,
 ) -> dict[str, Any]:
     """Single-token decode steps once each cache holds `context` tokens, interleaved across caches.
 
@@ -65,7 +68,9 @@ def decode_speed(
     the same random tokens (after an untimed short prefill and step with each cache type, so that first-use costs
     such as a peer's kernel build stay out of the timings); then, round after round, each cache takes one timed
     step (the order rotates each round), so drift in machine speed affects all caches alike.
-    Returns, per key: tokens/s, prefill seconds and the cache's bytes after the prefill; with `profile_steps`,
+    random_fill: fill the caches with the same random keys and values instead (`fill_random`): what a long context
+    on a large model takes on CPU, where its prefill would take hours; decode steps do the same work either way.
+    Returns, per key: tokens/s, prefill (or fill) seconds and the cache's bytes after it; with `profile_steps`,
     also `profile_ms`: where the time of a step goes (see `step_profile`), from that many more steps, untimed
     above (the instrumentation costs a little).
     """
@@ -74,15 +79,22 @@ def decode_speed(
     ids = torch.randint(100, vocab - 100, (1, context), generator=generator)
     caches: dict[str, Any] = {}
     out: dict[str, dict[str, Any]] = {}
+
+    def fill(model: Any, spec: CacheSpec, cache: Any, tokens: int) -> None:
+        if random_fill:
+            fill_random(cache, model.config, tokens, spec.feed_first_tokens_together, seed)
+        else:
+            prefill(model, ids[:, :tokens].to(model.device), spec, cache)
+
     with torch.no_grad():
         for _, model, spec in entries:  # first use of a cache type (a peer's kernel build, lazy imports): untimed
             warm = make_cache(spec, model.config)
-            prefill(model, ids[:, : min(context, 256)].to(model.device), spec, warm)
+            fill(model, spec, warm, min(context, 256))
             model(ids[:, -1:].to(model.device), **cache_kwargs(model, warm), use_cache=True)
     for key, model, spec in entries:
         cache = make_cache(spec, model.config)
         start = time.perf_counter()
-        prefill(model, ids.to(model.device), spec, cache)
+        fill(model, spec, cache, context)
         out[key] = {"prefill_s": time.perf_counter() - start, "cache_bytes": float(cache_nbytes(cache))}
         caches[key] = (model, cache)
     token = ids[:, -1:]
@@ -98,6 +110,22 @@ def decode_speed(
             model, cache = caches[key]
             out[key]["profile_ms"] = step_profile(model, cache, token, profile_steps)
     return out
+
+
+def fill_random(cache: Any, model_config: Any, tokens: int, first: int = 0, seed: int = 0, chunk: int = 4096) -> None:
+    """Store `tokens` random keys and values (standard normal, the same for every cache with the same `seed`) in every
+    cached layer of `cache`, `chunk` tokens per `update` (`first` tokens in the first one, as `prefill` feeds a peer
+    that needs it)."""
+    shape = cache_shape(model_config)
+    generator = torch.Generator().manual_seed(seed)
+    bounds = sorted({0, min(first, tokens), *range(first, tokens, chunk), tokens})
+    with torch.no_grad():
+        for layer, (kind, _) in enumerate(shape.plan):
+            if kind == "dummy":
+                continue
+            keys, values = (torch.randn(1, shape.kv_heads, tokens, shape.head_dim, generator=generator) for _ in "kv")
+            for start, end in itertools.pairwise(bounds):
+                cache.update(keys[:, :, start:end], values[:, :, start:end], layer)
 
 
 def step_profile(model: Any, cache: Any, token: torch.Tensor, steps: int) -> dict[str, float]:

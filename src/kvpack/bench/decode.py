@@ -25,8 +25,9 @@ import torch
 
 from kvpack.bench.compare import decode_speed, interleaved, speed_columns
 from kvpack.bench.report import tokens_per_s_lines
+from kvpack.bench.synthetic import shaped_model
 from kvpack.cache.plan import cache_shape, context_limit, flushed_tokens
-from kvpack.harness.caches import load_timed_model, parse_compared, uniform_spec
+from kvpack.harness.caches import load_timed_model, parse_compared, prepare_timed_model, uniform_spec
 from kvpack.harness.results import figure, markdown_page, markdown_table, plot_lines, provenance, timed
 
 GB = 1e9
@@ -75,9 +76,32 @@ def _layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -
 
 
 def attention_speed(
+    config: Any,
+    spec: str,
+    contexts: list[int],
+    backends: list[str],
+    layers: int,
+    calls: int,
+    threads: Sequence[int] = (),
+) -> list[dict[str, Any]]:
+    """µs per decode-attention call and GB/s of cache bytes read, per backend and context (and fp32 SDPA), at each of
+    `threads` torch thread counts (default: the current one), restored afterwards."""
+    current = torch.get_num_threads()
+    rows = []
+    try:
+        for count in threads or [current]:
+            torch.set_num_threads(count)
+            rows += [
+                {**row, "threads": count} for row in _attention_speed(config, spec, contexts, backends, layers, calls)
+            ]
+    finally:
+        torch.set_num_threads(current)
+    return rows
+
+
+def _attention_speed(
     config: Any, spec: str, contexts: list[int], backends: list[str], layers: int, calls: int
 ) -> list[dict[str, Any]]:
-    """µs per decode-attention call and GB/s of cache bytes read, per backend and context (and fp32 SDPA)."""
     from kvpack.attention.inputs import AttentionInputs
     from kvpack.attention.registry import attend
 
@@ -116,6 +140,42 @@ def attention_speed(
     return rows
 
 
+def layer_step_overhead(config: Any, spec: str, context: int, layers: int) -> dict[str, float]:
+    """What a fused decode step of one layer costs around the CPU kernel: µs per step of `PackedLayer.fused_update`
+    then `attend` (the layer's update, the operator's dispatch and all the Python), and of the kernel alone on the
+    same arguments, over `layers` layers rotating, for one block's worth of steps each (so its flush is counted)."""
+    from kvpack.attention import cpu, op
+    from kvpack.attention.inputs import INPUTS_ATTRIBUTE
+    from kvpack.attention.registry import attend
+    from kvpack.cache.layer import PackedLayer
+
+    cache_config, shape = uniform_spec(spec), cache_shape(config)
+    kernel, scaling = cpu.extension(), shape.head_dim**-0.5
+    gen = torch.Generator().manual_seed(context)
+    stack = [PackedLayer(cache_config, i) for i in range(layers)]
+    for layer in stack:
+        layer.append(*(torch.randn(1, shape.kv_heads, context, shape.head_dim, generator=gen) for _ in "kv"))
+    query = torch.randn(1, shape.attention_heads, 1, shape.head_dim, generator=gen)
+    new = [torch.randn(1, shape.kv_heads, 1, shape.head_dim, generator=gen) for _ in range(16)]
+    arguments: list[tuple[Any, ...]] = []
+
+    def step(i: int) -> Any:
+        keys, _ = stack[i % layers].fused_update(new[i % 16], new[(i + 1) % 16], "cpu")
+        inputs = getattr(keys, INPUTS_ATTRIBUTE)
+        if len(arguments) < layers:  # the kernel-alone calls reuse each layer's first arguments
+            pk, pv = inputs.packed_keys, inputs.packed_values
+            constants = None if pk is None or pv is None else op.Constants.of(pk, pv)
+            arguments.append(op.arguments(query, inputs, None, scaling, constants))
+        return attend(query, inputs, None, scaling)
+
+    for i in range(layers):  # untimed: warms every layer and records its arguments for the kernel alone
+        step(i)
+    steps = layers * cache_config.block_tokens
+    timings = interleaved({"step": step, "kernel": lambda i: kernel.packed_attention(*arguments[i % layers])}, steps)
+    step_us, kernel_us = (timings[name] / steps * 1e6 for name in ("step", "kernel"))
+    return {"context": context, "step_us": step_us, "kernel_us": kernel_us, "python_us": step_us - kernel_us}
+
+
 def run_decode(
     caches: Sequence[str],
     contexts: Sequence[int],
@@ -126,18 +186,27 @@ def run_decode(
     spec: str = "k4v4",
     layers: int = 30,
     calls: int = 60,
+    kernel_threads: Sequence[int] = (),
     model_name: str | None = None,
+    model_shape: str | None = None,
     dtype: str = "float32",
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Everything `kvpack bench decode` measures, as the JSON-ready result: full-model decode of each cache (fp
     added first when missing) at each context (capped to fit the model), then the attention kernels of `backends`
-    alone on `spec` (none when empty)."""
+    alone on `spec` (none when empty) at each of `kernel_threads`, and what a fused layer step costs around the CPU
+    kernel. model_shape: a random-weight model of that shape (`synthetic.MODEL_SHAPES`) instead of `model_name`,
+    its caches filled with random keys and values (`compare.fill_random`) instead of a prefill."""
     specs = parse_compared(caches)
-    model, _ = load_timed_model(model_name, [cache.backend for cache in specs], dtype=dtype, device=device)
+    backends_used = [cache.backend for cache in specs]
+    if model_shape is None:
+        model, _ = load_timed_model(model_name, backends_used, dtype=dtype, device=device)
+    else:
+        model = prepare_timed_model(shaped_model(model_shape, dtype), backends_used)
     contexts = [min(c, context_limit(model.config) - steps - 3) for c in contexts]
     result: dict[str, Any] = {
-        **provenance("decode", model, model_name),
+        **provenance("decode", model, model_shape or model_name),
+        "model_shape": model_shape,
         "contexts": contexts,
         "steps": steps,
         "bandwidth": read_bandwidth(),
@@ -147,7 +216,9 @@ def run_decode(
     speed = {}
     for context in contexts:
         print(f"Decode at {context} tokens: {len(specs)} caches, {steps} interleaved steps ...", file=sys.stderr)
-        speed[context] = decode_speed(entries, context, steps, profile_steps=profile_steps)
+        speed[context] = decode_speed(
+            entries, context, steps, profile_steps=profile_steps, random_fill=model_shape is not None
+        )
     for cache in specs:
         row: dict[str, Any] = {"cache": cache.name}
         for context, by_cache in speed.items():
@@ -162,8 +233,13 @@ def run_decode(
         result["rows"].append(row)
     if backends:
         print(f"Attention alone: {', '.join(backends)} and fp32 SDPA over {layers} layers ...", file=sys.stderr)
-        result["attention"] = attention_speed(model.config, spec, contexts, list(backends), layers, calls)
+        result["attention"] = attention_speed(
+            model.config, spec, contexts, list(backends), layers, calls, kernel_threads
+        )
         result["attention_spec"] = spec
+    if "cpu" in backends:
+        print(f"A fused layer step around the CPU kernel, {spec} ...", file=sys.stderr)
+        result["layer_step"] = [layer_step_overhead(model.config, spec, context, layers) for context in contexts]
     return result
 
 
@@ -196,17 +272,33 @@ def to_markdown(result: dict[str, Any]) -> str:
         *_profile_markdown(result),
     ]
     if "attention" in result:
+        threads = any("threads" in r for r in result["attention"])  # (results before 2026-12-06 have one count)
         header = ["context", "kernel", "µs per call", "bytes read", "GB/s", "% of read bandwidth", "vs fp32 SDPA"]
         rows = [
             [r["context"], r["kernel"], f"{r['us_per_call']:.0f}", f"{r['bytes_read']:,}", f"{r['gb_s']:.1f}",
              f"{100 * r['gb_s'] / bandwidth['read_gb_s']:.0f}%", f"{r['speed_vs_sdpa']:.2f}x"]
+            + ([r["threads"]] if threads else [])
             for r in result["attention"]
         ]  # fmt: skip
         lines += [
             "",
             f"## Attention alone (one decode call, {result['attention_spec']}, rotating over layer caches)",
             "",
-            *markdown_table(header, rows),
+            *markdown_table(header + (["threads"] if threads else []), rows),
+        ]
+    if "layer_step" in result:
+        rows = [
+            [r["context"], f"{r['step_us']:.1f}", f"{r['kernel_us']:.1f}", f"{r['python_us']:.1f}"]
+            for r in result["layer_step"]
+        ]
+        lines += [
+            "",
+            f"## One layer's fused decode step around the CPU kernel ({result['attention_spec']})",
+            "",
+            "`fused_update` then `attend` (the cache update, the operator's dispatch and the Python around them) vs "
+            "the kernel alone on the same arguments, µs per layer and step, a block's worth of steps per layer.",
+            "",
+            *markdown_table(["context", "layer step µs", "kernel µs", "around the kernel µs"], rows),
         ]
     return markdown_page(f"kvpack bench decode: {result['model']} ({result['dtype']})", result, notes, lines)
 

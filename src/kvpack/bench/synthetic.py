@@ -37,3 +37,41 @@ def biased_key_model(vocab_size: int, bias_std: float = LARGE_KEY_BIAS_STD, seed
             large = torch.randperm(bias.numel(), generator=generator)[: bias.numel() // 8]
             bias[large] = torch.randn(large.numel(), generator=generator) * bias_std
     return model
+
+
+# Real models' shapes, written out (no download, no weights): `kvpack bench decode --model-shape NAME` decodes with a
+# random-weight model of that shape, whose speed is the real model's (weights' values do not change the work).
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    # meta-llama/Llama-3.2-1B's config.json (its long-context RoPE scaling left out: it does not change the work)
+    "llama-3.2-1b": {
+        "model_type": "llama", "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16,
+        "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "vocab_size": 128256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "tie_word_embeddings": True,
+        "rope_theta": 500000.0,
+    },
+}  # fmt: skip
+
+
+def shaped_model(name: str, dtype: str = "float32", seed: int = 0) -> Any:
+    """A random-weight causal LM of the shape `MODEL_SHAPES[name]` (raises ConfigError for an unknown name)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kvpack.errors import ConfigError
+
+    if name not in MODEL_SHAPES:
+        raise ConfigError(f"--model-shape {name!r}: use one of {', '.join(MODEL_SHAPES)}.")
+    options = dict(MODEL_SHAPES[name])
+    config = AutoConfig.for_model(options.pop("model_type"), **options)
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():  # small normal weights, unit norms: finite activations at any length
+            parameter.normal_(0.0, 0.02, generator=generator)
+        for name_, parameter in model.named_parameters():
+            if "norm" in name_:
+                parameter.fill_(1.0)
+    model.tie_weights()
+    return model.eval()

@@ -130,15 +130,21 @@ def load_timed_model(
     """The model and tokenizer (`kvpack.models.load_model`) made ready to time caches on: attention goes through
     kvpack's (kvpack caches take the fused path; fp and peer caches still go through SDPA), and each of `backends`
     is prepared, so that a kernel compiled on first use does not land in a timed step."""
-    from kvpack.attention import use_kvpack_attention
-    from kvpack.attention.registry import prepare
     from kvpack.models import load_model
 
     model, tokenizer = load_model(model_name, dtype=dtype, device=device, weights=weights)
+    return prepare_timed_model(model, backends), tokenizer
+
+
+def prepare_timed_model(model: Any, backends: Iterable[str]) -> Any:
+    """`model` with kvpack's attention and each of `backends` prepared (see `load_timed_model`); returns it."""
+    from kvpack.attention import use_kvpack_attention
+    from kvpack.attention.registry import prepare
+
     use_kvpack_attention(model)
     for backend in dict.fromkeys(backends):
         prepare(backend)
-    return model, tokenizer
+    return model
 
 
 def make_cache(spec: CacheSpec, model_config: Any) -> Any:
