@@ -202,6 +202,23 @@ def test_max_context_edge_cases() -> None:
     assert max_context(all_sliding, fp16, 1, "float16", 10**9) is None  # window layers stop growing
 
 
+@pytest.mark.parametrize("spec", ["fp16", "k8v8", "k4v4-plain-s4"])
+def test_max_context_of_an_all_sliding_cache_ends_for_every_budget(spec: str) -> None:
+    """A cache made only of window layers stops growing, but its exact bytes dip and rise with each packed block
+    below their upper bound: a budget between the two fits every length (None), and the search says so rather than
+    walking one token at a time towards 2**40 (it did: a hang)."""
+    shape = cache_shape(gemma_config(layer_types=["sliding_attention"] * 3))
+    kind = parse_cache(spec)
+    exact = [cache_bytes(shape, kind, 1, n, "float16") for n in range(1, 3000)]
+    for budget in range(1000, 400_000, 7919):
+        n = max_context(shape, kind, 1, "float16", budget)
+        first_over = next((m for m, b in enumerate(exact, start=1) if b > budget), None)
+        if first_over is None:  # fits every length up to 3000, and the bytes repeat from there: every length
+            assert n is None, budget
+        else:
+            assert n == first_over - 1, budget
+
+
 # -- weights --------------------------------------------------------------------------------------------------
 
 

@@ -238,12 +238,19 @@ def max_context(
     low = bisect.bisect_left(range(1, _MAX_SEARCH_TOKENS + 1), True, key=lambda m: not fits(m, full_window=True))
     if low == _MAX_SEARCH_TOKENS:
         return None
-    # The exact bytes stay below the bound, so follow them from there. Sliding-window layers release packed blocks,
-    # so a cache made only of them may never stop fitting.
+    # The exact bytes stay below the bound, so follow them from there. A cache made only of window layers never
+    # grows past its window: once that and a whole cycle of its exact tokens (sinks, residual, a packed block)
+    # past `low` fit, its bytes only repeat, and every length fits.
+    windows = [window for layer, window in shape.plan if layer != "dummy"]
+    if windows and all(window is not None for window in windows):
+        cycle = plan.exact_capacity(kind.config) if kind.config is not None else 1
+        horizon = low + max(w for w in windows if w is not None) + 2 * cycle
+    else:  # a full-attention layer grows without end: the walk ends at the first length that does not fit
+        horizon = _MAX_SEARCH_TOKENS
     n = max(low, 1)
     while fits(n + 1):
         n += 1
-        if n > _MAX_SEARCH_TOKENS:
+        if n > horizon:
             return None
     return n
 
