@@ -16,7 +16,9 @@ JSON is the source of truth; Markdown and a PNG are made from it.
 
 from __future__ import annotations
 
+import statistics
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,39 +143,57 @@ def _attention_speed(
 
 
 def layer_step_overhead(config: Any, spec: str, context: int, layers: int) -> dict[str, float]:
-    """What a fused decode step of one layer costs around the CPU kernel: µs per step of `PackedLayer.fused_update`
-    then `attend` (the layer's update, the operator's dispatch and all the Python), and of the kernel alone on the
-    same arguments, over `layers` layers rotating, for one block's worth of steps each (so its flush is counted)."""
+    """What a fused decode step of one layer costs around the CPU kernel, over `layers` layers rotating, a block's
+    worth of steps each (so that each flushes a block once), µs:
+
+    update_us: `PackedLayer.fused_update` per step (its flush included: `flush_us` per flush), mean over the steps;
+    dispatch_us: `attend` (the backend's resolution, the operator's arguments and dispatch) minus the kernel called
+        directly on the same arguments right after, median over the steps (a difference of two timings of the same
+        work, so the median keeps a slow call out);
+    kernel_us: the kernel alone, median; around_us: update_us + dispatch_us, what the step costs beyond the kernel.
+    """
     from kvpack.attention import cpu, op
     from kvpack.attention.inputs import INPUTS_ATTRIBUTE
     from kvpack.attention.registry import attend
     from kvpack.cache.layer import PackedLayer
 
     cache_config, shape = uniform_spec(spec), cache_shape(config)
-    kernel, scaling = cpu.extension(), shape.head_dim**-0.5
+    kernel, scaling, clock = cpu.extension(), shape.head_dim**-0.5, time.perf_counter
     gen = torch.Generator().manual_seed(context)
     stack = [PackedLayer(cache_config, i) for i in range(layers)]
     for layer in stack:
         layer.append(*(torch.randn(1, shape.kv_heads, context, shape.head_dim, generator=gen) for _ in "kv"))
     query = torch.randn(1, shape.attention_heads, 1, shape.head_dim, generator=gen)
     new = [torch.randn(1, shape.kv_heads, 1, shape.head_dim, generator=gen) for _ in range(16)]
-    arguments: list[tuple[Any, ...]] = []
-
-    def step(i: int) -> Any:
-        keys, _ = stack[i % layers].fused_update(new[i % 16], new[(i + 1) % 16], "cpu")
+    updates, flushes, dispatches, kernels = [], [], [], []
+    for i in range(layers * (cache_config.block_tokens + 1)):  # the first round untimed: it warms every layer
+        layer = stack[i % layers]
+        packed = layer.packed_length
+        start = clock()
+        keys, _ = layer.fused_update(new[i % 16], new[(i + 1) % 16], "cpu")
+        updated = clock()
         inputs = getattr(keys, INPUTS_ATTRIBUTE)
-        if len(arguments) < layers:  # the kernel-alone calls reuse each layer's first arguments
-            pk, pv = inputs.packed_keys, inputs.packed_values
-            constants = None if pk is None or pv is None else op.Constants.of(pk, pv)
-            arguments.append(op.arguments(query, inputs, None, scaling, constants))
-        return attend(query, inputs, None, scaling)
-
-    for i in range(layers):  # untimed: warms every layer and records its arguments for the kernel alone
-        step(i)
-    steps = layers * cache_config.block_tokens
-    timings = interleaved({"step": step, "kernel": lambda i: kernel.packed_attention(*arguments[i % layers])}, steps)
-    step_us, kernel_us = (timings[name] / steps * 1e6 for name in ("step", "kernel"))
-    return {"context": context, "step_us": step_us, "kernel_us": kernel_us, "python_us": step_us - kernel_us}
+        attend(query, inputs, None, scaling)
+        attended = clock()
+        pk, pv = inputs.packed_keys, inputs.packed_values
+        arguments = op.arguments(
+            query, inputs, None, scaling, None if pk is None or pv is None else op.Constants.of(pk, pv)
+        )
+        started = clock()
+        kernel.packed_attention(*arguments)
+        done = clock()
+        if i >= layers:
+            updates.append(updated - start)
+            if layer.packed_length != packed:
+                flushes.append(updated - start)
+            dispatches.append((attended - updated) - (done - started))
+            kernels.append(done - started)
+    us = 1e6
+    update_us, dispatch_us = statistics.mean(updates) * us, statistics.median(dispatches) * us
+    return {
+        "context": context, "update_us": update_us, "flush_us": statistics.mean(flushes) * us if flushes else 0.0,
+        "dispatch_us": dispatch_us, "kernel_us": statistics.median(kernels) * us, "around_us": update_us + dispatch_us,
+    }  # fmt: skip
 
 
 def run_decode(
@@ -287,18 +307,17 @@ def to_markdown(result: dict[str, Any]) -> str:
             *markdown_table(header + (["threads"] if threads else []), rows),
         ]
     if "layer_step" in result:
-        rows = [
-            [r["context"], f"{r['step_us']:.1f}", f"{r['kernel_us']:.1f}", f"{r['python_us']:.1f}"]
-            for r in result["layer_step"]
-        ]
+        parts = ("update_us", "flush_us", "dispatch_us", "around_us", "kernel_us")
+        rows = [[r["context"], *(f"{r[part]:.1f}" for part in parts)] for r in result["layer_step"]]
         lines += [
             "",
             f"## One layer's fused decode step around the CPU kernel ({result['attention_spec']})",
             "",
-            "`fused_update` then `attend` (the cache update, the operator's dispatch and the Python around them) vs "
-            "the kernel alone on the same arguments, µs per layer and step, a block's worth of steps per layer.",
+            "µs per layer and step, a block's worth of steps per layer: the cache's `fused_update` (mean; each "
+            "block's flush, which quantizes it, included), the dispatch (`attend` minus the kernel called directly on "
+            "the same arguments, median), their sum, and the kernel alone (median).",
             "",
-            *markdown_table(["context", "layer step µs", "kernel µs", "around the kernel µs"], rows),
+            *markdown_table(["context", "update", "a flush", "dispatch", "around the kernel", "kernel"], rows),
         ]
     return markdown_page(f"kvpack bench decode: {result['model']} ({result['dtype']})", result, notes, lines)
 
