@@ -89,6 +89,7 @@ def test_model_shape_decodes_a_random_weight_model_of_that_shape(
     # Filled with random keys and values, not a prefill: exactly 80 float32 tokens per layer in the fp cache.
     assert fp["cache_bytes@80"] == 2 * 2 * 2 * 80 * 32 * 4
     assert all(row["tokens_per_s@80"] > 0 for row in result["rows"])
+    assert "random fill s @80" in out.with_suffix(".md").read_text()
 
 
 def test_shaped_model_has_the_shape_and_refuses_unknown_names(monkeypatch: pytest.MonkeyPatch) -> None:

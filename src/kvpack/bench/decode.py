@@ -269,8 +269,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     """The decode result as a Markdown page."""
     contexts, bandwidth = result["contexts"], result["bandwidth"]
     header = ["cache"]
+    filled = "random fill" if result.get("model_shape") else "prefill"  # --model-shape fills caches, no prefill
     for c in contexts:
-        header += [f"tok/s @{c}", f"vs fp @{c}", f"vs fp-prealloc @{c}", f"prefill s @{c} (vs fp)"]
+        header += [f"tok/s @{c}", f"vs fp @{c}", f"vs fp-prealloc @{c}", f"{filled} s @{c} (vs fp)"]
     rows = []
     for row in result["rows"]:
         cells = [row["cache"]]
