@@ -177,9 +177,7 @@ def layer_step_overhead(config: Any, spec: str, context: int, layers: int) -> di
         attend(query, inputs, None, scaling)
         attended = clock()
         if i < layers:
-            pk, pv = inputs.packed_keys, inputs.packed_values
-            constants = None if pk is None or pv is None else op.Constants.of(pk, pv)
-            arguments.append(op.arguments(query, inputs, None, scaling, constants))
+            arguments.append(op.arguments(query, inputs, None, scaling))
         else:
             updates.append(updated - start)
             if layer.packed_length != packed:
