@@ -27,6 +27,17 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True)
+def _float_attention(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CPU kernel in floating point (`kvpack.attention.cpu.integer_products` off) for every test not marked
+    `integer_products`: the others compare float arithmetic at float tolerances, and the integer path's rounding is
+    tested against its own bound (tests/attention/test_integer_products.py). Subprocesses inherit it through
+    KVPACK_INTEGER_PRODUCTS."""
+    on = request.node.get_closest_marker("integer_products") is not None
+    monkeypatch.setenv("KVPACK_INTEGER_PRODUCTS", "1" if on else "0")
+    monkeypatch.setattr("kvpack.attention.cpu.integer_products", on)
+
+
 @pytest.fixture(scope="module")
 def one_intra_op_thread() -> Iterator[None]:
     """One torch thread for a module of tiny-model tests (its module-scoped fixtures included): they run fastest that

@@ -173,3 +173,58 @@ def codebook_max_abs_error(levels: torch.Tensor, scale: torch.Tensor, x_hat: tor
 # so that the stand-in keeps showing the failure the default avoids.
 DEFAULT_VS_KIVI_SINKS_MAX_RATIO = 1.03
 ROTATED_KEYS_VS_KIVI_SINKS_MIN_RATIO = 1.10
+
+
+# -- the CPU kernel's integer products (AVX-512 VNNI; tests/attention/test_integer_products.py) --------------------
+#
+# With `integer_products`, the kernel multiplies 2- and 4-bit codes as integers: per packed block and query row it
+# rounds qs = q * key_scale (per channel) to int8 by its own step alpha = max|qs| / 127, and the weights times the
+# value scales, p = w * value_scale, to uint8 by beta = max p / 255; it puts back each rounding's share at the middle
+# code cm = (2**bits - 1) / 2. The products themselves are exact (int32).
+#
+# Keys: the query's rounding is deterministic (the same float32 operations), so the test computes it as the kernel
+# does and scores with it in float64: score_t = definition_t - sum_d e_d (code_dt - cm), e = qs - alpha * qi. Only a
+# rotated query is computed in another order (the kernel's sums vs torch's matmul, relative error ~1e-6): a channel
+# whose qs / alpha lies within INTEGER_TIE_MARGIN of a rounding tie may round the other way, moving the score by up to
+# alpha * |code - cm|; with max |d| the sum of those, the weights move by at most a factor exp(+-2 max |d|) and the
+# output by (exp(2 max |d|) - 1) * max |v|.
+# Values: each p_t is off by at most beta / 2, so block b adds at most beta_b / 2 * max_c sum_t |code_tc - cm| to the
+# weighted sum, relative to the total weight: max_t (P_t * s_t) / 510 * ..., with P the probabilities (of the scores
+# above) and s the tokens' value scales. A worst case (every rounding the same sign): measured ~10x above the error.
+# On top: ATTENTION_REL_TOL for float32 arithmetic, and INTEGER_STEP_SLACK for beta computed in float32.
+# For scale, on the default model's shapes the integer products' error (rmse) is 0.8-2.5% of the output's, the 4-bit
+# codes' own 11-22% (/tmp measurement of 2026-12-06, k4v4, 1k-8k tokens; see the note of issue 16).
+INTEGER_TIE_MARGIN = 2.5e-4
+INTEGER_STEP_SLACK = 1.001
+
+
+def integer_products_bound(
+    tie_shift: torch.Tensor,
+    probabilities: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_scales: torch.Tensor,
+    value_middle: float,
+    value_scale: float,
+) -> float:
+    """The largest |error| allowed between the kernel's integer products and the float64 attention over the scores
+    the query's rounding gives (see above).
+
+    tie_shift: [B, H, R] the most a row's scores may move by roundings at a tie (0 without rotation).
+    probabilities: [B, H, R, NB, G] the softmax weights of the packed tokens (those scores).
+    value_codes, value_scales: [B, H, NB, G, Dv] each packed value's code and its group's scale.
+    value_scale: max |value| of the layer (the output's scale).
+    """
+    growth = torch.exp(2 * tie_shift)
+    per_token = (probabilities[..., None] * value_scales[:, :, None]).amax(-1)  # [B, H, R, NB, G]
+    beta = per_token.amax(-1) / 255 * INTEGER_STEP_SLACK  # [B, H, R, NB]
+    spread = (value_codes - value_middle).abs().sum(3).amax(-1)  # [B, H, NB]
+    value_error = (beta / 2 * spread[:, :, None]).sum(-1)  # [B, H, R]
+    bound = (growth - 1) * value_scale + growth * value_error
+    return float(bound.max()) + ATTENTION_REL_TOL * value_scale
+
+
+# The same in a model: a tiny random Llama (head dims 32 and 64, k4v4 groups of 32, with and without rotation and
+# sinks), fused decode steps with the integer products against the dense path over the same cache. Measured (CPU,
+# torch 2.13): the integer products move logits by 2.0e-4 to 3.4e-4, the 4-bit codes themselves (dense path vs
+# DynamicCache) by 1.3e-2 to 1.4e-2: 1/40 to 1/60. Allowed: a tenth of the codes' own effect.
+INTEGER_LOGIT_SHARE = 0.1

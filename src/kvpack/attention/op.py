@@ -3,13 +3,17 @@
     torch.ops.kvpack.packed_attention(query, exact_keys, exact_values, exact_tokens, sink_len,
                                       key_codes, key_scale, key_zero, value_codes, value_scale, value_zero,
                                       packed_tokens, key_bits, value_bits, value_group,
-                                      key_rotation, value_rotation, key_levels, value_levels, bias, scaling)
+                                      key_rotation, value_rotation, key_levels, value_levels, bias, scaling,
+                                      integer_products=False)
 
 Its arguments are the cache's own tensors (buffers with spare capacity: the first `exact_tokens` exact and
 `packed_tokens` packed tokens are read), so a decode step passes them without slicing; the layer's constants (bits,
 value group, rotation matrices, codebook levels: `Constants`) are worked out once per layer. It reads the KIVI
 layout without outliers (what the fused kernels read); `bias` is an additive float32 `[batch, queries, tokens]`, or
-None for no mask at all. It returns `[batch, queries, heads, value_dim]` in the query's dtype. Implementations:
+None for no mask at all. It returns `[batch, queries, heads, value_dim]` in the query's dtype. `integer_products`
+allows the CPU kernel's integer arithmetic for 2- and 4-bit uniform codes where the CPU has it (AVX-512 VNNI:
+`kvpack.attention.cpu.integer_products`), which adds the error of rounding the query and the attention weights to
+8 bits per block; the other implementations compute in floating point whatever it says. Implementations:
 
     CPU      the C++ kernel (`csrc/packed_attention.cpp`), registered when its default build loads (float32)
     CUDA     the Triton kernel (`kvpack.attention.triton_gpu`)
@@ -36,7 +40,8 @@ SCHEMA = (
     "packed_attention(Tensor query, Tensor exact_keys, Tensor exact_values, int exact_tokens, int sink_len, "
     "Tensor? key_codes, Tensor? key_scale, Tensor? key_zero, Tensor? value_codes, Tensor? value_scale, "
     "Tensor? value_zero, int packed_tokens, int key_bits, int value_bits, int value_group, Tensor? key_rotation, "
-    "Tensor? value_rotation, Tensor? key_levels, Tensor? value_levels, Tensor? bias, float scaling) -> Tensor"
+    "Tensor? value_rotation, Tensor? key_levels, Tensor? value_levels, Tensor? bias, float scaling, "
+    "bool integer_products=False) -> Tensor"
 )
 
 
@@ -70,16 +75,19 @@ def arguments(
     bias: torch.Tensor | None,
     scaling: float,
     constants: Constants | None = None,
+    integer_products: bool = False,
 ) -> tuple[Any, ...]:
     """The operator's arguments for `inputs` (`constants`: `Constants.of` its packed tensors, when known)."""
     pk, pv = inputs.packed_keys, inputs.packed_values
     exact = (query, inputs.exact_keys, inputs.exact_values, inputs.exact_keys.shape[2], inputs.sink_len)
     if pk is None or pv is None:
-        return (*exact, None, None, None, None, None, None, 0, 8, 8, 16, None, None, None, None, bias, scaling)
+        empty = (None, None, None, None, None, None, 0, 8, 8, 16, None, None, None, None)
+        return (*exact, *empty, bias, scaling, integer_products)
     c = constants or Constants.of(pk, pv)
     return (
         *exact, pk.codes, pk.scale, pk.zero, pv.codes, pv.scale, pv.zero, pk.shape[2], c.key_bits, c.value_bits,
         c.value_group, c.key_rotation, c.value_rotation, c.key_levels, c.value_levels, bias, scaling,
+        integer_products,
     )  # fmt: skip
 
 
@@ -139,7 +147,7 @@ def inputs_from(
 def _split(args: tuple[Any, ...]) -> tuple[torch.Tensor, AttentionInputs, torch.Tensor | None, float]:
     """query, inputs, mask (transformers' form of `bias`) and scaling from the operator's arguments."""
     query, exact_keys, exact_values, exact_tokens, sink_len, *packed = args[:11]
-    packed_tokens, key_bits, value_bits, value_group, kr, vr, kl, vl, bias, scaling = args[11:]
+    packed_tokens, key_bits, value_bits, value_group, kr, vr, kl, vl, bias, scaling = args[11:21]
     inputs = inputs_from(
         exact_keys, exact_values, exact_tokens, sink_len, tuple(packed), packed_tokens, key_bits, value_bits,
         value_group, (kr, vr), (kl, vl),

@@ -160,7 +160,11 @@ def describe() -> list[str]:
     identity = cpu._cpu_identity()
     model = next((line.split(":", 1)[1].strip() for line in identity.splitlines() if "model name" in line), "")
     flags = set(" ".join(line.split(":", 1)[1] for line in identity.splitlines() if ":" in line).split())
-    simd = [name for name in ("avx512f", "avx512bw", "avx2", "fma", "f16c", "asimd", "neon") if name in flags]
+    simd = [
+        name
+        for name in ("avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "avx2", "fma", "f16c", "asimd", "neon")
+        if name in flags
+    ]
     lines = [
         f"machine: {platform.machine()} {model}".rstrip(),
         f"SIMD: {', '.join(simd) or 'none detected'} (the cpu kernel is compiled with -march=native for exactly this)",
@@ -175,6 +179,13 @@ def describe() -> list[str]:
             f"backend cpu: available, compiler {cpu.compiler()}, code path {kernel.simd_path()}, "
             f"{kernel.parallel_threads(64)} of torch's {threads} threads (OpenMP build)"
         )
+        if not kernel.integer_products():
+            integer = "not in this build (needs AVX-512 VNNI and VBMI): floating point throughout"
+        elif cpu.integer_products:
+            integer = "on (2- and 4-bit uniform codes; KVPACK_INTEGER_PRODUCTS=0 turns it off)"
+        else:
+            integer = "built, turned off (KVPACK_INTEGER_PRODUCTS=0 or kvpack.attention.cpu.integer_products)"
+        lines.append(f"cpu kernel integer products (AVX-512 VNNI): {integer}")
     else:
         lines.append(f"backend cpu: {why_cpu}")
     numba_spec = importlib.util.find_spec("numba")

@@ -104,6 +104,7 @@ def attention_speed(
 def _attention_speed(
     config: Any, spec: str, contexts: list[int], backends: list[str], layers: int, calls: int
 ) -> list[dict[str, Any]]:
+    from kvpack.attention import cpu, op
     from kvpack.attention.inputs import AttentionInputs
     from kvpack.attention.registry import attend
 
@@ -124,6 +125,18 @@ def _attention_speed(
                 return attend(query, layer, None, scaling)
 
             candidates[f"kvpack {spec} ({backend})"] = (run, packed_bytes + exact_bytes)
+
+        if "cpu" in backends and cpu.extension().integer_products():
+            # The operator alone (arguments prepared), with and without the integer products, side by side.
+            operator = torch.ops.kvpack.packed_attention.default
+            for integer in (True, False):
+                prepared = [op.arguments(query, layer, None, scaling, None, integer) for layer in inputs]
+
+                def direct(i: int, prepared: list[Any] = prepared, operator: Any = operator) -> Any:
+                    return operator(*prepared[i % len(prepared)])
+
+                products = "integer" if integer else "float"
+                candidates[f"kvpack {spec} (cpu op, {products} products)"] = (direct, packed_bytes + exact_bytes)
 
         def sdpa(i: int, dense: list[Any] = dense, query: Any = query) -> Any:
             keys, values = dense[i % len(dense)]
@@ -177,7 +190,7 @@ def layer_step_overhead(config: Any, spec: str, context: int, layers: int) -> di
         attend(query, inputs, None, scaling)
         attended = clock()
         if i < layers:
-            arguments.append(op.arguments(query, inputs, None, scaling))
+            arguments.append(op.arguments(query, inputs, None, scaling, None, cpu.integer_products))
         else:
             updates.append(updated - start)
             if layer.packed_length != packed:
@@ -258,6 +271,9 @@ def run_decode(
         )
         result["attention_spec"] = spec
     if "cpu" in backends:
+        from kvpack.attention import cpu
+
+        result["integer_products"] = {"built": bool(cpu.extension().integer_products()), "on": cpu.integer_products}
         print(f"A fused layer step around the CPU kernel, {spec} ...", file=sys.stderr)
         result["layer_step"] = [layer_step_overhead(model.config, spec, context, layers) for context in contexts]
     return result
@@ -307,6 +323,14 @@ def to_markdown(result: dict[str, Any]) -> str:
             "",
             *markdown_table(header + (["threads"] if threads else []), rows),
         ]
+        integer = result.get("integer_products")
+        if integer and integer["built"]:
+            lines += [
+                "",
+                "`cpu op` rows: the operator called with prepared arguments, with the CPU kernel's integer products "
+                "(AVX-512 VNNI; query and weights rounded to 8 bits per block) and without; the `cpu` row goes "
+                f"through `attend`, integer products {'on' if integer['on'] else 'off'}, as the caches above.",
+            ]
     if "layer_step" in result:
         parts = ("update_us", "flush_us", "dispatch_us", "around_us", "kernel_us")
         rows = [[r["context"], *(f"{r[part]:.1f}" for part in parts)] for r in result["layer_step"]]

@@ -16,13 +16,15 @@
 //                items are merged), or None
 //   key_levels, value_levels  float32 [2**bits] codebook levels (code c stands for level[c] * scale + zero; bits
 //                <= 4), or None for uniform codes (level[c] = c)
+//   integer_products  allow the integer products where this build has them (see integer_product)
 // Output: float32 [B, Q, Hq, Dv].
 //
 // Every (batch, kv head) is split into chunks of packed blocks plus one item for the exact tokens; items run in
 // parallel (torch's thread pool), each keeping a running max / sum / weighted value sum per row (online softmax);
-// the items of one head are merged by their log-sum-exp. Within a block, codes are first unpacked (and value
-// scales folded in) into small float tiles in L1, then multiplied with register-blocked loops of 16 lanes that
-// the compiler vectorises for the machine (AVX-512, AVX2, NEON).
+// the items of one head are merged by their log-sum-exp. Within a block, codes are unpacked in registers and
+// multiplied with register-blocked loops of 16 lanes (AVX-512 intrinsics; loops the compiler vectorises elsewhere:
+// AVX2, NEON), or, with `integer_products` on a CPU with AVX-512 VNNI, multiplied as integers (see
+// integer_product). The codes of the block after next are prefetched.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -47,6 +49,7 @@ constexpr int kLanes = 16;             // the width of the register tiles
 constexpr int kExactTile = 64;         // exact tokens scored per tile
 constexpr int kItemsPerThread = 4;     // work items per thread (see packed_attention)
 constexpr int kMinChunkTokens = 256;   // packed tokens per work item, at least
+constexpr int kPrefetchBlocks = 2;     // packed blocks ahead whose codes are prefetched
 
 // exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), |relative error| < 2e-7.
 // Below -87 (or -inf: a masked score) it is exactly 0.
@@ -318,6 +321,142 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
 #endif
 }
 
+#if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
+#define KVPACK_INTEGER_PRODUCTS 1
+// Integer products (AVX-512 VNNI and VBMI; used when the call asks, `integer_products`): packed codes of 2 or 4
+// bits multiplied as integers by `vpdpbusd`, which sums four 8-bit products per 32-bit lane, exactly.
+//   Keys: per block and query row, qs = q * key_scale (per channel) is rounded to int8 by its own step
+//   alpha = max|qs| / 127: score = alpha * sum_d qi_d * code_d (+ the zero points' share, in float).
+//   Values: per block and row, p = weight * value_scale (per token and group) is rounded to uint8 by
+//   beta = max p / 255: out += beta * sum_t pi_t * code_t (+ the zero points' share, in float).
+// Each rounding's share at the middle code, (2^bits - 1) / 2 * sum(rounding errors), is put back, which leaves an
+// error ~10x below that of 4-bit codes themselves (the bound: tests/quant/tolerances.py). Measured on the default
+// model's shapes: ~1.3x the float path's speed. 8-bit codes, 3-bit codes and codebooks stay in float.
+
+// residual[r] = sum_d (qs - alpha * qi) for each row, the rounding error that the caller puts back at the middle code.
+// qi[r][d] = round(qs[r][d] / alpha[r]) as int8, alpha[r] = max_d |qs[r][d]| / 127 (0 for a zero row); D % 16 == 0.
+inline void quantize_rows(const float* qs, int R, int D, int8_t* qi, float* alpha, float* residual) {
+  for (int r = 0; r < R; ++r) {
+    __m512 top = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += kLanes) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(qs + r * D + d)));
+    const float amax = _mm512_reduce_max_ps(top);
+    alpha[r] = amax / 127.0f;
+    const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f), step = _mm512_set1_ps(alpha[r]);
+    __m512 left = _mm512_setzero_ps();
+    for (int d = 0; d < D; d += kLanes) {
+      const __m512 x = _mm512_loadu_ps(qs + r * D + d);
+      const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(x, inverse));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qi + r * D + d), _mm512_cvtsepi32_epi8(rounded));
+      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, _mm512_cvtepi32_ps(rounded), x));
+    }
+    residual[r] = _mm512_reduce_add_ps(left);
+  }
+}
+
+// One pass of an integer product over packed rows (AVX-512 VNNI): for RT rows r from r0 and the output tiles of
+// PIECES 16-byte pieces from byte piece0 * 16 of every packed row (plane i, piece p -> columns i * bytes + 16 p ...,
+// the planar order of unpack_planar),
+//   out[r][column] (+)= step[tile][r] * sum_k operand[tile][r][k] * code[k][column]
+// over the K packed rows (consecutive, `bytes` apart). Four rows' pieces are gathered into one register and
+// transposed (vpermb) so that each 32-bit lane holds the byte of one column from each of the four rows; each plane
+// is then a shift and a mask away, and `vpdpbusd` multiplies it with the four rows' operands (broadcast) and sums
+// the four products into the lane, exactly in int32. Keys (VALUES false): the operand is the int8 query, the codes
+// are unsigned. Values: the operand is the uint8 weights, the codes (< 128) are read as signed.
+template <int BITS, int RT, int PIECES, bool VALUES>
+inline void integer_pass(const int8_t* const* operand, int operand_stride, const float* const* step,
+                         const uint8_t* __restrict codes, int bytes, int K, int piece0, int r0, float* __restrict out,
+                         int ldo, bool accumulate) {
+  constexpr int kPer = 8 / BITS;
+  __m512i acc[RT][kPer][PIECES];
+  for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < kPer; ++i)
+      for (int p = 0; p < PIECES; ++p) acc[r][i][p] = _mm512_setzero_si512();
+  alignas(64) static const uint8_t order[64] = {
+      0, 16, 32, 48, 1, 17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51, 4,  20, 36, 52, 5,  21, 37, 53,
+      6, 22, 38, 54, 7, 23, 39, 55, 8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
+      12, 28, 44, 60, 13, 29, 45, 61, 14, 30, 46, 62, 15, 31, 47, 63};  // byte 4s + c <- row c's byte s
+  const __m512i transpose = _mm512_load_si512(order);
+  const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+  const int8_t* ops[kPer][PIECES];
+  for (int i = 0; i < kPer; ++i)
+    for (int p = 0; p < PIECES; ++p) ops[i][p] = operand[(i * bytes + (piece0 + p) * kLanes) / kLanes] + r0 * operand_stride;
+  for (int k = 0; k < K; k += 4) {
+    const uint8_t* row = codes + static_cast<int64_t>(k) * bytes + piece0 * kLanes;
+    for (int p = 0; p < PIECES; ++p) {
+      const uint8_t* at = row + p * kLanes;
+      __m512i x = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
+      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + bytes)), 1);
+      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 2 * bytes)), 2);
+      x = _mm512_inserti32x4(x, _mm_loadu_si128(reinterpret_cast<const __m128i*>(at + 3 * bytes)), 3);
+      x = _mm512_permutexvar_epi8(transpose, x);
+      for (int i = 0; i < kPer; ++i) {
+        const __m512i field = _mm512_and_si512(i == 0 ? x : _mm512_srli_epi16(x, i * BITS), mask);
+        for (int r = 0; r < RT; ++r) {
+          int32_t four;
+          std::memcpy(&four, ops[i][p] + r * operand_stride + k, sizeof(four));
+          acc[r][i][p] = VALUES ? _mm512_dpbusd_epi32(acc[r][i][p], _mm512_set1_epi32(four), field)
+                                : _mm512_dpbusd_epi32(acc[r][i][p], field, _mm512_set1_epi32(four));
+        }
+      }
+    }
+  }
+  for (int r = 0; r < RT; ++r)
+    for (int i = 0; i < kPer; ++i)
+      for (int p = 0; p < PIECES; ++p) {
+        const int column = i * bytes + (piece0 + p) * kLanes;
+        float* o = out + (r0 + r) * ldo + column;
+        const __m512 scaled = _mm512_mul_ps(_mm512_set1_ps(step[column / kLanes][r0 + r]), _mm512_cvtepi32_ps(acc[r][i][p]));
+        _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), scaled) : scaled);
+      }
+}
+
+template <int BITS, int RT, bool VALUES>
+void integer_passes(const int8_t* const* operand, int operand_stride, const float* const* step, const uint8_t* codes,
+                    int bytes, int K, int r0, float* out, int ldo, bool accumulate) {
+  constexpr int kPieces = BITS == 4 ? 2 : 1;  // 4 accumulators per row and pass
+  int piece = 0;
+  for (; (piece + kPieces) * kLanes <= bytes; piece += kPieces)
+    integer_pass<BITS, RT, kPieces, VALUES>(operand, operand_stride, step, codes, bytes, K, piece, r0, out, ldo,
+                                            accumulate);
+  for (; piece * kLanes < bytes; ++piece)
+    integer_pass<BITS, RT, 1, VALUES>(operand, operand_stride, step, codes, bytes, K, piece, r0, out, ldo, accumulate);
+}
+
+// The integer product for R rows (in passes of up to 4): K packed rows of `bytes` bytes (a multiple of 16), K % 4 == 0.
+template <int BITS, bool VALUES>
+void integer_product(const int8_t* const* operand, int operand_stride, const float* const* step, const uint8_t* codes,
+                     int bytes, int R, int K, float* out, int ldo, bool accumulate) {
+  for (int r = 0; r < R; r += 4) {
+    switch (std::min(4, R - r)) {
+      case 4: integer_passes<BITS, 4, VALUES>(operand, operand_stride, step, codes, bytes, K, r, out, ldo, accumulate); break;
+      case 3: integer_passes<BITS, 3, VALUES>(operand, operand_stride, step, codes, bytes, K, r, out, ldo, accumulate); break;
+      case 2: integer_passes<BITS, 2, VALUES>(operand, operand_stride, step, codes, bytes, K, r, out, ldo, accumulate); break;
+      default: integer_passes<BITS, 1, VALUES>(operand, operand_stride, step, codes, bytes, K, r, out, ldo, accumulate);
+    }
+  }
+}
+
+// w[r][t] (n floats per row, >= 0) as uint8 by their own step beta[r] = max_t w[r][t] / 255: wi = round(w / beta);
+// residual[r] = sum_t (w - beta * wi).
+inline void quantize_weights(const float* w, int R, int n, uint8_t* wi, float* beta, float* residual) {
+  for (int r = 0; r < R; ++r) {
+    __m512 top = _mm512_setzero_ps();
+    for (int t = 0; t < n; t += kLanes) top = _mm512_max_ps(top, _mm512_loadu_ps(w + r * n + t));
+    const float wmax = _mm512_reduce_max_ps(top);
+    beta[r] = wmax / 255.0f;
+    const __m512 inverse = _mm512_set1_ps(wmax > 0.0f ? 255.0f / wmax : 0.0f), step = _mm512_set1_ps(beta[r]);
+    __m512 left = _mm512_setzero_ps();
+    for (int t = 0; t < n; t += kLanes) {
+      const __m512 x = _mm512_loadu_ps(w + r * n + t);
+      const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(x, inverse));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(wi + r * n + t), _mm512_cvtusepi32_epi8(rounded));
+      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, _mm512_cvtepi32_ps(rounded), x));
+    }
+    residual[r] = _mm512_reduce_add_ps(left);
+  }
+}
+#endif
+
 struct Layer {
   const float* q;
   const float* q_packed;
@@ -337,6 +476,7 @@ struct Layer {
   int64_t bias_s0, bias_s1;
   int H, R, D, Dv, G, VG, blocks, n_exact, sink_len, key_bits, value_bits;
   bool key_lut, value_lut;                     // codebook levels in key_levels / value_levels (else uniform codes)
+  bool integer_keys, integer_values;           // integer products (integer_product) for keys / values
   alignas(64) float key_levels[16], value_levels[16];  // zero-padded to 16 (one AVX-512 register)
 };
 
@@ -449,10 +589,12 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
   const float* key_lut = L.key_lut ? L.key_levels : nullptr;
   const float* value_lut = L.value_lut ? L.value_levels : nullptr;
 
-  int* ints = scratch_ints(G + Dv);
+  int* ints = scratch_ints(2 * G + Dv);
   int* token_of_slot = ints;             // [G]: the token of each planar key slot
   int* group_of_channel_slot = ints + G;  // [Dv]: the scale group of each planar value channel slot
+  int* slot_of_token = ints + G + Dv;     // [G]: the inverse of token_of_slot
   for (int slot = 0; slot < G; ++slot) token_of_slot[slot] = planar_to_index(slot, G, kKeyPer);
+  for (int slot = 0; slot < G; ++slot) slot_of_token[token_of_slot[slot]] = slot;
   for (int slot = 0; slot < Dv; ++slot) group_of_channel_slot[slot] = planar_to_index(slot, Dv, kValuePer) / VG;
 
   const size_t sizes[] = {
@@ -465,6 +607,8 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
       static_cast<size_t>(R) * n_groups,      // zero_acc
       static_cast<size_t>(R) * Dv,            // planar
       static_cast<size_t>(n_groups) * R * G,  // scaled_weights
+      static_cast<size_t>(R) * D / 4 + R,     // qi (int8) and alpha, for integer scores
+      static_cast<size_t>(R) * G + n_groups * R * (G / 4 + 2) + R,  // token-order weights, wi, beta, residuals
   };
   size_t needed = 0;
   for (size_t size : sizes) needed += size;
@@ -489,10 +633,32 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
   float* zero_acc = take(sizes[6]);
   float* planar = take(sizes[7]);
   float* scaled_weights = take(sizes[8]);
+  float* alpha = take(R);
+  int8_t* qi = reinterpret_cast<int8_t*>(take(static_cast<size_t>(R) * D / 4));
+  constexpr int kMaxTiles = 16;  // head dims and groups <= 256
+  float* token_weights = take(static_cast<size_t>(R) * G);
+  uint8_t* wi = reinterpret_cast<uint8_t*>(take(static_cast<size_t>(n_groups) * R * G / 4));
+  float* beta = take(static_cast<size_t>(n_groups) * R);
+  float* left = take(static_cast<size_t>(n_groups) * R + R);  // rounding residuals of the integer operands
+  constexpr float kMiddleKey = ((1 << KB) - 1) / 2.0f, kMiddleValue = ((1 << VB) - 1) / 2.0f;
+#ifdef KVPACK_INTEGER_PRODUCTS
+  // The integer products' operands and steps per output tile: keys, the int8 query rows and their steps; values,
+  // the uint8 weights and steps of the tile's scale group.
+  const int8_t* key_operands[kMaxTiles];
+  const float* key_steps[kMaxTiles];
+  for (int t = 0; t < G / kLanes && t < kMaxTiles; ++t) key_operands[t] = qi, key_steps[t] = alpha;
+  const int8_t* value_operands[kMaxTiles];
+  const float* value_steps[kMaxTiles];
+  for (int t = 0; t < Dv / kLanes && t < kMaxTiles; ++t) {
+    const int group = group_of_channel_slot[t * kLanes];
+    value_operands[t] = reinterpret_cast<const int8_t*>(wi) + group * R * G, value_steps[t] = beta + group * R;
+  }
+  const bool integer_keys = L.integer_keys && (KB == 2 || KB == 4);
+  const bool integer_values = L.integer_values && (VB == 2 || VB == 4) && !L.value_lut;
+#endif
   std::fill(zero_acc, zero_acc + sizes[6], 0.0f);
   std::fill(planar, planar + sizes[7], 0.0f);
 
-  constexpr int kMaxTiles = 16;  // head dims and groups <= 256
   const float* qs_tiles[kMaxTiles];
   const float* value_tiles[kMaxTiles];
   for (int t = 0; t < G / kLanes && t < kMaxTiles; ++t) qs_tiles[t] = qs;
@@ -505,6 +671,15 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
   for (int block = first; block < last; ++block) {
     const int64_t key_at = b * L.kc_s0 + h * L.kc_s1 + block * L.kc_s2;
     const int64_t params_at = b * L.ks_s0 + h * L.ks_s1 + block * L.ks_s2;
+#if defined(__AVX512F__)
+    if (block + kPrefetchBlocks < last) {  // the block after next, into L2, while this one is computed
+      const char* key_next = reinterpret_cast<const char*>(L.key_codes + key_at + kPrefetchBlocks * L.kc_s2);
+      const char* value_next = reinterpret_cast<const char*>(
+          L.value_codes + b * L.vc_s0 + h * L.vc_s1 + (static_cast<int64_t>(block) + kPrefetchBlocks) * G * L.vc_s2);
+      for (int line = 0; line < D * G * KB / 8; line += 64) _mm_prefetch(key_next + line, _MM_HINT_T1);
+      for (int line = 0; line < G * Dv * VB / 8; line += 64) _mm_prefetch(value_next + line, _MM_HINT_T1);
+    }
+#endif
     halves_to_floats(L.key_scale + params_at, D, kscale);
     halves_to_floats(L.key_zero + params_at, D, kzero);
     // Scores: (q * scale) . codes + q . zero.
@@ -513,10 +688,24 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
       for (int d = 0; d < D; ++d) qs[r * D + d] = q[r * D + d] * kscale[d];
       base[r] = dot(q + r * D, kzero, D);
     }
-    if (keys_fused) {
+    bool scored = false;
+#ifdef KVPACK_INTEGER_PRODUCTS
+    if constexpr (KB == 2 || KB == 4) {
+      if (integer_keys) {
+        quantize_rows(qs, R, D, qi, alpha, left);
+        // The query's rounding moves every score of the block by sum_d e_d * code_d (e = qs - alpha * qi): its
+        // share at the middle code is the same for all, and is put back.
+        for (int r = 0; r < R; ++r) base[r] += kMiddleKey * left[r];
+        integer_product<KB == 2 ? 2 : 4, false>(key_operands, D, key_steps, L.key_codes + key_at, G * KB / 8, R, D,
+                                                scores, G, false);
+        scored = true;
+      }
+    }
+#endif
+    if (!scored && keys_fused) {
       packed_gemm_rows_levels<kFusedKB>(qs_tiles, D, L.key_codes + key_at, G * KB / 8, nullptr, R, D, G, scores, G,
                                         false, key_lut);
-    } else {
+    } else if (!scored) {
       if (L.key_lut)
         unpack_planar<KB, true>(L.key_codes + key_at, D, G, key_tile, L.key_levels);
       else
@@ -540,6 +729,43 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
     const int64_t vparams_at = b * L.vs_s0 + h * L.vs_s1 + token0 * L.vs_s2;
     halves_to_floats(L.value_scale + vparams_at, G * n_groups, vscale);
     halves_to_floats(L.value_zero + vparams_at, G * n_groups, vzero);
+#ifdef KVPACK_INTEGER_PRODUCTS
+    if constexpr (VB == 2 || VB == 4) {
+      if (integer_values && values_fused) {
+        // In token order (value rows are stored so): weight * scale per group as uint8 by row, and the zero points'
+        // share in float.
+        for (int r = 0; r < R; ++r)
+          for (int t = 0; t < G; t += kLanes)
+            _mm512_storeu_ps(token_weights + r * G + t,
+                             _mm512_i32gather_ps(_mm512_loadu_si512(slot_of_token + t), scores + r * G, 4));
+        // Scales and zero points by group ([g][t]: slot_scale and slot_zero, here in token order).
+        const float *group_scale = vscale, *group_zero = vzero;
+        if (n_groups > 1) {
+          for (int t = 0; t < G; ++t)
+            for (int g = 0; g < n_groups; ++g) {
+              slot_scale[g * G + t] = vscale[t * n_groups + g];
+              slot_zero[g * G + t] = vzero[t * n_groups + g];
+            }
+          group_scale = slot_scale, group_zero = slot_zero;
+        }
+        for (int g = 0; g < n_groups; ++g)
+          for (int r = 0; r < R; ++r) {
+            const float* w = token_weights + r * G;
+            const float* scale = group_scale + g * G;
+            float* dst = scaled_weights + (g * R + r) * G;
+#pragma omp simd
+            for (int t = 0; t < G; ++t) dst[t] = w[t] * scale[t];
+            zero_acc[r * n_groups + g] += dot(w, group_zero + g * G, G);
+          }
+        quantize_weights(scaled_weights, n_groups * R, G, wi, beta, left);
+        for (int g = 0; g < n_groups; ++g)  // the weights' rounding at the middle code, as for the keys
+          for (int r = 0; r < R; ++r) zero_acc[r * n_groups + g] += kMiddleValue * left[g * R + r];
+        integer_product<VB, true>(value_operands, G, value_steps, L.value_codes + values_at, Dv * VB / 8, R, G,
+                                  planar, Dv, true);
+        continue;
+      }
+    }
+#endif
     for (int g = 0; g < n_groups; ++g)
       for (int slot = 0; slot < G; ++slot) {
         slot_scale[g * G + slot] = vscale[token_of_slot[slot] * n_groups + g];
@@ -653,7 +879,8 @@ at::Tensor packed_attention(const at::Tensor& query, const at::Tensor& exact_key
                             const OptionalTensor& value_zero, int64_t packed_tokens, int64_t key_bits,
                             int64_t value_bits, int64_t value_group, const OptionalTensor& key_rotation,
                             const OptionalTensor& value_rotation, const OptionalTensor& key_levels,
-                            const OptionalTensor& value_levels, const OptionalTensor& bias, double scaling) {
+                            const OptionalTensor& value_levels, const OptionalTensor& bias, double scaling,
+                            bool integer_products) {
   TORCH_CHECK(query.dim() == 4 && query.dtype() == torch::kFloat32, "kvpack: query must be float32 [B, Hq, Q, D]");
   TORCH_CHECK(exact_keys.dtype() == torch::kFloat32 && exact_values.dtype() == torch::kFloat32,
               "kvpack: exact keys/values must be float32");
@@ -724,6 +951,11 @@ at::Tensor packed_attention(const at::Tensor& query, const at::Tensor& exact_key
     blocks = packed_tokens / L.G;
     TORCH_CHECK(blocks <= kc.size(2) && packed_tokens <= vc.size(2), "kvpack: packed_tokens exceeds the buffers");
     L.blocks = blocks;
+#ifdef KVPACK_INTEGER_PRODUCTS
+    L.integer_keys = integer_products && (key_bits == 2 || key_bits == 4) && !L.key_lut && (L.G * key_bits / 8) % kLanes == 0;
+    L.integer_values = integer_products && (value_bits == 2 || value_bits == 4) && !L.value_lut &&
+                       (Dv * value_bits / 8) % kLanes == 0;
+#endif
     L.key_codes = kc.data_ptr<uint8_t>();
     L.key_scale = ks.data_ptr<at::Half>();
     L.key_zero = kz.data_ptr<at::Half>();
@@ -800,6 +1032,15 @@ at::Tensor packed_attention(const at::Tensor& query, const at::Tensor& exact_key
   return out;
 }
 
+// Whether this build has the integer products (integer_product: AVX-512 VNNI and VBMI), used when asked.
+bool has_integer_products() {
+#ifdef KVPACK_INTEGER_PRODUCTS
+  return true;
+#else
+  return false;
+#endif
+}
+
 // Which of the kernel's code paths this build compiled (for `kvpack doctor` and the tests).
 std::string simd_path() {
 #if defined(__AVX512F__)
@@ -826,6 +1067,7 @@ int64_t parallel_threads(int64_t items) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("simd_path", &simd_path, "which SIMD code path this build of the kernel uses");
+  m.def("integer_products", &has_integer_products, "whether this build has the AVX-512 VNNI integer products");
   m.def("parallel_threads", &parallel_threads, "threads at::parallel_for uses for this many items in this build");
   // Without the GIL: attention calls of caches used from several Python threads run at the same time.
   m.def("packed_attention", &packed_attention, "kvpack fused attention over a packed KV cache (CPU)",
