@@ -31,7 +31,7 @@ RESULTS=(
   "heldout|$kvpack compare --caches $heldout --data /usr/share/common-licenses/GFDL-1.3 --tokens 1024 --contexts '' --threads 1 --out $out/heldout_gfdl.json && $kvpack compare --caches $heldout --data $argparse_py --tokens 1024 --contexts '' --threads 1 --out $out/heldout_argparse.json"
   "basics|$python benchmarks/basics.py"
   "memory|$kvpack memory --model benchmarks/configs/llama-2-7b.json --weights fp16,int8,int4 --budget-gib 24 --measure --json $out/memory_llama-2-7b.json --markdown $out/memory_llama-2-7b.md"
-  "decode|$kvpack bench decode --caches fp,fp-prealloc,k8v8,k4v4,k4v4-plain,k2v2,k4v4@dense,quanto-int4 --json $out/decode.json"
+  "decode|$kvpack bench decode --caches fp,fp-prealloc,k8v8,k4v4,k4v4-plain,k2v2,k4v4@numba,k4v4@dense,quanto-int4 --json $out/decode.json"
   "decode_1b|$kvpack bench decode --model-shape llama-3.2-1b --contexts 8192,16384,32768 --caches fp,fp-prealloc,k8v8,k4v4,k2v2,quanto-int4 --backends cpu,numba --layers 16 --calls 20 --json $out/decode_llama-3.2-1b.json"
   "persist|$kvpack bench persist --threads 1 --json $out/persist.json"
   "long_run|$kvpack bench long --json $out/long_run.json"

@@ -177,24 +177,26 @@ ROTATED_KEYS_VS_KIVI_SINKS_MIN_RATIO = 1.10
 
 # -- the CPU kernel's integer products (AVX-512 VNNI; tests/attention/test_integer_products.py) --------------------
 #
-# With `integer_products`, the kernel multiplies 2- and 4-bit codes as integers: per packed block and query row it
-# rounds qs = q * key_scale (per channel) to int8 by its own step alpha = max|qs| / 127, and the weights times the
-# value scales, p = w * value_scale, to uint8 by beta = max p / 255; it puts back each rounding's share at the middle
-# code cm = (2**bits - 1) / 2. The products themselves are exact (int32).
+# With `integer_products`, the kernel multiplies 2- and 4-bit codes as integers (exact int32 sums). Per packed block and
+# query row it rounds qs = q * key_scale (per channel) to two int8 digits, qs ~ alpha * (high + low / 254) with alpha =
+# max|qs| / 127, and the weights times the value scales, p = w * value_scale, to two uint8 digits, p ~ beta * (high +
+# low / 254) with beta = max p / 255; it puts back each rounding's share at the middle code cm = (2**bits - 1) / 2.
 #
 # Keys: the query's rounding is deterministic (the same float32 operations), so the test computes it as the kernel
-# does and scores with it in float64: score_t = definition_t - sum_d e_d (code_dt - cm), e = qs - alpha * qi. Only a
-# rotated query is computed in another order (the kernel's sums vs torch's matmul, relative error ~1e-6): a channel
-# whose qs / alpha lies within INTEGER_TIE_MARGIN of a rounding tie may round the other way, moving the score by up to
-# alpha * |code - cm|; with max |d| the sum of those, the weights move by at most a factor exp(+-2 max |d|) and the
-# output by (exp(2 max |d|) - 1) * max |v|.
-# Values: each p_t is off by at most beta / 2, so block b adds at most beta_b / 2 * max_c sum_t |code_tc - cm| to the
-# weighted sum, relative to the total weight: max_t (P_t * s_t) / 510 * ..., with P the probabilities (of the scores
-# above) and s the tokens' value scales. A worst case (every rounding the same sign): measured ~10x above the error.
-# On top: ATTENTION_REL_TOL for float32 arithmetic, and INTEGER_STEP_SLACK for beta computed in float32.
-# For scale, on the default model's shapes the integer products' error (rmse) is 0.8-2.5% of the output's, the 4-bit
-# codes' own 11-22% (/tmp measurement of 2026-12-06, k4v4, 1k-8k tokens; see the note of issue 16).
-INTEGER_TIE_MARGIN = 2.5e-4
+# does and scores with it in float64: score_t = definition_t - sum_d e_d (code_dt - cm), e = qs - alpha * (high +
+# low / 254). A rotated query is computed in another order (the kernel's sums vs torch's matmul, ~1e-6 relative), so
+# its digits may differ at a tie: what they stand for then differs by at most alpha / 254 per channel (plus the
+# ~1e-6), moving a score by d <= alpha * (1 / 254 + INTEGER_QUERY_SLACK) * sum_d |code - cm|; the weights move by a
+# factor within exp(+-2 max d), the output by at most (exp(2 max d) - 1) * max |v|.
+# Values: each p_t is off by at most beta / (2 * 254), so block b adds at most that times max_c sum_t |code_tc - cm| to
+# the weighted sum, relative to the total weight: max_t (P_t * s_t) / (255 * 508) * ..., with P the probabilities (of
+# the scores above) and s the tokens' value scales. A worst case (every rounding the same sign).
+# On top: ATTENTION_REL_TOL for float32 arithmetic, INTEGER_STEP_SLACK for beta computed in float32.
+# For scale (measured 2026-12-06 on random data in the default model's shapes, k4v4 and k2v2, 1k-8k tokens): the
+# integer products' error (rmse) is 3e-5 to 9e-5 of the output's, the 4-bit codes' own 11-22%; with one digit instead
+# of two it was 0.5-1.6% (and +11% KL on the default model), which is why there are two.
+INTEGER_LOW_DIGITS = 254
+INTEGER_QUERY_SLACK = 1e-5
 INTEGER_STEP_SLACK = 1.001
 
 
@@ -209,7 +211,7 @@ def integer_products_bound(
     """The largest |error| allowed between the kernel's integer products and the float64 attention over the scores
     the query's rounding gives (see above).
 
-    tie_shift: [B, H, R] the most a row's scores may move by roundings at a tie (0 without rotation).
+    tie_shift: [B, H, R] the most a row's scores may move by digits that differ at a tie (0 without rotation).
     probabilities: [B, H, R, NB, G] the softmax weights of the packed tokens (those scores).
     value_codes, value_scales: [B, H, NB, G, Dv] each packed value's code and its group's scale.
     value_scale: max |value| of the layer (the output's scale).
@@ -218,13 +220,14 @@ def integer_products_bound(
     per_token = (probabilities[..., None] * value_scales[:, :, None]).amax(-1)  # [B, H, R, NB, G]
     beta = per_token.amax(-1) / 255 * INTEGER_STEP_SLACK  # [B, H, R, NB]
     spread = (value_codes - value_middle).abs().sum(3).amax(-1)  # [B, H, NB]
-    value_error = (beta / 2 * spread[:, :, None]).sum(-1)  # [B, H, R]
+    value_error = (beta / (2 * INTEGER_LOW_DIGITS) * spread[:, :, None]).sum(-1)  # [B, H, R]
     bound = (growth - 1) * value_scale + growth * value_error
     return float(bound.max()) + ATTENTION_REL_TOL * value_scale
 
 
 # The same in a model: a tiny random Llama (head dims 32 and 64, k4v4 groups of 32, with and without rotation and
 # sinks), fused decode steps with the integer products against the dense path over the same cache. Measured (CPU,
-# torch 2.13): the integer products move logits by 2.0e-4 to 3.4e-4, the 4-bit codes themselves (dense path vs
-# DynamicCache) by 1.3e-2 to 1.4e-2: 1/40 to 1/60. Allowed: a tenth of the codes' own effect.
-INTEGER_LOGIT_SHARE = 0.1
+# torch 2.13): the integer products move logits by 8e-7 to 1.2e-6 (the float kernel by 2e-7 to 3e-7), the 4-bit codes
+# themselves (dense path vs DynamicCache) by 1.3e-2 to 1.4e-2: below 1e-4 of it. Allowed: a thousandth of the codes'
+# own effect (one 8-bit digit instead of two measured 1/40 to 1/60, which this would catch).
+INTEGER_LOGIT_SHARE = 1e-3

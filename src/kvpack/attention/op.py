@@ -13,7 +13,8 @@ layout without outliers (what the fused kernels read); `bias` is an additive flo
 None for no mask at all. It returns `[batch, queries, heads, value_dim]` in the query's dtype. `integer_products`
 allows the CPU kernel's integer arithmetic for 2- and 4-bit uniform codes where the CPU has it (AVX-512 VNNI:
 `kvpack.attention.cpu.integer_products`), which adds the error of rounding the query and the attention weights to
-8 bits per block; the other implementations compute in floating point whatever it says. Implementations:
+two 8-bit digits per block (~1e-4 of the output); the other implementations compute in floating point whatever it
+says. Implementations:
 
     CPU      the C++ kernel (`csrc/packed_attention.cpp`), registered when its default build loads (float32)
     CUDA     the Triton kernel (`kvpack.attention.triton_gpu`)

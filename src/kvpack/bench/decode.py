@@ -328,8 +328,8 @@ def to_markdown(result: dict[str, Any]) -> str:
             lines += [
                 "",
                 "`cpu op` rows: the operator called with prepared arguments, with the CPU kernel's integer products "
-                "(AVX-512 VNNI; query and weights rounded to 8 bits per block) and without; the `cpu` row goes "
-                f"through `attend`, integer products {'on' if integer['on'] else 'off'}, as the caches above.",
+                "(AVX-512 VNNI; query and weights rounded to two 8-bit digits per block) and without; the `cpu` row "
+                f"goes through `attend`, integer products {'on' if integer['on'] else 'off'}, as the caches above.",
             ]
     if "layer_step" in result:
         parts = ("update_us", "flush_us", "dispatch_us", "around_us", "kernel_us")

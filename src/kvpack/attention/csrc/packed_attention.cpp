@@ -324,18 +324,23 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
 #if defined(__AVX512VNNI__) && defined(__AVX512VBMI__) && defined(__AVX512BW__)
 #define KVPACK_INTEGER_PRODUCTS 1
 // Integer products (AVX-512 VNNI and VBMI; used when the call asks, `integer_products`): packed codes of 2 or 4
-// bits multiplied as integers by `vpdpbusd`, which sums four 8-bit products per 32-bit lane, exactly.
-//   Keys: per block and query row, qs = q * key_scale (per channel) is rounded to int8 by its own step
-//   alpha = max|qs| / 127: score = alpha * sum_d qi_d * code_d (+ the zero points' share, in float).
-//   Values: per block and row, p = weight * value_scale (per token and group) is rounded to uint8 by
-//   beta = max p / 255: out += beta * sum_t pi_t * code_t (+ the zero points' share, in float).
-// Each rounding's share at the middle code, (2^bits - 1) / 2 * sum(rounding errors), is put back, which leaves an
-// error ~10x below that of 4-bit codes themselves (the bound: tests/quant/tolerances.py). Measured on the default
-// model's shapes: ~1.3x the float path's speed. 8-bit codes, 3-bit codes and codebooks stay in float.
+// bits multiplied as integers by `vpdpbusd`, which sums four 8-bit products per 32-bit lane, exactly. The float
+// operand is rounded to two 8-bit digits per block and row (~16 bits; one digit measured +11% KL on the default model,
+// two leave the output within ~1e-4 of the float path's):
+//   Keys: qs = q * key_scale (per channel) by the step alpha = max|qs| / 127: score = alpha * sum_d (high_d +
+//   low_d / 254) * code_d (+ the zero points' share, in float).
+//   Values: p = weight * value_scale (per token and group) by beta = max p / 255: out += beta * sum_t (high_t +
+//   low_t / 254) * code_t (+ the zero points' share, in float).
+// Each rounding's share at the middle code, (2^bits - 1) / 2 * sum(rounding errors), is put back. The error bound:
+// tests/quant/tolerances.py. 8-bit and 3-bit codes and codebooks stay in float.
 
-// residual[r] = sum_d (qs - alpha * qi) for each row, the rounding error that the caller puts back at the middle code.
-// qi[r][d] = round(qs[r][d] / alpha[r]) as int8, alpha[r] = max_d |qs[r][d]| / 127 (0 for a zero row); D % 16 == 0.
+constexpr float kLowDigits = 254.0f;  // the low digit's unit: 1 / 254 of the high one's
+
+// qs rounded to two int8 digits per row: qs ~ alpha * (high + low / kLowDigits), alpha = max|qs| / 127, high in
+// [-127, 127] at qi, low in [-127, 127] at qi + R * D; residual[r] = sum_d (qs - that), the rounding error that the
+// caller puts back at the middle code.
 inline void quantize_rows(const float* qs, int R, int D, int8_t* qi, float* alpha, float* residual) {
+  const __m512 digits = _mm512_set1_ps(kLowDigits), unit = _mm512_set1_ps(1.0f / kLowDigits);
   for (int r = 0; r < R; ++r) {
     __m512 top = _mm512_setzero_ps();
     for (int d = 0; d < D; d += kLanes) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(qs + r * D + d)));
@@ -344,10 +349,14 @@ inline void quantize_rows(const float* qs, int R, int D, int8_t* qi, float* alph
     const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f), step = _mm512_set1_ps(alpha[r]);
     __m512 left = _mm512_setzero_ps();
     for (int d = 0; d < D; d += kLanes) {
-      const __m512 x = _mm512_loadu_ps(qs + r * D + d);
-      const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(x, inverse));
+      const __m512 x = _mm512_loadu_ps(qs + r * D + d), steps = _mm512_mul_ps(x, inverse);
+      const __m512i rounded = _mm512_cvtps_epi32(steps);
       _mm_storeu_si128(reinterpret_cast<__m128i*>(qi + r * D + d), _mm512_cvtsepi32_epi8(rounded));
-      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, _mm512_cvtepi32_ps(rounded), x));
+      const __m512 high = _mm512_cvtepi32_ps(rounded);
+      const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(steps, high), digits));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(qi + R * D + r * D + d), _mm512_cvtsepi32_epi8(low));
+      const __m512 kept = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), unit, high);
+      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, kept, x));
     }
     residual[r] = _mm512_reduce_add_ps(left);
   }
@@ -362,15 +371,18 @@ inline void quantize_rows(const float* qs, int R, int D, int8_t* qi, float* alph
 // is then a shift and a mask away, and `vpdpbusd` multiplies it with the four rows' operands (broadcast) and sums
 // the four products into the lane, exactly in int32. Keys (VALUES false): the operand is the int8 query, the codes
 // are unsigned. Values: the operand is the uint8 weights, the codes (< 128) are read as signed.
+// Each operand has two digits, the low one `low_offset` bytes after the high one (operand ~ high + low / kLowDigits),
+// multiplied into accumulators of their own.
 template <int BITS, int RT, int PIECES, bool VALUES>
-inline void integer_pass(const int8_t* const* operand, int operand_stride, const float* const* step,
+inline void integer_pass(const int8_t* const* operand, int operand_stride, int low_offset, const float* const* step,
                          const uint8_t* __restrict codes, int bytes, int K, int piece0, int r0, float* __restrict out,
                          int ldo, bool accumulate) {
-  constexpr int kPer = 8 / BITS;
-  __m512i acc[RT][kPer][PIECES];
-  for (int r = 0; r < RT; ++r)
-    for (int i = 0; i < kPer; ++i)
-      for (int p = 0; p < PIECES; ++p) acc[r][i][p] = _mm512_setzero_si512();
+  constexpr int kPer = 8 / BITS, kDigits = 2;
+  __m512i acc[kDigits][RT][kPer][PIECES];
+  for (int n = 0; n < kDigits; ++n)
+    for (int r = 0; r < RT; ++r)
+      for (int i = 0; i < kPer; ++i)
+        for (int p = 0; p < PIECES; ++p) acc[n][r][i][p] = _mm512_setzero_si512();
   alignas(64) static const uint8_t order[64] = {
       0, 16, 32, 48, 1, 17, 33, 49, 2,  18, 34, 50, 3,  19, 35, 51, 4,  20, 36, 52, 5,  21, 37, 53,
       6, 22, 38, 54, 7, 23, 39, 55, 8,  24, 40, 56, 9,  25, 41, 57, 10, 26, 42, 58, 11, 27, 43, 59,
@@ -379,7 +391,8 @@ inline void integer_pass(const int8_t* const* operand, int operand_stride, const
   const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
   const int8_t* ops[kPer][PIECES];
   for (int i = 0; i < kPer; ++i)
-    for (int p = 0; p < PIECES; ++p) ops[i][p] = operand[(i * bytes + (piece0 + p) * kLanes) / kLanes] + r0 * operand_stride;
+    for (int p = 0; p < PIECES; ++p)
+      ops[i][p] = operand[(i * bytes + (piece0 + p) * kLanes) / kLanes] + r0 * operand_stride;
   for (int k = 0; k < K; k += 4) {
     const uint8_t* row = codes + static_cast<int64_t>(k) * bytes + piece0 * kLanes;
     for (int p = 0; p < PIECES; ++p) {
@@ -391,12 +404,13 @@ inline void integer_pass(const int8_t* const* operand, int operand_stride, const
       x = _mm512_permutexvar_epi8(transpose, x);
       for (int i = 0; i < kPer; ++i) {
         const __m512i field = _mm512_and_si512(i == 0 ? x : _mm512_srli_epi16(x, i * BITS), mask);
-        for (int r = 0; r < RT; ++r) {
-          int32_t four;
-          std::memcpy(&four, ops[i][p] + r * operand_stride + k, sizeof(four));
-          acc[r][i][p] = VALUES ? _mm512_dpbusd_epi32(acc[r][i][p], _mm512_set1_epi32(four), field)
-                                : _mm512_dpbusd_epi32(acc[r][i][p], field, _mm512_set1_epi32(four));
-        }
+        for (int n = 0; n < kDigits; ++n)
+          for (int r = 0; r < RT; ++r) {
+            int32_t four;
+            std::memcpy(&four, ops[i][p] + r * operand_stride + n * low_offset + k, sizeof(four));
+            acc[n][r][i][p] = VALUES ? _mm512_dpbusd_epi32(acc[n][r][i][p], _mm512_set1_epi32(four), field)
+                                     : _mm512_dpbusd_epi32(acc[n][r][i][p], field, _mm512_set1_epi32(four));
+          }
       }
     }
   }
@@ -405,40 +419,47 @@ inline void integer_pass(const int8_t* const* operand, int operand_stride, const
       for (int p = 0; p < PIECES; ++p) {
         const int column = i * bytes + (piece0 + p) * kLanes;
         float* o = out + (r0 + r) * ldo + column;
-        const __m512 scaled = _mm512_mul_ps(_mm512_set1_ps(step[column / kLanes][r0 + r]), _mm512_cvtepi32_ps(acc[r][i][p]));
+        const __m512 sum = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[1][r][i][p]), _mm512_set1_ps(1.0f / kLowDigits),
+                                           _mm512_cvtepi32_ps(acc[0][r][i][p]));
+        const __m512 scaled = _mm512_mul_ps(_mm512_set1_ps(step[column / kLanes][r0 + r]), sum);
         _mm512_storeu_ps(o, accumulate ? _mm512_add_ps(_mm512_loadu_ps(o), scaled) : scaled);
       }
 }
 
 template <int BITS, int RT, bool VALUES>
-void integer_passes(const int8_t* const* operand, int operand_stride, const float* const* step, const uint8_t* codes,
-                    int bytes, int K, int r0, float* out, int ldo, bool accumulate) {
-  constexpr int kPieces = BITS == 4 ? 2 : 1;  // 4 accumulators per row and pass
-  int piece = 0;
-  for (; (piece + kPieces) * kLanes <= bytes; piece += kPieces)
-    integer_pass<BITS, RT, kPieces, VALUES>(operand, operand_stride, step, codes, bytes, K, piece, r0, out, ldo,
-                                            accumulate);
-  for (; piece * kLanes < bytes; ++piece)
-    integer_pass<BITS, RT, 1, VALUES>(operand, operand_stride, step, codes, bytes, K, piece, r0, out, ldo, accumulate);
+void integer_passes(const int8_t* const* operand, int operand_stride, int low_offset, const float* const* step,
+                    const uint8_t* codes, int bytes, int K, int r0, float* out, int ldo, bool accumulate) {
+  // One 16-byte piece per pass: up to 4 rows x 2 digits x 4 planes (2-bit) accumulators.
+  for (int piece = 0; piece * kLanes < bytes; ++piece)
+    integer_pass<BITS, RT, 1, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, piece, r0, out, ldo,
+                                      accumulate);
 }
 
 // The integer product for R rows (in passes of up to 4): K packed rows of `bytes` bytes (a multiple of 16), K % 4 == 0.
 template <int BITS, bool VALUES>
-void integer_product(const int8_t* const* operand, int operand_stride, const float* const* step, const uint8_t* codes,
-                     int bytes, int R, int K, float* out, int ldo, bool accumulate) {
+void integer_product(const int8_t* const* operand, int operand_stride, int low_offset, const float* const* step,
+                     const uint8_t* codes, int bytes, int R, int K, float* out, int ldo, bool accumulate) {
   for (int r = 0; r < R; r += 4) {
-    switch (std::min(4, R - r)) {
-      case 4: integer_passes<BITS, 4, VALUES>(operand, operand_stride, step, codes, bytes, K, r, out, ldo, accumulate); break;
-      case 3: integer_passes<BITS, 3, VALUES>(operand, operand_stride, step, codes, bytes, K, r, out, ldo, accumulate); break;
-      case 2: integer_passes<BITS, 2, VALUES>(operand, operand_stride, step, codes, bytes, K, r, out, ldo, accumulate); break;
-      default: integer_passes<BITS, 1, VALUES>(operand, operand_stride, step, codes, bytes, K, r, out, ldo, accumulate);
-    }
+    const int rows = std::min(4, R - r);
+    if (rows == 4)
+      integer_passes<BITS, 4, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, r, out, ldo,
+                                           accumulate);
+    else if (rows == 3)
+      integer_passes<BITS, 3, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, r, out, ldo,
+                                           accumulate);
+    else if (rows == 2)
+      integer_passes<BITS, 2, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, r, out, ldo,
+                                           accumulate);
+    else
+      integer_passes<BITS, 1, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, r, out, ldo,
+                                           accumulate);
   }
 }
 
-// w[r][t] (n floats per row, >= 0) as uint8 by their own step beta[r] = max_t w[r][t] / 255: wi = round(w / beta);
-// residual[r] = sum_t (w - beta * wi).
+// w[r][t] (n floats per row, >= 0) rounded to two uint8 digits per row: w ~ beta * (high + low / kLowDigits), beta =
+// max_t w / 255, high = floor(w / beta) at wi, low in [0, 254] at wi + R * n; residual[r] = sum_t (w - that).
 inline void quantize_weights(const float* w, int R, int n, uint8_t* wi, float* beta, float* residual) {
+  const __m512 digits = _mm512_set1_ps(kLowDigits), unit = _mm512_set1_ps(1.0f / kLowDigits);
   for (int r = 0; r < R; ++r) {
     __m512 top = _mm512_setzero_ps();
     for (int t = 0; t < n; t += kLanes) top = _mm512_max_ps(top, _mm512_loadu_ps(w + r * n + t));
@@ -447,10 +468,13 @@ inline void quantize_weights(const float* w, int R, int n, uint8_t* wi, float* b
     const __m512 inverse = _mm512_set1_ps(wmax > 0.0f ? 255.0f / wmax : 0.0f), step = _mm512_set1_ps(beta[r]);
     __m512 left = _mm512_setzero_ps();
     for (int t = 0; t < n; t += kLanes) {
-      const __m512 x = _mm512_loadu_ps(w + r * n + t);
-      const __m512i rounded = _mm512_cvtps_epi32(_mm512_mul_ps(x, inverse));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(wi + r * n + t), _mm512_cvtusepi32_epi8(rounded));
-      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, _mm512_cvtepi32_ps(rounded), x));
+      const __m512 x = _mm512_loadu_ps(w + r * n + t), steps = _mm512_mul_ps(x, inverse);
+      const __m512 high = _mm512_roundscale_ps(steps, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(wi + r * n + t), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(high)));
+      const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(steps, high), digits));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(wi + R * n + r * n + t), _mm512_cvtusepi32_epi8(low));
+      const __m512 kept = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), unit, high);
+      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, kept, x));
     }
     residual[r] = _mm512_reduce_add_ps(left);
   }
@@ -607,8 +631,8 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
       static_cast<size_t>(R) * n_groups,      // zero_acc
       static_cast<size_t>(R) * Dv,            // planar
       static_cast<size_t>(n_groups) * R * G,  // scaled_weights
-      static_cast<size_t>(R) * D / 4 + R,     // qi (int8) and alpha, for integer scores
-      static_cast<size_t>(R) * G + n_groups * R * (G / 4 + 2) + R,  // token-order weights, wi, beta, residuals
+      static_cast<size_t>(R) * D / 2 + R,     // qi (int8, two digits) and alpha, for integer scores
+      static_cast<size_t>(R) * G + n_groups * R * (G / 2 + 2) + R,  // token-order weights, wi, beta, residuals
   };
   size_t needed = 0;
   for (size_t size : sizes) needed += size;
@@ -634,10 +658,10 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
   float* planar = take(sizes[7]);
   float* scaled_weights = take(sizes[8]);
   float* alpha = take(R);
-  int8_t* qi = reinterpret_cast<int8_t*>(take(static_cast<size_t>(R) * D / 4));
+  int8_t* qi = reinterpret_cast<int8_t*>(take(static_cast<size_t>(R) * D / 2));
   constexpr int kMaxTiles = 16;  // head dims and groups <= 256
   float* token_weights = take(static_cast<size_t>(R) * G);
-  uint8_t* wi = reinterpret_cast<uint8_t*>(take(static_cast<size_t>(n_groups) * R * G / 4));
+  uint8_t* wi = reinterpret_cast<uint8_t*>(take(static_cast<size_t>(n_groups) * R * G / 2));
   float* beta = take(static_cast<size_t>(n_groups) * R);
   float* left = take(static_cast<size_t>(n_groups) * R + R);  // rounding residuals of the integer operands
   constexpr float kMiddleKey = ((1 << KB) - 1) / 2.0f, kMiddleValue = ((1 << VB) - 1) / 2.0f;
@@ -696,7 +720,7 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
         // The query's rounding moves every score of the block by sum_d e_d * code_d (e = qs - alpha * qi): its
         // share at the middle code is the same for all, and is put back.
         for (int r = 0; r < R; ++r) base[r] += kMiddleKey * left[r];
-        integer_product<KB == 2 ? 2 : 4, false>(key_operands, D, key_steps, L.key_codes + key_at, G * KB / 8, R, D,
+        integer_product<KB == 2 ? 2 : 4, false>(key_operands, D, R * D, key_steps, L.key_codes + key_at, G * KB / 8, R, D,
                                                 scores, G, false);
         scored = true;
       }
@@ -760,7 +784,7 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
         quantize_weights(scaled_weights, n_groups * R, G, wi, beta, left);
         for (int g = 0; g < n_groups; ++g)  // the weights' rounding at the middle code, as for the keys
           for (int r = 0; r < R; ++r) zero_acc[r * n_groups + g] += kMiddleValue * left[g * R + r];
-        integer_product<VB, true>(value_operands, G, value_steps, L.value_codes + values_at, Dv * VB / 8, R, G,
+        integer_product<VB, true>(value_operands, G, n_groups * R * G, value_steps, L.value_codes + values_at, Dv * VB / 8, R, G,
                                   planar, Dv, true);
         continue;
       }
