@@ -24,7 +24,7 @@
 // the items of one head are merged by their log-sum-exp. Within a block, codes are unpacked in registers and
 // multiplied with register-blocked loops of 16 lanes (AVX-512 intrinsics; loops the compiler vectorises elsewhere:
 // AVX2, NEON), or, with `integer_products` on a CPU with AVX-512 VNNI, multiplied as integers (see
-// integer_product). The codes of the block after next are prefetched.
+// integer_product). The codes of the next block are prefetched while one is computed.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -49,7 +49,7 @@ constexpr int kLanes = 16;             // the width of the register tiles
 constexpr int kExactTile = 64;         // exact tokens scored per tile
 constexpr int kItemsPerThread = 4;     // work items per thread (see packed_attention)
 constexpr int kMinChunkTokens = 256;   // packed tokens per work item, at least
-constexpr int kPrefetchBlocks = 2;     // packed blocks ahead whose codes are prefetched
+constexpr int kPrefetchBlocks = 1;     // packed blocks ahead whose codes are prefetched (1, 2, 4 measured: 1)
 
 // exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), |relative error| < 2e-7.
 // Below -87 (or -inf: a masked score) it is exactly 0.
@@ -376,7 +376,7 @@ inline void quantize_rows(const float* qs, int R, int D, int8_t* qi, float* alph
 template <int BITS, int RT, int PIECES, bool VALUES>
 inline void integer_pass(const int8_t* const* operand, int operand_stride, int low_offset, const float* const* step,
                          const uint8_t* __restrict codes, int bytes, int K, int piece0, int r0, float* __restrict out,
-                         int ldo, bool accumulate) {
+                         int ldo, bool accumulate, int64_t prefetch) {
   constexpr int kPer = 8 / BITS, kDigits = 2;
   __m512i acc[kDigits][RT][kPer][PIECES];
   for (int n = 0; n < kDigits; ++n)
@@ -395,6 +395,9 @@ inline void integer_pass(const int8_t* const* operand, int operand_stride, int l
       ops[i][p] = operand[(i * bytes + (piece0 + p) * kLanes) / kLanes] + r0 * operand_stride;
   for (int k = 0; k < K; k += 4) {
     const uint8_t* row = codes + static_cast<int64_t>(k) * bytes + piece0 * kLanes;
+    if (prefetch)  // these four rows of a later block, spread over the pass (a burst would fill the line buffers)
+      for (int line = 0; line < 4 * bytes; line += 64)
+        _mm_prefetch(reinterpret_cast<const char*>(row + prefetch + line), _MM_HINT_T0);
     for (int p = 0; p < PIECES; ++p) {
       const uint8_t* at = row + p * kLanes;
       __m512i x = _mm512_castsi128_si512(_mm_loadu_si128(reinterpret_cast<const __m128i*>(at)));
@@ -428,31 +431,33 @@ inline void integer_pass(const int8_t* const* operand, int operand_stride, int l
 
 template <int BITS, int RT, bool VALUES>
 void integer_passes(const int8_t* const* operand, int operand_stride, int low_offset, const float* const* step,
-                    const uint8_t* codes, int bytes, int K, int r0, float* out, int ldo, bool accumulate) {
-  // One 16-byte piece per pass: up to 4 rows x 2 digits x 4 planes (2-bit) accumulators.
+                    const uint8_t* codes, int bytes, int K, int r0, float* out, int ldo, bool accumulate,
+                    int64_t prefetch) {
+  // One 16-byte piece per pass: up to 4 rows x 2 digits x 4 planes (2-bit) accumulators. The first pass prefetches.
   for (int piece = 0; piece * kLanes < bytes; ++piece)
     integer_pass<BITS, RT, 1, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, piece, r0, out, ldo,
-                                      accumulate);
+                                      accumulate, piece == 0 && r0 == 0 ? prefetch : 0);
 }
 
 // The integer product for R rows (in passes of up to 4): K packed rows of `bytes` bytes (a multiple of 16), K % 4 == 0.
 template <int BITS, bool VALUES>
 void integer_product(const int8_t* const* operand, int operand_stride, int low_offset, const float* const* step,
-                     const uint8_t* codes, int bytes, int R, int K, float* out, int ldo, bool accumulate) {
+                     const uint8_t* codes, int bytes, int R, int K, float* out, int ldo, bool accumulate,
+                     int64_t prefetch) {
   for (int r = 0; r < R; r += 4) {
     const int rows = std::min(4, R - r);
     if (rows == 4)
       integer_passes<BITS, 4, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, r, out, ldo,
-                                           accumulate);
+                                      accumulate, prefetch);
     else if (rows == 3)
       integer_passes<BITS, 3, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, r, out, ldo,
-                                           accumulate);
+                                      accumulate, prefetch);
     else if (rows == 2)
       integer_passes<BITS, 2, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, r, out, ldo,
-                                           accumulate);
+                                      accumulate, prefetch);
     else
       integer_passes<BITS, 1, VALUES>(operand, operand_stride, low_offset, step, codes, bytes, K, r, out, ldo,
-                                           accumulate);
+                                      accumulate, prefetch);
   }
 }
 
@@ -695,8 +700,17 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
   for (int block = first; block < last; ++block) {
     const int64_t key_at = b * L.kc_s0 + h * L.kc_s1 + block * L.kc_s2;
     const int64_t params_at = b * L.ks_s0 + h * L.ks_s1 + block * L.ks_s2;
+    const bool ahead = block + kPrefetchBlocks < last;
+#ifdef KVPACK_INTEGER_PRODUCTS
+    // The integer passes prefetch the next block's codes as they go (integer_pass).
+    const int64_t key_ahead = ahead ? kPrefetchBlocks * L.kc_s2 : 0;
+    const int64_t value_ahead = ahead ? kPrefetchBlocks * static_cast<int64_t>(G) * L.vc_s2 : 0;
+    const bool bulk = ahead && !(integer_keys && integer_values);
+#else
+    const bool bulk = ahead;
+#endif
 #if defined(__AVX512F__)
-    if (block + kPrefetchBlocks < last) {  // the block after next, into L2, while this one is computed
+    if (bulk) {  // the next block, into L2, while this one is computed
       const char* key_next = reinterpret_cast<const char*>(L.key_codes + key_at + kPrefetchBlocks * L.kc_s2);
       const char* value_next = reinterpret_cast<const char*>(
           L.value_codes + b * L.vc_s0 + h * L.vc_s1 + (static_cast<int64_t>(block) + kPrefetchBlocks) * G * L.vc_s2);
@@ -720,8 +734,8 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
         // The query's rounding moves every score of the block by sum_d e_d * code_d (e = qs - alpha * qi): its
         // share at the middle code is the same for all, and is put back.
         for (int r = 0; r < R; ++r) base[r] += kMiddleKey * left[r];
-        integer_product<KB == 2 ? 2 : 4, false>(key_operands, D, R * D, key_steps, L.key_codes + key_at, G * KB / 8, R, D,
-                                                scores, G, false);
+        integer_product<KB == 2 ? 2 : 4, false>(key_operands, D, R * D, key_steps, L.key_codes + key_at,
+                                                G * KB / 8, R, D, scores, G, false, key_ahead);
         scored = true;
       }
     }
@@ -784,8 +798,8 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
         quantize_weights(scaled_weights, n_groups * R, G, wi, beta, left);
         for (int g = 0; g < n_groups; ++g)  // the weights' rounding at the middle code, as for the keys
           for (int r = 0; r < R; ++r) zero_acc[r * n_groups + g] += kMiddleValue * left[g * R + r];
-        integer_product<VB, true>(value_operands, G, n_groups * R * G, value_steps, L.value_codes + values_at, Dv * VB / 8, R, G,
-                                  planar, Dv, true);
+        integer_product<VB, true>(value_operands, G, n_groups * R * G, value_steps, L.value_codes + values_at,
+                                  Dv * VB / 8, R, G, planar, Dv, true, value_ahead);
         continue;
       }
     }
