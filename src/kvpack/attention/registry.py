@@ -182,9 +182,9 @@ def describe() -> list[str]:
         if not kernel.integer_products():
             integer = "not in this build (needs AVX-512 VNNI and VBMI): floating point throughout"
         elif cpu.integer_products:
-            integer = "on (2- and 4-bit uniform codes; KVPACK_INTEGER_PRODUCTS=0 turns it off)"
+            integer = "on (2- and 4-bit uniform codes; KVPACK_INTEGER_PRODUCTS=1)"
         else:
-            integer = "built, turned off (KVPACK_INTEGER_PRODUCTS=0 or kvpack.attention.cpu.integer_products)"
+            integer = "built, off (the default; KVPACK_INTEGER_PRODUCTS=1 turns it on)"
         lines.append(f"cpu kernel integer products (AVX-512 VNNI): {integer}")
     else:
         lines.append(f"backend cpu: {why_cpu}")
