@@ -143,8 +143,15 @@ def _attention_speed(
             return torch.nn.functional.scaled_dot_product_attention(query, keys, values, enable_gqa=True)
 
         candidates["fp32 SDPA"] = (sdpa, dense[0][0].nbytes + dense[0][1].nbytes)
-        # Interleaved like the full-model measurement, after untimed calls that build the kernels.
-        timings = interleaved({name: fn for name, (fn, _) in candidates.items()}, calls, warmup=min(layers, 3))
+        # Interleaved like the full-model measurement, after untimed calls that build the kernels. Within a round each
+        # kernel reads another layer (an offset of layers / kernels apart): had they all read layer i, every kernel
+        # after the first would find that layer's data still in cache from the kernel before it.
+        stride = max(1, layers // len(candidates))
+        timings = interleaved(
+            {name: _offset(fn, k * stride) for k, (name, (fn, _)) in enumerate(candidates.items())},
+            calls,
+            warmup=min(layers, 3),
+        )
         sdpa_us = timings["fp32 SDPA"] / calls * 1e6
         for name, (_, n_bytes) in candidates.items():
             us = timings[name] / calls * 1e6
@@ -153,6 +160,11 @@ def _attention_speed(
                 "gb_s": n_bytes / (us * 1e-6) / GB, "speed_vs_sdpa": sdpa_us / us, "packed_tokens": packed,
             })  # fmt: skip
     return rows
+
+
+def _offset(fn: Any, offset: int) -> Any:
+    """`fn` called with its index shifted by `offset`."""
+    return lambda i: fn(i + offset)
 
 
 def layer_step_overhead(config: Any, spec: str, context: int, layers: int) -> dict[str, float]:
