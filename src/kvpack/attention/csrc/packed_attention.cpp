@@ -336,27 +336,36 @@ inline float dot(const float* __restrict a, const float* __restrict b, int n) {
 
 constexpr float kLowDigits = 254.0f;  // the low digit's unit: 1 / 254 of the high one's
 
-// qs rounded to two int8 digits per row: qs ~ alpha * (high + low / kLowDigits), alpha = max|qs| / 127, high in
-// [-127, 127] at qi, low in [-127, 127] at qi + R * D; residual[r] = sum_d (qs - that), the rounding error that the
-// caller puts back at the middle code.
-inline void quantize_rows(const float* qs, int R, int D, int8_t* qi, float* alpha, float* residual) {
-  const __m512 digits = _mm512_set1_ps(kLowDigits), unit = _mm512_set1_ps(1.0f / kLowDigits);
+// Rows of x (n floats each, n % 16 == 0) rounded to two 8-bit digits each: x ~ step * (high + low / kLowDigits).
+// SIGNED (the query): step = max|x| / 127, high = round(x / step) in [-127, 127] as int8; else (the weights, >= 0):
+// step = max x / 255, high = floor(x / step) in [0, 255] as uint8. low (same type) is the rest rounded, in units of
+// 1 / kLowDigits. Digits at digits[r * n + i] (high) and digits[R * n + r * n + i] (low); residual[r] = sum_i (x -
+// what the digits say), the rounding error the caller puts back at the middle code.
+template <bool SIGNED>
+inline void two_digits(const float* x, int R, int n, void* digits_out, float* step_out, float* residual) {
+  auto* digits = static_cast<uint8_t*>(digits_out);
+  const __m512 units = _mm512_set1_ps(kLowDigits), unit = _mm512_set1_ps(1.0f / kLowDigits);
+  constexpr float kTop = SIGNED ? 127.0f : 255.0f;
+  auto store = [](uint8_t* at, __m512i v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(at), SIGNED ? _mm512_cvtsepi32_epi8(v) : _mm512_cvtusepi32_epi8(v));
+  };
   for (int r = 0; r < R; ++r) {
+    const float* row = x + static_cast<int64_t>(r) * n;
     __m512 top = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += kLanes) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(qs + r * D + d)));
-    const float amax = _mm512_reduce_max_ps(top);
-    alpha[r] = amax / 127.0f;
-    const __m512 inverse = _mm512_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f), step = _mm512_set1_ps(alpha[r]);
+    for (int i = 0; i < n; i += kLanes)
+      top = _mm512_max_ps(top, SIGNED ? _mm512_abs_ps(_mm512_loadu_ps(row + i)) : _mm512_loadu_ps(row + i));
+    const float most = _mm512_reduce_max_ps(top);
+    step_out[r] = most / kTop;
+    const __m512 inverse = _mm512_set1_ps(most > 0.0f ? kTop / most : 0.0f), step = _mm512_set1_ps(step_out[r]);
     __m512 left = _mm512_setzero_ps();
-    for (int d = 0; d < D; d += kLanes) {
-      const __m512 x = _mm512_loadu_ps(qs + r * D + d), steps = _mm512_mul_ps(x, inverse);
-      const __m512i rounded = _mm512_cvtps_epi32(steps);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qi + r * D + d), _mm512_cvtsepi32_epi8(rounded));
-      const __m512 high = _mm512_cvtepi32_ps(rounded);
-      const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(steps, high), digits));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(qi + R * D + r * D + d), _mm512_cvtsepi32_epi8(low));
-      const __m512 kept = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), unit, high);
-      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, kept, x));
+    for (int i = 0; i < n; i += kLanes) {
+      const __m512 value = _mm512_loadu_ps(row + i), steps = _mm512_mul_ps(value, inverse);
+      const __m512 high = _mm512_roundscale_ps(
+          steps, (SIGNED ? _MM_FROUND_TO_NEAREST_INT : _MM_FROUND_TO_NEG_INF) | _MM_FROUND_NO_EXC);
+      store(digits + r * n + i, _mm512_cvtps_epi32(high));
+      const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(steps, high), units));
+      store(digits + (R + r) * n + i, low);
+      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), unit, high), value));
     }
     residual[r] = _mm512_reduce_add_ps(left);
   }
@@ -461,29 +470,6 @@ void integer_product(const int8_t* const* operand, int operand_stride, int low_o
   }
 }
 
-// w[r][t] (n floats per row, >= 0) rounded to two uint8 digits per row: w ~ beta * (high + low / kLowDigits), beta =
-// max_t w / 255, high = floor(w / beta) at wi, low in [0, 254] at wi + R * n; residual[r] = sum_t (w - that).
-inline void quantize_weights(const float* w, int R, int n, uint8_t* wi, float* beta, float* residual) {
-  const __m512 digits = _mm512_set1_ps(kLowDigits), unit = _mm512_set1_ps(1.0f / kLowDigits);
-  for (int r = 0; r < R; ++r) {
-    __m512 top = _mm512_setzero_ps();
-    for (int t = 0; t < n; t += kLanes) top = _mm512_max_ps(top, _mm512_loadu_ps(w + r * n + t));
-    const float wmax = _mm512_reduce_max_ps(top);
-    beta[r] = wmax / 255.0f;
-    const __m512 inverse = _mm512_set1_ps(wmax > 0.0f ? 255.0f / wmax : 0.0f), step = _mm512_set1_ps(beta[r]);
-    __m512 left = _mm512_setzero_ps();
-    for (int t = 0; t < n; t += kLanes) {
-      const __m512 x = _mm512_loadu_ps(w + r * n + t), steps = _mm512_mul_ps(x, inverse);
-      const __m512 high = _mm512_roundscale_ps(steps, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(wi + r * n + t), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(high)));
-      const __m512i low = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_sub_ps(steps, high), digits));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(wi + R * n + r * n + t), _mm512_cvtusepi32_epi8(low));
-      const __m512 kept = _mm512_fmadd_ps(_mm512_cvtepi32_ps(low), unit, high);
-      left = _mm512_add_ps(left, _mm512_fnmadd_ps(step, kept, x));
-    }
-    residual[r] = _mm512_reduce_add_ps(left);
-  }
-}
 #endif
 
 struct Layer {
@@ -730,7 +716,7 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
 #ifdef KVPACK_INTEGER_PRODUCTS
     if constexpr (KB == 2 || KB == 4) {
       if (integer_keys) {
-        quantize_rows(qs, R, D, qi, alpha, left);
+        two_digits<true>(qs, R, D, qi, alpha, left);
         // The query's rounding moves every score of the block by sum_d e_d * code_d (e = qs - alpha * qi): its
         // share at the middle code is the same for all, and is put back.
         for (int r = 0; r < R; ++r) base[r] += kMiddleKey * left[r];
@@ -795,7 +781,7 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
             for (int t = 0; t < G; ++t) dst[t] = w[t] * scale[t];
             zero_acc[r * n_groups + g] += dot(w, group_zero + g * G, G);
           }
-        quantize_weights(scaled_weights, n_groups * R, G, wi, beta, left);
+        two_digits<false>(scaled_weights, n_groups * R, G, wi, beta, left);
         for (int g = 0; g < n_groups; ++g)  // the weights' rounding at the middle code, as for the keys
           for (int r = 0; r < R; ++r) zero_acc[r * n_groups + g] += kMiddleValue * left[g * R + r];
         integer_product<VB, true>(value_operands, G, n_groups * R * G, value_steps, L.value_codes + values_at,
