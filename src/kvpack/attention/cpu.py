@@ -33,10 +33,10 @@ CFLAGS = ["-O3", "-fno-math-errno"]
 # Integer products (AVX-512 VNNI and VBMI, where the CPU has them: the kernel's `integer_products()` says): 2- and
 # 4-bit uniform codes are multiplied as integers, the query (for keys) and the attention weights times the value
 # scales (for values) rounded to two 8-bit digits per packed block and row, an added error ~1e-4 of the output's
-# (tests/quant/tolerances.py states its bound). Off by default: side by side on a 2-core Xeon they were 6% faster
-# than the float products alone and 14-40% slower interleaved with other kernels (`kvpack bench decode`'s `cpu op`
-# rows), so they do not pay there; the multiplies are no longer what limits the kernel. KVPACK_INTEGER_PRODUCTS=1
-# in the environment (or setting this) turns them on; a cache layer reads it when it first attends.
+# (tests/quant/tolerances.py states its bound). Off by default: side by side on a 2-core Xeon (`kvpack bench
+# decode`'s `cpu op` rows) they were no faster than the float products (330 vs 316 µs at 8k tokens on 2 threads, 560
+# vs 586 on 1): the multiplies are no longer what limits the kernel. KVPACK_INTEGER_PRODUCTS=1 in the environment (or
+# setting this) turns them on; a cache layer reads it when it first attends.
 integer_products: bool = os.environ.get("KVPACK_INTEGER_PRODUCTS", "0") == "1"
 # OpenMP, at compile and link time: ATen's `parallel_for` is an inline template that runs serially unless _OPENMP is
 # defined where it is compiled. The built library needs `libgomp.so.1`, which torch's CPU build has already loaded
