@@ -22,8 +22,8 @@ from kvpack.attention.inputs import AttentionInputs
 from kvpack.attention.reference import attention_bias
 from kvpack.quant.rotation import rotation_matrix
 from kvpack.quant.tensor import PackedTensor
-from tests.attention.test_backends import CODEBOOKS, ROTATED, UNIFORM
 from tests.helpers.backends import why_unavailable
+from tests.helpers.cases import CODEBOOKS, ROTATED, UNIFORM
 from tests.helpers.generation import step_logits
 from tests.helpers.inputs import Case
 from tests.helpers.models import prompt, tiny_llama
