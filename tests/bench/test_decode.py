@@ -10,6 +10,7 @@ import torch
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from kvpack import cli
+from kvpack.attention import cpu
 from kvpack.attention.registry import kvpack_attention
 from kvpack.bench import synthetic
 from kvpack.bench.decode import read_bandwidth
@@ -40,11 +41,12 @@ def test_bench_decode_writes_rows_for_every_cache_and_kernel(tiny_model_dir: Pat
         assert abs(sum(profile[p] for p in ("linear", "attention", "cache_update", "other")) - profile["step"]) < 1e-6
     assert ALL_ATTENTION_FUNCTIONS["kvpack"] is kvpack_attention  # the instrumentation is undone
     kernels = {(row["context"], row["kernel"]) for row in result["attention"]}
-    assert kernels == {
-        (c, k)
-        for c in (48, 96)
-        for k in ("kvpack k4v4-plain-g16-r16 (torch)", "kvpack k4v4-plain-g16-r16 (cpu)", "fp32 SDPA")
-    }
+    expected = ["kvpack k4v4-plain-g16-r16 (torch)", "kvpack k4v4-plain-g16-r16 (cpu)", "fp32 SDPA"]
+    built = cpu.extension().integer_products()  # then the operator alone, integer and float products side by side
+    assert result["integer_products"] == {"built": built, "on": cpu.integer_products}
+    if built:
+        expected += [f"kvpack k4v4-plain-g16-r16 (cpu op, {kind} products)" for kind in ("integer", "float")]
+    assert kernels == {(c, k) for c in (48, 96) for k in expected}
     assert {row["threads"] for row in result["attention"]} == {1}
     steps = result["layer_step"]  # the cpu backend was timed: so is a layer's step around it
     assert [row["context"] for row in steps] == [48, 96]
