@@ -20,6 +20,7 @@ from kvpack import KVPackCache
 from kvpack.attention import cpu, op
 from kvpack.attention.inputs import AttentionInputs
 from kvpack.attention.reference import attention_bias
+from kvpack.quant.packing import unpack
 from kvpack.quant.rotation import rotation_matrix
 from kvpack.quant.tensor import PackedTensor
 from tests.helpers.backends import why_unavailable
@@ -71,18 +72,10 @@ FLOAT_ONLY_CASES = [
 ]
 
 
-def codes_of(packed: PackedTensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The packed tensor's codes and each entry's scale, float64 `[B, H, tokens, D]` (codes from its dequantized, still
-    rotated, values)."""
-    x = packed.dequantize_rotated(torch.float64)
-    scale, zero = packed.scale.double(), packed.zero.double()
-    if packed.spec.axis == "channel":  # [B, H, NB, D] -> each token of the block
-        scale = scale.repeat_interleave(packed.spec.group_size, dim=2)
-        zero = zero.repeat_interleave(packed.spec.group_size, dim=2)
-    else:  # [B, H, tokens, D / group] -> each channel of the group
-        scale = scale.repeat_interleave(packed.spec.group_size, dim=3)
-        zero = zero.repeat_interleave(packed.spec.group_size, dim=3)
-    return ((x - zero) / scale).round(), scale
+def codes_of(packed: PackedTensor) -> torch.Tensor:
+    """The packed tensor's codes as stored (`packing.unpack`), float64: `[B, H, NB, D, G]` for keys per channel,
+    `[B, H, tokens, Dv]` for values per token."""
+    return unpack(packed.codes, packed.spec.bits, packed.codes.shape[-1] * 8 // packed.spec.bits).double()
 
 
 def integer_attention(
@@ -96,8 +89,7 @@ def integer_attention(
     batch, heads, queries, dim = query.shape
     kv_heads, group = pk.shape[1], pk.spec.group_size
     blocks = pk.shape[2] // group
-    key_codes, _ = codes_of(pk)
-    key_codes = key_codes.reshape(batch, kv_heads, blocks, group, dim).transpose(3, 4)  # [B, H, NB, D, G]
+    key_codes = codes_of(pk)  # [B, H, NB, D, G]
     key_middle = ((1 << pk.spec.bits) - 1) / 2
     # The kernel's query rows per kv head, rounded as it rounds them (float32 throughout).
     rows = query.float() * torch.tensor(case.scaling, dtype=torch.float32)
@@ -127,7 +119,8 @@ def integer_attention(
         scores = scores + bias[:, None].double()
     weights = torch.softmax(scores, -1).nan_to_num(0.0)
     expected = (weights @ values_all.repeat_interleave(rep, 1)).transpose(1, 2)
-    value_codes, value_scales = codes_of(pv)
+    value_codes = codes_of(pv)
+    value_scales = pv.scale.double().repeat_interleave(pv.spec.group_size, dim=-1)  # each value's group scale
     allowed = integer_products_bound(
         tie_shift.amax(dim=(-1, -2)),
         weights[..., sinks : sinks + packed].reshape(batch, kv_heads, -1, blocks, group),

@@ -668,8 +668,6 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
     const int group = group_of_channel_slot[t * kLanes];
     value_operands[t] = reinterpret_cast<const int8_t*>(wi) + group * R * G, value_steps[t] = beta + group * R;
   }
-  const bool integer_keys = L.integer_keys && (KB == 2 || KB == 4);
-  const bool integer_values = L.integer_values && (VB == 2 || VB == 4) && !L.value_lut;
 #endif
   std::fill(zero_acc, zero_acc + sizes[6], 0.0f);
   std::fill(planar, planar + sizes[7], 0.0f);
@@ -682,27 +680,29 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
     for (int l = 1; l < kLanes; ++l) values_fused &= group_of_channel_slot[t * kLanes + l] == first_group;
     value_tiles[t] = scaled_weights + first_group * R * G;
   }
+#ifdef KVPACK_INTEGER_PRODUCTS
+  // (L says which bit widths and codes; values also need each output tile in one scale group, as fused ones do)
+  const bool integer_keys = L.integer_keys, integer_values = L.integer_values && values_fused;
+#else
+  constexpr bool integer_keys = false, integer_values = false;
+#endif
   const float* q = L.q_packed + (static_cast<int64_t>(b) * L.H + h) * R * D;
   for (int block = first; block < last; ++block) {
     const int64_t key_at = b * L.kc_s0 + h * L.kc_s1 + block * L.kc_s2;
     const int64_t params_at = b * L.ks_s0 + h * L.ks_s1 + block * L.ks_s2;
+    // The next block's codes are prefetched while this one is computed: by the integer passes as they go
+    // (integer_pass), else here, into L2.
     const bool ahead = block + kPrefetchBlocks < last;
-#ifdef KVPACK_INTEGER_PRODUCTS
-    // The integer passes prefetch the next block's codes as they go (integer_pass).
     const int64_t key_ahead = ahead ? kPrefetchBlocks * L.kc_s2 : 0;
     const int64_t value_ahead = ahead ? kPrefetchBlocks * static_cast<int64_t>(G) * L.vc_s2 : 0;
-    const bool bulk = ahead && !(integer_keys && integer_values);
-#else
-    const bool bulk = ahead;
-#endif
 #if defined(__AVX512F__)
-    if (bulk) {  // the next block, into L2, while this one is computed
-      const char* key_next = reinterpret_cast<const char*>(L.key_codes + key_at + kPrefetchBlocks * L.kc_s2);
-      const char* value_next = reinterpret_cast<const char*>(
-          L.value_codes + b * L.vc_s0 + h * L.vc_s1 + (static_cast<int64_t>(block) + kPrefetchBlocks) * G * L.vc_s2);
+    const char* key_next = reinterpret_cast<const char*>(L.key_codes + key_at + key_ahead);
+    const char* value_next = reinterpret_cast<const char*>(L.value_codes + b * L.vc_s0 + h * L.vc_s1 +
+                                                           static_cast<int64_t>(block) * G * L.vc_s2 + value_ahead);
+    if (ahead && !integer_keys)
       for (int line = 0; line < D * G * KB / 8; line += 64) _mm_prefetch(key_next + line, _MM_HINT_T1);
+    if (ahead && !integer_values)
       for (int line = 0; line < G * Dv * VB / 8; line += 64) _mm_prefetch(value_next + line, _MM_HINT_T1);
-    }
 #endif
     halves_to_floats(L.key_scale + params_at, D, kscale);
     halves_to_floats(L.key_zero + params_at, D, kzero);
@@ -755,7 +755,7 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
     halves_to_floats(L.value_zero + vparams_at, G * n_groups, vzero);
 #ifdef KVPACK_INTEGER_PRODUCTS
     if constexpr (VB == 2 || VB == 4) {
-      if (integer_values && values_fused) {
+      if (integer_values) {
         // In token order (value rows are stored so): weight * scale per group as uint8 by row, and the zero points'
         // share in float.
         for (int r = 0; r < R; ++r)
