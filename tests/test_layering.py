@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("kvpack.cache.plan",),
     ("kvpack.profile",),
     ("kvpack.cache",),
-    ("kvpack.models", "kvpack.weights", "kvpack.support"),
+    ("kvpack.models", "kvpack.weights", "kvpack.support", "kvpack.chat", "kvpack.pipeline", "kvpack.press"),
     ("kvpack.harness",),
     ("kvpack.calibrate", "kvpack.eval"),
     ("kvpack.bench",),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
@@ -103,6 +104,12 @@ class PackedLayer(CacheLayerMixin):
         self.shadow_len = 0
         self.shadow_keys = self.shadow_values = torch.empty(0)
         self.attention_memo: dict[Any, Any] = {}  # attention's per-layer resolution (see AttentionInputs.memo)
+        # A prefill held exactly until a press has pruned it (`hold_prefill`); None when nothing is held.
+        self.holding = False
+        self.held_keys: torch.Tensor | None = None
+        self.held_values: torch.Tensor | None = None
+        # The last dense keys/values `keys`/`values` handed out, so that assigning a prefix slice of them crops.
+        self._handed_out: dict[str, weakref.ref[torch.Tensor]] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.spec}, tokens={self.seen_tokens})"
@@ -179,6 +186,8 @@ class PackedLayer(CacheLayerMixin):
         not depend on how the sequence was split into calls; what a query of a chunk sees may (tokens that
         single steps would already have packed can still be exact at the start of a chunk).
         """
+        if self.holding:
+            return self._hold(key_states, value_states)
         return self._store(key_states, value_states)
 
     def _store(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -305,6 +314,44 @@ class PackedLayer(CacheLayerMixin):
 
     # -- kvpack ------------------------------------------------------------------------------------
 
+    # -- pruning a prefill before it is packed (kvpack.press) --------------------------------------
+
+    def hold_prefill(self) -> None:
+        """Keep the next prefill exactly as it arrives, unpacked, until `release_prefill` (a press prunes it first).
+
+        The layer must be empty. While it holds, `update` returns the tokens as given (a prefill attends to itself
+        in full precision anyway) and `nbytes()` counts them; a second update before the release packs what is
+        held as a prefill would have, then goes on as usual.
+        """
+        if self.is_initialized or self.holding:
+            raise UnsupportedOperationError(
+                f"layer {self.layer_idx} already holds tokens: a prefill can be held (and pruned) only on an empty "
+                "layer; use a new cache or cache.reset()."
+            )
+        self.holding = True
+
+    def _hold(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.held_keys is not None and self.held_values is not None:
+            self.release_prefill(self.held_keys, self.held_values)
+            return self._store(key_states, value_states)
+        self.lazy_initialization(key_states, value_states)  # checks shapes and dtypes, as a first update does
+        self._init_state()
+        self.holding = True
+        self.held_keys, self.held_values = key_states, value_states
+        self.seen_tokens = key_states.shape[2]
+        return key_states, value_states
+
+    def release_prefill(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Store `key_states`/`value_states` `[batch, kv_heads, n, head_dim]` in place of the held prefill, packed
+        as a prefill of those `n` tokens would be (sinks, packed blocks, residual window); the layer then counts
+        `n` tokens. A press passes what it kept of `held_keys`/`held_values` (any tokens, in any order)."""
+        if not self.holding:
+            raise UnsupportedOperationError(f"layer {self.layer_idx} holds no prefill to release.")
+        record_past = self.record_past
+        self._init_state()
+        self.record_past = record_past
+        self.append(key_states, value_states)
+
     @property
     def packed_length(self) -> int:
         return self.packed_keys.length if self.packed_keys is not None else 0
@@ -378,6 +425,8 @@ class PackedLayer(CacheLayerMixin):
         no packed data. So do chunks of more than `FUSED_MAX_NEW_TOKENS` tokens (a prefill continued on a cache):
         the model's own attention over dense tensors is faster for many queries.
         """
+        if self.holding:
+            return self._hold(key_states, value_states)
         if not self.is_initialized or self.sink_len < self.config.sinks or key_states.shape[2] > FUSED_MAX_NEW_TOKENS:
             return self._store(key_states, value_states)
         self._check_input(key_states, value_states)
@@ -471,12 +520,71 @@ class PackedLayer(CacheLayerMixin):
         values.append(self.residual_values[:, :, : self.residual_len])
         return keys, values
 
+    @property
+    def keys(self) -> torch.Tensor | None:
+        """All stored keys `[batch, kv_heads, tokens, head_dim]`, dequantized (a new tensor), None while empty.
+
+        As transformers' `DynamicLayer.keys` reads, for code that reads a layer's keys. Assigning a prefix slice of
+        the tensor read (`layer.keys = layer.keys[:, :, :n]`, as kvpress's pipeline drops an answer) crops the
+        layer to `n` tokens (see `crop`); any other assignment raises `UnsupportedOperationError`: packed tokens
+        are written once, from the model's own keys.
+        """
+        return self._read_dense("keys")
+
+    @keys.setter
+    def keys(self, tensor: torch.Tensor | None) -> None:
+        self._assign("keys", tensor)
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        """All stored values, dequantized; see `keys`."""
+        return self._read_dense("values")
+
+    @values.setter
+    def values(self, tensor: torch.Tensor | None) -> None:
+        self._assign("values", tensor)
+
+    def _read_dense(self, name: str) -> torch.Tensor | None:
+        if self.holding and self.held_keys is not None and self.held_values is not None:
+            return self.held_keys if name == "keys" else self.held_values
+        if not self.is_initialized:
+            return None
+        keys, values = self.dense()
+        tensor = keys if name == "keys" else values
+        self._handed_out[name] = weakref.ref(tensor)
+        return tensor
+
+    def _assign(self, name: str, tensor: torch.Tensor | None) -> None:
+        if tensor is None and not getattr(self, "is_initialized", False) and not getattr(self, "holding", False):
+            return  # transformers' layer base class starts every layer with `keys = values = None`
+        handed = self._handed_out.get(name)
+        source = handed() if handed is not None else None
+        base = tensor._base if tensor is not None and tensor._base is not None else tensor
+        if (
+            tensor is None
+            or source is None
+            or base is not source
+            or tensor.data_ptr() != source.data_ptr()
+            or tensor.shape[2] > self.seen_tokens
+            or tensor.shape[:2] != source.shape[:2]
+        ):
+            raise UnsupportedOperationError(
+                f"layer {self.layer_idx}: kvpack's packed layers do not take new {name} by assignment (packed tokens "
+                "are quantized once, from the model's own keys and values); only a prefix slice of the tensor "
+                f"read from `layer.{name}` may be assigned, to crop. To prune a prefill with a kvpress press, "
+                "wrap it: kvpack.press.PackAfterPress(press)."
+            )
+        del self._handed_out[name]
+        self.crop(tensor.shape[2])
+
     def stored_tokens(self) -> int:
         """Tokens physically held (sinks + packed + residual)."""
         return self.sink_len + self.packed_length + self.residual_len
 
     def nbytes(self) -> int:
-        """Exact bytes held by this layer, preallocated capacity included."""
+        """Exact bytes held by this layer, preallocated capacity included (a held prefill: its tensors)."""
+        if self.held_keys is not None and self.held_values is not None:
+            return sum(t.numel() * t.element_size() for t in (self.held_keys, self.held_values))
         if not self.is_initialized:
             return 0
         assert self.packed_keys is not None and self.packed_values is not None
