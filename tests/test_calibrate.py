@@ -14,7 +14,14 @@ from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
 
 from kvpack import ConfigError, KVPackCache, ShapeError, cli, parse_spec
 from kvpack.cache.layer import PackedLayer
-from kvpack.calibrate import SensitivityMeter, allocate, emulate_stored, quantized_mask
+from kvpack.calibrate import (
+    SensitivityMeter,
+    allocate,
+    emulate_stored,
+    fisher_sensitivity,
+    measure_sensitivity,
+    quantized_mask,
+)
 from kvpack.compat import cache_kwargs
 from kvpack.profile import PROFILE_SCHEMA_VERSION, Profile, ProfileModel, load_profile, resolve_config
 from tests.helpers.models import llama_config, prompt, tiny_llama
@@ -119,6 +126,34 @@ def test_sensitivity_is_zero_with_nothing_packed_and_falls_with_bits(llama: PreT
         )  # (keys per token: blocks of one token, so every query reads packed data)
         assert whole.prefix == 1 and whole.kl(layer, (tensor,), kt) > 0
         assert all(a > b > 0 for a, b in itertools.pairwise(kls)), (layer, tensor, kls)
+
+
+def _ranks(values: list[float]) -> torch.Tensor:
+    return torch.tensor(values).argsort().argsort().double()
+
+
+@pytest.mark.parametrize("spec", ["k4v4-plain-g16-r16-s2", "k4v4-g16-r16-s2", "k4v4-plain-g16-r0-kt"])
+def test_fisher_estimate_ranks_perturbations_as_the_emulated_kl_does(llama: PreTrainedModel, spec: str) -> None:
+    ids = prompt(tokens=120, seed=2)
+    base = parse_spec(spec)
+    fisher = fisher_sensitivity(llama, ids, base, (2, 3, 4, 8), progress=False)
+    emulated = measure_sensitivity(llama, ids, base, (2, 3, 4, 8), progress=False)
+    estimates = [kl for table in fisher for row in table for kl in row]
+    exact = [kl for table in emulated for row in table for kl in row]
+    assert all(kl > 0 for kl in estimates)
+    # An estimate (second order, empirical Fisher): its scale is off (2-6x here), its order is what allocation uses.
+    # Measured rank correlations 0.985-0.991 on these specs (0.98 on the default model's 240 measurements).
+    correlation = float(torch.corrcoef(torch.stack([_ranks(estimates), _ranks(exact)]))[0, 1])
+    assert correlation > 0.95
+
+
+def test_fisher_estimate_is_zero_with_nothing_packed_and_falls_with_bits(llama: PreTrainedModel) -> None:
+    ids = prompt(tokens=120, seed=2)
+    nothing_packed = fisher_sensitivity(llama, ids, parse_spec("k2v2-plain-g16-r128"), (2, 4), progress=False)
+    assert all(kl == 0.0 for table in nothing_packed for row in table for kl in row)
+    for table in fisher_sensitivity(llama, ids, parse_spec(BASE), (2, 3, 4, 8), progress=False):
+        for row in table:
+            assert all(a > b > 0 for a, b in itertools.pairwise(row)), row
 
 
 # -- allocation ------------------------------------------------------------------------------------------------------
@@ -279,6 +314,7 @@ def test_cli_writes_a_profile_that_generate_and_spec_accept(
     assert "| layer | K bits | V bits |" in printed and f"wrote {out}" in printed
     profile = load_profile(out)
     assert profile.model.layers == 2 and profile.tokens == 80 and profile.data_name == "calibration.txt"
+    assert profile.method == "fisher"  # the default
     assert profile.average_bits <= 4.5 and profile.config.bits_per_value == profile.average_bits
     assert replace(profile.config, layer_bits=()) == parse_spec(BASE)
     assert all(k > 0 for row in profile.key_kl for k in row)
@@ -290,6 +326,11 @@ def test_cli_writes_a_profile_that_generate_and_spec_accept(
     rich = load_profile(again)
     assert rich.config.layer_bits == ((4, 4), (4, 4)) and rich.key_kl == profile.key_kl
     assert rich.budget_bits == 8 and rich.average_bits == 6.0  # 4-bit codes + 2 metadata bits (group 16)
+    assert rich.method == "fisher"
+    emulated = tmp_path / "tiny-emulated.json"
+    assert cli.main([*argv, "--tokens", "80", "--threads", "1", "--method", "emulate", "-o", str(emulated)]) == 0
+    capsys.readouterr()
+    assert load_profile(emulated).method == "emulate"
     gen = ["generate", "--model", str(tiny_model_dir), "--cache", str(out), "--max-new-tokens", "4", "--threads", "1"]
     assert cli.main([*gen, "Hello"]) == 0
     assert profile.config.spec in capsys.readouterr().out

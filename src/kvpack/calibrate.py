@@ -50,6 +50,10 @@ from kvpack.version import __version__
 DEFAULT_BASE = DEFAULT_PRESET  # the default spec's options; only the bits vary per layer
 DEFAULT_BITS = (2, 3, 4, 8)
 DEFAULT_TOKENS = 512
+# How sensitivity is measured: "fisher" estimates every KL from one forward and backward pass (`fisher_sensitivity`);
+# "emulate" runs the layers after the perturbed one for each measurement (`measure_sensitivity`), the exact value.
+METHODS = ("fisher", "emulate")
+DEFAULT_METHOD = "fisher"
 TENSORS = ("key", "value")
 _ATTENTION_NAME = "kvpack_calibrate"
 
@@ -295,6 +299,81 @@ def measure_sensitivity(
     return table["key"], table["value"]
 
 
+def fisher_sensitivity(
+    model: Any,
+    ids: torch.Tensor,
+    base: CacheConfig,
+    candidates: Sequence[int],
+    progress: bool = True,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """`(key_kl, value_kl)` as `measure_sensitivity` returns them, estimated from ONE forward and backward pass.
+
+    The exact pass records every layer's query, key and value and the gradient of the summed next-token loss with
+    respect to its attention output. A (layer, tensor, bits) perturbation is then evaluated locally: the attention
+    output `o'` that layer computes when the tensor is stored as the cache stores it (the same emulation as the
+    meter's, `_calibration_attention`), and the estimated KL is the second-order term with the empirical diagonal
+    Fisher information of that output, `0.5 * sum(g**2 * (o' - o)**2) / predictions` (KVQuant weights its
+    quantization error by the Fisher information the same way). Cost: one forward and backward pass plus one
+    attention per measurement, linear in layers x candidates, instead of a forward of the layers after the perturbed
+    one per measurement. An estimate: it ignores how the error propagates non-linearly through later layers.
+    """
+    from tqdm import tqdm
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    plan = layer_plan(model.config)
+    if windowed := [i for i, (kind, window) in enumerate(plan) if kind != "dummy" and window is not None]:
+        raise ConfigError(
+            f"layer {windowed[0]} is a sliding-window layer; kvpack calibrate emulates full-attention layers only."
+        )
+    ids = ids.to(model.device)
+    records: dict[int, tuple[Any, ...]] = {}
+
+    def recording_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any) -> Any:
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        records[int(module.layer_idx)] = (module, query.detach(), key.detach(), value.detach(), attention_mask,
+                                          kwargs.get("scaling"), out)  # fmt: skip
+        return out, None
+
+    name = _ATTENTION_NAME + "_fisher"
+    AttentionInterface.register(name, recording_attention)
+    AttentionMaskInterface.register(name, sdpa_mask)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(name)
+    try:
+        with torch.enable_grad():
+            logits = model(ids, use_cache=False).logits[0, :-1].float()
+            loss = torch.nn.functional.cross_entropy(logits, ids[0, 1:], reduction="sum")
+            layers = sorted(records)
+            grads = torch.autograd.grad(loss, [records[i][-1] for i in layers])
+    finally:
+        model.set_attn_implementation(previous)
+    predictions = ids.shape[1] - 1
+    table: dict[str, list[list[float]]] = {n: [[0.0] * len(candidates) for _ in plan] for n in TENSORS}
+    jobs = [(layer, tensor, b_idx, bits) for layer in layers for tensor in TENSORS
+            for b_idx, bits in enumerate(candidates)]  # fmt: skip
+    weights = {layer: grad.detach().float() ** 2 for layer, grad in zip(layers, grads, strict=True)}
+    exact: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for layer, tensor, b_idx, bits in tqdm(jobs, desc="calibrate (fisher)", disable=not progress, unit="run"):
+            module, query, key, value, mask, scaling, _ = records[layer]
+            if layer not in exact:  # the same arithmetic as the perturbed output, nothing stored quantized
+                _active.target = _Target(layer, (), base)
+                exact[layer] = _calibration_attention(module, query, key, value, mask, scaling=scaling)[0].float()
+            spec = getattr(base, tensor)
+            _active.target = _Target(
+                layer, (tensor,), replace(base, layer_bits=(), **{tensor: replace(spec, bits=bits)})
+            )
+            try:
+                perturbed = _calibration_attention(module, query, key, value, mask, scaling=scaling)[0].float()
+            finally:
+                _active.target = None
+            error = (weights[layer] * (perturbed - exact[layer]) ** 2).sum()
+            table[tensor][layer][b_idx] = 0.5 * float(error) / predictions
+    return table["key"], table["value"]
+
+
 # -- allocation ------------------------------------------------------------------------------------------------------
 
 
@@ -376,12 +455,17 @@ def calibrate(
     data: str | os.PathLike[str] | None = None,
     model_name: str = "model",
     progress: bool = True,
+    method: str = DEFAULT_METHOD,
 ) -> Profile:
     """Measure the sensitivity of `model` on the calibration text and allocate bits within `budget_bits`.
 
     base: the spec whose every option (group sizes, axes, residual, sinks, rotation) is kept; only bits vary.
     data: a UTF-8 text file (default: kvpack's calibration text); its first `tokens` tokens are used.
+    method: `fisher` (one forward and backward pass, an estimate; the default) or `emulate` (a forward per
+    measurement, the exact emulated KL); see `METHODS`.
     """
+    if method not in METHODS:
+        raise ConfigError(f"calibration method {method!r} is not one of {', '.join(METHODS)}.")
     from kvpack.harness.data import calibration_data_path, load_tokens
 
     base_config = as_config(base)
@@ -395,7 +479,8 @@ def calibrate(
         base_config, fingerprint.head_dim, fingerprint.head_dim, where=f"the base spec {base_config.spec}: "
     )
     start = time.perf_counter()
-    key_kl, value_kl = measure_sensitivity(model, ids, base_config, candidates, progress)
+    measure = fisher_sensitivity if method == "fisher" else measure_sensitivity
+    key_kl, value_kl = measure(model, ids, base_config, candidates, progress)
     measured = Profile(
         config=base_config,
         base=base_config.spec,
@@ -409,6 +494,7 @@ def calibrate(
         key_kl=key_kl,
         value_kl=value_kl,
         kvpack_version=__version__,
+        method=method,
     )
     profile = reallocate(measured, budget_bits)
     created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

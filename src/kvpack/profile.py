@@ -60,6 +60,8 @@ class Profile:
     data_sha256, tokens: the calibration text and how many of its tokens were used. budget_bits, average_bits: the
     budget and the achieved `config.average_bits` (bits per value, metadata included). candidates: the measured
     bit widths. key_kl, value_kl: `[layer][candidate]` mean KL when only that tensor is quantized at that width.
+    method: how the KLs were measured (`kvpack.calibrate.METHODS`; profiles written before it was recorded were
+    emulated).
     """
 
     config: CacheConfig
@@ -76,6 +78,7 @@ class Profile:
     seconds: float = 0.0
     kvpack_version: str = ""
     created: str = ""
+    method: str = "emulate"
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -118,6 +121,7 @@ class Profile:
             },
             "data": {"name": self.data_name, "sha256": self.data_sha256, "tokens": self.tokens},
             "base": self.base,
+            "method": self.method,
             "candidates": list(self.candidates),
             "budget_bits": self.budget_bits,
             "average_bits": self.average_bits,
@@ -171,6 +175,7 @@ class Profile:
                 seconds=float(data.get("seconds", 0.0)),
                 kvpack_version=str(data.get("kvpack_version", "")),
                 created=str(data.get("created", "")),
+                method=str(data.get("method", "emulate")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
