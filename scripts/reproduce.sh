@@ -37,6 +37,7 @@ RESULTS=(
   "long_run|$kvpack bench long --json $out/long_run.json"
   "concurrency|$kvpack bench threads --json $out/concurrency.json"
   "passkey|$kvpack passkey --caches fp,k8v8,k4v4,compact,k2v2 --lengths 1024,2048,4096 --depths 0.1,0.3,0.5,0.7,0.9 --trials 2 --seed 0 --threads 1 --json $out/passkey.json --markdown $out/passkey.md --png $out/passkey.png"
+  "ruler|$kvpack ruler --caches fp,k8v8,k4v4,compact,k2v2 --tasks all --lengths 1024,2048,4096,8192 --samples 20 --seed 0 --threads 2 --json $out/ruler.json --markdown $out/ruler.md --png $out/ruler.png"
   "compare_weights|$kvpack compare --caches fp,k4v4 --weights fp,int8,int4 --tokens 512 --contexts 1024 --steps 8 --threads 1 --out $out/compare_weights.json"
 )
 

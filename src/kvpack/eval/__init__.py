@@ -1,1 +1,2 @@
-"""Evaluation: streamed perplexity and agreement with the full-precision cache, passkey retrieval."""
+"""Evaluation: streamed perplexity and agreement with the full-precision cache, passkey retrieval, RULER-style
+long-context tasks."""

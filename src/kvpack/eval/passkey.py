@@ -43,7 +43,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from kvpack.cache.plan import context_limit
 from kvpack.compat import cache_kwargs
@@ -68,6 +68,14 @@ DEFAULT_DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 DEFAULT_TRIALS = 3
 
 _FIVE_DIGITS = re.compile(r"(?<!\d)\d{5}(?!\d)")
+
+
+class TokenizedPrompt(Protocol):
+    """What `prefill` and `generate_answer` read of a prompt (a `PasskeyPrompt`, or another evaluation's): its
+    token ids, special tokens included."""
+
+    @property
+    def input_ids(self) -> list[int]: ...
 
 
 @dataclass(frozen=True)
@@ -210,7 +218,7 @@ def check_settings(lengths: Sequence[int], depths: Sequence[float], trials: int)
         raise ConfigError(f"trials {trials}: give at least 1 trial per cell.")
 
 
-def prefill(model: Any, prompt: PasskeyPrompt) -> Any | None:
+def prefill(model: Any, prompt: TokenizedPrompt) -> Any | None:
     """All but the last prompt token, run once through the model into a full-precision `DynamicCache`.
 
     Returns None for models with sliding-window layers, whose DynamicCache forgets tokens a kvpack cache must
@@ -243,8 +251,10 @@ def filled_cache(spec: CacheSpec, model_config: Any, prefilled: Any | None) -> A
     return cache
 
 
-def generate_answer(model: Any, tokenizer: Any, prompt: PasskeyPrompt, cache: Any) -> str:
-    """Greedy-generate up to `MAX_NEW_TOKENS` tokens after `prompt` with `cache`; the new text.
+def generate_answer(
+    model: Any, tokenizer: Any, prompt: TokenizedPrompt, cache: Any, max_new_tokens: int = MAX_NEW_TOKENS
+) -> str:
+    """Greedy-generate up to `max_new_tokens` tokens after `prompt` with `cache`; the new text.
 
     `cache` may be empty or already hold a prefix of the prompt (see `filled_cache`); `generate` feeds the rest.
     """
@@ -257,7 +267,7 @@ def generate_answer(model: Any, tokenizer: Any, prompt: PasskeyPrompt, cache: An
             input_ids=ids,
             attention_mask=torch.ones_like(ids),
             **cache_kwargs(model, cache),
-            max_new_tokens=MAX_NEW_TOKENS,
+            max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=pad,
         )
