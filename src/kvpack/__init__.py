@@ -1,8 +1,11 @@
 """kvpack: quantized, packed key/value caches for transformer language models."""
 
+from typing import TYPE_CHECKING, Any
+
 from kvpack.attention.registry import use_kvpack_attention
 from kvpack.cache import KVPackCache
 from kvpack.cache.persist import prefix_cache
+from kvpack.chat import Conversation, Turn
 from kvpack.config import CacheConfig, QuantSpec, parse_spec
 from kvpack.errors import (
     BackendUnavailableError,
@@ -23,6 +26,19 @@ from kvpack.errors import (
 from kvpack.quant import PackedTensor
 from kvpack.version import __version__
 
+if TYPE_CHECKING:
+    from kvpack.pipeline import KVPackTextGenerationPipeline
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use: the pipeline subclasses transformers' text-generation pipeline, whose import is slow.
+    if name == "KVPackTextGenerationPipeline":
+        from kvpack.pipeline import KVPackTextGenerationPipeline
+
+        return KVPackTextGenerationPipeline
+    raise AttributeError(f"module 'kvpack' has no attribute {name!r}")
+
+
 __all__ = [
     "BackendUnavailableError",
     "CacheChecksumError",
@@ -32,14 +48,17 @@ __all__ = [
     "CacheModelMismatchError",
     "CacheVersionError",
     "ConfigError",
+    "Conversation",
     "DtypeDeviceError",
     "KVPackCache",
     "KVPackError",
+    "KVPackTextGenerationPipeline",
     "ModelNotFoundError",
     "NonFiniteError",
     "PackedTensor",
     "QuantSpec",
     "ShapeError",
+    "Turn",
     "UnsupportedModelError",
     "UnsupportedOperationError",
     "__version__",

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,10 +20,12 @@ from typing import Any
 from kvpack.attention.registry import CACHE_BACKENDS
 from kvpack.bench import compare, decode, long_run, memory, persist, report, threads
 from kvpack.bench.synthetic import MODEL_SHAPES
+from kvpack.calibrate import DEFAULT_METHOD, METHODS
+from kvpack.chat import chat_parts
 from kvpack.compat import cache_kwargs
 from kvpack.config import DEFAULT_PRESET, PRESETS
 from kvpack.errors import KVPackError
-from kvpack.eval import passkey
+from kvpack.eval import passkey, ruler
 from kvpack.harness.data import default_data_path
 from kvpack.harness.results import (
     add_model_options,
@@ -114,7 +116,7 @@ def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
             f"--cache {args.cache} differs from the prefix cache's {cache.cache_config.spec}; omit --cache (the file's "
             "config is used) or rebuild the prefix cache with that spec."
         )
-    head, tail = ("", "") if args.no_chat else _chat_parts(tokenizer)
+    head, tail = ("", "") if args.no_chat else chat_parts(tokenizer)
     cached = prefix[0].tolist()
     head_ids = tokenizer(head, add_special_tokens=False).input_ids  # none without the chat template
     if cached[: len(head_ids)] != head_ids:
@@ -140,21 +142,6 @@ def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
     print(f"Loaded a {len(cached):,}-token prefix in {load_s:.2f} s{built}", file=sys.stderr, flush=True)
     input_ids = torch.tensor([ids], device=model.device)
     return cache, {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}, load_s
-
-
-_CHAT_SPLIT = "\x00kvpack-text\x00"
-
-
-def _chat_parts(tokenizer: Any) -> tuple[str, str]:
-    """The chat template's text before and after a user message's content (`("", "")` without a template)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return "", ""
-    messages = [{"role": "user", "content": _CHAT_SPLIT}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    if not isinstance(text, str) or text.count(_CHAT_SPLIT) != 1:
-        raise KVPackError("this tokenizer's chat template changes the user's text; use --no-chat with a prefix cache.")
-    head, tail = text.split(_CHAT_SPLIT)
-    return head, tail
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -231,6 +218,80 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _user_turns(interactive: bool) -> Iterator[str]:
+    """The user's turns: the lines of stdin, blank ones skipped; at a terminal, each asked for with `> `."""
+    if not interactive:
+        yield from (line.strip() for line in sys.stdin if line.strip())
+        return
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if line.strip():
+            yield line.strip()
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Chat with one packed cache kept across turns: each line of stdin is a user turn (asked for with `> ` at a
+    terminal), each reply goes to stdout and a line per turn to stderr: the cache's bytes, the prompt tokens
+    prefilled (only what the turn added) and the time. --prefix-cache starts from a saved document (`kvpack cache
+    build`: it starts the first user message) or conversation (--save), whose tokens are reused, not prefilled."""
+    from kvpack.cache import KVPackCache
+    from kvpack.chat import Conversation
+    from kvpack.harness.caches import load_timed_model
+    from kvpack.models import load_model
+
+    resolve_config(args.cache or DEFAULT_PRESET)  # bad arguments fail before the model loads
+    if args.prefix_cache is not None:
+        if not Path(args.prefix_cache).is_file():
+            raise KVPackError(f"--prefix-cache {args.prefix_cache} does not exist; make one with `kvpack cache build`.")
+        if args.system is not None:
+            raise KVPackError("--system: a prefix cache already holds the start of the conversation.")
+    if args.save is not None and not Path(args.save).parent.is_dir():
+        raise KVPackError(f"--save {args.save}: the directory {Path(args.save).parent} does not exist.")
+    loader = load_model if args.backend == "dense" else partial(load_timed_model, backends=[args.backend])
+    model, tokenizer = loader(args.model, dtype=args.dtype, device=args.device)
+    if args.prefix_cache is None:
+        chat = Conversation(model, tokenizer, args.cache or DEFAULT_PRESET, system=args.system, backend=args.backend)
+    else:
+        start = time.perf_counter()
+        chat = Conversation.load(args.prefix_cache, model, tokenizer, backend=args.backend)
+        assert isinstance(chat.cache, KVPackCache)
+        if args.cache is not None and resolve_config(args.cache) != chat.cache.cache_config:
+            raise KVPackError(
+                f"--cache {args.cache} differs from the prefix cache's {chat.cache.cache_config.spec}; omit --cache "
+                "(the file's config is used)."
+            )
+        what = f"a conversation of {len(chat.messages)} messages" if chat.context is None else "a document"
+        print(
+            f"Loaded {what} ({len(chat.cached_ids):,} tokens) from {args.prefix_cache} in "
+            f"{time.perf_counter() - start:.2f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    interactive = sys.stdin.isatty()
+    try:
+        for text in _user_turns(interactive):
+            reply = chat.say(text, max_new_tokens=args.max_new_tokens)
+            print(reply.strip() + ("\n" if interactive else ""), flush=True)
+            turn = chat.turns[-1]
+            print(
+                f"[turn {len(chat.turns)}] cache {format_bytes(turn.cache_nbytes or 0)} for {turn.cache_tokens:,} "
+                f"tokens; prompt {turn.new_tokens:,} new tokens ({turn.reused_tokens:,} reused); "
+                f"{turn.generated_tokens} tokens in {turn.seconds:.2f} s ({turn.tokens_per_s:.1f} tokens/s)",
+                file=sys.stderr,
+                flush=True,
+            )
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+    if args.save is not None:
+        chat.save(args.save)
+        print(f"wrote {args.save} ({len(chat.cached_ids):,} tokens, {len(chat.messages)} messages)", file=sys.stderr)
+    return 0
+
+
 def cmd_cache_build(args: argparse.Namespace) -> int:
     """Prefill the text (--prompt-file and/or a positional text) with a packed cache and save it with its token ids
     and the model's fingerprint. With the chat template (the default), the cached prefix is the template's start and
@@ -244,7 +305,7 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     if not output.parent.is_dir():
         raise KVPackError(f"-o {output}: the directory {output.parent} does not exist.")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    head = _chat_parts(tokenizer)[0] if not args.no_chat else ""
+    head = chat_parts(tokenizer)[0] if not args.no_chat else ""
     # As generate encodes: a chat-rendered text has its special tokens spelled out, a raw one gets the tokenizer's.
     ids = tokenizer(head + text, add_special_tokens=False).input_ids if head else tokenizer(text).input_ids
     print(f"Prefilling {len(ids):,} tokens with a {config.spec} cache ...", file=sys.stderr, flush=True)
@@ -355,7 +416,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         name = args.model or DEFAULT_MODEL
         profile = calibrate(model, tokenizer, args.budget_bits, base=base, candidates=candidates,
-                            tokens=args.tokens, data=args.data, model_name=name)  # fmt: skip
+                            tokens=args.tokens, data=args.data, model_name=name, method=args.method)  # fmt: skip
     profile.save(output)
     print(summary_table(profile))
     source = f" (measurements of {args.from_profile})" if args.from_profile else ""
@@ -428,6 +489,38 @@ def cmd_passkey(args: argparse.Namespace) -> int:
         command=command_line("passkey", options),
     )
     publish(result, args.json, passkey.to_markdown, passkey.plot_heatmap, markdown_path=args.markdown,
+            png_path=args.png, indent=1)  # fmt: skip
+    return 0
+
+
+def cmd_ruler(args: argparse.Namespace) -> int:
+    """RULER's synthetic long-context tasks (needles in a haystack with several keys, values and queries; variable
+    tracking), generated locally from a seed and asked of the full-precision cache and of kvpack caches; print the
+    score tables (mean and 95% interval per task and length) and write JSON, Markdown and a PNG of score vs
+    length."""
+    from kvpack.harness.caches import load_timed_model
+    from kvpack.models import DEFAULT_MODEL
+
+    specs = passkey.parse_caches(args.caches)
+    caches = list(specs)
+    tasks, lengths = ruler.parse_tasks(args.tasks), parse_int_list(args.lengths, "--lengths")
+    ruler.check_settings(tasks, lengths, args.samples)
+    # Through kvpack's attention, as `kvpack generate` decodes: kvpack caches use their fused kernel (dequantizing
+    # the whole cache every step costs several times more at 4k-8k tokens); the fp cache still goes through SDPA.
+    backends = [spec.backend for spec in specs.values()]
+    model, tokenizer = load_timed_model(args.model, backends, dtype=args.dtype, device=args.device)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "json", "markdown", "png")}
+    result = ruler.run_ruler(
+        model,
+        tokenizer,
+        caches=caches,
+        tasks=tasks,
+        lengths=lengths,
+        **_pick(args, "samples", "seed", "chat"),
+        model_name=args.model or DEFAULT_MODEL,
+        command=command_line("ruler", options),
+    )
+    publish(result, args.json, ruler.to_markdown, ruler.plot_accuracy, markdown_path=args.markdown,
             png_path=args.png, indent=1)  # fmt: skip
     return 0
 
@@ -548,6 +641,23 @@ def _cache_info_options(parser: argparse.ArgumentParser) -> None:
     _flags(parser, json="print the whole header as JSON (token ids included)")
 
 
+def _chat_options(parser: argparse.ArgumentParser) -> None:
+    _options(
+        parser,
+        cache=(None, f"a preset ({', '.join(PRESETS)}), a spec or a profile .json (default {DEFAULT_PRESET}, or the "
+               "prefix cache's)"),
+        system=(None, "a system message to start the conversation with"),
+        prefix_cache=(None, "start from a prompt cache: a document from `kvpack cache build` (it starts the first user "
+                      "message) or a conversation written by --save"),
+        save=(None, "write the conversation's cache at the end (and its messages beside it, <file>.messages.json)"),
+        max_new_tokens=(256, "new tokens per reply at most"),
+    )  # fmt: skip
+    add_model_options(parser)
+    parser.add_argument(
+        "--backend", choices=CACHE_BACKENDS, default="auto", help="attention on the packed cache (default auto)"
+    )
+
+
 def _measure_options(parser: argparse.ArgumentParser) -> None:
     _options(parser, tokens=(2048, "tokens of the text to stream"), data=(str(default_data_path()), "the text"))
     add_model_options(parser, threads_default=2)
@@ -577,6 +687,11 @@ def _calibrate_options(parser: argparse.ArgumentParser) -> None:
         tokens=(512, "calibration tokens"),
         data=(None, "a UTF-8 text file (default: kvpack's calibration text)"),
     )
+    parser.add_argument(
+        "--method", choices=METHODS, default=DEFAULT_METHOD,
+        help="fisher: every KL estimated from one forward and backward pass (fast); emulate: one forward of the "
+             "layers after each perturbed one per measurement (the exact emulated KL, minutes) (default %(default)s)",
+    )  # fmt: skip
     add_model_options(parser)
     parser.add_argument("-o", "--out", required=True, help="the profile to write (e.g. profile.json)")
     parser.add_argument(
@@ -601,6 +716,22 @@ def _passkey_options(parser: argparse.ArgumentParser) -> None:
     path = "benchmarks/results/passkey"
     _options(parser, json=(f"{path}.json", "JSON path"), markdown=(f"{path}.md", "Markdown path"))
     _options(parser, png=(f"{path}.png", "heatmap PNG path"))
+
+
+def _ruler_options(parser: argparse.ArgumentParser) -> None:
+    _options(
+        parser,
+        caches=(",".join(ruler.DEFAULT_CACHES), "fp, kvpack specs, peers"),
+        tasks=(",".join(ruler.DEFAULT_TASKS), "RULER tasks, or all"),
+        lengths=(",".join(map(str, ruler.DEFAULT_LENGTHS)), "total prompt tokens, up to the model's max context"),
+        samples=(ruler.DEFAULT_SAMPLES, "prompts per (task, length) cell"),
+        seed=(0, "seed of the random keys, values and depths"),
+    )
+    _flags(parser, chat="wrap the prompt in the tokenizer's chat template")
+    add_model_options(parser)
+    path = "benchmarks/results/ruler"
+    _options(parser, json=(f"{path}.json", "JSON path"), markdown=(f"{path}.md", "Markdown path"))
+    _options(parser, png=(f"{path}.png", "score-vs-length PNG path"))
 
 
 def _bench_decode_options(parser: argparse.ArgumentParser) -> None:
@@ -747,6 +878,7 @@ Handler = Callable[[argparse.Namespace], int]
 # help and the metavar of its commands.
 COMMANDS: dict[str, tuple[str, Options, Handler]] = {
     "generate": ("generate text with a packed cache; print size and speed", _generate_options, cmd_generate),
+    "chat": ("a conversation from stdin on one packed cache kept across turns", _chat_options, cmd_chat),
     "cache build": ("prefill a document into a packed cache and save it", _cache_build_options, cmd_cache_build),
     "cache info": ("show a prompt cache's header", _cache_info_options, cmd_cache_info),
     "compare": ("quality, memory and speed of several caches, side by side", _compare_options, cmd_compare),
@@ -757,6 +889,8 @@ COMMANDS: dict[str, tuple[str, Options, Handler]] = {
                lambda p: p.add_argument("json", help="a JSON written by `kvpack compare`"), cmd_report),
     "memory": ("cache memory by batch × length for a model config", _memory_options, cmd_memory),  # noqa: RUF001
     "passkey": ("passkey retrieval by length and depth, fp vs quantized", _passkey_options, cmd_passkey),
+    "ruler": ("RULER's long-context tasks (multi-needle, variable tracking), fp vs quantized", _ruler_options,
+              cmd_ruler),
     "bench decode": ("decode tokens/s of each cache and attention µs per call, side by side", _bench_decode_options,
                      cmd_bench_decode),
     "bench persist": ("loading a saved prompt cache vs recomputing the prefill; file size vs a float16 dump",
