@@ -143,6 +143,24 @@ def test_prune_then_pack_equals_packing_what_the_press_keeps_from_exact_keys(pre
             assert torch.equal(_layer_state(layer)[name], tensor), (idx, name)
 
 
+def test_a_scorer_press_keeps_its_own_tokens_in_position_order():
+    # kvpress keeps a scorer press's best tokens in score order; kvpack's sinks are the first stored tokens and its
+    # residual window the newest, so the same tokens are kept in position order (attention does not depend on it).
+    press = kvpress.KnormPress(compression_ratio=0.5)
+    keys, values = torch.randn(1, 2, 40, 16), torch.randn(1, 2, 40, 16)
+    module = torch.nn.Module()
+    module.head_dim = 16
+    theirs_keys, _ = press.compress(module, torch.zeros(1, 40, 8), keys, values, None, {})
+    ours_keys, ours_values = PackAfterPress(press).prune(module, torch.zeros(1, 40, 8), keys, values, None, {})
+    kept = (-keys.norm(dim=-1)).topk(20, dim=-1).indices.sort(dim=-1).values  # Knorm keeps the smallest norms
+    assert torch.equal(ours_keys, keys.gather(2, kept[..., None].expand(-1, -1, -1, 16)))
+    assert torch.equal(ours_values, values.gather(2, kept[..., None].expand(-1, -1, -1, 16)))
+    order = theirs_keys.norm(dim=-1).argsort(dim=-1)[..., None].expand(-1, -1, -1, 16)
+    assert torch.equal(theirs_keys.gather(2, order), ours_keys.gather(2, ours_keys.norm(dim=-1).argsort(dim=-1)[
+        ..., None].expand(-1, -1, -1, 16)))  # fmt: skip
+    assert not torch.equal(theirs_keys, ours_keys)  # (theirs are in score order)
+
+
 def test_sliding_window_layers_are_not_pruned():
     model = tiny_gemma()
     cache = KVPackCache(model, SPEC)

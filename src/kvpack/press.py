@@ -35,6 +35,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers.cache_utils import Cache
 
 from kvpack.cache.cache import KVPackCache
@@ -137,17 +138,35 @@ class PackAfterPress:
             layer = cache.layers[module.layer_idx]
             if isinstance(layer, PackedLayer) and layer.holding and layer.held_keys is not None:
                 assert layer.held_values is not None
-                keys, values = self.press.compress(
-                    module, hidden_states, layer.held_keys, layer.held_values, attentions, kwargs
-                )
+                keys, values = self.prune(module, hidden_states, layer.held_keys, layer.held_values, attentions, kwargs)
                 layer.release_prefill(keys, values)
         elif isinstance(cache, Cache) and id(module) in self._prefilling:
             self._prefilling.discard(id(module))
             layer = cache.layers[module.layer_idx]
-            layer.keys, layer.values = self.press.compress(
-                module, hidden_states, layer.keys, layer.values, attentions, kwargs
-            )
+            layer.keys, layer.values = self.prune(module, hidden_states, layer.keys, layer.values, attentions, kwargs)
         return output
+
+    def prune(
+        self, module: Any, hidden_states: Any, keys: Any, values: Any, attentions: Any, kwargs: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the press keeps of `keys`/`values` `[batch, kv_heads, tokens, head_dim]`, in their original order.
+
+        A scorer press (kvpress's `ScorerPress` with its own `compress`) keeps the `n_kept` best-scored tokens of
+        each head in score order; here the same tokens are kept in position order, so that kvpack's exact sinks are
+        the oldest kept tokens and its exact residual window the newest (attention itself does not depend on the
+        order). Other presses' `compress` is used as it is.
+        """
+        kvpress = require_kvpress()
+        press = self.press
+        if not isinstance(press, kvpress.ScorerPress) or type(press).compress is not kvpress.ScorerPress.compress:
+            return press.compress(module, hidden_states, keys, values, attentions, kwargs)
+        if press.compression_ratio == 0:
+            return keys, values
+        scores = press.score(module, hidden_states, keys, values, attentions, kwargs)
+        kept = kvpress.utils.compute_n_kept(keys.shape[2], press.compression_ratio)
+        indices = scores.topk(kept, dim=-1).indices.sort(dim=-1).values
+        indices = indices.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1])
+        return keys.gather(2, indices).contiguous(), values.gather(2, indices).contiguous()
 
 
 def _cache_of(kwargs: dict[str, Any]) -> Any:
