@@ -20,6 +20,7 @@ the press see the exact keys/values and kvpack pack the survivors once. Then:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import sys
 import time
@@ -33,6 +34,7 @@ from kvpack import KVPackCache
 from kvpack.attention import use_kvpack_attention
 from kvpack.compat import cache_kwargs
 from kvpack.eval import passkey
+from kvpack.harness.caches import cache_nbytes
 from kvpack.harness.data import default_data_path, load_tokens
 from kvpack.harness.results import (
     display_path,
@@ -73,12 +75,6 @@ def make_cache(model: Any, spec: str | None) -> Any:
     return DynamicCache() if spec is None else KVPackCache(model, spec)
 
 
-def cache_bytes(cache: Any) -> int:
-    if isinstance(cache, KVPackCache):
-        return cache.nbytes()
-    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
-
-
 def prefill(model: Any, ids: torch.Tensor, cache: Any, press: PackAfterPress | None) -> None:
     with torch.no_grad():
         if press is None:
@@ -115,7 +111,7 @@ def quality(model: Any, windows: list[torch.Tensor], context: int, configs: list
         for window, reference in zip(windows, references, strict=True):
             cache = make_cache(model, config["spec"])
             prefill(model, window[:, :context], cache, make_press(config["press"], config["ratio"]))
-            config["bytes"] = cache_bytes(cache)
+            config["bytes"] = cache_nbytes(cache)
             config["tokens_kept"] = cache.get_seq_length()
             logprobs = continuation_logprobs(model, cache, window[:, context:], context)
             targets = window[0, context + 1 :]
@@ -151,7 +147,7 @@ def retrieval(
             cache = make_cache(model, config["spec"])
             press = make_press(config["press"], config["ratio"])
             ids = torch.tensor([prompt.input_ids])
-            with torch.no_grad(), press(model) if press is not None else _nothing():
+            with torch.no_grad(), press(model) if press is not None else contextlib.nullcontext():
                 out = model.generate(
                     ids, max_new_tokens=passkey.MAX_NEW_TOKENS, do_sample=False, **cache_kwargs(model, cache)
                 )
@@ -159,14 +155,6 @@ def retrieval(
         config["passkey"] = correct / len(prompts)
         config["passkey_samples"] = len(prompts)
         print(f"  {config['name']:34s} passkey {correct}/{len(prompts)}", file=sys.stderr, flush=True)
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -8,6 +8,7 @@ fails clearly instead of re-quantizing.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import pytest
@@ -32,16 +33,8 @@ def _layer_state(layer: PackedLayer) -> dict[str, torch.Tensor]:
 
 
 def _prefill(model, ids: torch.Tensor, cache, press=None) -> None:
-    with torch.no_grad(), press(model) if press is not None else _nothing():
+    with torch.no_grad(), press(model) if press is not None else contextlib.nullcontext():
         model.model(input_ids=ids, **cache_kwargs(model, cache))
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 # -- the layer protocol --------------------------------------------------------------------------------------------

@@ -208,6 +208,16 @@ def fit_lengths(lengths: Sequence[int], context: int, new_tokens: int = MAX_NEW_
     return sorted({min(n, context - new_tokens) for n in lengths})
 
 
+def context_notes(lengths: Sequence[int], context: int, new_tokens: int = MAX_NEW_TOKENS) -> list[str]:
+    """The result's note when `fit_lengths` shortened a requested length to leave room for `new_tokens`."""
+    if not any(n > context - new_tokens for n in lengths):
+        return []
+    return [
+        f"lengths are whole-prompt tokens; {context} is the model's maximum context, so the longest prompt is "
+        f"{context - new_tokens} tokens, leaving room for {new_tokens} generated tokens"
+    ]
+
+
 def check_settings(lengths: Sequence[int], depths: Sequence[float], trials: int) -> None:
     """Raise ConfigError unless every length and `trials` is positive and every depth is in [0, 1]."""
     if not lengths or min(lengths) < 1:
@@ -305,12 +315,7 @@ def run_passkey(
     requested, depths = sorted(set(lengths)), sorted(set(depths))
     context = context_limit(model.config)
     lengths = fit_lengths(requested, context)
-    notes = []
-    if any(n > context - MAX_NEW_TOKENS for n in requested):
-        notes.append(
-            f"lengths are whole-prompt tokens; {context} is the model's maximum context, so the longest prompt is "
-            f"{context - MAX_NEW_TOKENS} tokens, leaving room for {MAX_NEW_TOKENS} generated tokens"
-        )
+    notes = context_notes(requested, context)
 
     # Longest prompts first: a memory problem shows at once, and the ETA errs long rather than short.
     cells = [(n, d, t) for n in reversed(lengths) for d in depths for t in range(trials)]

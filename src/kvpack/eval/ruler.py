@@ -61,7 +61,15 @@ from typing import Any
 
 from kvpack.cache.plan import context_limit
 from kvpack.errors import ConfigError
-from kvpack.eval.passkey import FILLER_SENTENCES, filled_cache, fit_lengths, generate_answer, parse_caches, prefill
+from kvpack.eval.passkey import (
+    FILLER_SENTENCES,
+    context_notes,
+    filled_cache,
+    fit_lengths,
+    generate_answer,
+    parse_caches,
+    prefill,
+)
 from kvpack.harness.results import markdown_page, markdown_table, parse_list, provenance, timed
 
 NIAH_TEMPLATE = (
@@ -457,12 +465,7 @@ def run_ruler(
     new_tokens = max(TASKS[name].max_new_tokens for name in names)
     lengths = fit_lengths(requested, context, new_tokens)
     check_lengths(tokenizer, names, lengths, samples, seed, chat)
-    notes = []
-    if any(n > context - new_tokens for n in requested):
-        notes.append(
-            f"lengths are whole-prompt tokens; {context} is the model's maximum context, so the longest prompt is "
-            f"{context - new_tokens} tokens, leaving room for {new_tokens} generated tokens"
-        )
+    notes = context_notes(requested, context, new_tokens)
 
     # Longest prompts first: a memory problem shows at once, and the ETA errs long rather than short.
     cells = [(n, task, s) for n in reversed(lengths) for task in names for s in range(samples)]
