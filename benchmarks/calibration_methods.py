@@ -28,10 +28,10 @@ from typing import Any
 import torch
 
 from kvpack.calibrate import SensitivityMeter, allocate, fisher_sensitivity
-from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.harness.results import markdown_page, markdown_table, provenance, publish
 from kvpack.models import load_model
 from kvpack.profile import load_profile
+from kvpack.texts import calibration_data_path, load_tokens
 
 BUDGETS = (4.5, 3.5, 3.0, 2.5)
 

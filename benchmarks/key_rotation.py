@@ -30,8 +30,8 @@ import torch
 from kvpack.config import as_config
 from kvpack.eval.perplexity import stream
 from kvpack.harness.caches import parse_cache_name
-from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import load_model
+from kvpack.texts import calibration_data_path, load_tokens
 
 # Per width: the default, KIVI + 4 sinks (what it must not lose to), and the default with keys rotated too (the
 # default until 2026-12-05).

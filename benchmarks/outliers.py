@@ -31,9 +31,9 @@ import kvpack
 import kvpack.quant.outliers as outliers_module
 from kvpack.compat import cache_kwargs
 from kvpack.config import QuantSpec
-from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import DEFAULT_MODEL, load_model
 from kvpack.quant.tensor import PackedTensor
+from kvpack.texts import calibration_data_path, load_tokens
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -35,7 +35,6 @@ from kvpack.attention import use_kvpack_attention
 from kvpack.compat import cache_kwargs
 from kvpack.eval import passkey
 from kvpack.harness.caches import cache_nbytes
-from kvpack.harness.data import default_data_path, load_tokens
 from kvpack.harness.results import (
     display_path,
     figure,
@@ -47,6 +46,7 @@ from kvpack.harness.results import (
 )
 from kvpack.models import load_model
 from kvpack.press import PackAfterPress, require_kvpress
+from kvpack.texts import default_data_path, load_tokens
 
 PRESSES = ("SnapKVPress", "ExpectedAttentionPress", "KnormPress")
 RATIOS = (0.25, 0.5)

@@ -20,8 +20,8 @@ import torch
 
 from kvpack.calibrate import SensitivityMeter
 from kvpack.config import as_config
-from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import load_model
+from kvpack.texts import calibration_data_path, load_tokens
 
 # Written with -plain, so that each names the same cache whatever the spec strings start from.
 CANDIDATES = (

@@ -26,11 +26,11 @@ import torch
 
 from kvpack.compat import cache_kwargs
 from kvpack.config import FITTED_CODEBOOK, QuantSpec
-from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import load_model
 from kvpack.quant.affine import quantize_groups, to_groups
 from kvpack.quant.rotation import rotate
 from kvpack.quant.tensor import PackedTensor
+from kvpack.texts import calibration_data_path, load_tokens
 
 ROLES = {"keys": "channel", "values": "token"}
 BINS = 1 << 16

@@ -20,8 +20,8 @@ import kvpack.eval.perplexity as perplexity
 from kvpack import KVPackCache, parse_spec
 from kvpack.calibrate import SensitivityMeter
 from kvpack.harness.caches import parse_cache_name
-from kvpack.harness.data import calibration_data_path, load_tokens
 from kvpack.models import load_model
+from kvpack.texts import calibration_data_path, load_tokens
 
 SETTINGS = [("k2v2-g64-r32-s4", 3), ("k2v2-g64-r32-s4", 20), ("k3v3-g64-r32-s4-rot", 10), ("k2v2-s4-rot", 15)]
 

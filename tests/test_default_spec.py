@@ -10,7 +10,7 @@ import torch
 from kvpack.bench.synthetic import biased_key_model
 from kvpack.eval.perplexity import stream
 from kvpack.harness.caches import parse_cache_name
-from kvpack.harness.data import calibration_data_path, load_tokens
+from kvpack.texts import calibration_data_path, load_tokens
 from tests.helpers.models import default_tokenizer
 from tests.quant.tolerances import DEFAULT_VS_KIVI_SINKS_MAX_RATIO, ROTATED_KEYS_VS_KIVI_SINKS_MIN_RATIO
 

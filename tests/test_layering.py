@@ -14,16 +14,17 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module belongs to the layer of its longest matching prefix; modules within a layer may import each
 # other. `kvpack` itself (the package's `__init__`, the public facade) is the top.
 LAYERS: list[tuple[str, ...]] = [
-    ("kvpack.errors", "kvpack.version", "kvpack.compat"),
+    ("kvpack.errors", "kvpack.version", "kvpack.compat", "kvpack.texts"),
     ("kvpack.config",),
     ("kvpack.quant",),
     ("kvpack.attention",),
     ("kvpack.cache.plan",),
     ("kvpack.profile",),
+    ("kvpack.calibrate",),
     ("kvpack.cache",),
     ("kvpack.models", "kvpack.weights", "kvpack.support", "kvpack.chat", "kvpack.pipeline", "kvpack.press"),
     ("kvpack.harness",),
-    ("kvpack.calibrate", "kvpack.eval"),
+    ("kvpack.eval",),
     ("kvpack.bench",),
     ("kvpack.cli", "kvpack.__main__"),
     ("kvpack",),

@@ -42,9 +42,9 @@ import torch
 from kvpack.cache.plan import check_head_dims, flushed_tokens, layer_plan
 from kvpack.compat import cache_kwargs
 from kvpack.config import DEFAULT_PRESET, SUPPORTED_BITS, CacheConfig, QuantSpec, as_config
-from kvpack.errors import ConfigError
-from kvpack.harness.results import markdown_table
+from kvpack.errors import ConfigError, ShapeError
 from kvpack.profile import Profile, ProfileModel
+from kvpack.texts import calibration_data_path, load_tokens
 from kvpack.version import __version__
 
 DEFAULT_BASE = DEFAULT_PRESET  # the default spec's options; only the bits vary per layer
@@ -69,6 +69,7 @@ class _Target:
     layer: int | None
     tensors: tuple[str, ...]
     config: CacheConfig
+    sliding: frozenset[int] = frozenset()  # sliding-window layers: stored without sinks (as `PackedSlidingLayer`)
 
 
 @dataclass
@@ -128,6 +129,8 @@ def _calibration_attention(
     mask = None
     if target is not None and (target.layer is None or layer_idx == target.layer):
         config = target.config.for_layer(int(layer_idx or 0)) if target.config.layer_bits else target.config
+        if layer_idx in target.sliding:  # the window moves past the first tokens: no sinks (`PackedSlidingLayer`)
+            config = replace(config, sinks=0)
         mask = quantized_mask(tokens, config, key.device)[tokens - queries :]
     if target is None or mask is None or not bool(mask.any()):  # not perturbed, or nothing packed yet: as the cache
         return sdpa_attention_forward(
@@ -299,34 +302,30 @@ def measure_sensitivity(
     return table["key"], table["value"]
 
 
-def fisher_sensitivity(
-    model: Any,
-    ids: torch.Tensor,
-    base: CacheConfig,
-    candidates: Sequence[int],
-    progress: bool = True,
-) -> tuple[list[list[float]], list[list[float]]]:
-    """`(key_kl, value_kl)` as `measure_sensitivity` returns them, estimated from ONE forward and backward pass.
+def sliding_layers(config: Any) -> frozenset[int]:
+    """The indices of the sliding-window layers of a model config, by `layer_plan`."""
+    return frozenset(i for i, (kind, window) in enumerate(layer_plan(config)) if kind != "dummy" and window)
 
-    The exact pass records every layer's query, key and value and the gradient of the summed next-token loss with
-    respect to its attention output. A (layer, tensor, bits) perturbation is then evaluated locally: the attention
-    output `o'` that layer computes when the tensor is stored as the cache stores it (the same emulation as the
-    meter's, `_calibration_attention`), and the estimated KL is the second-order term with the empirical diagonal
-    Fisher information of that output, `0.5 * sum(g**2 * (o' - o)**2) / predictions` (KVQuant weights its
-    quantization error by the Fisher information the same way). Cost: one forward and backward pass plus one
-    attention per measurement, linear in layers x candidates, instead of a forward of the layers after the perturbed
-    one per measurement. An estimate: it ignores how the error propagates non-linearly through later layers.
-    """
-    from tqdm import tqdm
+
+@dataclass
+class FisherRecord:
+    """What one exact forward and backward pass over `ids` leaves for `fisher_table`: per cached layer, its attention
+    module and inputs (query, key, value, mask, scaling) and the squared gradient of the summed next-token loss with
+    respect to its attention output."""
+
+    inputs: dict[int, tuple[Any, ...]]
+    weights: dict[int, torch.Tensor]
+    predictions: int
+    sliding: frozenset[int]
+    layers: int  # decoder layers of the model (`layer_plan`), cached or not
+
+
+def fisher_record(model: Any, ids: torch.Tensor) -> FisherRecord:
+    """Run `ids` `[1, tokens]` through `model` once forward and once backward and record what `fisher_table` needs."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    plan = layer_plan(model.config)
-    if windowed := [i for i, (kind, window) in enumerate(plan) if kind != "dummy" and window is not None]:
-        raise ConfigError(
-            f"layer {windowed[0]} is a sliding-window layer; kvpack calibrate emulates full-attention layers only."
-        )
     ids = ids.to(model.device)
     records: dict[int, tuple[Any, ...]] = {}
 
@@ -349,29 +348,93 @@ def fisher_sensitivity(
             grads = torch.autograd.grad(loss, [records[i][-1] for i in layers])
     finally:
         model.set_attn_implementation(previous)
-    predictions = ids.shape[1] - 1
-    table: dict[str, list[list[float]]] = {n: [[0.0] * len(candidates) for _ in plan] for n in TENSORS}
-    jobs = [(layer, tensor, b_idx, bits) for layer in layers for tensor in TENSORS
+    return FisherRecord(
+        inputs={layer: records[layer][:-1] for layer in layers},
+        weights={layer: grad.detach().float() ** 2 for layer, grad in zip(layers, grads, strict=True)},
+        predictions=ids.shape[1] - 1,
+        sliding=sliding_layers(model.config),
+        layers=len(layer_plan(model.config)),
+    )
+
+
+def fisher_table(
+    record: FisherRecord, base: CacheConfig, candidates: Sequence[int], progress: bool = True
+) -> tuple[list[list[float]], list[list[float]]]:
+    """`(key_kl, value_kl)` `[layer][candidate]` estimated from `record` for the options of `base` (see
+    `fisher_sensitivity`); layers without a cache get zeros."""
+    from tqdm import tqdm
+
+    table: dict[str, list[list[float]]] = {n: [[0.0] * len(candidates) for _ in range(record.layers)] for n in TENSORS}
+    jobs = [(layer, tensor, b_idx, bits) for layer in sorted(record.inputs) for tensor in TENSORS
             for b_idx, bits in enumerate(candidates)]  # fmt: skip
-    weights = {layer: grad.detach().float() ** 2 for layer, grad in zip(layers, grads, strict=True)}
     exact: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for layer, tensor, b_idx, bits in tqdm(jobs, desc="calibrate (fisher)", disable=not progress, unit="run"):
-            module, query, key, value, mask, scaling, _ = records[layer]
+            module, query, key, value, mask, scaling = record.inputs[layer]
             if layer not in exact:  # the same arithmetic as the perturbed output, nothing stored quantized
-                _active.target = _Target(layer, (), base)
+                _active.target = _Target(layer, (), base, record.sliding)
                 exact[layer] = _calibration_attention(module, query, key, value, mask, scaling=scaling)[0].float()
             spec = getattr(base, tensor)
-            _active.target = _Target(
-                layer, (tensor,), replace(base, layer_bits=(), **{tensor: replace(spec, bits=bits)})
-            )
+            config = replace(base, layer_bits=(), **{tensor: replace(spec, bits=bits)})
+            _active.target = _Target(layer, (tensor,), config, record.sliding)
             try:
                 perturbed = _calibration_attention(module, query, key, value, mask, scaling=scaling)[0].float()
             finally:
                 _active.target = None
-            error = (weights[layer] * (perturbed - exact[layer]) ** 2).sum()
-            table[tensor][layer][b_idx] = 0.5 * float(error) / predictions
+            error = (record.weights[layer] * (perturbed - exact[layer]) ** 2).sum()
+            table[tensor][layer][b_idx] = 0.5 * float(error) / record.predictions
     return table["key"], table["value"]
+
+
+def fisher_sensitivity(
+    model: Any,
+    ids: torch.Tensor,
+    base: CacheConfig,
+    candidates: Sequence[int],
+    progress: bool = True,
+) -> tuple[list[list[float]], list[list[float]]]:
+    """`(key_kl, value_kl)` as `measure_sensitivity` returns them, estimated from ONE forward and backward pass.
+
+    The exact pass records every layer's query, key and value and the gradient of the summed next-token loss with
+    respect to its attention output (`fisher_record`). A (layer, tensor, bits) perturbation is then evaluated
+    locally (`fisher_table`): the attention output `o'` that layer computes when the tensor is stored as the cache
+    stores it (the same emulation as the meter's, `_calibration_attention`; sliding-window layers without sinks, as
+    `PackedSlidingLayer` stores them), and the estimated KL is the second-order term with the empirical diagonal
+    Fisher information of that output, `0.5 * sum(g**2 * (o' - o)**2) / predictions` (KVQuant weights its
+    quantization error by the Fisher information the same way). Cost: one forward and backward pass plus one
+    attention per measurement, linear in layers x candidates, instead of a forward of the layers after the perturbed
+    one per measurement. An estimate: it ignores how the error propagates non-linearly through later layers.
+    """
+    return fisher_table(fisher_record(model, ids), base, candidates, progress)
+
+
+def emulated_kl(
+    model: Any, ids: torch.Tensor, configs: Sequence[CacheConfig], progress: bool = True, chunk: int = 128
+) -> list[float]:
+    """Per config, the mean KL(exact || cached) of the next-token distributions over `ids` `[1, tokens]` when every
+    layer's keys and values are stored as that config says (per-layer bits included), emulated over the whole
+    sequence as the calibration attention does (see the module doc): one forward per config, no cache."""
+    from tqdm import tqdm
+
+    ids = ids.to(model.device)
+    sliding = sliding_layers(model.config)
+    predictions = ids.shape[1] - 1
+
+    def logits(target: _Target | None) -> torch.Tensor:
+        with torch.no_grad(), _calibration_attention_on(model, target):
+            return model(ids, use_cache=False).logits[0, :-1].float()
+
+    reference = logits(None)
+    results = []
+    for config in tqdm(configs, desc="calibrate (check)", disable=not progress, unit="config"):
+        perturbed = logits(_Target(None, TENSORS, config, sliding))
+        total = 0.0
+        for start in range(0, predictions, chunk):  # float64 in chunks: a large vocabulary fits in memory
+            p = torch.log_softmax(reference[start : start + chunk].double(), dim=-1)
+            q = torch.log_softmax(perturbed[start : start + chunk].double(), dim=-1)
+            total += float((p.exp() * (p - q)).sum())
+        results.append(total / predictions)
+    return results
 
 
 # -- allocation ------------------------------------------------------------------------------------------------------
@@ -466,8 +529,6 @@ def calibrate(
     """
     if method not in METHODS:
         raise ConfigError(f"calibration method {method!r} is not one of {', '.join(METHODS)}.")
-    from kvpack.harness.data import calibration_data_path, load_tokens
-
     base_config = as_config(base)
     if base_config.layer_bits:
         raise ConfigError(f"the base spec {base_config.spec} already has per-layer bits; give a uniform spec.")
@@ -501,6 +562,112 @@ def calibrate(
     return replace(profile, seconds=time.perf_counter() - start, created=created)
 
 
+AUTO_BASES = ("k4v4", "k4v4-plain-s4", "k4v4-rot", "k4v4-clipk")
+"""The options `calibrate_auto` chooses among, each with bits allocated per layer (the `k4v4` head only names the
+options: `k4v4` the default's (values rotated, 4 sinks), `-plain-s4` nothing rotated (KIVI with sinks), `-rot` keys
+rotated too, `-clipk` clipped key ranges)."""
+
+
+def calibrate_auto(
+    model: Any,
+    tokenizer: Any,
+    budget_bits: float,
+    bases: Sequence[str] = AUTO_BASES,
+    candidates: Sequence[int] = DEFAULT_BITS,
+    tokens: int = DEFAULT_TOKENS,
+    data: str | os.PathLike[str] | None = None,
+    model_name: str = "model",
+    progress: bool = True,
+) -> Profile:
+    """The best cache config within `budget_bits` for `model`, chosen on the calibration text (what `auto-<budget>`
+    specs resolve to): options as well as per-layer bits.
+
+    For each of `bases`, the Fisher estimates (`fisher_table`, one forward and backward pass shared by all) allocate
+    per-layer bits within the budget (`allocate`). The allocations, and every uniform spec of those options at the
+    widest width within the budget (at 4.5 bits `k4v4`, at 3.5 `k3v3`, `k4v2` and `k2v4`), are then measured whole
+    (`emulated_kl`, one forward each) and the lowest KL wins: the result is never worse, on the calibration text,
+    than the best fixed spec of its width with those options. The profile records every candidate's measured KL
+    (`Profile.choices`) and the winner's Fisher table.
+    """
+    candidates = tuple(sorted(set(candidates)))
+    fingerprint = ProfileModel.of(model, model_name)
+    dim = fingerprint.head_dim
+    usable, skipped = [], []
+    for base in bases:  # before any model run: options that cannot fit this model or budget fail in seconds
+        base_config = as_config(base)
+        smallest = replace(
+            base_config,
+            key=replace(base_config.key, bits=min(candidates)),
+            value=replace(base_config.value, bits=min(candidates)),
+        )
+        try:
+            check_head_dims(base_config, dim, dim, where=f"{base_config.spec}: ")
+        except ShapeError as exc:
+            skipped.append(str(exc))
+            continue
+        if smallest.average_bits(dim, dim) > budget_bits + 1e-9:
+            skipped.append(f"{smallest.spec} needs {smallest.average_bits(dim, dim):g} bits per value")
+            continue
+        usable.append(base_config)
+    if not usable:
+        raise ConfigError(f"no option fits {budget_bits:g} bits per value on this model: {'; '.join(skipped)}.")
+    path = Path(data) if data is not None else calibration_data_path()
+    ids, sha256 = load_tokens(path, tokenizer, tokens)
+    start = time.perf_counter()
+    record = fisher_record(model, ids)
+    options: list[tuple[CacheConfig, CacheConfig, tuple[list[list[float]], list[list[float]]], str]] = []
+    uniform: list[tuple[float, CacheConfig, CacheConfig, tuple[list[list[float]], list[list[float]]]]] = []
+    for base_config in usable:
+        table = fisher_table(record, base_config, candidates, progress=False)
+        allocation = allocate(*table, candidates, base_config, budget_bits, dim, dim)
+        options.append((replace(base_config, layer_bits=allocation.layer_bits), base_config, table, "per layer"))
+        for key_bits in candidates:
+            for value_bits in candidates:
+                config = replace(
+                    base_config,
+                    key=replace(base_config.key, bits=key_bits),
+                    value=replace(base_config.value, bits=value_bits),
+                )
+                width = config.average_bits(dim, dim)
+                if width <= budget_bits + 1e-9:
+                    uniform.append((width, config, base_config, table))
+    widest = max(width for width, *_ in uniform) if uniform else None
+    for width, config, base_config, table in uniform:
+        if widest is not None and abs(width - widest) < 1e-9:
+            options.append((config, base_config, table, "uniform"))
+    # The profile's config names every layer's bits; identical candidates (an allocation that is uniform) run once.
+    whole = [replace(c, layer_bits=c.layer_bits or ((c.key.bits, c.value.bits),) * record.layers) for c, *_ in options]
+    unique = list(dict.fromkeys(whole))
+    measured_unique = dict(zip(unique, emulated_kl(model, ids, unique, progress), strict=True))
+    measured = [measured_unique[config] for config in whole]
+    best = min(range(len(options)), key=lambda i: (measured[i], i))
+    config = whole[best]
+    _, base_config, (key_kl, value_kl), _ = options[best]
+    choices = [
+        {"base": b.spec, "kind": kind, "spec": c.spec, "average_bits": c.average_bits(dim, dim), "kl": kl}
+        for (c, b, _, kind), kl in zip(options, measured, strict=True)
+    ]
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    return Profile(
+        config=config,
+        base=base_config.spec,
+        model=fingerprint,
+        data_name=path.name,
+        data_sha256=sha256,
+        tokens=tokens,
+        budget_bits=budget_bits,
+        average_bits=config.average_bits(dim, dim),
+        candidates=candidates,
+        key_kl=key_kl,
+        value_kl=value_kl,
+        seconds=time.perf_counter() - start,
+        kvpack_version=__version__,
+        created=created,
+        method="fisher",
+        choices=choices,
+    )
+
+
 def reallocate(profile: Profile, budget_bits: float) -> Profile:
     """The profile of the same measurements allocated within another budget (no model run)."""
     dim = profile.model.head_dim
@@ -511,21 +678,6 @@ def reallocate(profile: Profile, budget_bits: float) -> Profile:
         config=replace(base, layer_bits=allocation.layer_bits),
         budget_bits=budget_bits,
         average_bits=allocation.average_bits,
+        choices=[],
         path=None,
     )
-
-
-def summary_table(profile: Profile) -> str:
-    """The per-layer choice and KLs as a Markdown table, then the totals."""
-    header = ["layer", "K bits", "V bits", *(f"{t} KL@{b}" for t in "KV" for b in profile.candidates)]
-    rows = [
-        [i, k, v, *(f"{x:.2e}" for x in (*profile.key_kl[i], *profile.value_kl[i]))]
-        for i, (k, v) in enumerate(profile.config.layer_bits)
-    ]
-    lines = markdown_table(header, rows)
-    lines.append(
-        f"\nbudget {profile.budget_bits:g} bits/value, achieved {profile.average_bits:.4g} (metadata included); "
-        f"summed KL {profile.predicted_kl:.4g} (additive model); base {profile.base}; "
-        f"{profile.tokens} tokens of {profile.data_name}; {profile.seconds:.0f} s"
-    )
-    return "\n".join(lines)

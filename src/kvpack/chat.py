@@ -131,7 +131,9 @@ class Conversation:
             raise KVPackError("give the system prompt as the first of `messages`, or `system` without `messages`.")
         self.model = model
         self.tokenizer = tokenizer
-        self.cache: Cache = cache if isinstance(cache, Cache) else KVPackCache(model, cache, backend=backend)
+        self.cache: Cache = (
+            cache if isinstance(cache, Cache) else KVPackCache(model, cache, backend=backend, tokenizer=tokenizer)
+        )
         self.messages: list[dict[str, str]] = [dict(m) for m in messages or []]
         if system is not None:
             self.messages.append({"role": "system", "content": system})

@@ -20,17 +20,18 @@ from typing import Any
 from kvpack.attention.registry import CACHE_BACKENDS
 from kvpack.bench import compare, decode, long_run, memory, persist, report, threads
 from kvpack.bench.synthetic import MODEL_SHAPES
+from kvpack.cache.auto import auto_budget, auto_profile
 from kvpack.calibrate import DEFAULT_METHOD, METHODS
 from kvpack.chat import chat_parts
 from kvpack.compat import cache_kwargs
 from kvpack.config import DEFAULT_PRESET, PRESETS
 from kvpack.errors import KVPackError
 from kvpack.eval import passkey, ruler
-from kvpack.harness.data import default_data_path
 from kvpack.harness.results import (
     add_model_options,
     command_line,
     format_bytes,
+    markdown_table,
     parse_float_list,
     parse_int_list,
     parse_list,
@@ -38,7 +39,8 @@ from kvpack.harness.results import (
     publish,
     write_json,
 )
-from kvpack.profile import resolve_config
+from kvpack.profile import Profile, resolve_config
+from kvpack.texts import default_data_path
 from kvpack.weights import WEIGHT_CHOICES
 
 
@@ -96,6 +98,18 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
+def _check_cache(text: str) -> None:
+    """Raise ConfigError for a --cache that is no preset, spec, profile or `auto-<bits>` (before a model loads)."""
+    if auto_budget(text) is None:
+        resolve_config(text)
+
+
+def _cache_config(text: str, model: Any, tokenizer: Any) -> Any:
+    """The cache config a --cache names for `model` (an `auto-<bits>` spec: its stored profile, or calibrated now)."""
+    budget = auto_budget(text)
+    return auto_profile(model, budget, tokenizer).config if budget is not None else resolve_config(text, model.config)
+
+
 def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[Any, Any, float]:
     """The cache loaded from `--prefix-cache`, the prompt's inputs (the cached prefix, then the new text), and the
     seconds the load took (also said on stderr). Raises KVPackError when the prompt does not continue the prefix."""
@@ -111,7 +125,7 @@ def _load_prefix(args: argparse.Namespace, model: Any, tokenizer: Any) -> tuple[
     assert prefix is not None
     if prefix.shape[0] != 1:
         raise KVPackError(f"{args.prefix_cache} holds a batch of {prefix.shape[0]} prompts; generate continues one.")
-    if args.cache is not None and resolve_config(args.cache) != cache.cache_config:
+    if args.cache is not None and _cache_config(args.cache, model, tokenizer) != cache.cache_config:
         raise KVPackError(
             f"--cache {args.cache} differs from the prefix cache's {cache.cache_config.spec}; omit --cache (the file's "
             "config is used) or rebuild the prefix cache with that spec."
@@ -156,7 +170,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from kvpack.models import load_model
     from kvpack.weights import weight_nbytes
 
-    resolve_config(args.cache or DEFAULT_PRESET)  # bad arguments fail before the model loads
+    _check_cache(args.cache or DEFAULT_PRESET)  # bad arguments fail before the model loads
     if args.prefix_cache is None:
         prompt = _read_prompt(args)
     elif not Path(args.prefix_cache).is_file():
@@ -169,8 +183,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     load_s = 0.0
     if args.prefix_cache is None:
         inputs = _encode(tokenizer, prompt, chat=not args.no_chat).to(model.device)
-        # A profile's path, not its config: KVPackCache checks that it was made for this model.
-        cache = KVPackCache(model.config, args.cache or DEFAULT_PRESET, backend=args.backend)
+        # A profile's path, not its config: KVPackCache checks that it was made for this model; the model itself, as
+        # an auto-<bits> spec calibrates it.
+        cache = KVPackCache(model, args.cache or DEFAULT_PRESET, backend=args.backend, tokenizer=tokenizer)
     else:
         cache, inputs, load_s = _load_prefix(args, model, tokenizer)
     config, cached = cache.cache_config, cache.get_seq_length()
@@ -243,7 +258,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     from kvpack.harness.caches import load_timed_model
     from kvpack.models import load_model
 
-    resolve_config(args.cache or DEFAULT_PRESET)  # bad arguments fail before the model loads
+    _check_cache(args.cache or DEFAULT_PRESET)  # bad arguments fail before the model loads
     if args.prefix_cache is not None:
         if not Path(args.prefix_cache).is_file():
             raise KVPackError(f"--prefix-cache {args.prefix_cache} does not exist; make one with `kvpack cache build`.")
@@ -259,7 +274,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         chat = Conversation.load(args.prefix_cache, model, tokenizer, backend=args.backend)
         assert isinstance(chat.cache, KVPackCache)
-        if args.cache is not None and resolve_config(args.cache) != chat.cache.cache_config:
+        if args.cache is not None and _cache_config(args.cache, model, tokenizer) != chat.cache.cache_config:
             raise KVPackError(
                 f"--cache {args.cache} differs from the prefix cache's {chat.cache.cache_config.spec}; omit --cache "
                 "(the file's config is used)."
@@ -299,12 +314,13 @@ def cmd_cache_build(args: argparse.Namespace) -> int:
     from kvpack.cache.persist import prefix_cache, read_cache_file
     from kvpack.models import DEFAULT_MODEL, load_model
 
-    config = resolve_config(args.cache)
+    _check_cache(args.cache)  # bad arguments fail before the model loads
     text = _read_prompt(args)
     output = Path(args.output)
     if not output.parent.is_dir():
         raise KVPackError(f"-o {output}: the directory {output.parent} does not exist.")
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    config = _cache_config(args.cache, model, tokenizer)
     head = chat_parts(tokenizer)[0] if not args.no_chat else ""
     # As generate encodes: a chat-rendered text has its special tokens spelled out, a raw one gets the tokenizer's.
     ids = tokenizer(head + text, add_special_tokens=False).input_ids if head else tokenizer(text).input_ids
@@ -392,12 +408,36 @@ def cmd_spec(args: argparse.Namespace) -> int:
     return 0
 
 
+def profile_table(profile: Profile) -> str:
+    """The per-layer choice and KLs as a Markdown table, then the totals."""
+    header = ["layer", "K bits", "V bits", *(f"{t} KL@{b}" for t in "KV" for b in profile.candidates)]
+    rows = [
+        [i, k, v, *(f"{x:.2e}" for x in (*profile.key_kl[i], *profile.value_kl[i]))]
+        for i, (k, v) in enumerate(profile.config.layer_bits)
+    ]
+    lines = markdown_table(header, rows)
+    lines.append(
+        f"\nbudget {profile.budget_bits:g} bits/value, achieved {profile.average_bits:.4g} (metadata included); "
+        f"summed KL {profile.predicted_kl:.4g} (additive model); base {profile.base}; "
+        f"{profile.tokens} tokens of {profile.data_name}; {profile.seconds:.0f} s"
+    )
+    if profile.choices:  # options chosen too (--base auto): every candidate measured whole, the lowest KL chosen
+        lines.append("\nmeasured whole on the calibration text (lowest KL chosen):\n")
+        ranked = sorted(profile.choices, key=lambda c: c["kl"])
+        lines += markdown_table(
+            ["options", "bits", "bits/value", "KL"],
+            [[c["base"].replace("k4v4", "k*v*", 1), c["kind"] if c["kind"] != "uniform" else c["spec"].split("-")[0],
+              f"{c['average_bits']:.3f}", f"{c['kl']:.3g}"] for c in ranked],
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
     """Measure, on the calibration text, how much each layer's keys and values at each bit width change the
     next-token distributions (mean KL vs the exact model, one tensor quantized at a time, as the cache would store
     it), choose the per-layer bits that minimise the summed KL within the budget (exact dynamic program), and write a
     JSON profile that --cache accepts in place of a spec."""
-    from kvpack.calibrate import calibrate, reallocate, summary_table
+    from kvpack.calibrate import calibrate, calibrate_auto, reallocate
     from kvpack.models import DEFAULT_MODEL, load_model
     from kvpack.profile import load_profile
 
@@ -407,7 +447,8 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if args.from_profile:  # another budget for measurements already made: no model run
         profile = reallocate(load_profile(args.from_profile), args.budget_bits)
     else:
-        base = resolve_config(args.base)  # bad arguments fail before the model loads
+        choose = args.base.strip().lower() == "auto"
+        base = resolve_config(DEFAULT_PRESET if choose else args.base)  # bad arguments fail before the model loads
         if base.layer_bits:
             raise KVPackError(f"--base {args.base} already has per-layer bits; give a uniform spec (only bits vary).")
         candidates = tuple(parse_int_list(args.bits, "--bits"))
@@ -415,10 +456,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             raise KVPackError(f"--tokens {args.tokens}: calibration needs at least 2 tokens.")
         model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
         name = args.model or DEFAULT_MODEL
-        profile = calibrate(model, tokenizer, args.budget_bits, base=base, candidates=candidates,
-                            tokens=args.tokens, data=args.data, model_name=name, method=args.method)  # fmt: skip
+        if choose:
+            if args.method != "fisher":
+                raise KVPackError("--base auto measures with the fisher method; leave --method out.")
+            profile = calibrate_auto(model, tokenizer, args.budget_bits, candidates=candidates, tokens=args.tokens,
+                                     data=args.data, model_name=name)  # fmt: skip
+        else:
+            profile = calibrate(model, tokenizer, args.budget_bits, base=base, candidates=candidates,
+                                tokens=args.tokens, data=args.data, model_name=name, method=args.method)  # fmt: skip
     profile.save(output)
-    print(summary_table(profile))
+    print(profile_table(profile))
     source = f" (measurements of {args.from_profile})" if args.from_profile else ""
     print(f"wrote {output}{source}: use it with --cache {output}")
     return 0
@@ -682,7 +729,11 @@ def _calibrate_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--budget-bits", type=float, required=True, help="average bits per value, metadata included")
     _options(
         parser,
-        base=(DEFAULT_PRESET, "spec whose options are kept, only bits vary"),
+        base=(
+            DEFAULT_PRESET,
+            "spec whose options are kept, only bits vary; 'auto': choose the options too "
+            "(kvpack.calibrate.AUTO_BASES, what auto-<bits> specs use; fisher method)",
+        ),
         bits=("2,3,4,8", "candidate bit widths"),
         tokens=(512, "calibration tokens"),
         data=(None, "a UTF-8 text file (default: kvpack's calibration text)"),

@@ -15,6 +15,7 @@ from typing import Any
 from transformers import TextGenerationPipeline
 
 from kvpack.attention.registry import check_backend
+from kvpack.cache.auto import auto_budget, auto_profile
 from kvpack.cache.cache import KVPackCache
 from kvpack.compat import cache_keyword
 from kvpack.config import DEFAULT_PRESET, CacheConfig
@@ -29,8 +30,9 @@ class KVPackTextGenerationPipeline(TextGenerationPipeline):
     ...                 pipeline_class=KVPackTextGenerationPipeline, cache_config="k4v4")
     >>> pipe(["The capital of France is", "Once upon a time"], batch_size=2, max_new_tokens=32, do_sample=False)
 
-    cache_config: a preset, spec, `CacheConfig` or profile path (default the `balanced` preset); backend: the
-    attention backend of the caches (see `KVPackCache`). Both are checked when the pipeline is made (ConfigError).
+    cache_config: a preset, spec, `CacheConfig`, profile path or `auto-<bits>` (default the `balanced` preset);
+    backend: the attention backend of the caches (see `KVPackCache`). Both are checked when the pipeline is made
+    (ConfigError); an `auto-<bits>` spec is resolved then too (calibrated once per model).
     """
 
     def __init__(
@@ -41,6 +43,9 @@ class KVPackTextGenerationPipeline(TextGenerationPipeline):
         **kwargs: Any,
     ):
         super().__init__(*args, **kwargs)
+        budget = auto_budget(cache_config)
+        if budget is not None:  # chosen for this model once (calibrated, or read from the profile store)
+            cache_config = auto_profile(self.model, budget, self.tokenizer).config
         self.cache_config = resolve_config(cache_config, self.model.config)
         self.backend = check_backend(backend)
 

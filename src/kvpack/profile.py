@@ -61,7 +61,9 @@ class Profile:
     budget and the achieved `config.average_bits` (bits per value, metadata included). candidates: the measured
     bit widths. key_kl, value_kl: `[layer][candidate]` mean KL when only that tensor is quantized at that width.
     method: how the KLs were measured (`kvpack.calibrate.METHODS`; profiles written before it was recorded were
-    emulated).
+    emulated). choices: for a profile that chose its options too (`kvpack.calibrate.calibrate_auto`), every config
+    it measured whole on the calibration text: `base`, `kind` (`per layer` or `uniform`), `spec`, `average_bits`,
+    `kl`; the lowest `kl` is the profile's config.
     """
 
     config: CacheConfig
@@ -79,6 +81,7 @@ class Profile:
     kvpack_version: str = ""
     created: str = ""
     method: str = "emulate"
+    choices: list[dict[str, Any]] = field(default_factory=list)
     path: Path | None = field(default=None, compare=False)
 
     @property
@@ -129,6 +132,7 @@ class Profile:
             "seconds": self.seconds,
             "spec": self.config.spec,
             "cache_config": self.config.to_dict(),
+            "choices": self.choices,
             "layers": [
                 {
                     "layer": i,
@@ -176,6 +180,7 @@ class Profile:
                 kvpack_version=str(data.get("kvpack_version", "")),
                 created=str(data.get("created", "")),
                 method=str(data.get("method", "emulate")),
+                choices=[dict(choice) for choice in data.get("choices", [])],
             )
         except (KeyError, TypeError, ValueError) as exc:
             if isinstance(exc, ConfigError):
@@ -219,6 +224,11 @@ def resolve_config(config: CacheConfig | str | os.PathLike[str], model: Any = No
     """`kvpack.config.as_config`, and also the path of a calibrated profile (a `.json` file written by `kvpack
     calibrate`): its cache config. A missing, invalid or other-version profile raises ConfigError, and so does a
     profile made for a model whose cache has another shape than `model` (a model or its config), when given."""
+    if isinstance(config, str) and config.strip().lower().startswith("auto-"):
+        raise ConfigError(
+            f"{config.strip()} is chosen per model: `KVPackCache(model, {config.strip()!r})` calibrates the model (or "
+            "reads its stored profile); this call has no model to calibrate."
+        )
     if not is_profile_path(config):
         return as_config(config)
     profile = load_profile(config)

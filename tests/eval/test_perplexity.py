@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from kvpack import KVPackError
 from kvpack.eval.perplexity import stream
 from kvpack.harness.caches import parse_cache_name
-from kvpack.harness.data import load_tokens
+from kvpack.texts import load_tokens
 
 
 @pytest.fixture(scope="module")

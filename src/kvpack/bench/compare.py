@@ -18,9 +18,17 @@ import torch
 from kvpack.cache.plan import cache_shape
 from kvpack.compat import cache_kwargs
 from kvpack.eval.perplexity import stream
-from kvpack.harness.caches import CacheSpec, cache_nbytes, load_timed_model, make_cache, parse_compared, prefill
-from kvpack.harness.data import default_data_path, load_tokens
+from kvpack.harness.caches import (
+    CacheSpec,
+    cache_nbytes,
+    load_timed_model,
+    make_cache,
+    parse_compared,
+    prefill,
+    resolve_auto,
+)
 from kvpack.harness.results import display_path, provenance
+from kvpack.texts import default_data_path, load_tokens
 
 DEFAULT_CACHES = "fp,k8v8,k4v4,k4v2,k2v2,quanto-int4,quanto-int2,hqq-int8,hqq-int4-axis1"
 
@@ -229,6 +237,7 @@ def run_compare(
     for name in weight_formats:
         models[name], tokenizer = load_timed_model(model_name, backends, dtype=dtype, device=device, weights=name)
     model = models["fp"]
+    resolve_auto(specs, model, tokenizer)  # (chosen on the fp-weights model, used with every weight format)
     ids, data_sha256 = load_tokens(data, tokenizer, tokens)
 
     rows: list[dict[str, Any]] = []

@@ -37,8 +37,8 @@ import torch
 from kvpack.cache.plan import context_limit
 from kvpack.compat import cache_kwargs
 from kvpack.harness.caches import load_timed_model
-from kvpack.harness.data import default_data_path, load_tokens
 from kvpack.harness.results import format_bytes, markdown_page, markdown_table, provenance, timed
+from kvpack.texts import default_data_path, load_tokens
 
 REFERENCE = "fp16 dump (DynamicCache)"
 

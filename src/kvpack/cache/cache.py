@@ -10,6 +10,7 @@ from transformers import PretrainedConfig
 from transformers.cache_utils import Cache, DummyLayer
 
 from kvpack.attention.registry import ATTENTION_NAME
+from kvpack.cache.auto import auto_budget, auto_profile
 from kvpack.cache.layer import PackedLayer, PackedSlidingLayer
 from kvpack.cache.plan import check_exact_tokens, context_limit, layer_plan
 from kvpack.config import DEFAULT_PRESET, CacheConfig
@@ -44,11 +45,17 @@ class KVPackCache(Cache):
         config: PretrainedConfig | Any,
         cache_config: CacheConfig | str | os.PathLike[str] = DEFAULT_PRESET,
         backend: str = "auto",
+        tokenizer: Any = None,
     ):
         """config: the model's config (or the model itself); cache_config: a `CacheConfig`, a preset name (default
         `balanced`), a spec string or a calibrated profile's path (see `kvpack.profile.resolve_config`). Per-layer bits
         (`CacheConfig.layer_bits`) must name every layer of the model (else ConfigError); each layer is built from
         `cache_config.for_layer(idx)`.
+
+        `auto-<bits>` (e.g. `auto-4.5`): the options and per-layer bits chosen for this model within that budget on
+        kvpack's calibration text, calibrated the first time (about a minute) and then read from the profile store
+        (`kvpack.cache.auto`). It needs the model itself, and its tokenizer (`tokenizer`, else loaded from the
+        model's folder).
 
         backend: the attention backend when the model runs kvpack's attention (`kvpack.use_kvpack_attention`):
         `auto`, `torch`, `cpu` or `numba` (see `kvpack.attention`); `dense` dequantizes in the cache instead.
@@ -57,8 +64,12 @@ class KVPackCache(Cache):
         """
         from kvpack.attention.registry import check_backend
 
+        model = config
         if not isinstance(config, PretrainedConfig) and isinstance(getattr(config, "config", None), PretrainedConfig):
             config = config.config
+        budget = auto_budget(cache_config)
+        if budget is not None:
+            cache_config = auto_profile(model, budget, tokenizer).config
         self.cache_config = resolve_config(cache_config, config)
         check_exact_tokens(self.cache_config, context_limit(config))
         self.backend = check_backend(backend)

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 from kvpack.cache.plan import context_limit
 from kvpack.compat import cache_kwargs
 from kvpack.errors import ConfigError
-from kvpack.harness.caches import CacheSpec, make_cache, parse_cache_name
+from kvpack.harness.caches import CacheSpec, make_cache, parse_cache_name, resolve_auto
 from kvpack.harness.results import markdown_page, markdown_table, parse_list, provenance, timed
 
 INTRO = (
@@ -312,6 +312,7 @@ def run_passkey(
 
     specs = parse_caches(caches)
     check_settings(lengths, depths, trials)
+    resolve_auto(specs.values(), model, tokenizer)
     requested, depths = sorted(set(lengths)), sorted(set(depths))
     context = context_limit(model.config)
     lengths = fit_lengths(requested, context)

@@ -70,6 +70,7 @@ from kvpack.eval.passkey import (
     parse_caches,
     prefill,
 )
+from kvpack.harness.caches import resolve_auto
 from kvpack.harness.results import markdown_page, markdown_table, parse_list, provenance, timed
 
 NIAH_TEMPLATE = (
@@ -465,6 +466,7 @@ def run_ruler(
     new_tokens = max(TASKS[name].max_new_tokens for name in names)
     lengths = fit_lengths(requested, context, new_tokens)
     check_lengths(tokenizer, names, lengths, samples, seed, chat)
+    resolve_auto(specs.values(), model, tokenizer)
     notes = context_notes(requested, context, new_tokens)
 
     # Longest prompts first: a memory problem shows at once, and the ETA errs long rather than short.

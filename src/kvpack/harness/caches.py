@@ -5,6 +5,8 @@
                                  step, unlike DynamicCache's torch.cat): the strongest fp baseline for speed
     k4v4, k8v8-g64-r128, ...     kvpack (see kvpack.config)
     profile.json[@backend]       a calibrated per-layer profile (`kvpack calibrate`), named `profile:<file stem>`
+    auto-4.5[@backend], ...      options and per-layer bits chosen for the model within the budget (calibrated once,
+                                 then read from the profile store: `kvpack.cache.auto`; `resolve_auto`)
     k4v4@cpu, k4v4@dense, ...    kvpack with an attention backend (auto, torch, cpu, numba; dense = dequantize in
                                  the cache and let the model's attention read it); default auto
     quanto-int4, quanto-int2     transformers' QuantizedCache, optimum-quanto backend
@@ -27,6 +29,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from kvpack.attention.registry import check_backend
+from kvpack.cache.auto import auto_budget
 from kvpack.compat import cache_kwargs
 from kvpack.config import CacheConfig, parse_spec
 from kvpack.errors import ConfigError, KVPackError
@@ -46,6 +49,7 @@ class CacheSpec:
     peer: dict[str, Any] = field(default_factory=dict)
     backend: str = "auto"
     profile: str | None = None  # a profile's path (kind "kvpack"); `name` is then its short label
+    auto: float | None = None  # the budget of an `auto-<bits>` spec; its `profile` is set by `resolve_auto`
 
     @property
     def feed_first_tokens_together(self) -> int:
@@ -87,6 +91,11 @@ def parse_cache_name(name: str) -> CacheSpec:
             )
         return spec
     spec_text, _, backend = name.partition("@")
+    if (budget := auto_budget(spec_text)) is not None:
+        if backend:
+            check_backend(backend)
+        label = f"auto-{budget:g}" + (f"@{backend}" if backend and backend != "auto" else "")
+        return CacheSpec(name=label, kind="kvpack", backend=backend or "auto", auto=budget)
     try:
         config = resolve_config(spec_text)
         if backend:
@@ -102,6 +111,15 @@ def parse_cache_name(name: str) -> CacheSpec:
     if backend and backend != "auto":
         return CacheSpec(name=f"{label}@{backend}", kind="kvpack", backend=backend, profile=profile)
     return CacheSpec(name=label, kind="kvpack", profile=profile)
+
+
+def resolve_auto(specs: Iterable[CacheSpec], model: Any, tokenizer: Any) -> None:
+    """Give each `auto-<bits>` spec of `specs` its profile for `model`: calibrated now, or read from the store."""
+    from kvpack.cache.auto import auto_profile
+
+    for spec in specs:
+        if spec.auto is not None and spec.profile is None:
+            spec.profile = str(auto_profile(model, spec.auto, tokenizer).path)
 
 
 def uniform_spec(spec: str) -> CacheConfig:

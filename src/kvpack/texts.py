@@ -15,7 +15,7 @@ _DATA_FILE = Path("shared") / "data" / "wikitext2_test.txt"
 
 def default_data_path() -> Path:
     """WikiText-2 test in ../shared/data, beside the project (looked for from the working directory first)."""
-    candidates = [Path.cwd().parent / _DATA_FILE, Path(__file__).resolve().parents[3].parent / _DATA_FILE]
+    candidates = [Path.cwd().parent / _DATA_FILE, Path(__file__).resolve().parents[2].parent / _DATA_FILE]
     return next((path for path in candidates if path.is_file()), candidates[0])
 
 
@@ -24,7 +24,7 @@ def calibration_data_path() -> Path:
 
     What `kvpack calibrate` and the codebook fit measure on: never the evaluation text.
     """
-    return Path(__file__).resolve().parents[1] / "data" / "calibration.txt"
+    return Path(__file__).resolve().parent / "data" / "calibration.txt"
 
 
 def load_tokens(path: str | Path, tokenizer: Any, n_tokens: int) -> tuple[torch.Tensor, str]:
