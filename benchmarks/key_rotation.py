@@ -112,19 +112,29 @@ def versions() -> dict[str, str]:
     return {"kvpack": kvpack.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
 
 
-def markdown(result: dict[str, Any]) -> str:
-    runs = result["runs"]
-    lines = [
-        "# Rotate keys or not: the default specs vs KIVI + 4 sinks, on the calibration text",
+def header_lines(result: dict[str, Any], title: str, data: str) -> list[str]:
+    """The title and the provenance bullets of a result of runs per model (each run's first row is fp's)."""
+    return [
+        f"# {title}",
         "",
         f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['machine']['torch_threads']} "
         f"torch threads; versions: " + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- command: `{result['command']}`",
-        f"- data: kvpack's calibration text (`{result['data']['path']}`), first {result['data']['tokens']} tokens of "
-        "each model's tokenization, streamed one token at a time",
+        f"- data: {data}",
         "- each cell: ΔPPL vs the full-precision cache / mean KL(fp || cache); fp PPL: "
-        + ", ".join(f"{run['model']} {run['rows'][0]['ppl']:.3f}" for run in runs),
+        + ", ".join(f"{run['model']} {run['rows'][0]['ppl']:.3f}" for run in result["runs"]),
         "",
+    ]
+
+
+def markdown(result: dict[str, Any]) -> str:
+    runs = result["runs"]
+    data = (
+        f"kvpack's calibration text (`{result['data']['path']}`), first {result['data']['tokens']} tokens of each "
+        "model's tokenization, streamed one token at a time"
+    )
+    lines = [
+        *header_lines(result, "Rotate keys or not: the default specs vs KIVI + 4 sinks, on the calibration text", data),
         "| spec as typed | means | " + " | ".join(run["model"] for run in runs) + " |",
         "|---|---|" + "---|" * len(runs),
     ]

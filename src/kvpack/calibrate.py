@@ -546,20 +546,27 @@ def calibrate(
         config=base_config,
         base=base_config.spec,
         model=fingerprint,
-        data_name=path.name,
-        data_sha256=sha256,
-        tokens=tokens,
         budget_bits=budget_bits,
         average_bits=base_config.average_bits(fingerprint.head_dim, fingerprint.head_dim),  # (uniform, reallocated)
         candidates=candidates,
         key_kl=key_kl,
         value_kl=value_kl,
-        kvpack_version=__version__,
         method=method,
+        **_provenance(path, sha256, tokens, start),
     )
-    profile = reallocate(measured, budget_bits)
-    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
-    return replace(profile, seconds=time.perf_counter() - start, created=created)
+    return reallocate(measured, budget_bits)
+
+
+def _provenance(path: Path, sha256: str, tokens: int, start: float) -> dict[str, Any]:
+    """The fields of a `Profile` that say what it was measured on, when and how long it took (since `start`)."""
+    return {
+        "data_name": path.name,
+        "data_sha256": sha256,
+        "tokens": tokens,
+        "seconds": time.perf_counter() - start,
+        "kvpack_version": __version__,
+        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
 
 
 AUTO_BASES = ("k4v4", "k4v4-plain-s4", "k4v4-rot", "k4v4-clipk")
@@ -636,7 +643,8 @@ def calibrate_auto(
         if widest is not None and abs(width - widest) < 1e-9:
             options.append((config, base_config, table, "uniform"))
     # The profile's config names every layer's bits; identical candidates (an allocation that is uniform) run once.
-    whole = [replace(c, layer_bits=c.layer_bits or ((c.key.bits, c.value.bits),) * record.layers) for c, *_ in options]
+    whole = [c if c.layer_bits else replace(b, layer_bits=((c.key.bits, c.value.bits),) * record.layers)
+             for c, b, *_ in options]  # fmt: skip
     unique = list(dict.fromkeys(whole))
     measured_unique = dict(zip(unique, emulated_kl(model, ids, unique, progress), strict=True))
     measured = [measured_unique[config] for config in whole]
@@ -647,22 +655,16 @@ def calibrate_auto(
         {"base": b.spec, "kind": kind, "spec": c.spec, "average_bits": c.average_bits(dim, dim), "kl": kl}
         for (c, b, _, kind), kl in zip(options, measured, strict=True)
     ]
-    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     return Profile(
         config=config,
         base=base_config.spec,
         model=fingerprint,
-        data_name=path.name,
-        data_sha256=sha256,
-        tokens=tokens,
         budget_bits=budget_bits,
         average_bits=config.average_bits(dim, dim),
         candidates=candidates,
         key_kl=key_kl,
         value_kl=value_kl,
-        seconds=time.perf_counter() - start,
-        kvpack_version=__version__,
-        created=created,
+        **_provenance(path, sha256, tokens, start),
         method="fisher",
         choices=choices,
     )
