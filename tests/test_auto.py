@@ -201,3 +201,10 @@ def test_the_harness_resolves_auto_specs_once_the_model_is_loaded() -> None:
     assert spec.bits_per_value() == load_profile(spec.profile).average_bits
     with pytest.raises(ConfigError, match="attention backend 'nope'"):
         parse_cache_name("auto-4.5@nope")
+
+
+def test_the_decode_bench_refuses_auto_on_a_random_weight_shape() -> None:
+    from kvpack.bench.decode import run_decode
+
+    with pytest.raises(ConfigError, match="not on a random-weight --model-shape"):
+        run_decode(["fp", "auto-4.5"], [1024], model_shape="llama-3.2-1b")

@@ -29,7 +29,8 @@ from kvpack.bench.compare import decode_speed, interleaved, speed_columns
 from kvpack.bench.report import tokens_per_s_lines
 from kvpack.bench.synthetic import shaped_model
 from kvpack.cache.plan import cache_shape, context_limit, flushed_tokens
-from kvpack.harness.caches import load_timed_model, parse_compared, prepare_timed_model, uniform_spec
+from kvpack.errors import ConfigError
+from kvpack.harness.caches import load_timed_model, parse_compared, prepare_timed_model, resolve_auto, uniform_spec
 from kvpack.harness.results import figure, markdown_page, markdown_table, plot_lines, provenance, timed
 
 GB = 1e9
@@ -245,8 +246,11 @@ def run_decode(
     specs = parse_compared(caches)
     backends_used = [cache.backend for cache in specs]
     if model_shape is None:
-        model, _ = load_timed_model(model_name, backends_used, dtype=dtype, device=device)
+        model, tokenizer = load_timed_model(model_name, backends_used, dtype=dtype, device=device)
+        resolve_auto(specs, model, tokenizer)
     else:
+        if auto := [spec.name for spec in specs if spec.auto is not None]:
+            raise ConfigError(f"{auto[0]} calibrates on a trained model's text: not on a random-weight --model-shape.")
         model = prepare_timed_model(shaped_model(model_shape, dtype), backends_used)
     contexts = [min(c, context_limit(model.config) - steps - 3) for c in contexts]
     result: dict[str, Any] = {
