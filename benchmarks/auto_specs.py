@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from key_rotation import header_lines, load, versions  # (benchmarks/ is the script's folder)
 
+from kvpack.config import parse_spec
 from kvpack.eval.perplexity import stream
 from kvpack.harness.caches import parse_cache_name, prepare_timed_model, resolve_auto
 from kvpack.harness.results import display_path, markdown_table
@@ -126,9 +127,10 @@ def markdown(result: dict[str, Any]) -> str:
         for row in run["rows"][1:]:
             if "auto" in row:
                 auto = row["auto"]
-                choices.append(
-                    [run["model"], row["typed"], auto["options"], auto["kind"], f"{auto['calibration_s']:.0f} s"]
-                )
+                pairs = set(parse_spec(auto["chosen"]).layer_bits)
+                bits = f"k{min(pairs)[0]}v{min(pairs)[1]} every layer" if len(pairs) == 1 else "per layer"
+                options = auto["options"].replace("k4v4-", "", 1)  # (the base's head only names the options)
+                choices.append([run["model"], row["typed"], options, bits, f"{auto['calibration_s']:.0f} s"])
     lines += markdown_table(["model", "cache", "options chosen", "bits", "calibration"], choices)
     return "\n".join(lines) + "\n"
 
