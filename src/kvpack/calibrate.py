@@ -622,39 +622,28 @@ def calibrate_auto(
     ids, sha256 = load_tokens(path, tokenizer, tokens)
     start = time.perf_counter()
     record = fisher_record(model, ids)
+    # (config naming every layer's bits, its option set, that set's Fisher table, kind); allocations first.
     options: list[tuple[CacheConfig, CacheConfig, tuple[list[list[float]], list[list[float]]], str]] = []
-    uniform: list[tuple[float, CacheConfig, CacheConfig, tuple[list[list[float]], list[list[float]]]]] = []
+    uniform = []
     for base_config in usable:
         table = fisher_table(record, base_config, candidates, progress=False)
         allocation = allocate(*table, candidates, base_config, budget_bits, dim, dim)
         options.append((replace(base_config, layer_bits=allocation.layer_bits), base_config, table, "per layer"))
-        for key_bits in candidates:
-            for value_bits in candidates:
-                config = replace(
-                    base_config,
-                    key=replace(base_config.key, bits=key_bits),
-                    value=replace(base_config.value, bits=value_bits),
-                )
-                width = config.average_bits(dim, dim)
-                if width <= budget_bits + 1e-9:
-                    uniform.append((width, config, base_config, table))
-    widest = max(width for width, *_ in uniform) if uniform else None
-    for width, config, base_config, table in uniform:
-        if widest is not None and abs(width - widest) < 1e-9:
-            options.append((config, base_config, table, "uniform"))
-    # The profile's config names every layer's bits; identical candidates (an allocation that is uniform) run once.
-    whole = [c if c.layer_bits else replace(b, layer_bits=((c.key.bits, c.value.bits),) * record.layers)
-             for c, b, *_ in options]  # fmt: skip
-    unique = list(dict.fromkeys(whole))
+        uniform += [(replace(base_config, layer_bits=((k, v),) * record.layers), base_config, table, "uniform")
+                    for k in candidates for v in candidates]  # fmt: skip
+    fitting = [option for option in uniform if option[0].average_bits(dim, dim) <= budget_bits + 1e-9]
+    widest = max((option[0].average_bits(dim, dim) for option in fitting), default=0.0)
+    options += [option for option in fitting if abs(option[0].average_bits(dim, dim) - widest) < 1e-9]
+    unique = list(dict.fromkeys(config for config, *_ in options))  # an allocation that is uniform runs once
     measured_unique = dict(zip(unique, emulated_kl(model, ids, unique, progress), strict=True))
-    measured = [measured_unique[config] for config in whole]
+    measured = [measured_unique[config] for config, *_ in options]
     best = min(range(len(options)), key=lambda i: (measured[i], i))
-    config = whole[best]
-    _, base_config, (key_kl, value_kl), _ = options[best]
+    config, base_config, (key_kl, value_kl), _ = options[best]
     choices = [
-        {"base": b.spec, "kind": kind, "spec": c.spec, "average_bits": c.average_bits(dim, dim), "kl": kl}
+        {"base": b.spec, "kind": kind, "spec": c.for_layer(0).spec if kind == "uniform" else c.spec,
+         "average_bits": c.average_bits(dim, dim), "kl": kl}
         for (c, b, _, kind), kl in zip(options, measured, strict=True)
-    ]
+    ]  # fmt: skip
     return Profile(
         config=config,
         base=base_config.spec,
