@@ -37,7 +37,7 @@ RESULTS=(
   "long_run|$kvpack bench long --json $out/long_run.json"
   "concurrency|$kvpack bench threads --json $out/concurrency.json"
   "passkey|$kvpack passkey --caches fp,k8v8,k4v4,compact,k2v2 --lengths 1024,2048,4096 --depths 0.1,0.3,0.5,0.7,0.9 --trials 2 --seed 0 --threads 1 --json $out/passkey.json --markdown $out/passkey.md --png $out/passkey.png"
-  "ruler|$kvpack ruler --caches fp,k8v8,k4v4,compact,k2v2 --tasks all --lengths 1024,2048,4096,8192 --samples 20 --seed 0 --threads 2 --json $out/ruler.json --markdown $out/ruler.md --png $out/ruler.png"
+  "ruler|$kvpack ruler --caches fp,k8v8,k4v4,compact,k2v2,quanto-int4 --tasks all --lengths 1024,2048,4096,8192 --samples 20 --seed 0 --threads 2 --checkpoint $runs/ruler.jsonl --json $out/ruler.json --markdown $out/ruler.md --png $out/ruler.png"
   "press_compose|$python benchmarks/press_compose.py --windows 2 --continuation 64 --trials 1 --out $out/press_compose.json"
   "auto_specs|$python benchmarks/auto_specs.py --out $out/auto_specs.json"
   "calibration_methods|$python benchmarks/calibration_methods.py --out $out/calibration_methods.json"

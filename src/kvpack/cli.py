@@ -563,7 +563,7 @@ def cmd_ruler(args: argparse.Namespace) -> int:
         caches=caches,
         tasks=tasks,
         lengths=lengths,
-        **_pick(args, "samples", "seed", "chat"),
+        **_pick(args, "samples", "seed", "chat", "checkpoint"),
         model_name=args.model or DEFAULT_MODEL,
         command=command_line("ruler", options),
     )
@@ -783,6 +783,8 @@ def _ruler_options(parser: argparse.ArgumentParser) -> None:
     path = "benchmarks/results/ruler"
     _options(parser, json=(f"{path}.json", "JSON path"), markdown=(f"{path}.md", "Markdown path"))
     _options(parser, png=(f"{path}.png", "score-vs-length PNG path"))
+    resume = "JSON Lines file each finished sample is appended to; run again with it to ask only what it lacks"
+    _options(parser, checkpoint=(None, resume + " (a run cut off, more samples, lengths or caches)"))
 
 
 def _bench_decode_options(parser: argparse.ArgumentParser) -> None:

@@ -454,3 +454,43 @@ def test_cli_bad_arguments_fail_before_loading_the_model(monkeypatch: pytest.Mon
         args = cli.build_parser().parse_args(["ruler", *argv])
         with pytest.raises(KVPackError, match=message):
             args.func(args)
+
+
+def test_checkpoint_resumes_without_asking_again(
+    tiny_model: Any, tokenizer: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A run given a checkpoint file records each sample there; a later run with it asks only what is missing (more
+    samples, another cache), and its result equals a run without one. Other settings, or a cut-off last line."""
+    asked: list[tuple[str, str, int]] = []
+
+    def answer(model: Any, tokenizer: Any, prompt: ruler.RulerPrompt, cache: Any, max_new_tokens: int) -> str:
+        asked.append((type(cache).__name__, prompt.sample.task, prompt.n_tokens))
+        found = prompt.sample.answers[:1] if isinstance(cache, KVPackCache) else prompt.sample.answers
+        return " " + ", ".join(found)
+
+    monkeypatch.setattr(ruler, "generate_answer", answer)
+    checkpoint = tmp_path / "ruler.jsonl"
+    settings = {"tasks": "niah_single,niah_multiquery", "lengths": [256], "progress": False}
+    first = run_ruler(tiny_model, tokenizer, caches=["fp"], samples=2, checkpoint=checkpoint, **settings)
+    assert len(asked) == 4 and first["resumed_runs"] == 0
+    asked.clear()
+    resumed = run_ruler(tiny_model, tokenizer, caches=TINY_CACHES, samples=3, checkpoint=checkpoint, **settings)
+    assert sorted(name for name, *_ in asked) == ["DynamicCache"] * 2 + ["KVPackCache"] * 6  # fp: the third samples
+    assert resumed["resumed_runs"] == 4
+    asked.clear()
+    plain = run_ruler(tiny_model, tokenizer, caches=TINY_CACHES, samples=3, **settings)
+    assert len(asked) == 12
+    drop = ("generate_s", "shared_prefill_s")
+    assert [{k: v for k, v in r.items() if k not in drop} for r in resumed["runs"]] == [
+        {k: v for k, v in r.items() if k not in drop} for r in plain["runs"]
+    ]
+    assert resumed["cells"] == plain["cells"] and resumed["checkpoint"] == str(checkpoint)
+    assert "4 were taken from the checkpoint" in to_markdown(resumed)
+    # A run cut off mid-line loses that line only; other settings are refused before anything runs.
+    text = checkpoint.read_text()
+    checkpoint.write_text(text + text.splitlines()[-1][:40])
+    asked.clear()
+    run_ruler(tiny_model, tokenizer, caches=TINY_CACHES, samples=3, checkpoint=checkpoint, **settings)
+    assert asked == []
+    with pytest.raises(KVPackError, match="seed"):
+        run_ruler(tiny_model, tokenizer, caches=TINY_CACHES, samples=3, seed=1, checkpoint=checkpoint, **settings)

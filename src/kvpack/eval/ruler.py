@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import json
 import math
 import random
 import string
@@ -442,6 +443,7 @@ def run_ruler(
     model_name: str | None = None,
     command: str | None = None,
     progress: bool = True,
+    checkpoint: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score each cache on each task at each length; the JSON-ready result.
 
@@ -455,6 +457,12 @@ def run_ruler(
     holds the run's settings, machine and versions, `cells[cache][task][length]` (string lengths: {"n", "mean",
     "low", "high", "interval"}), `mean_over_tasks[cache][length]`, and one record per generation in `runs`
     (prompt, needle positions, expected values, output text, score, timings).
+
+    checkpoint: a JSON Lines file that each finished (cache, task, length, sample) is appended to as it finishes; a
+    later run given the same file asks only what it does not hold yet (a run cut off, more samples, lengths or
+    caches), so a long run can be spread over several sessions. Its first line records what the answers depend on
+    (`checkpoint_settings`); a run with other settings is refused (ConfigError) before anything runs. The result
+    counts the runs taken from it (`resumed_runs`).
     """
     from tqdm import tqdm
 
@@ -468,6 +476,9 @@ def run_ruler(
     check_lengths(tokenizer, names, lengths, samples, seed, chat)
     resolve_auto(specs.values(), model, tokenizer)
     notes = context_notes(requested, context, new_tokens)
+    label = model_name or getattr(model.config, "name_or_path", None)
+    attention = getattr(model.config, "_attn_implementation", None)
+    done = _open_checkpoint(checkpoint, checkpoint_settings(label, seed, chat, attention, names))
 
     # Longest prompts first: a memory problem shows at once, and the ETA errs long rather than short.
     cells = [(n, task, s) for n in reversed(lengths) for task in names for s in range(samples)]
@@ -476,14 +487,22 @@ def run_ruler(
     with tqdm(total=len(cells), unit="sample", desc="ruler", disable=not progress, file=sys.stderr) as bar:
         for n_tokens, task, index in cells:
             bar.set_postfix_str(f"{n_tokens} tokens, {task}, sample {index + 1}/{samples}")
+            missing = {cache: spec for cache, spec in specs.items() if (cache, task, n_tokens, index) not in done}
+            if not missing:
+                runs += [done[cache, task, n_tokens, index] for cache in specs]
+                bar.update()
+                continue
             prompt = build_prompt(tokenizer, make_sample(task, seed, n_tokens, index), n_tokens, chat=chat)
             prefilled, prefill_s = timed(prefill, model, prompt)
-            for name, spec in specs.items():
+            for cache_name, spec in specs.items():
+                if cache_name not in missing:
+                    runs.append(done[cache_name, task, n_tokens, index])
+                    continue
                 generate_start = time.perf_counter()
                 cache = filled_cache(spec, model.config, prefilled)
                 output = generate_answer(model, tokenizer, prompt, cache, TASKS[task].max_new_tokens)
                 runs.append({
-                    "cache": name, "task": task, "length": n_tokens, "sample": index,
+                    "cache": cache_name, "task": task, "length": n_tokens, "sample": index,
                     "prompt_tokens": prompt.n_tokens, "filler_sentences": prompt.filler_sentences,
                     "needle_tokens": list(prompt.needle_tokens),
                     "needle_depths": [round(d, 4) for d in prompt.needle_depths],
@@ -492,6 +511,9 @@ def run_ruler(
                     "shared_prefill_s": round(prefill_s, 3) if prefilled is not None else None,
                     "generate_s": round(time.perf_counter() - generate_start, 3),
                 })  # fmt: skip
+                if checkpoint is not None:
+                    with open(checkpoint, "a", encoding="utf-8") as file:
+                        file.write(json.dumps(runs[-1]) + "\n")
             bar.update()
 
     def scores(name: str, task: str, n_tokens: int) -> list[float]:
@@ -505,9 +527,9 @@ def run_ruler(
         for name in specs
     }
     return {
-        **provenance("ruler", model, model_name or getattr(model.config, "name_or_path", None), command=command),
+        **provenance("ruler", model, label, command=command),
         "prompt": "chat" if chat else "raw",
-        "attention": getattr(model.config, "_attn_implementation", None),
+        "attention": attention,
         "tasks": names,
         "task_settings": {
             name: {"max_new_tokens": TASKS[name].max_new_tokens, "description": TASKS[name].description}
@@ -525,8 +547,52 @@ def run_ruler(
         "cells": summary,
         "mean_over_tasks": mean_over_tasks,
         "elapsed_s": round(time.perf_counter() - start, 1),
+        **({"checkpoint": str(checkpoint)} if checkpoint is not None else {}),
+        "resumed_runs": sum((r["cache"], r["task"], r["length"], r["sample"]) in done for r in runs),
         "runs": runs,
     }
+
+
+def checkpoint_settings(
+    model_name: str | None, seed: int, chat: bool, attention: str | None, tasks: Sequence[str]
+) -> dict[str, Any]:
+    """What a checkpoint's answers depend on besides (cache, task, length, sample): the first line of its file."""
+    from kvpack.version import __version__
+
+    return {
+        "ruler_checkpoint": 1, "kvpack": __version__, "model": model_name, "seed": seed, "chat": chat,
+        "attention": attention, "max_new_tokens": {task: TASKS[task].max_new_tokens for task in tasks},
+    }  # fmt: skip
+
+
+def _open_checkpoint(path: str | Path | None, settings: dict[str, Any]) -> dict[tuple[str, str, int, int], Any]:
+    """The runs a checkpoint file holds, by (cache, task, length, sample); a new file gets `settings` as its first
+    line. A last line cut off mid-write is dropped (and cut from the file); other settings raise ConfigError."""
+    if path is None:
+        return {}
+    path = Path(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if text and not text.endswith("\n"):  # a run stopped while writing: keep the whole lines
+        text = text[: text.rfind("\n") + 1]
+        path.write_text(text, encoding="utf-8")
+    if not text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(settings) + "\n", encoding="utf-8")
+        return {}
+    lines = text.splitlines()
+    try:
+        recorded = json.loads(lines[0])
+        runs = [json.loads(line) for line in lines[1:]]
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not a ruler checkpoint (JSON Lines): {exc}") from exc
+    if not isinstance(recorded, dict) or "ruler_checkpoint" not in recorded:
+        raise ConfigError(f"{path} is not a ruler checkpoint: its first line records no settings.")
+    mine = {**settings, "max_new_tokens": {**recorded.get("max_new_tokens", {}), **settings["max_new_tokens"]}}
+    differ = sorted(key for key in set(recorded) | set(mine) if recorded.get(key) != mine.get(key))
+    if differ:
+        changes = "; ".join(f"{key}: {recorded.get(key)!r} there, {mine.get(key)!r} here" for key in differ)
+        raise ConfigError(f"{path} was made with other settings ({changes}); use another checkpoint file.")
+    return {(r["cache"], r["task"], r["length"], r["sample"]): r for r in runs}
 
 
 def _cell_text(cell: dict[str, Any]) -> str:
@@ -545,6 +611,11 @@ def to_markdown(result: dict[str, Any]) -> str:
         "(Wilson when every score is 0 or 1, else normal). "
         f"Run time {result['elapsed_s'] / 60:.1f} min."
     )
+    if result.get("resumed_runs"):
+        intro += (
+            f" Of its {len(result['runs'])} answers, {result['resumed_runs']} were taken from the checkpoint file of "
+            "earlier runs with the same settings (the run time counts the last run only)."
+        )
     if result.get("shared_prefill"):
         intro += (
             " Each prompt but its last token is run through the model once, in full precision, and handed to every "
