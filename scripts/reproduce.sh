@@ -40,6 +40,7 @@ RESULTS=(
   "ruler|$kvpack ruler --caches fp,k8v8,k4v4,compact,k2v2,quanto-int4 --tasks all --lengths 1024,2048,4096,8192 --samples 20 --seed 0 --threads 2 --checkpoint $runs/ruler.jsonl --json $out/ruler.json --markdown $out/ruler.md --png $out/ruler.png"
   "press_compose|$python benchmarks/press_compose.py --windows 2 --continuation 64 --trials 1 --out $out/press_compose.json"
   "auto_specs|$python benchmarks/auto_specs.py --out $out/auto_specs.json"
+  "target_limits|$python benchmarks/target_limits.py --out $out/target_limits.json"
   "calibration_methods|$python benchmarks/calibration_methods.py --out $out/calibration_methods.json"
   "compare_weights|$kvpack compare --caches fp,k4v4 --weights fp,int8,int4 --tokens 512 --contexts 1024 --steps 8 --threads 1 --out $out/compare_weights.json"
 )

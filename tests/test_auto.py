@@ -3,6 +3,7 @@ the profile store keyed by the model, accepted by `KVPackCache`, the pipeline an
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -14,7 +15,7 @@ from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
 from kvpack import ConfigError, KVPackCache, cli, parse_spec
 from kvpack.bench.synthetic import biased_key_model
 from kvpack.cache import auto
-from kvpack.calibrate import calibrate_auto, emulated_kl, fisher_sensitivity
+from kvpack.calibrate import calibrate_auto, emulated_kl, emulated_quality, fisher_sensitivity
 from kvpack.compat import cache_kwargs
 from kvpack.harness.caches import make_cache, parse_cache_name, resolve_auto
 from kvpack.profile import load_profile, resolve_config
@@ -97,6 +98,7 @@ def test_a_sliding_window_model_is_calibrated_with_its_windows() -> None:
     for spec in ("k2v2-plain-g16-r16-s2", "k3v2-g16-r8-s3-rot"):
         config = parse_spec(spec)
         emulated = emulated_kl(model, ids, [config], progress=False)[0]
+        quality = emulated_quality(model, ids, [config], progress=False)[0]
         logprobs = []
         for cache in (DynamicCache(config=model.config), KVPackCache(model, config)):
             with torch.no_grad():
@@ -110,6 +112,11 @@ def test_a_sliding_window_model_is_calibrated_with_its_windows() -> None:
         assert streamed > 0
         # Same stored data, same queries; float32 summation order differs (as in test_calibrate, rotation included).
         assert emulated == pytest.approx(streamed, rel=1e-3), spec
+        assert quality.kl == emulated
+        targets = ids[0, 1:]
+        for logp, ppl in ((ref, quality.reference_ppl), (got, quality.ppl)):
+            assert ppl == pytest.approx(math.exp(-float(logp.gather(1, targets[:, None]).mean())), rel=1e-4), spec
+        assert quality.delta_ppl_pct == pytest.approx(100 * (quality.ppl / quality.reference_ppl - 1))
     key_kl, value_kl = fisher_sensitivity(model, ids, parse_spec("k4v4-plain-g16-r16-s2"), (2, 4), progress=False)
     # Layer 0's window (8 tokens) lies within the exact residual window (16): nothing it reads is ever packed.
     assert key_kl[0] == value_kl[0] == [0.0, 0.0]

@@ -408,17 +408,34 @@ def fisher_sensitivity(
     return fisher_table(fisher_record(model, ids), base, candidates, progress)
 
 
-def emulated_kl(
+@dataclass(frozen=True)
+class Emulated:
+    """The quality of one cache config over a text (see `emulated_quality`): mean KL(exact || cached) of the next-token
+    distributions, and the perplexity of the text under the cached and under the exact model."""
+
+    kl: float
+    ppl: float
+    reference_ppl: float
+
+    @property
+    def delta_ppl_pct(self) -> float:
+        """The cached model's perplexity relative to the exact model's, in percent."""
+        return 100 * (self.ppl / self.reference_ppl - 1)
+
+
+def emulated_quality(
     model: Any, ids: torch.Tensor, configs: Sequence[CacheConfig], progress: bool = True, chunk: int = 128
-) -> list[float]:
-    """Per config, the mean KL(exact || cached) of the next-token distributions over `ids` `[1, tokens]` when every
-    layer's keys and values are stored as that config says (per-layer bits included), emulated over the whole
-    sequence as the calibration attention does (see the module doc): one forward per config, no cache."""
+) -> list[Emulated]:
+    """Per config, the mean KL(exact || cached) of the next-token distributions over `ids` `[1, tokens]`, and the
+    perplexities, when every layer's keys and values are stored as that config says (per-layer bits included),
+    emulated over the whole sequence as the calibration attention does (see the module doc): one forward per config,
+    no cache. What streaming the tokens one at a time through a `KVPackCache` gives, up to float rounding."""
     from tqdm import tqdm
 
     ids = ids.to(model.device)
     sliding = sliding_layers(model.config)
     predictions = ids.shape[1] - 1
+    targets = ids[0, 1:]
 
     def logits(target: _Target | None) -> torch.Tensor:
         with torch.no_grad(), _calibration_attention_on(model, target):
@@ -428,13 +445,23 @@ def emulated_kl(
     results = []
     for config in tqdm(configs, desc="calibrate (check)", disable=not progress, unit="config"):
         perturbed = logits(_Target(None, TENSORS, config, sliding))
-        total = 0.0
+        kl = nll = reference_nll = 0.0
         for start in range(0, predictions, chunk):  # float64 in chunks: a large vocabulary fits in memory
             p = torch.log_softmax(reference[start : start + chunk].double(), dim=-1)
             q = torch.log_softmax(perturbed[start : start + chunk].double(), dim=-1)
-            total += float((p.exp() * (p - q)).sum())
-        results.append(total / predictions)
+            kl += float((p.exp() * (p - q)).sum())
+            chosen = targets[start : start + chunk, None]
+            reference_nll -= float(p.gather(1, chosen).sum())
+            nll -= float(q.gather(1, chosen).sum())
+        results.append(Emulated(kl / predictions, math.exp(nll / predictions), math.exp(reference_nll / predictions)))
     return results
+
+
+def emulated_kl(
+    model: Any, ids: torch.Tensor, configs: Sequence[CacheConfig], progress: bool = True, chunk: int = 128
+) -> list[float]:
+    """Per config, the mean KL(exact || cached) of `emulated_quality`."""
+    return [quality.kl for quality in emulated_quality(model, ids, configs, progress, chunk)]
 
 
 # -- allocation ------------------------------------------------------------------------------------------------------

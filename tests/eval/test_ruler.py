@@ -486,6 +486,9 @@ def test_checkpoint_resumes_without_asking_again(
     ]
     assert resumed["cells"] == plain["cells"] and resumed["checkpoint"] == str(checkpoint)
     assert "4 were taken from the checkpoint" in to_markdown(resumed)
+    cells = {(r["task"], r["sample"]): r["shared_prefill_s"] for r in plain["runs"]}
+    answers = sum(r["generate_s"] for r in plain["runs"])
+    assert plain["compute_s"] == pytest.approx(sum(cells.values()) + answers, abs=0.1)
     # A run cut off mid-line loses that line only; other settings are refused before anything runs.
     text = checkpoint.read_text()
     checkpoint.write_text(text + text.splitlines()[-1][:40])

@@ -547,10 +547,17 @@ def run_ruler(
         "cells": summary,
         "mean_over_tasks": mean_over_tasks,
         "elapsed_s": round(time.perf_counter() - start, 1),
+        "compute_s": round(_compute_seconds(runs), 1),
         **({"checkpoint": str(checkpoint)} if checkpoint is not None else {}),
         "resumed_runs": sum((r["cache"], r["task"], r["length"], r["sample"]) in done for r in runs),
         "runs": runs,
     }
+
+
+def _compute_seconds(runs: Sequence[dict[str, Any]]) -> float:
+    """The model time of `runs`: each shared prefill once, and every answer."""
+    prefills = {(r["task"], r["length"], r["sample"]): r["shared_prefill_s"] or 0.0 for r in runs}
+    return sum(prefills.values()) + sum(r["generate_s"] for r in runs)
 
 
 def checkpoint_settings(
@@ -614,7 +621,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     if result.get("resumed_runs"):
         intro += (
             f" Of its {len(result['runs'])} answers, {result['resumed_runs']} were taken from the checkpoint file of "
-            "earlier runs with the same settings (the run time counts the last run only)."
+            "earlier runs with the same settings (the run time counts the last run only; the model's time over "
+            f"every prefill and answer: {result['compute_s'] / 60:.1f} min)."
         )
     if result.get("shared_prefill"):
         intro += (
