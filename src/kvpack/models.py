@@ -46,7 +46,8 @@ def load_model(
 ) -> tuple[Any, Any]:
     """Load `(model, tokenizer)`: the embedded default when `name` is None, else a local or cached HF model.
 
-    Nothing is downloaded: `name` must be a local directory or a model already in the Hugging Face cache.
+    Nothing is downloaded: `name` must be a local directory, a local `.gguf` file (its tensors de-quantized to
+    `dtype`) or a model already in the Hugging Face cache.
     With `verbose`, progress goes to stderr (transformers shows its own bar while converting GGUF weights).
     weights: `fp` (as loaded), `int8` or `int4` (linear layers quantized with optimum-quanto; see kvpack.weights).
     """
@@ -62,6 +63,8 @@ def load_model(
         gguf = default_model_file()
         label = f"{DEFAULT_MODEL} (embedded default, {gguf.name})"
         source, kwargs = str(gguf.parent), {"gguf_file": gguf.name}
+    elif str(name).endswith(".gguf") and Path(name).is_file():  # a GGUF file: de-quantized to `dtype` on loading
+        label, source, kwargs = name, str(Path(name).parent), {"gguf_file": Path(name).name}
     else:
         label, source, kwargs = name, name, {"local_files_only": True}
     if verbose:

@@ -33,9 +33,17 @@ def test_names_parse_to_kinds_and_peer_options() -> None:
     assert hqq.peer["axis_key"] == hqq.peer["axis_value"] == 1
     assert hqq.feed_first_tokens_together == 2 and hqq.notes  # the workaround is stated in the results
     assert quanto.feed_first_tokens_together == 1 and not quanto.notes
+    tqai = parse_cache_name("tqai-k4v2-r128-s4")
+    assert tqai.kind == "peer" and tqai.name == "tqai-k4v2-r128-s4"
+    assert tqai.peer == {"backend": "tqai", "bits_k": 4, "bits_v": 2, "residual_length": 128, "sink_tokens": 4}
+    assert parse_cache_name("tqai-k4v4").peer == {
+        "backend": "tqai", "bits_k": 4, "bits_v": 4, "residual_length": 0, "sink_tokens": 0,
+    }  # fmt: skip
+    assert any("dequantized copy" in note for note in tqai.notes)
+    assert tqai.bits_per_value(64) == 3.25 and tqai.bits_per_value() is None  # codes + a float16 norm per vector
 
 
-@pytest.mark.parametrize("bad", ["quanto", "hqq-int4-axis2", "k5v4", "fp16x", ""])
+@pytest.mark.parametrize("bad", ["quanto", "hqq-int4-axis2", "k5v4", "fp16x", "", "tqai-k4", "tqai-k4v4-g32"])
 def test_unknown_names_list_the_accepted_forms(bad: str) -> None:
     with pytest.raises(ConfigError, match="quanto-int4"):
         parse_cache_name(bad)
@@ -46,6 +54,32 @@ def test_missing_peer_package_says_what_to_install(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(caches.importlib.util, "find_spec", lambda name: None if "quanto" in name else real(name))
     with pytest.raises(KVPackError, match="pip install 'optimum-quanto'"):
         make_cache(parse_cache_name("quanto-int4"), tiny_config())
+
+
+def test_missing_tqai_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(caches.importlib.util, "find_spec", lambda name: None if "tqai" in name else real(name))
+    with pytest.raises(KVPackError, match="pip install 'tqai'"):
+        make_cache(parse_cache_name("tqai-k4v4"), tiny_config())
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tqai") is None, reason="tqai is not installed")
+@pytest.mark.parametrize("name", ["tqai-k8v8", "tqai-k4v4-r16-s2"])
+def test_tqai_peer_streams_and_its_bytes_are_counted(name: str) -> None:
+    """tqai (TurboQuant) returns every token dequantized: close to the input at 8 bits, exact in its residual window
+    and sinks; it holds float buffers of every token (more bytes than DynamicCache), which `cache_nbytes` finds."""
+    config = tiny_config()
+    cache, fp = make_cache(parse_cache_name(name), config), DynamicCache(config=config)
+    _fill(cache, config, 100)
+    _fill(fp, config, 100)
+    keys, _ = cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)
+    exact = fp.layers[0].keys
+    assert keys.shape == (1, 2, 101, 16) and cache.get_seq_length(0) == 101
+    error = (keys[:, :, :100] - exact).norm() / exact.norm()
+    assert error < (0.02 if name == "tqai-k8v8" else 0.2), float(error)
+    if name.endswith("-r16-s2"):
+        assert torch.equal(keys[:, :, :2], exact[:, :, :2]) and torch.equal(keys[:, :, 85:100], exact[:, :, 85:])
+    assert cache_nbytes(cache) > cache_nbytes(fp)
 
 
 def test_make_cache_builds_each_kind() -> None:

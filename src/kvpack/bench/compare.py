@@ -264,6 +264,8 @@ def run_compare(
         row.update(cache=spec.name, weights=fmt, weight_bytes=result["weights"][fmt])
         if spec.profile is not None:  # the table's label is short; the JSON keeps the file and the full spec
             row.update(profile=spec.profile, spec=spec.config().spec, bits_per_value=spec.bits_per_value())
+        elif spec.peer.get("backend") == "tqai":  # nominal bits depend on the head dim
+            row["bits_per_value"] = spec.bits_per_value(cache_shape(model.config).head_dim)
         if fmt != "fp":
             same_cache = by_key[spec.name].perplexity
             row["delta_ppl_vs_fp_weights_pct"] = 100 * (by_key[key].perplexity / same_cache - 1)

@@ -12,6 +12,9 @@
     quanto-int4, quanto-int2     transformers' QuantizedCache, optimum-quanto backend
     hqq-int8, hqq-int4-axis1     transformers' QuantizedCache, HQQ backend (axis 0 by default, as transformers)
     ...[-g<group>][-r<residual>] group size (default 64) and residual length (default 128) of the peers
+    tqai-k4v4[-r<n>][-s<n>]      tqai's TurboQuant cache (random rotation + Lloyd-Max levels for the rotated
+                                 coordinates + a float16 norm per vector); -r: its exact window of the newest tokens
+                                 (its "residual" strategy; default none), -s: exact sink tokens (default none)
 
 Peers need their packages (the `peers` extra); asking for one that is missing says which to install.
 """
@@ -36,7 +39,8 @@ from kvpack.errors import ConfigError, KVPackError
 from kvpack.profile import is_profile_path, resolve_config
 
 _PEER = re.compile(r"^(quanto|hqq)-int(\d)((?:-(?:g\d+|r\d+|axis[01]))*)$")
-_PEER_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq")}
+_TQAI = re.compile(r"^tqai-k(\d)v(\d)((?:-(?:r\d+|s\d+))*)$")
+_PEER_PACKAGES = {"quanto": ("optimum.quanto", "optimum-quanto"), "hqq": ("hqq", "hqq"), "tqai": ("tqai", "tqai")}
 
 
 @dataclass
@@ -66,10 +70,15 @@ class CacheSpec:
         """The kvpack cache config (kind "kvpack" only)."""
         return resolve_config(self.source)
 
-    def bits_per_value(self) -> float | None:
-        """Nominal stored bits per cached value (codes + metadata) of a kvpack cache; None for the others (a peer's
-        metadata dtype is its own: `cache_nbytes` counts its bytes instead of assuming them)."""
-        return self.config().bits_per_value if self.kind == "kvpack" else None
+    def bits_per_value(self, head_dim: int | None = None) -> float | None:
+        """Nominal stored bits per cached value (codes + metadata) of a kvpack cache, and of tqai's given the head
+        dim (codes + a float16 norm per vector); None for the others (a peer's metadata dtype is its own:
+        `cache_nbytes` counts its bytes instead of assuming them)."""
+        if self.kind == "kvpack":
+            return self.config().bits_per_value
+        if self.peer.get("backend") == "tqai" and head_dim:
+            return (self.peer["bits_k"] + self.peer["bits_v"]) / 2 + 16 / head_dim
+        return None
 
 
 def parse_cache_name(name: str) -> CacheSpec:
@@ -90,6 +99,15 @@ def parse_cache_name(name: str) -> CacheSpec:
                 "of KV heads (shared/BASELINES.md)"
             )
         return spec
+    if tqai := _TQAI.match(name):
+        options = dict(re.findall(r"-([rs])(\d+)", tqai.group(3)))
+        settings = {"backend": "tqai", "bits_k": int(tqai.group(1)), "bits_v": int(tqai.group(2))}
+        settings.update(residual_length=int(options.get("r", 0)), sink_tokens=int(options.get("s", 0)))
+        notes = [
+            "tqai keeps a dequantized copy of every token it quantizes (in the model's dtype) and no codes: its "
+            "bytes are what it holds, not its nominal bits (codes + a float16 norm per vector)"
+        ]
+        return CacheSpec(name=name, kind="peer", peer=settings, notes=notes)
     spec_text, _, backend = name.partition("@")
     if (budget := auto_budget(spec_text)) is not None:
         if backend:
@@ -103,7 +121,7 @@ def parse_cache_name(name: str) -> CacheSpec:
     except ConfigError as exc:
         raise ConfigError(
             f"unknown cache {name!r}: use 'fp', a kvpack spec (e.g. k4v4) or a peer "
-            f"(quanto-int4, quanto-int2, hqq-int8, hqq-int4-axis1, ...[-g64][-r128]). ({exc})"
+            f"(quanto-int4, quanto-int2, hqq-int8, hqq-int4-axis1, ...[-g64][-r128]; tqai-k4v4[-r128][-s4]). ({exc})"
         ) from exc
     # A profile's spec holds two digits per layer: tables name it by its file instead (the JSON keeps the path).
     profile = spec_text if is_profile_path(spec_text) else None
@@ -178,6 +196,18 @@ def make_cache(spec: CacheSpec, model_config: Any) -> Any:
 
         return KVPackCache(model_config, spec.source, backend=spec.backend)
     require_packages(spec)
+    if spec.peer["backend"] == "tqai":
+        from tqai.cache.hf import TurboQuantDynamicCache
+        from tqai.config import TurboQuantConfig
+
+        peer = spec.peer
+        strategy = {"cache_strategy": "residual", "residual_window": peer["residual_length"]}
+        settings = {"bits_k": peer["bits_k"], "bits_v": peer["bits_v"], "sink_tokens": peer["sink_tokens"]}
+        # tqai.patch(model, bits_k, bits_v, ...) builds this cache (seed 42); its own default strategy keeps no
+        # exact window ("incremental").
+        return TurboQuantDynamicCache(
+            TurboQuantConfig(**settings, seed=42, backend="torch", **(strategy if peer["residual_length"] else {}))
+        )
     from transformers import QuantizedCache
 
     return QuantizedCache(config=model_config, **spec.peer)
@@ -282,6 +312,5 @@ def cache_nbytes(cache: Any) -> int:
             for value in vars(obj).values():
                 visit(value, depth + 1)
 
-    for layer in cache.layers:
-        visit(layer, 0)
+    visit(cache, 0)  # its layers, and what a cache keeps beside them (tqai keeps its buffers in dicts of its own)
     return sum(held.values())

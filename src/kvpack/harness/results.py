@@ -268,7 +268,7 @@ def add_model_options(
     """Declare `--model`, `--dtype`, `--device` (unless not `device`) and `--threads` (named `threads_flag`, stored
     as `threads`; 0: torch's choice). `kvpack.cli.main` applies `threads` before any command runs."""
     threads = "torch's choice" if threads_default == 0 else threads_default
-    model_help = "local dir or cached HF model id (default: embedded SmolLM2-135M)"
+    model_help = "local dir, .gguf file or cached HF model id (default: embedded SmolLM2-135M)"
     parser.add_argument("--model", default=None, help=model_help)
     parser.add_argument("--dtype", choices=DTYPE_CHOICES, default="float32")
     if device:
