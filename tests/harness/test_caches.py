@@ -67,14 +67,16 @@ def test_missing_tqai_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> N
 @pytest.mark.parametrize("name", ["tqai-k8v8", "tqai-k4v4-r16-s2"])
 def test_tqai_peer_streams_and_its_bytes_are_counted(name: str) -> None:
     """tqai (TurboQuant) returns every token dequantized: close to the input at 8 bits, exact in its residual window
-    and sinks; it holds float buffers of every token (more bytes than DynamicCache), which `cache_nbytes` finds."""
+    and sinks; it holds float buffers of every token (more bytes than DynamicCache), which `cache_nbytes` finds.
+    The update takes transformers 5.25's keyword arguments (tqai 0.6's own does not)."""
     config = tiny_config()
+    config.head_dim = 64  # tqai ships levels for head dims 64, 96, 128, 256 (others need scipy to fit them)
     cache, fp = make_cache(parse_cache_name(name), config), DynamicCache(config=config)
     _fill(cache, config, 100)
     _fill(fp, config, 100)
-    keys, _ = cache.update(torch.zeros(1, 2, 1, 16), torch.zeros(1, 2, 1, 16), 0)
+    keys, _ = cache.update(torch.zeros(1, 2, 1, 64), torch.zeros(1, 2, 1, 64), 0, None, kwargs={})
     exact = fp.layers[0].keys
-    assert keys.shape == (1, 2, 101, 16) and cache.get_seq_length(0) == 101
+    assert keys.shape == (1, 2, 101, 64) and cache.get_seq_length(0) == 101
     error = (keys[:, :, :100] - exact).norm() / exact.norm()
     assert error < (0.02 if name == "tqai-k8v8" else 0.2), float(error)
     if name.endswith("-r16-s2"):

@@ -200,12 +200,19 @@ def make_cache(spec: CacheSpec, model_config: Any) -> Any:
         from tqai.cache.hf import TurboQuantDynamicCache
         from tqai.config import TurboQuantConfig
 
+        class TqaiCache(TurboQuantDynamicCache):
+            """tqai's cache, its `update` taking the keyword arguments transformers 5.25 adds (tqai 0.6 takes none)."""
+
+            def update(self, key_states: Any, value_states: Any, layer_idx: int, cache_kwargs: Any = None,
+                       **_: Any) -> Any:  # fmt: skip
+                return super().update(key_states, value_states, layer_idx, cache_kwargs)
+
         peer = spec.peer
         strategy = {"cache_strategy": "residual", "residual_window": peer["residual_length"]}
         settings = {"bits_k": peer["bits_k"], "bits_v": peer["bits_v"], "sink_tokens": peer["sink_tokens"]}
         # tqai.patch(model, bits_k, bits_v, ...) builds this cache (seed 42); its own default strategy keeps no
         # exact window ("incremental").
-        return TurboQuantDynamicCache(
+        return TqaiCache(
             TurboQuantConfig(**settings, seed=42, backend="torch", **(strategy if peer["residual_length"] else {}))
         )
     from transformers import QuantizedCache
