@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from key_rotation import header_lines, load, result_header, write  # (benchmarks/ is the script's folder)
 
+from kvpack.cache.plan import cache_shape, check_head_dims
 from kvpack.calibrate import emulated_quality
 from kvpack.config import as_config
 from kvpack.harness.results import display_path, markdown_table
@@ -48,7 +49,7 @@ WIDTHS: tuple[tuple[str, float, float | None, tuple[str, ...]], ...] = (
                          "k3v3-cbk", "k3v3-ok1", "k3v3-s16", "k3v3-r256", "k3v3-g32", "k3v3-g16")),
     ("2.5", 6.0, 0.05, ("k2v2", "k2v8", "k8v2", "k2v2-rotk", "k2v2-plain-s4-clipk", "k2v2-cbk", "k2v2-ok1",
                         "k2v2-s16", "k2v2-r256", "k2v2-g32", "k2v2-g16")),
-    ("2.0", 15.0, None, ("k2v2-g128",)),
+    ("2.0", 15.0, None, ("k2v2-gk128",)),  # the fewest bits a spec has here: 2.375 (values: groups <= head dim)
 )  # fmt: skip
 MODELS = ("smollm2", "gemma3-270m")
 TEXTS = {"wikitext": (default_data_path, 2048), "calibration": (calibration_data_path, 512)}
@@ -73,10 +74,14 @@ def main() -> None:
         for model_name in args.models.split(","):
             model, tokenizer = load(model_name, Path(workdir))
             run: dict[str, Any] = {"model": model_name, "rows": {}}
+            configs = [as_config(s) for s in specs]
+            shape = cache_shape(model.config)
+            for config in configs:  # before any model run: a spec this model cannot hold fails in seconds
+                check_head_dims(config, shape.head_dim, shape.head_dim, where=f"{model_name}, {config.spec}: ")
             for text, (path, tokens) in TEXTS.items():
                 ids, sha = load_tokens(path(), tokenizer, tokens)
                 start = time.perf_counter()
-                qualities = emulated_quality(model, ids, [as_config(s) for s in specs], progress=False)
+                qualities = emulated_quality(model, ids, configs, progress=False)
                 seconds = time.perf_counter() - start
                 run[f"{text}_sha256"] = sha
                 run[f"{text}_fp_ppl"] = qualities[0].reference_ppl
