@@ -487,13 +487,10 @@ def run_ruler(
     with tqdm(total=len(cells), unit="sample", desc="ruler", disable=not progress, file=sys.stderr) as bar:
         for n_tokens, task, index in cells:
             bar.set_postfix_str(f"{n_tokens} tokens, {task}, sample {index + 1}/{samples}")
-            missing = {cache: spec for cache, spec in specs.items() if (cache, task, n_tokens, index) not in done}
-            if not missing:
-                runs += [done[cache, task, n_tokens, index] for cache in specs]
-                bar.update()
-                continue
-            prompt = build_prompt(tokenizer, make_sample(task, seed, n_tokens, index), n_tokens, chat=chat)
-            prefilled, prefill_s = timed(prefill, model, prompt)
+            missing = [cache for cache in specs if (cache, task, n_tokens, index) not in done]
+            if missing:  # the prompt and its shared prefill only where some cache still has to answer it
+                prompt = build_prompt(tokenizer, make_sample(task, seed, n_tokens, index), n_tokens, chat=chat)
+                prefilled, prefill_s = timed(prefill, model, prompt)
             for cache_name, spec in specs.items():
                 if cache_name not in missing:
                     runs.append(done[cache_name, task, n_tokens, index])
