@@ -26,6 +26,7 @@ time. The options measured here are diagnostics: defaults change only on the cal
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -60,6 +61,12 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated among %(default)s")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/target_limits.json"))
+    parser.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the runs --out already holds for the models not named in --models (same specs and "
+        "texts only), so one model can be added to a committed result",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     specs = list(dict.fromkeys(spec for *_, row in WIDTHS for spec in row))
@@ -70,6 +77,8 @@ def main() -> None:
         "widths": [{"bits": w, "target_delta_ppl_pct": p, "target_kl": k, "specs": list(s)} for w, p, k, s in WIDTHS],
         "runs": runs,
     }
+    if args.keep and args.out.exists():
+        runs += _kept_runs(json.loads(args.out.read_text()), result, args.models.split(","))
     with tempfile.TemporaryDirectory() as workdir:
         for model_name in args.models.split(","):
             model, tokenizer = load(model_name, Path(workdir))
@@ -95,6 +104,18 @@ def main() -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
 
 
+def _kept_runs(old: dict[str, Any], new: dict[str, Any], models: list[str]) -> list[dict[str, Any]]:
+    """The runs of an earlier result worth keeping: its other models, only when it measured the same specs on the same
+    texts (else a table would mix two definitions), with the earlier commands recorded by the caller's header."""
+    for field in ("texts", "widths"):
+        if old.get(field) != new[field]:
+            raise SystemExit(f"--keep: {field} in the existing result differ from this script's; rerun every model")
+    kept = [run for run in old["runs"] if run["model"] not in models]
+    for run in kept:
+        run.setdefault("measured", {"date": old.get("date"), "command": old.get("command")})
+    return kept
+
+
 def _cell(row: dict[str, Any], text: str) -> str:
     return f"{row[text]['delta_ppl_pct']:+.2f}% / {row[text]['kl']:.4f}"
 
@@ -110,6 +131,8 @@ def markdown(result: dict[str, Any]) -> str:
         data,
     )
     lines[-2] = lines[-2].replace("fp PPL", "fp PPL on WikiText")
+    lines[-1:-1] = [f"- {run['model']}: kept from the run of {run['measured']['date']} (`{run['measured']['command']}`)"
+                    for run in runs if "measured" in run]  # fmt: skip
     header = ["spec", "bits/value", *(f"{run['model']} {text}" for run in runs for text in texts)]
     for width in result["widths"]:
         target = f"ΔPPL <= +{width['target_delta_ppl_pct']:g}%"
