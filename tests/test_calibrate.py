@@ -18,7 +18,9 @@ from kvpack.calibrate import (
     SensitivityMeter,
     allocate,
     emulate_stored,
+    fisher_record,
     fisher_sensitivity,
+    fisher_table,
     measure_sensitivity,
     quantized_mask,
 )
@@ -154,6 +156,25 @@ def test_fisher_estimate_is_zero_with_nothing_packed_and_falls_with_bits(llama: 
     for table in fisher_sensitivity(llama, ids, parse_spec(BASE), (2, 3, 4, 8), progress=False):
         for row in table:
             assert all(a > b > 0 for a, b in itertools.pairwise(row)), row
+
+
+def test_fisher_tables_sharing_measurements_equal_tables_made_alone(llama: PreTrainedModel) -> None:
+    """`calibrate_auto` builds the tables of several option sets with one memo: a measurement two sets share (the same
+    tensor stored the same way, the same exact window) is made once, and every table is the one made alone."""
+    ids = prompt(tokens=120, seed=2)
+    record = fisher_record(llama, ids)
+    bases = ["k4v4-g16-r16-s2", "k4v4-plain-g16-r16-s2", "k4v4-g16-r16-s2-rot", "k4v4-g16-r16-s2-clipk",
+             "k4v4-g16-r32-s2", "k4v4-gk32-gv16-r16-s2"]  # fmt: skip
+    memo: dict[object, object] = {}
+    for base in bases:
+        alone = fisher_table(record, parse_spec(base), (2, 4), progress=False)
+        assert fisher_table(record, parse_spec(base), (2, 4), progress=False, memo=memo) == alone, base
+    layers = len(record.inputs)
+    # Keys stored 5 ways (the first two bases store them alike; rotated, clipped, a wider window, 32-token groups) and
+    # values 4 ways (rotated in the first, third and fourth; plain; the wider window; the 32-token blocks), 2 widths;
+    # the exact outputs once per window (r16 with 16-token blocks, r32, 32-token blocks).
+    assert sum(1 for key in memo if key[0] == "perturbed") == (5 + 4) * 2 * layers
+    assert sum(1 for key in memo if key[0] == "exact") == 3 * layers
 
 
 # -- allocation ------------------------------------------------------------------------------------------------------

@@ -358,32 +358,49 @@ def fisher_record(model: Any, ids: torch.Tensor) -> FisherRecord:
 
 
 def fisher_table(
-    record: FisherRecord, base: CacheConfig, candidates: Sequence[int], progress: bool = True
+    record: FisherRecord,
+    base: CacheConfig,
+    candidates: Sequence[int],
+    progress: bool = True,
+    memo: dict[Any, Any] | None = None,
 ) -> tuple[list[list[float]], list[list[float]]]:
     """`(key_kl, value_kl)` `[layer][candidate]` estimated from `record` for the options of `base` (see
-    `fisher_sensitivity`); layers without a cache get zeros."""
+    `fisher_sensitivity`); layers without a cache get zeros.
+
+    `memo` (a dict shared by calls on the same record) keeps each measurement under what it depends on: the layer,
+    the tensor, how that tensor is stored, and the exact window (sinks, residual, blocks); option sets that store a
+    tensor alike (the default and `-rot` store values alike) then measure it once. The tables are the same."""
     from tqdm import tqdm
 
+    memo = {} if memo is None else memo
     table: dict[str, list[list[float]]] = {n: [[0.0] * len(candidates) for _ in range(record.layers)] for n in TENSORS}
+    window = (base.sinks, base.residual, base.block_tokens)
     jobs = [(layer, tensor, b_idx, bits) for layer in sorted(record.inputs) for tensor in TENSORS
             for b_idx, bits in enumerate(candidates)]  # fmt: skip
-    exact: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for layer, tensor, b_idx, bits in tqdm(jobs, desc="calibrate (fisher)", disable=not progress, unit="run"):
-            module, query, key, value, mask, scaling = record.inputs[layer]
-            if layer not in exact:  # the same arithmetic as the perturbed output, nothing stored quantized
-                _active.target = _Target(layer, (), base, record.sliding)
-                exact[layer] = _calibration_attention(module, query, key, value, mask, scaling=scaling)[0].float()
-            spec = getattr(base, tensor)
-            config = replace(base, layer_bits=(), **{tensor: replace(spec, bits=bits)})
-            _active.target = _Target(layer, (tensor,), config, record.sliding)
-            try:
-                perturbed = _calibration_attention(module, query, key, value, mask, scaling=scaling)[0].float()
-            finally:
-                _active.target = None
-            error = (record.weights[layer] * (perturbed - exact[layer]) ** 2).sum()
-            table[tensor][layer][b_idx] = 0.5 * float(error) / record.predictions
+            spec = replace(getattr(base, tensor), bits=bits)
+            key = ("perturbed", layer, tensor, spec, *window)
+            if key not in memo:
+                memo[key] = _fisher_term(record, layer, replace(base, layer_bits=(), **{tensor: spec}), tensor, memo)
+            table[tensor][layer][b_idx] = memo[key]
     return table["key"], table["value"]
+
+
+def _fisher_term(record: FisherRecord, layer: int, config: CacheConfig, tensor: str, memo: dict[Any, Any]) -> float:
+    """The Fisher estimate of storing `tensor` of `layer` as `config` says (see `fisher_sensitivity`)."""
+    module, query, key, value, mask, scaling = record.inputs[layer]
+    exact_key = ("exact", layer, config.sinks, config.residual, config.block_tokens)
+    try:
+        if exact_key not in memo:  # the same arithmetic as the perturbed output, nothing stored quantized
+            _active.target = _Target(layer, (), config, record.sliding)
+            memo[exact_key] = _calibration_attention(module, query, key, value, mask, scaling=scaling)[0].float()
+        _active.target = _Target(layer, (tensor,), config, record.sliding)
+        perturbed = _calibration_attention(module, query, key, value, mask, scaling=scaling)[0].float()
+    finally:
+        _active.target = None
+    error = (record.weights[layer] * (perturbed - memo[exact_key]) ** 2).sum()
+    return 0.5 * float(error) / record.predictions
 
 
 def fisher_sensitivity(
@@ -442,19 +459,43 @@ def emulated_quality(
             return model(ids, use_cache=False).logits[0, :-1].float()
 
     reference = logits(None)
+    # Per reference row, its log-normalizer in float64, and the text's log-likelihood under it, once.
+    normalizers = torch.cat([torch.logsumexp(reference[start : start + chunk].double(), dim=-1)
+                             for start in range(0, predictions, chunk)])  # fmt: skip
+    reference_nll = -float((reference.gather(1, targets[:, None])[:, 0].double() - normalizers).sum())
     results = []
     for config in tqdm(configs, desc="calibrate (check)", disable=not progress, unit="config"):
         perturbed = logits(_Target(None, TENSORS, config, sliding))
-        kl = nll = reference_nll = 0.0
-        for start in range(0, predictions, chunk):  # float64 in chunks: a large vocabulary fits in memory
-            p = torch.log_softmax(reference[start : start + chunk].double(), dim=-1)
-            q = torch.log_softmax(perturbed[start : start + chunk].double(), dim=-1)
-            kl += float((p.exp() * (p - q)).sum())
-            chosen = targets[start : start + chunk, None]
-            reference_nll -= float(p.gather(1, chosen).sum())
-            nll -= float(q.gather(1, chosen).sum())
+        kl = nll = 0.0
+        for start in range(0, predictions, chunk):  # in chunks: a large vocabulary fits in memory
+            rows = slice(start, start + chunk)
+            row_kl, log_q = _kl_rows(reference[rows], normalizers[rows], perturbed[rows], targets[rows])
+            kl += float(row_kl.sum())
+            nll -= float(log_q.sum())
         results.append(Emulated(kl / predictions, math.exp(nll / predictions), math.exp(reference_nll / predictions)))
     return results
+
+
+def _kl_rows(
+    reference: torch.Tensor, normalizers: torch.Tensor, perturbed: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row of logits, KL(softmax(reference) || softmax(perturbed)) and log softmax(perturbed)[target], float64.
+
+    With p = softmax(reference) (`normalizers`: its float64 log-normalizers) and d = reference - perturbed less its
+    p-weighted mean (a shift of a row's logits changes neither distribution), KL = sum(p d) + log Z and
+    log q = perturbed - logsumexp(reference) - log Z, where Z = sum(p exp(-d)) = 1 + sum(p expm1(-d)) is taken
+    through `log1p`: each term is computed to float32's relative precision of its own size, so a KL of 1e-10 keeps
+    its digits without a float64 copy of the vocabulary.
+    """
+    p = torch.exp(reference - normalizers[:, None].float())
+    total = p.sum(dim=-1, dtype=torch.float64)  # 1 up to rounding: normalize by it
+    d = reference - perturbed
+    shift = ((p * d).sum(dim=-1, dtype=torch.float64) / total).float()
+    d -= shift[:, None]
+    first = (p * d).sum(dim=-1, dtype=torch.float64) / total
+    log_z = torch.log1p((p * torch.expm1(-d)).sum(dim=-1, dtype=torch.float64) / total)
+    log_q = perturbed.gather(1, targets[:, None])[:, 0].double() - normalizers + shift.double() - log_z
+    return first + log_z, log_q
 
 
 def emulated_kl(
@@ -652,8 +693,9 @@ def calibrate_auto(
     # (config naming every layer's bits, its option set, that set's Fisher table, kind); allocations first.
     options: list[tuple[CacheConfig, CacheConfig, tuple[list[list[float]], list[list[float]]], str]] = []
     uniform = []
+    memo: dict[Any, Any] = {}  # measurements option sets share are made once
     for base_config in usable:
-        table = fisher_table(record, base_config, candidates, progress=False)
+        table = fisher_table(record, base_config, candidates, progress=False, memo=memo)
         allocation = allocate(*table, candidates, base_config, budget_bits, dim, dim)
         options.append((replace(base_config, layer_bits=allocation.layer_bits), base_config, table, "per layer"))
         uniform += [(replace(base_config, layer_bits=((k, v),) * record.layers), base_config, table, "uniform")
