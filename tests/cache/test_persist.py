@@ -467,6 +467,9 @@ def test_a_forged_window_allocates_only_what_the_file_holds(llama_file: Path, ll
         (lambda h: h["layers"][0].update(shadow_len=16), "shadow"),
         (lambda h: h["token_ids"].append(h["token_ids"][0]), "do not match its layers"),
         (lambda h: h["model"].update(head_dim=32), "do not match its layers"),
+        (lambda h: h["model"]["layer_plan"].__setitem__(1, "sliding"), "layer_plan"),  # a window is a number
+        (lambda h: h["model"]["layer_plan"].__setitem__(1, "sliding:0"), "layer_plan"),
+        (lambda h: h["model"]["layer_plan"].__setitem__(1, "sliding:x"), "layer_plan"),
     ],
 )
 def test_inconsistent_layers_are_refused(

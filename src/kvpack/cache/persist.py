@@ -67,6 +67,7 @@ _HeadsOrDim = Annotated[int, (1, MAX_HEADS_OR_DIM)]
 _TokenId = Annotated[int, (0, (1 << 31) - 1)]
 _Sha256 = Annotated[str, re.compile("[0-9a-f]{64}")]
 _PER_LAYER = (0, 1 << 16)
+_LayerKind = Annotated[str, re.compile("full|none|sliding:[1-9][0-9]{0,9}")]
 
 # The dtypes a prompt cache holds, by their safetensors names (the checksum spells them so).
 _ST_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
@@ -98,7 +99,7 @@ class ModelFingerprint:
 
     name: str
     architecture: str
-    layer_plan: Annotated[tuple[str, ...], _PER_LAYER]
+    layer_plan: Annotated[tuple[_LayerKind, ...], _PER_LAYER]
     kv_heads: _HeadsOrDim
     head_dim: _HeadsOrDim
     dtype: str
