@@ -15,7 +15,7 @@ from transformers import DynamicCache, LlamaForCausalLM, PreTrainedModel
 from kvpack import ConfigError, KVPackCache, cli, parse_spec
 from kvpack.bench.synthetic import biased_key_model
 from kvpack.cache import auto
-from kvpack.calibrate import calibrate_auto, emulated_kl, emulated_quality, fisher_sensitivity
+from kvpack.calibrate import AUTO_BASES, calibrate_auto, emulated_kl, emulated_quality, fisher_sensitivity
 from kvpack.compat import cache_kwargs
 from kvpack.harness.caches import make_cache, parse_cache_name, resolve_auto
 from kvpack.profile import load_profile, resolve_config
@@ -34,11 +34,11 @@ def profile_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return store
 
 
-def sharp_llama(vocab_size: int = VOCAB, seed: int = 0) -> PreTrainedModel:
+def sharp_llama(vocab_size: int = VOCAB, seed: int = 0, layers: int = 2) -> PreTrainedModel:
     """A tiny random Llama with head_dim 64 (the default groups fit) and output weights scaled up so that its
     next-token distributions are as sharp as a trained model's (see test_calibrate)."""
     torch.manual_seed(seed)
-    config = llama_config(vocab_size=vocab_size, head_dim=64, max_position_embeddings=1024)
+    config = llama_config(vocab_size=vocab_size, head_dim=64, max_position_embeddings=1024, num_hidden_layers=layers)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         model.lm_head.weight.mul_(30)
@@ -76,6 +76,27 @@ def test_auto_is_never_worse_than_a_fixed_spec_of_its_width_on_the_calibration_t
     for spec in ("k4v4", "k4v4-plain-s4", "k4v4-rotk") if budget == 4.5 else ():
         fixed = emulated_kl(model, ids, [parse_spec(spec)], progress=False)[0]
         assert best <= fixed, spec
+
+
+@pytest.mark.parametrize("budget", [2.5, 2.4, 3.5])
+def test_a_budget_the_smallest_codes_fill_also_considers_longer_key_groups(budget: float) -> None:
+    """At 2.5 bits every layer at 2 bits in groups of 64 fills the budget: no allocation could differ from `k2v2`. The
+    option sets are then also tried with key groups of 128 tokens, whose metadata costs less, leaving bits to spend
+    per layer (and reaching budgets below 2.5); where the budget leaves room, nothing is added. (8 layers: one layer's
+    key at 3 bits costs 1/16 bit per value, within the 1/8 that the longer groups free.)"""
+    model = sharp_llama(layers=8)
+    profile = calibrate_auto(model, tokenizer, budget, tokens=TOKENS, progress=False)
+    longer = [c for c in profile.choices if parse_spec(c["spec"]).key.group_size == 128]
+    if budget == 3.5:
+        assert not longer
+        return
+    bases = {c["base"] for c in longer}
+    assert bases == {parse_spec(f"{base}-gk128").spec for base in AUTO_BASES}
+    allocations = [c for c in longer if c["kind"] == "per layer"]
+    assert allocations and all(c["average_bits"] <= budget for c in allocations)
+    spent = any(len(set(parse_spec(c["spec"]).layer_bits)) > 1 for c in allocations)
+    assert spent == (budget == 2.5)  # 2.375 bits of groups of 128 leave 1/8 bit at 2.5, too little at 2.4
+    assert profile.average_bits <= budget
 
 
 def test_auto_keeps_keys_unrotated_where_rotating_them_costs() -> None:
@@ -137,7 +158,7 @@ def test_kvpack_cache_calibrates_once_per_model_and_budget(
     first = KVPackCache(model, "auto-4.5", tokenizer=tokenizer)
     assert calls == [4.5] and first.cache_config.layer_bits
     stored = list(profile_store.iterdir())
-    assert len(stored) == 1 and stored[0].name.endswith("-auto-4.5-v1.json")
+    assert len(stored) == 1 and stored[0].name.endswith(f"-auto-4.5-v{auto.AUTO_VERSION}.json")
     assert load_profile(stored[0]).config == first.cache_config
     assert KVPackCache(model, "auto-4.5").cache_config == first.cache_config  # read back: no tokenizer needed
     assert calls == [4.5]

@@ -643,6 +643,24 @@ options: `k4v4` the default's (values rotated, 4 sinks), `-plain-s4` nothing rot
 rotated too, `-clipk` clipped key ranges)."""
 
 
+def _longer_key_groups(
+    bases: Sequence[CacheConfig], candidates: Sequence[int], budget_bits: float, model: ProfileModel
+) -> list[CacheConfig]:
+    """The option sets of `bases` again with key groups twice as long, where every layer at the smallest width fills
+    `budget_bits` so that no layer could be given more bits (`k2v2` at 2.5 bits): their metadata costs less, which
+    leaves bits to spend per layer and reaches budgets just below the smallest width's."""
+    dim, low, step = model.head_dim, candidates[0], candidates[1] if len(candidates) > 1 else candidates[0]
+    longer = []
+    for base in bases:
+        smallest = replace(base, key=replace(base.key, bits=low), value=replace(base.value, bits=low))
+        one_more = replace(smallest, layer_bits=((step, low),) + ((low, low),) * (model.layers - 1))
+        if base.key.axis == "channel" and one_more.average_bits(dim, dim) > budget_bits + 1e-9:
+            variant = replace(base, key=replace(base.key, group_size=2 * base.key.group_size))
+            if variant not in bases and variant not in longer:
+                longer.append(variant)
+    return longer
+
+
 def calibrate_auto(
     model: Any,
     tokenizer: Any,
@@ -657,19 +675,21 @@ def calibrate_auto(
     """The best cache config within `budget_bits` for `model`, chosen on the calibration text (what `auto-<budget>`
     specs resolve to): options as well as per-layer bits.
 
-    For each of `bases`, the Fisher estimates (`fisher_table`, one forward and backward pass shared by all) allocate
-    per-layer bits within the budget (`allocate`). The allocations, and every uniform spec of those options at the
-    widest width within the budget (at 4.5 bits `k4v4`, at 3.5 `k3v3`, `k4v2` and `k2v4`), are then measured whole
-    (`emulated_kl`, one forward each) and the lowest KL wins: the result is never worse, on the calibration text,
-    than the best fixed spec of its width with those options. The profile records every candidate's measured KL
-    (`Profile.choices`) and the winner's Fisher table.
+    Where every layer at the smallest width fills the budget (2.5 bits), `bases` are also tried with key groups of
+    twice the length (`_longer_key_groups`). For each option set, the Fisher estimates (`fisher_table`, one forward
+    and backward pass shared by all) allocate per-layer bits within the budget (`allocate`). The allocations, and
+    every uniform spec of those options at the widest width within the budget (at 4.5 bits `k4v4`, at 3.5 `k3v3`,
+    `k4v2` and `k2v4`), are then measured whole (`emulated_kl`, one forward each) and the lowest KL wins: the result
+    is never worse, on the calibration text, than the best fixed spec of its width with those options. The profile
+    records every candidate's measured KL (`Profile.choices`) and the winner's Fisher table.
     """
     candidates = tuple(sorted(set(candidates)))
     fingerprint = ProfileModel.of(model, model_name)
     dim = fingerprint.head_dim
     usable, skipped = [], []
-    for base in bases:  # before any model run: options that cannot fit this model or budget fail in seconds
-        base_config = as_config(base)
+    configs = [as_config(base) for base in bases]
+    configs += _longer_key_groups(configs, candidates, budget_bits, fingerprint)
+    for base_config in configs:  # before any model run: options that cannot fit this model or budget fail in seconds
         smallest = replace(
             base_config,
             key=replace(base_config.key, bits=min(candidates)),

@@ -22,7 +22,7 @@ from kvpack.calibrate import calibrate_auto
 from kvpack.errors import ConfigError
 from kvpack.profile import Profile, load_profile
 
-AUTO_VERSION = 1
+AUTO_VERSION = 2
 _AUTO = re.compile(r"^auto-(\d+(?:\.\d+)?)$")
 
 
