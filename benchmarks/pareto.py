@@ -34,7 +34,7 @@ GRAMMAR_SWITCH = "2026-11-23T23:00:00+00:00"
 
 def current_name(name: str, run_date: str) -> str:
     """The name of a compare row in today's grammar: a kvpack spec of an older run is read with `-plain`."""
-    if "@" in name or name.startswith("profile:") or is_profile_path(name):
+    if "@" in name or name.startswith(("profile:", "auto-")) or is_profile_path(name):  # named by what was typed
         return name
     if parse_cache_name(name).kind != "kvpack":
         return name
