@@ -490,9 +490,10 @@ def _kl_rows(
     p = torch.exp(reference - normalizers[:, None].float())
     total = p.sum(dim=-1, dtype=torch.float64)  # 1 up to rounding: normalize by it
     d = reference - perturbed
-    shift = ((p * d).sum(dim=-1, dtype=torch.float64) / total).float()
+    mean = (p * d).sum(dim=-1, dtype=torch.float64) / total
+    shift = mean.float()
     d -= shift[:, None]
-    first = (p * d).sum(dim=-1, dtype=torch.float64) / total
+    first = mean - shift.double()  # sum(p d) of the centred d, without a second pass over the vocabulary
     log_z = torch.log1p((p * torch.expm1(-d)).sum(dim=-1, dtype=torch.float64) / total)
     log_q = perturbed.gather(1, targets[:, None])[:, 0].double() - normalizers + shift.double() - log_z
     return first + log_z, log_q
@@ -643,6 +644,11 @@ options: `k4v4` the default's (values rotated, 4 sinks), `-plain-s4` nothing rot
 rotated too, `-clipk` clipped key ranges)."""
 
 
+def _uniform(base: CacheConfig, bits: int) -> CacheConfig:
+    """`base` with keys and values at `bits`."""
+    return replace(base, key=replace(base.key, bits=bits), value=replace(base.value, bits=bits))
+
+
 def _longer_key_groups(
     bases: Sequence[CacheConfig], candidates: Sequence[int], budget_bits: float, model: ProfileModel
 ) -> list[CacheConfig]:
@@ -652,8 +658,7 @@ def _longer_key_groups(
     dim, low, step = model.head_dim, candidates[0], candidates[1] if len(candidates) > 1 else candidates[0]
     longer = []
     for base in bases:
-        smallest = replace(base, key=replace(base.key, bits=low), value=replace(base.value, bits=low))
-        one_more = replace(smallest, layer_bits=((step, low),) + ((low, low),) * (model.layers - 1))
+        one_more = replace(_uniform(base, low), layer_bits=((step, low),) + ((low, low),) * (model.layers - 1))
         if base.key.axis == "channel" and one_more.average_bits(dim, dim) > budget_bits + 1e-9:
             variant = replace(base, key=replace(base.key, group_size=2 * base.key.group_size))
             if variant not in bases and variant not in longer:
@@ -690,11 +695,7 @@ def calibrate_auto(
     configs = [as_config(base) for base in bases]
     configs += _longer_key_groups(configs, candidates, budget_bits, fingerprint)
     for base_config in configs:  # before any model run: options that cannot fit this model or budget fail in seconds
-        smallest = replace(
-            base_config,
-            key=replace(base_config.key, bits=min(candidates)),
-            value=replace(base_config.value, bits=min(candidates)),
-        )
+        smallest = _uniform(base_config, candidates[0])
         try:
             check_head_dims(base_config, dim, dim, where=f"{base_config.spec}: ")
         except ShapeError as exc:
