@@ -487,9 +487,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     measure cache bytes and decode tokens/s at each context, interleaved. Writes JSON, Markdown and PNG."""
     out, caches = Path(args.out), parse_list(args.caches, "--caches")
     contexts = parse_int_list(args.contexts, "--contexts", allow_empty=True)
+    earlier = json.loads(out.read_text()) if args.resume and out.exists() else None
     result = compare.run_compare(
-        caches, **_measure_settings(args), contexts=contexts, steps=args.steps, checkpoint=lambda p: write_json(out, p)
-    )
+        caches, **_measure_settings(args), contexts=contexts, steps=args.steps, checkpoint=lambda p: write_json(out, p),
+        resume=earlier,
+    )  # fmt: skip
     if result["contexts"]:
         publish(result, out, report.markdown, report.plot)
     else:
@@ -717,6 +719,8 @@ def _compare_options(parser: argparse.ArgumentParser) -> None:
     _measure_options(parser)
     _options(parser, contexts=("1024,4096", "decode-speed contexts"), steps=(16, "timed decode steps per context"))
     _options(parser, out=("benchmarks/results/compare.json", "JSON path (.md and .png beside it)"))
+    _flags(parser, resume="keep the rows --out holds (a run cut off, or earlier caches) and stream only the caches it "
+                          "lacks; the model, text, tokens and weights must be the same")  # fmt: skip
 
 
 def _ppl_options(parser: argparse.ArgumentParser) -> None:

@@ -63,3 +63,56 @@ def test_compare_with_quantized_weights_adds_a_row_per_weight_format(tiny_model_
     assert int8_fp["total_bytes@32"] == result["weights"]["int8"] + int8_fp["cache_bytes@32"]
     page = markdown(result)
     assert "| weights |" in page and "ΔPPL vs fp weights" in page and "weights + cache @32" in page
+
+
+def test_a_resumed_compare_keeps_the_rows_it_had_and_streams_only_the_others(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kvpack.bench import compare
+    from kvpack.errors import ConfigError
+
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    settings = {"tokens": 32, "data": data, "model_name": str(tiny_model_dir)}
+    first = run_compare(["k8v8-g16-r16"], **settings)
+    cut_off = {**first, "complete": False}
+    streamed: list[str] = []
+    real_stream = compare.stream
+
+    def counted(model: object, ids: object, spec: object, **kwargs: object) -> object:
+        streamed.append(spec.name)  # type: ignore[attr-defined]
+        return real_stream(model, ids, spec, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(compare, "stream", counted)
+    both = run_compare(["k8v8-g16-r16", "k2v2-plain-g16-r0"], resume=cut_off, **settings)
+    assert streamed == ["fp", "k2v2-plain-g16-r0"]  # the reference again, and only the cache the run lacked
+    rows = {row["cache"]: row for row in both["rows"]}
+    assert list(rows) == ["fp", "k8v8-g16-r16", "k2v2-plain-g16-r0"] and both["complete"] is True
+    kept = rows["k8v8-g16-r16"]
+    assert kept["measured"] == first["date"] and kept["mean_kl"] == first["rows"][1]["mean_kl"]
+    assert "measured" not in rows["k2v2-plain-g16-r0"]
+    assert f"- resumed: k8v8-g16-r16 measured on {first['date']}" in markdown(both)
+    assert rows["fp"]["ppl"] == pytest.approx(first["rows"][0]["ppl"])  # the reference streamed again is the same
+
+    with pytest.raises(ConfigError, match="data tokens"):
+        run_compare(["k8v8-g16-r16"], resume=first, **{**settings, "tokens": 24})
+
+
+def test_compare_resume_reads_the_out_file_and_refuses_another_text(tiny_model_dir: Path, tmp_path: Path) -> None:
+    from kvpack import cli
+
+    data = tmp_path / "text.txt"
+    data.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "run.json"
+    argv = ["compare", "--model", str(tiny_model_dir), "--data", str(data), "--tokens", "24", "--contexts", "",
+            "--out", str(out)]  # fmt: skip
+    assert cli.main([*argv, "--caches", "k8v8-g16-r16"]) == 0
+    first = json.loads(out.read_text())
+    assert cli.main([*argv, "--caches", "k8v8-g16-r16,k4v4-plain-g16-r16", "--resume"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["cache"] for row in rows] == ["fp", "k8v8-g16-r16", "k4v4-plain-g16-r16"]
+    assert rows[1]["measured"] == first["date"] and "measured" not in rows[2]
+    other = tmp_path / "other.txt"
+    other.write_text("Pack my box with five dozen liquor jugs. " * 40)
+    argv[argv.index(str(data))] = str(other)
+    assert cli.main([*argv, "--caches", "k8v8-g16-r16", "--resume"]) == 2  # a clear error, not a mixed table

@@ -17,6 +17,7 @@ import torch
 
 from kvpack.cache.plan import cache_shape
 from kvpack.compat import cache_kwargs
+from kvpack.errors import ConfigError
 from kvpack.eval.perplexity import stream
 from kvpack.harness.caches import (
     CacheSpec,
@@ -203,6 +204,27 @@ def row_key(weights: str, cache: str) -> str:
     return cache if weights == "fp" else f"{weights}:{cache}"
 
 
+_SAME_RUN = ("model", "dtype")
+
+
+def _resumable_rows(earlier: dict[str, Any], result: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The rows of `earlier` (a compare result) by row key, each with `measured` (its date) added, once `earlier` is
+    shown to be of the same run as `result` (model, dtype, text, tokens and weight formats)."""
+    differences = [name for name in _SAME_RUN if earlier.get(name) != result[name]]
+    data, earlier_data = result["data"], earlier.get("data", {})
+    differences += [f"data {name}" for name in ("sha256", "tokens", "mode") if earlier_data.get(name) != data[name]]
+    if set(earlier.get("weights", {})) != set(result["weights"]):
+        differences.append("weight formats")
+    if differences:
+        raise ConfigError(f"cannot resume from a compare run that differs in {', '.join(differences)}")
+    measured = earlier.get("date")
+    kept = {}
+    for row in earlier.get("rows", []):  # (speed columns are measured side by side in each run: not kept)
+        quality = {name: value for name, value in row.items() if "@" not in name}
+        kept[row_key(row["weights"], row["cache"])] = {**quality, "measured": row.get("measured", measured)}
+    return kept
+
+
 def run_compare(
     caches: Sequence[str],
     *,
@@ -215,6 +237,7 @@ def run_compare(
     contexts: Sequence[int] = (),
     steps: int = 16,
     checkpoint: Callable[[dict[str, Any]], object] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Everything `kvpack compare` measures, as the JSON-ready result.
 
@@ -223,7 +246,10 @@ def run_compare(
     each of `contexts` (none: quality only, as `kvpack ppl`) over `steps` steps. weights: formats among fp, int8 and
     int4; every cache runs with each, and the reference is always fp weights with the fp cache. checkpoint: called
     with the partial result (`"complete": False`) after each streamed run, so a long run can be inspected, and is not
-    lost, before it ends.
+    lost, before it ends. resume: an earlier result (finished or not) of the same model, dtype, text, tokens and
+    weight formats (`ConfigError` otherwise): its rows of the caches asked for again are kept as they are (each
+    marked with the date it was measured) and only the other caches are streamed; fp is always streamed again, as the
+    reference the others need.
     """
     from kvpack.weights import check_weights, weight_nbytes
 
@@ -250,11 +276,18 @@ def run_compare(
         "rows": rows,
     }
     runs = [(fmt, spec) for fmt in weight_formats for spec in specs]
-    print(f"Streaming {tokens} tokens through each of {len(runs)} caches ...", file=sys.stderr)
+    kept = _resumable_rows(resume, result) if resume is not None else {}
+    kept = {key: row for key, row in kept.items() if key != "fp" and key in {row_key(f, s.name) for f, s in runs}}
+    if kept:
+        print(f"Keeping {len(kept)} rows measured before: {', '.join(kept)}", file=sys.stderr)
+    print(f"Streaming {tokens} tokens through each of {len(runs) - len(kept)} caches ...", file=sys.stderr)
     reference, ref_logprobs = stream(model, ids, specs[0], keep_logprobs=True)
     by_key = {"fp": reference}
     for fmt, spec in runs:
         key = row_key(fmt, spec.name)
+        if key in kept:
+            rows.append(kept[key])
+            continue
         if key != "fp":
             if checkpoint is not None:
                 checkpoint(result)
@@ -267,7 +300,7 @@ def run_compare(
         elif spec.peer.get("backend") == "tqai":  # nominal bits depend on the head dim
             row["bits_per_value"] = spec.bits_per_value(cache_shape(model.config).head_dim)
         if fmt != "fp":
-            same_cache = by_key[spec.name].perplexity
+            same_cache = next(r["ppl"] for r in rows if (r["weights"], r["cache"]) == ("fp", spec.name))
             row["delta_ppl_vs_fp_weights_pct"] = 100 * (by_key[key].perplexity / same_cache - 1)
         rows.append(row)
     if checkpoint is not None:

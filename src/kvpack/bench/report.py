@@ -62,6 +62,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"- data: {Path(data['path']).name} (sha256 {data['sha256'][:12]}…), first {data['tokens']} tokens, "
         f"{data['mode']} one token at a time"
     ]
+    earlier = {row["measured"] for row in result["rows"] if "measured" in row}
+    if earlier:
+        kept = ", ".join(row["cache"] for row in result["rows"] if "measured" in row)
+        setup.append(f"- resumed: {kept} measured on {', '.join(sorted(earlier))} (same model, text and settings)")
     lines = markdown_table(header, rows)
     notes = dict.fromkeys((row["cache"], note) for row in result["rows"] for note in row.get("notes", []))
     if notes:
