@@ -236,3 +236,24 @@ def test_the_decode_bench_refuses_auto_on_a_random_weight_shape() -> None:
 
     with pytest.raises(ConfigError, match="not on a random-weight --model-shape"):
         run_decode(["fp", "auto-4.5"], [1024], model_shape="llama-3.2-1b")
+
+
+def test_the_profiles_command_lists_the_store_and_deletes_stale_profiles(
+    profile_store: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    KVPackCache(sharp_llama(), "auto-4.5", tokenizer=tokenizer)
+    (current,) = profile_store.iterdir()
+    stale = current.with_name(current.name.replace(f"-v{auto.AUTO_VERSION}.json", "-v1.json"))
+    stale.write_bytes(current.read_bytes())
+    broken = current.with_name(current.name.replace("-auto-4.5-", "-auto-3.5-"))
+    broken.write_text("{not json")
+    (profile_store / "notes.json").write_text("{}")  # not a stored profile's name: never listed nor deleted
+    assert cli.main(["profiles"]) == 0
+    listed = capsys.readouterr().out
+    assert "3 stored profiles" in listed and "| current |" in listed and "unreadable" in listed
+    assert f"stale (v1, now v{auto.AUTO_VERSION})" in listed and "| 4.5 |" in listed
+    assert cli.main(["profiles", "--clear-stale"]) == 0
+    assert sorted(p.name for p in profile_store.iterdir()) == sorted([current.name, "notes.json"])
+    assert cli.main(["profiles", "--clear"]) == 0
+    assert [p.name for p in profile_store.iterdir()] == ["notes.json"]
+    assert cli.main(["profiles"]) == 0 and "no stored profiles" in capsys.readouterr().out

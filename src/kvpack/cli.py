@@ -471,6 +471,43 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profiles(args: argparse.Namespace) -> int:
+    """List the profiles `auto-<bits>` specs calibrated and stored (the profile store: $KVPACK_PROFILE_DIR, else
+    $XDG_CACHE_HOME/kvpack/profiles, else ~/.cache/kvpack/profiles), or delete them: --clear-stale deletes those no
+    longer used (chosen by an earlier procedure, or unreadable), --clear all of them (each is calibrated again when
+    next asked for)."""
+    from kvpack.cache.auto import AUTO_VERSION, profile_dir, stored_profiles
+
+    stored = stored_profiles()
+    doomed = [entry for entry in stored if args.clear or (args.clear_stale and not entry.current)]
+    for entry in doomed:
+        entry.path.unlink()
+    if doomed:
+        print(f"deleted {len(doomed)} of {len(stored)} stored profiles from {profile_dir()}")
+        return 0
+    if not stored:
+        print(f"no stored profiles in {profile_dir()}")
+        return 0
+    rows = []
+    for entry in stored:
+        profile = entry.profile
+        state = "current" if entry.current else (f"stale (v{entry.version}, now v{AUTO_VERSION})" if profile else
+                                                  f"unreadable: {entry.error}")  # fmt: skip
+        rows.append([
+            entry.path.name,
+            profile.model.name if profile else entry.model_class,
+            f"{entry.budget_bits:g}",
+            f"{profile.average_bits:.3f}" if profile else "",
+            f"{profile.seconds:.0f} s" if profile else "",
+            profile.created if profile else "",
+            state,
+        ])  # fmt: skip
+    header = ["file", "model", "budget", "bits/value", "calibration", "created", "state"]
+    print(f"{len(stored)} stored profiles in {profile_dir()}:")
+    print("\n".join(markdown_table(header, rows)))
+    return 0
+
+
 def _pick(args: argparse.Namespace, *names: str) -> dict[str, Any]:
     """The named options, as keyword arguments of the library function of the same parameter names."""
     return {name: getattr(args, name) for name in names}
@@ -956,6 +993,9 @@ COMMANDS: dict[str, tuple[str, Options, Handler]] = {
                    cmd_bench_long),
     "bench threads": ("several threads, each with its own cache, vs the same work sequentially",
                       _bench_threads_options, cmd_bench_threads),
+    "profiles": ("the profiles auto-<bits> specs calibrated and stored; delete stale ones",
+                 lambda p: _flags(p, clear="delete every stored profile", clear_stale="delete the stale ones"),
+                 cmd_profiles),
     "doctor": ("which attention backend this machine gets, and why", lambda p: None, cmd_doctor),
     "spec": ("explain a cache spec string (bits, groups, residual, sinks)",
              lambda p: p.add_argument("spec", help="e.g. k4v2-g32-r64-s4"), cmd_spec),

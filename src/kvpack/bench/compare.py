@@ -296,7 +296,9 @@ def run_compare(
         row = by_key[key].summary(reference)
         row.update(cache=spec.name, weights=fmt, weight_bytes=result["weights"][fmt])
         if spec.profile is not None:  # the table's label is short; the JSON keeps the file and the full spec
-            row.update(profile=spec.profile, spec=spec.config().spec, bits_per_value=spec.bits_per_value())
+            # (an auto-<bits> profile lives in the user's profile store: its file name, not this machine's layout)
+            profile = f"profile store: {Path(spec.profile).name}" if spec.auto is not None else spec.profile
+            row.update(profile=profile, spec=spec.config().spec, bits_per_value=spec.bits_per_value())
         elif spec.peer.get("backend") == "tqai":  # nominal bits depend on the head dim
             row["bits_per_value"] = spec.bits_per_value(cache_shape(model.config).head_dim)
         if fmt != "fp":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,48 @@ def model_key(model: Any) -> str:
 def auto_profile_path(model: Any, budget_bits: float) -> Path:
     """The store path of `model`'s `auto-<budget_bits>` profile."""
     return profile_dir() / f"{type(model).__name__}-{model_key(model)}-auto-{budget_bits:g}-v{AUTO_VERSION}.json"
+
+
+_STORED = re.compile(r"^(?P<model>.+)-(?P<key>[0-9a-f]{16})-auto-(?P<budget>[0-9.]+)-v(?P<version>\d+)\.json$")
+
+
+@dataclass(frozen=True)
+class StoredProfile:
+    """One file of the profile store: its path, what its name says (model class and key, budget, `AUTO_VERSION` it
+    was chosen by) and the profile read from it (None, with `error`, when it cannot be read)."""
+
+    path: Path
+    model_class: str
+    model_key: str
+    budget_bits: float
+    version: int
+    profile: Profile | None
+    error: str = ""
+
+    @property
+    def current(self) -> bool:
+        """Whether `auto-<budget>` would still use it (chosen by today's procedure, readable)."""
+        return self.version == AUTO_VERSION and self.profile is not None
+
+
+def stored_profiles() -> list[StoredProfile]:
+    """The `auto-<budget>` profiles in the store (`profile_dir()`), by name; files of other names are not listed."""
+    folder = profile_dir()
+    found = []
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        match = _STORED.match(path.name)
+        if match is None:
+            continue
+        profile, error = None, ""
+        try:
+            profile = load_profile(path)
+        except (ConfigError, OSError) as exc:
+            error = str(exc)
+        found.append(
+            StoredProfile(path, match["model"], match["key"], float(match["budget"]), int(match["version"]), profile,
+                          error)
+        )  # fmt: skip
+    return found
 
 
 def auto_profile(model: Any, budget_bits: float, tokenizer: Any = None, progress: bool = True) -> Profile:
