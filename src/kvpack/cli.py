@@ -495,7 +495,7 @@ def cmd_profiles(args: argparse.Namespace) -> int:
                                                   f"unreadable: {entry.error}")  # fmt: skip
         rows.append([
             entry.path.name,
-            profile.model.name if profile else entry.model_class,
+            Path(profile.model.name).name if profile else entry.model_class,  # (a model folder: its name)
             f"{entry.budget_bits:g}",
             f"{profile.average_bits:.3f}" if profile else "",
             f"{profile.seconds:.0f} s" if profile else "",
