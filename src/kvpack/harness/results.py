@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 from kvpack.errors import ConfigError
 
 KIB, MIB, GIB = 1 << 10, 1 << 20, 1 << 30
-PEER_PACKAGES = ("optimum-quanto", "hqq")
+PEER_PACKAGES = ("optimum-quanto", "hqq", "tqai")
 DTYPE_CHOICES = ("float32", "float16", "bfloat16")
 T = TypeVar("T")
 
