@@ -153,3 +153,27 @@ def test_preallocated_fp_cache_generates_as_dynamic_cache() -> None:
     assert isinstance(cache, PreallocatedCache)
     assert torch.equal(model.generate(ids, **cache_kwargs(model, cache), **kwargs), reference)
     assert cache.get_seq_length() == 279 and cache.layers[0].key_buffer.shape[2] == 512  # 256, then doubled
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tqai") is None, reason="tqai is not installed")
+def test_the_tqai_peer_keeps_a_sliding_window_models_windows() -> None:
+    """tqai's cache keeps its tokens outside transformers' cache layers, so transformers sized every attention mask as
+    if the cache were empty and a sliding-window layer saw every token: the harness's tqai cache says its sizes."""
+    from transformers import Gemma3ForCausalLM
+
+    from tests.helpers.models import gemma_config, prompt
+
+    config = gemma_config()  # a sliding-window layer of 8 tokens, then a full-attention one
+    config.head_dim = 64  # (tqai ships levels for head dims 64, 96, 128, 256)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    ids = prompt(tokens=24)
+    last = {}
+    caches_ = {"fp": DynamicCache(config=config), "tqai": make_cache(parse_cache_name("tqai-k8v8"), config)}
+    for name, cache in caches_.items():
+        with torch.no_grad():
+            for token in range(ids.shape[1]):
+                out = model(ids[:, token : token + 1], **cache_kwargs(model, cache), use_cache=True)
+        last[name] = out.logits[0, -1].log_softmax(-1)
+    kl = torch.sum(last["fp"].exp() * (last["fp"] - last["tqai"]))
+    assert kl < 1e-3, float(kl)  # 8-bit codes: close to the fp cache once the window has slid 16 tokens

@@ -207,6 +207,12 @@ def make_cache(spec: CacheSpec, model_config: Any) -> Any:
                        **_: Any) -> Any:  # fmt: skip
                 return super().update(key_states, value_states, layer_idx, cache_kwargs)
 
+            def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
+                """Every token it has seen and the new ones (tqai keeps its tokens outside `self.layers`, where
+                transformers looks for them: it would size the masks as if the cache were empty, and a sliding-window
+                layer would see every token). It returns every token to every layer; the mask slides the window."""
+                return self.get_seq_length(layer_idx) + query_length, 0
+
         peer = spec.peer
         strategy = {"cache_strategy": "residual", "residual_window": peer["residual_length"]}
         settings = {"bits_k": peer["bits_k"], "bits_v": peer["bits_v"], "sink_tokens": peer["sink_tokens"]}
