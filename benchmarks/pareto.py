@@ -94,7 +94,7 @@ def main() -> None:
         bits = bits_of(row)
         if bits is None:
             continue
-        kind = parse_cache_name(row["cache"] if not row.get("profile") else row["profile"]).kind
+        kind = "kvpack" if row.get("profile") else parse_cache_name(row["cache"]).kind  # (a profile: kvpack's)
         table.append((name, "kvpack" if kind == "kvpack" else "peer", bits, row))
     table.sort(key=lambda t: (-t[2], t[3]["delta_ppl_pct"]))
     data = first["data"]
