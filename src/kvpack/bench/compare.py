@@ -207,9 +207,10 @@ def row_key(weights: str, cache: str) -> str:
 _SAME_RUN = ("model", "dtype")
 
 
-def _resumable_rows(earlier: dict[str, Any], result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """The rows of `earlier` (a compare result) by row key, each with `measured` (its date) added, once `earlier` is
-    shown to be of the same run as `result` (model, dtype, text, tokens and weight formats)."""
+def _resumable_rows(earlier: dict[str, Any], result: dict[str, Any], wanted: set[str]) -> dict[str, dict[str, Any]]:
+    """The rows of `earlier` (a compare result) whose row keys are `wanted` (fp never: it is the reference streamed
+    again), each with `measured` (its date) added, once `earlier` is shown to be of the same run as `result` (model,
+    dtype, text, tokens and weight formats)."""
     differences = [name for name in _SAME_RUN if earlier.get(name) != result[name]]
     data, earlier_data = result["data"], earlier.get("data", {})
     differences += [f"data {name}" for name in ("sha256", "tokens", "mode") if earlier_data.get(name) != data[name]]
@@ -220,8 +221,10 @@ def _resumable_rows(earlier: dict[str, Any], result: dict[str, Any]) -> dict[str
     measured = earlier.get("date")
     kept = {}
     for row in earlier.get("rows", []):  # (speed columns are measured side by side in each run: not kept)
-        quality = {name: value for name, value in row.items() if "@" not in name}
-        kept[row_key(row["weights"], row["cache"])] = {**quality, "measured": row.get("measured", measured)}
+        key = row_key(row["weights"], row["cache"])
+        if key in wanted and key != "fp":
+            quality = {name: value for name, value in row.items() if "@" not in name}
+            kept[key] = {**quality, "measured": row.get("measured", measured)}
     return kept
 
 
@@ -276,8 +279,8 @@ def run_compare(
         "rows": rows,
     }
     runs = [(fmt, spec) for fmt in weight_formats for spec in specs]
-    kept = _resumable_rows(resume, result) if resume is not None else {}
-    kept = {key: row for key, row in kept.items() if key != "fp" and key in {row_key(f, s.name) for f, s in runs}}
+    wanted = {row_key(fmt, spec.name) for fmt, spec in runs}
+    kept = _resumable_rows(resume, result, wanted) if resume is not None else {}
     if kept:
         print(f"Keeping {len(kept)} rows measured before: {', '.join(kept)}", file=sys.stderr)
     print(f"Streaming {tokens} tokens through each of {len(runs) - len(kept)} caches ...", file=sys.stderr)

@@ -54,17 +54,17 @@ def auto_profile_path(model: Any, budget_bits: float) -> Path:
     return profile_dir() / f"{type(model).__name__}-{model_key(model)}-auto-{budget_bits:g}-v{AUTO_VERSION}.json"
 
 
-_STORED = re.compile(r"^(?P<model>.+)-(?P<key>[0-9a-f]{16})-auto-(?P<budget>[0-9.]+)-v(?P<version>\d+)\.json$")
+# (the names `auto_profile_path` writes)
+_STORED = re.compile(r"^(?P<model>.+)-[0-9a-f]{16}-auto-(?P<budget>[0-9.]+)-v(?P<version>\d+)\.json$")
 
 
 @dataclass(frozen=True)
 class StoredProfile:
-    """One file of the profile store: its path, what its name says (model class and key, budget, `AUTO_VERSION` it
+    """One file of the profile store: its path, what its name says (model class, budget, `AUTO_VERSION` it
     was chosen by) and the profile read from it (None, with `error`, when it cannot be read)."""
 
     path: Path
     model_class: str
-    model_key: str
     budget_bits: float
     version: int
     profile: Profile | None
@@ -90,8 +90,7 @@ def stored_profiles() -> list[StoredProfile]:
         except (ConfigError, OSError) as exc:
             error = str(exc)
         found.append(
-            StoredProfile(path, match["model"], match["key"], float(match["budget"]), int(match["version"]), profile,
-                          error)
+            StoredProfile(path, match["model"], float(match["budget"]), int(match["version"]), profile, error)
         )  # fmt: skip
     return found
 
