@@ -48,7 +48,7 @@ def read_bandwidth(n_bytes: int = 1 << 29, repeats: int = 5) -> dict[str, float]
     return {"read_gb_s": n_bytes / best_sum / GB, "copy_gb_s": 2 * n_bytes / best_copy / GB}
 
 
-def _layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -> tuple[list[Any], list[Any], int]:
+def layer_inputs(config: Any, spec: str, tokens: int, layers: int, seed: int) -> tuple[list[Any], list[Any], int]:
     """`layers` independent (AttentionInputs, fp32 keys/values) pairs of `tokens` tokens with the model's shapes."""
     from kvpack.attention.inputs import AttentionInputs
     from kvpack.quant.tensor import PackedTensor
@@ -113,7 +113,7 @@ def _attention_speed(
     scaling = shape.head_dim**-0.5
     rows = []
     for context in contexts:
-        inputs, dense, packed = _layer_inputs(config, spec, context, layers, seed=context)
+        inputs, dense, packed = layer_inputs(config, spec, context, layers, seed=context)
         query = torch.randn(1, shape.attention_heads, 1, shape.head_dim)
         packed_bytes = sum(t.nbytes for t in (inputs[0].packed_keys, inputs[0].packed_values) if t is not None)
         exact_bytes = inputs[0].exact_keys.nbytes + inputs[0].exact_values.nbytes
