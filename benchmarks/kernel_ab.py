@@ -3,7 +3,8 @@
 Builds `csrc/packed_attention.cpp` twice with the flags `kvpack.attention.cpu` uses (-O3, OpenMP, -march=native):
 as it is at git revision `--before` and as it is in the working tree, then times one call of each on decode inputs
 of the default model's shape (every KV head, one new token) in turn, rotating over `--layers` different layer
-caches so the data comes from memory, at each context and thread count. Reported: µs per call (median), GB/s of
+caches and reading `--evict-mib` MiB before each call (untimed; as a decode step's weights do), so the data comes
+from memory, at each context and thread count. Reported: µs per call (median), GB/s of
 cache bytes read, the read bandwidth measured in the same run, the ratio before/after, and the largest difference
 between the two outputs.
 
@@ -52,6 +53,9 @@ def main() -> None:
     parser.add_argument("--threads", default="1,2", help="torch thread counts (default %(default)s)")
     parser.add_argument("--layers", type=int, default=30, help="layer caches rotated over (default 30)")
     parser.add_argument("--rounds", type=int, default=300, help="calls of each kernel per cell (default 300)")
+    parser.add_argument(
+        "--evict-mib", type=int, default=128, help="MiB read (untimed) before each call, larger than the CPU's caches"
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernel_ab.json"))
     args = parser.parse_args()
     revision = subprocess.run(["git", "rev-parse", "--short", args.before], capture_output=True, text=True, check=True)
@@ -66,6 +70,7 @@ def main() -> None:
     config = model.config
     del model
     shape = cache_shape(config)
+    evict = torch.ones(args.evict_mib << 18)  # float32: 4 bytes each
     rows = []
     result = {
         **result_header("kernel_ab.py"),
@@ -94,6 +99,7 @@ def main() -> None:
                 for name, kernel in kernels.items():  # each kernel on another layer in turn: none reads warm data
                     call = calls[i % len(calls)]
                     i += max(1, len(calls) // 4 + 1)
+                    evict.sum()  # as a decode step's weights do, push the cache's bytes out of the CPU's caches
                     start = time.perf_counter()
                     kernel.packed_attention(*call)
                     seconds[name].append(time.perf_counter() - start)
@@ -128,8 +134,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"- before: git {result['before']}; after: {result['after']}",
         f"- inputs: `{result['spec']}` decode attention of the default model's shape ({shape['kv_heads']} KV heads, "
         f"{shape['query_heads']} query heads, head dim {shape['head_dim']}), one new token, each call on another of "
-        "the layer caches in turn; µs per call are medians; GB/s = cache bytes read per second; read bandwidth "
-        "measured in the same run, with the same threads",
+        "the layer caches in turn, each after reading a buffer larger than the CPU's caches; µs per call are "
+        "medians; GB/s = cache bytes read per second; read bandwidth measured in the same run, with the same threads",
         "",
     ]
     body = [
