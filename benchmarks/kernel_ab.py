@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import platform
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,15 @@ from kvpack.harness.results import markdown_table
 from kvpack.models import load_model
 
 SOURCE = "src/kvpack/attention/csrc/packed_attention.cpp"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else what `platform` says."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def build(name: str, source: Path) -> Any:
@@ -74,6 +84,7 @@ def main() -> None:
     rows = []
     result = {
         **result_header("kernel_ab.py"),
+        "cpu": cpu_model(),
         "before": before_rev,
         "after": "working tree" + (" (differs from before)" if dirty else " (same source as before)"),
         "spec": args.spec,
@@ -128,7 +139,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# The C++ attention kernel before and after, side by side",
         "",
-        f"- date: {result['date']}; machine: {result['machine']['platform']}; versions: "
+        f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['cpu']}; versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- command: `{result['command']}`",
         f"- before: git {result['before']}; after: {result['after']}",
