@@ -1,14 +1,15 @@
 """The C++ attention kernel before and after a change, side by side in one process.
 
 Builds `csrc/packed_attention.cpp` twice with the flags `kvpack.attention.cpu` uses (-O3, OpenMP, -march=native):
-as it is at git revision `--before` and as it is in the working tree, then times one call of each on decode inputs
-of the default model's shape (every KV head, one new token) in turn, rotating over `--layers` different layer
-caches and reading `--evict-mib` MiB before each call (untimed; as a decode step's weights do), so the data comes
-from memory, at each context and thread count. Reported: µs per call (median), GB/s of
-cache bytes read, the read bandwidth measured in the same run, the ratio before/after, and the largest difference
-between the two outputs.
+as it is at git revision `--before` and as it is at `--after` (default: the working tree), then times one call of
+each on decode inputs of the default model's shape (every KV head, one new token) in turn, rotating over `--layers`
+different layer caches and reading `--evict-mib` MiB before each call (untimed; as a decode step's weights do), so
+the data comes from memory, at each context and thread count. Reported: µs per call (median), GB/s of cache bytes
+read, the read bandwidth measured in the same run, the ratio before/after, and the largest difference between the
+two outputs.
 
     python benchmarks/kernel_ab.py --before HEAD --out benchmarks/results/kernel_ab.json
+    python benchmarks/kernel_ab.py --before 8a374d8 --after 04b4eb3 --out ...   # a committed change, as it was
 """
 
 from __future__ import annotations
@@ -45,6 +46,17 @@ def cpu_model() -> str:
         return platform.processor() or platform.machine()
 
 
+def kernel_source(revision: str | None, workdir: Path) -> tuple[str, Path]:
+    """(what it is, path) of the kernel's source at git `revision`, or in the working tree for None."""
+    if revision is None:
+        return "the working tree", Path(SOURCE)
+    short = subprocess.run(["git", "rev-parse", "--short", revision], capture_output=True, text=True, check=True)
+    shown = subprocess.run(["git", "show", f"{revision}:{SOURCE}"], capture_output=True, check=True)
+    workdir.mkdir(parents=True)
+    (workdir / "packed_attention.cpp").write_bytes(shown.stdout)
+    return f"git {short.stdout.strip()}", workdir / "packed_attention.cpp"
+
+
 def build(name: str, source: Path) -> Any:
     """The kernel compiled from `source` (cached by content), as cpu.extension builds it but registering no op."""
     from torch.utils.cpp_extension import load
@@ -58,6 +70,7 @@ def build(name: str, source: Path) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--before", default="HEAD", help="git revision of the kernel to compare against (HEAD)")
+    parser.add_argument("--after", default=None, help="git revision of the changed kernel (default: the working tree)")
     parser.add_argument("--spec", default="k4v4")
     parser.add_argument("--contexts", default="4096,8173", help="tokens in the cache (default %(default)s)")
     parser.add_argument("--threads", default="1,2", help="torch thread counts (default %(default)s)")
@@ -68,14 +81,12 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernel_ab.json"))
     args = parser.parse_args()
-    revision = subprocess.run(["git", "rev-parse", "--short", args.before], capture_output=True, text=True, check=True)
-    before_rev = revision.stdout.strip()
-    dirty = subprocess.run(["git", "diff", "--quiet", args.before, "--", SOURCE]).returncode != 0
     with tempfile.TemporaryDirectory() as workdir:
-        before_source = Path(workdir) / "packed_attention.cpp"
-        shown = subprocess.run(["git", "show", f"{args.before}:{SOURCE}"], capture_output=True, check=True)
-        before_source.write_bytes(shown.stdout)
-        kernels = {"before": build("before", before_source), "after": build("after", Path(SOURCE))}
+        sources = {
+            name: kernel_source(rev, Path(workdir) / name)
+            for name, rev in (("before", args.before), ("after", args.after))
+        }
+        kernels = {name: build(name, source) for name, (_, source) in sources.items()}
     model, _ = load_model(None, verbose=False)
     config = model.config
     del model
@@ -85,8 +96,8 @@ def main() -> None:
     result = {
         **result_header("kernel_ab.py"),
         "cpu": cpu_model(),
-        "before": before_rev,
-        "after": "working tree" + (" (differs from before)" if dirty else " (same source as before)"),
+        "before": sources["before"][0],
+        "after": sources["after"][0],
         "spec": args.spec,
         "shape": {"kv_heads": shape.kv_heads, "query_heads": shape.attention_heads, "head_dim": shape.head_dim},
         "rows": rows,
@@ -142,7 +153,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['cpu']}; versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- command: `{result['command']}`",
-        f"- before: git {result['before']}; after: {result['after']}",
+        f"- before: {result['before']}; after: {result['after']}",
         f"- inputs: `{result['spec']}` decode attention of the default model's shape ({shape['kv_heads']} KV heads, "
         f"{shape['query_heads']} query heads, head dim {shape['head_dim']}), one new token, each call on another of "
         "the layer caches in turn, each after reading a buffer larger than the CPU's caches; µs per call are "

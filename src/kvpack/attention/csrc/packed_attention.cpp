@@ -24,7 +24,7 @@
 // the items of one head are merged by their log-sum-exp. Within a block, codes are unpacked in registers and
 // multiplied with register-blocked loops of 16 lanes (AVX-512 intrinsics; loops the compiler vectorises elsewhere:
 // AVX2, NEON), or, with `integer_products` on a CPU with AVX-512 VNNI, multiplied as integers (see
-// integer_product). The codes, scales and zero points of the next block are prefetched while one is computed.
+// integer_product). The codes of the next block are prefetched while one is computed.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -703,17 +703,6 @@ void attend_packed(const Layer& L, int b, int h, int first, int last, float* top
       for (int line = 0; line < D * G * KB / 8; line += 64) _mm_prefetch(key_next + line, _MM_HINT_T1);
     if (ahead && !integer_values)
       for (int line = 0; line < G * Dv * VB / 8; line += 64) _mm_prefetch(value_next + line, _MM_HINT_T1);
-    if (ahead) {  // and its scales and zero points (separate tensors: their loads stalled without this)
-      const int64_t key_params_next = params_at + kPrefetchBlocks * L.ks_s2;
-      const int64_t value_params_next =
-          b * L.vs_s0 + h * L.vs_s1 + (static_cast<int64_t>(block) + kPrefetchBlocks) * G * L.vs_s2;
-      const at::Half* params[] = {L.key_scale + key_params_next, L.key_zero + key_params_next,
-                                  L.value_scale + value_params_next, L.value_zero + value_params_next};
-      const int params_bytes[] = {D * 2, D * 2, G * n_groups * 2, G * n_groups * 2};
-      for (int i = 0; i < 4; ++i)
-        for (int line = 0; line < params_bytes[i]; line += 64)
-          _mm_prefetch(reinterpret_cast<const char*>(params[i]) + line, _MM_HINT_T0);
-    }
 #endif
     halves_to_floats(L.key_scale + params_at, D, kscale);
     halves_to_floats(L.key_zero + params_at, D, kzero);
