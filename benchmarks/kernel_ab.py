@@ -31,19 +31,10 @@ from key_rotation import result_header, write  # (benchmarks/ is the script's fo
 from kvpack.attention import cpu, op
 from kvpack.bench.decode import layer_inputs, read_bandwidth
 from kvpack.cache.plan import cache_shape
-from kvpack.harness.results import markdown_table
+from kvpack.harness.results import markdown_table, parse_int_list
 from kvpack.models import load_model
 
 SOURCE = "src/kvpack/attention/csrc/packed_attention.cpp"
-
-
-def cpu_model() -> str:
-    """The CPU's model name (Linux), else what `platform` says."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or platform.machine()
 
 
 def kernel_source(revision: str | None, workdir: Path) -> tuple[str, Path]:
@@ -61,7 +52,7 @@ def build(name: str, source: Path) -> Any:
     """The kernel compiled from `source` (cached by content), as cpu.extension builds it but registering no op."""
     from torch.utils.cpp_extension import load
 
-    flags = [*cpu.CFLAGS, *cpu.OPENMP_FLAGS, "-march=native"]
+    flags = cpu.build_flags()  # (without -DKVPACK_REGISTER_OP: the operator keeps the default build's kernel)
     key = hashlib.sha256(source.read_bytes() + " ".join(flags).encode()).hexdigest()[:16]
     print(f"building the {name} kernel ({key}) ...", file=sys.stderr, flush=True)
     return load(name=f"kvpack_ab_{key}", sources=[str(source)], extra_cflags=flags, extra_ldflags=cpu.OPENMP_FLAGS)
@@ -81,6 +72,8 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/kernel_ab.json"))
     args = parser.parse_args()
+    contexts, thread_counts = parse_int_list(args.contexts, "--contexts"), parse_int_list(args.threads, "--threads")
+    threads_before = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as workdir:
         sources = {
             name: kernel_source(rev, Path(workdir) / name)
@@ -95,21 +88,21 @@ def main() -> None:
     rows = []
     result = {
         **result_header("kernel_ab.py"),
-        "cpu": cpu_model(),
+        "cpu": cpu.cpu_model() or platform.processor() or platform.machine(),
         "before": sources["before"][0],
         "after": sources["after"][0],
         "spec": args.spec,
         "shape": {"kv_heads": shape.kv_heads, "query_heads": shape.attention_heads, "head_dim": shape.head_dim},
         "rows": rows,
     }
-    for context in (int(c) for c in args.contexts.split(",")):
+    for context in contexts:
         inputs, _, _ = layer_inputs(config, args.spec, context, args.layers, seed=context)
         query = torch.randn(1, shape.attention_heads, 1, shape.head_dim, generator=torch.Generator().manual_seed(0))
         calls = [op.arguments(query, layer, None, shape.head_dim**-0.5) for layer in inputs]
         layer0 = inputs[0]
         nbytes = sum(t.nbytes for t in (layer0.packed_keys, layer0.packed_values) if t is not None)
         nbytes += layer0.exact_keys.nbytes + layer0.exact_values.nbytes
-        for threads in (int(t) for t in args.threads.split(",")):
+        for threads in thread_counts:
             torch.set_num_threads(threads)
             difference = max(
                 (kernels["after"].packed_attention(*c) - kernels["before"].packed_attention(*c)).abs().max().item()
@@ -140,7 +133,7 @@ def main() -> None:
                 file=sys.stderr,
                 flush=True,
             )
-    torch.set_num_threads(max(int(t) for t in args.threads.split(",")))
+    torch.set_num_threads(threads_before)
     write(result, args.out, markdown)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
 

@@ -54,6 +54,17 @@ def _cpu_identity() -> str:
         return f"{platform.machine()} {platform.processor()}"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (`model name` in /proc/cpuinfo on Linux), else "" where it does not say."""
+    lines = _cpu_identity().splitlines()
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
+
+
+def build_flags(march: str = "native", openmp: bool = True) -> list[str]:
+    """The compiler flags of a build of the kernel for `march`, with or without OpenMP (see `extension`)."""
+    return [*CFLAGS, *(OPENMP_FLAGS if openmp else ["-fopenmp-simd"]), f"-march={march}"]
+
+
 def compiler() -> str | None:
     """The C++ compiler torch's extension tooling would use, if one is on PATH."""
     name = os.environ.get("CXX", "c++")
@@ -72,7 +83,7 @@ def extension(march: str = "native", openmp: bool = True) -> Any:
     from torch.utils.cpp_extension import _get_build_directory, load
 
     threads = OPENMP_FLAGS if openmp else ["-fopenmp-simd"]
-    flags = [*CFLAGS, *threads, f"-march={march}"]
+    flags = build_flags(march, openmp)
     if march == "native" and openmp:
         flags.append("-DKVPACK_REGISTER_OP")  # the default build is the operator's CPU kernel (see op.py)
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + _cpu_identity().encode()).hexdigest()

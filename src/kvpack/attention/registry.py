@@ -158,7 +158,7 @@ def describe() -> list[str]:
     from kvpack.attention import cpu, triton_gpu
 
     identity = cpu._cpu_identity()
-    model = next((line.split(":", 1)[1].strip() for line in identity.splitlines() if "model name" in line), "")
+    model = cpu.cpu_model()
     flags = set(" ".join(line.split(":", 1)[1] for line in identity.splitlines() if ":" in line).split())
     simd = [
         name
