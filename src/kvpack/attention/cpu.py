@@ -1,7 +1,7 @@
 """The fused CPU backend: a C++ kernel (`csrc/packed_attention.cpp`) built on first use for the machine it runs on.
 
-Why C++ built here: measured on a 2-core AVX-512 machine, register-blocked loops that the compiler vectorises
-read a 4-bit cache several times faster than numba's best formulation and faster than float32 SDPA (see
+Why C++ built here: register-blocked loops (AVX-512 or AVX2 intrinsics, plain loops the compiler vectorises
+elsewhere) read a 4-bit cache several times faster than numba's best formulation and faster than float32 SDPA (see
 `kvpack bench decode`). It is compiled with torch's extension tooling and `-march=native`, so it uses whatever
 the CPU has (AVX-512, AVX2, NEON) and never an instruction it lacks; the build is cached per source, compiler
 flags and CPU (a machine with another CPU builds its own). It needs a C++ compiler; without one, `auto` falls back
@@ -76,7 +76,8 @@ def extension(march: str = "native", openmp: bool = True) -> Any:
     """Build (first use on this machine: ~30-45 s, announced on stderr) or load the compiled kernel.
 
     march: the target of `-march`; `native` (the default) is this CPU. Tests also build an older target (e.g.
-    `x86-64-v3`, AVX2 without AVX-512) to check the kernel's portable code paths on a machine that has more.
+    `x86-64-v3`, AVX2 without AVX-512; `x86-64`, no AVX) to check the kernel's other code paths on a machine that has
+    more.
     openmp: build with OpenMP (the default: the kernel splits its work over torch's threads); False builds the
     single-threaded kernel, for the benchmark that compares the two.
     """
