@@ -39,6 +39,7 @@ RESULTS=(
   "decode|$kvpack bench decode --caches fp,fp-prealloc,k8v8,k4v4,k4v4-plain,k2v2,k4v4@numba,k4v4@dense,quanto-int4 --json $out/decode.json"
   "decode_1b|$kvpack bench decode --model-shape llama-3.2-1b --contexts 8192,16384,32768 --caches fp,fp-prealloc,k8v8,k4v4,k2v2,quanto-int4 --backends cpu,numba --layers 16 --calls 20 --json $out/decode_llama-3.2-1b.json"
   "kernel_ab_prefetch_params|$python benchmarks/kernel_ab.py --before 8a374d8 --after 04b4eb3 --out $out/kernel_ab_prefetch_params.json"
+  "kernel_ab_avx2|$python benchmarks/kernel_ab.py --before ef6d1d3 --after 8f23b86 --contexts 1024,4096,8173 --out $out/kernel_ab_avx2.json"
   "persist|$kvpack bench persist --threads 1 --json $out/persist.json"
   "long_run|$kvpack bench long --json $out/long_run.json"
   "concurrency|$kvpack bench threads --json $out/concurrency.json"
