@@ -99,9 +99,7 @@ def main() -> None:
         inputs, _, _ = layer_inputs(config, args.spec, context, args.layers, seed=context)
         query = torch.randn(1, shape.attention_heads, 1, shape.head_dim, generator=torch.Generator().manual_seed(0))
         calls = [op.arguments(query, layer, None, shape.head_dim**-0.5) for layer in inputs]
-        layer0 = inputs[0]
-        nbytes = sum(t.nbytes for t in (layer0.packed_keys, layer0.packed_values) if t is not None)
-        nbytes += layer0.exact_keys.nbytes + layer0.exact_values.nbytes
+        nbytes = inputs[0].nbytes
         for threads in thread_counts:
             torch.set_num_threads(threads)
             difference = max(

@@ -75,6 +75,15 @@ def test_the_cpu_kernel_is_what_the_operator_runs_on_cpu(case: Case) -> None:
     assert torch.equal(torch.ops.kvpack.packed_attention(*args), kernel.packed_attention(*args))
 
 
+def test_nbytes_counts_what_attention_reads() -> None:
+    """Packed codes, scales and zeros of keys and values, and the exact tokens: what the benchmarks divide by time."""
+    inputs = Case.parse("k4v2-g16 h2x1 p2 e3").inputs()
+    assert inputs.packed_keys is not None and inputs.packed_values is not None
+    packed = [*inputs.packed_keys.parts().values(), *inputs.packed_values.parts().values()]
+    expected = sum(t.numel() * t.element_size() for t in [*packed, inputs.exact_keys, inputs.exact_values])
+    assert inputs.nbytes == expected > inputs.exact_keys.nbytes + inputs.exact_values.nbytes
+
+
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_arguments_stand_for_the_same_inputs(case: Case) -> None:
     """What the Python implementations rebuild from the operator's arguments is the inputs they were made of: the

@@ -48,6 +48,12 @@ class AttentionInputs:
     def total_tokens(self) -> int:
         return self.packed_tokens + int(self.exact_keys.shape[2])
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes attention reads: the packed tokens' codes, scales and zeros, and the exact tokens."""
+        packed = sum(t.nbytes for t in (self.packed_keys, self.packed_values) if t is not None)
+        return packed + self.exact_keys.nbytes + self.exact_values.nbytes
+
     def dense(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """All keys and values in position order, dequantized: `[batch, kv_heads, total_tokens, head_dim]`."""
         s = self.sink_len

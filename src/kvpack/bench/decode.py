@@ -117,8 +117,7 @@ def _attention_speed(
         for layer in inputs:  # as a cache layer does: attend resolves its backend and constants once per layer
             layer.memo = {}
         query = torch.randn(1, shape.attention_heads, 1, shape.head_dim)
-        packed_bytes = sum(t.nbytes for t in (inputs[0].packed_keys, inputs[0].packed_values) if t is not None)
-        exact_bytes = inputs[0].exact_keys.nbytes + inputs[0].exact_values.nbytes
+        nbytes = inputs[0].nbytes
         candidates: dict[str, tuple[Any, int]] = {}
         for backend in backends:
 
@@ -127,7 +126,7 @@ def _attention_speed(
                 layer.backend = backend
                 return attend(query, layer, None, scaling)
 
-            candidates[f"kvpack {spec} ({backend})"] = (run, packed_bytes + exact_bytes)
+            candidates[f"kvpack {spec} ({backend})"] = (run, nbytes)
 
         if "cpu" in backends and cpu.extension().integer_products():
             # The operator alone (arguments prepared), with and without the integer products, side by side.
@@ -139,7 +138,7 @@ def _attention_speed(
                     return operator(*prepared[i % len(prepared)])
 
                 products = "integer" if integer else "float"
-                candidates[f"kvpack {spec} (cpu op, {products} products)"] = (direct, packed_bytes + exact_bytes)
+                candidates[f"kvpack {spec} (cpu op, {products} products)"] = (direct, nbytes)
 
         def sdpa(i: int, dense: list[Any] = dense, query: Any = query) -> Any:
             keys, values = dense[i % len(dense)]
