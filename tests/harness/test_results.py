@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from kvpack.attention import cpu
 from kvpack.errors import ConfigError
 from kvpack.harness.results import (
     GIB,
@@ -93,6 +94,8 @@ def test_provenance_and_publish(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert result["machine"]["device"] == "cpu" and result["machine"]["torch_threads"] >= 1
     lines = provenance_lines(result)
     assert lines[2] == "- command: `kvpack test --x 1`" and "torch thread(s), cpu" in lines[0]
+    assert result["machine"]["cpu"] == " ".join([cpu.cpu_model(), *cpu.cpu_simd()]).strip()
+    assert f"{result['machine']['cpu']}, " in lines[0] or not result["machine"]["cpu"]  # the CPU is named
 
     def page(r: dict) -> str:
         return f"# value {r['value']}\n"

@@ -60,6 +60,15 @@ def cpu_model() -> str:
     return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "")
 
 
+def cpu_simd() -> list[str]:
+    """The SIMD extensions the CPU reports that the kernel's code paths care about (Linux; empty where it does not
+    say), e.g. ["avx2", "fma", "f16c"]."""
+    identity = _cpu_identity()
+    flags = set(" ".join(line.split(":", 1)[1] for line in identity.splitlines() if ":" in line).split())
+    names = ("avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "avx2", "fma", "f16c", "asimd", "neon")
+    return [name for name in names if name in flags]
+
+
 def build_flags(march: str = "native", openmp: bool = True) -> list[str]:
     """The compiler flags of a build of the kernel for `march`, with or without OpenMP (see `extension`)."""
     return [*CFLAGS, *(OPENMP_FLAGS if openmp else ["-fopenmp-simd"]), f"-march={march}"]

@@ -157,14 +157,7 @@ def describe() -> list[str]:
 
     from kvpack.attention import cpu, triton_gpu
 
-    identity = cpu._cpu_identity()
-    model = cpu.cpu_model()
-    flags = set(" ".join(line.split(":", 1)[1] for line in identity.splitlines() if ":" in line).split())
-    simd = [
-        name
-        for name in ("avx512f", "avx512bw", "avx512_vnni", "avx512vbmi", "avx2", "fma", "f16c", "asimd", "neon")
-        if name in flags
-    ]
+    model, simd = cpu.cpu_model(), cpu.cpu_simd()
     lines = [
         f"machine: {platform.machine()} {model}".rstrip(),
         f"SIMD: {', '.join(simd) or 'none detected'} (the cpu kernel is compiled with -march=native for exactly this)",

@@ -64,12 +64,14 @@ def provenance(
     command: default the running `kvpack ...` command line. device: default the model's, else cpu."""
     import torch
 
+    from kvpack.attention.cpu import cpu_model, cpu_simd
     from kvpack.models import DEFAULT_MODEL
 
     device = str(model.device) if model is not None and device is None else (device or "cpu")
     machine: dict[str, Any] = {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu": " ".join([cpu_model(), *cpu_simd()]).strip(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "device": device,
@@ -93,7 +95,9 @@ def provenance_lines(result: dict[str, Any]) -> list[str]:
     machine = result["machine"]
     threads = machine.get("torch_threads", machine.get("threads"))  # "threads" in results before 2026-12
     return [
-        f"- date: {result['date']}; machine: {machine['platform']}, {threads} torch thread(s), {machine['device']}",
+        f"- date: {result['date']}; machine: {machine['platform']}, "
+        + (f"{machine['cpu']}, " if machine.get("cpu") else "")  # (results since 2026-12-07 name the CPU)
+        + f"{threads} torch thread(s), {machine['device']}",
         "- versions: " + ", ".join(f"{name} {version}" for name, version in result["versions"].items()),
         f"- command: `{result['command']}`",
     ]
