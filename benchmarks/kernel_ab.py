@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import platform
 import statistics
 import subprocess
 import sys
@@ -88,7 +87,6 @@ def main() -> None:
     rows = []
     result = {
         **result_header("kernel_ab.py"),
-        "cpu": cpu.cpu_model() or platform.processor() or platform.machine(),
         "before": sources["before"][0],
         "after": sources["after"][0],
         "spec": args.spec,
@@ -141,7 +139,7 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         "# The C++ attention kernel before and after, side by side",
         "",
-        f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['cpu']}; versions: "
+        f"- date: {result['date']}; machine: {result['machine']['platform']}, {result['machine']['cpu']}; versions: "
         + ", ".join(f"{k} {v}" for k, v in result["versions"].items()),
         f"- command: `{result['command']}`",
         f"- before: {result['before']}; after: {result['after']}",

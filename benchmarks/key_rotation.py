@@ -15,9 +15,7 @@ one token at a time through each model with each cache, and tabulates ΔPPL and 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import shlex
 import sys
 import tempfile
@@ -31,6 +29,7 @@ import torch
 from kvpack.config import as_config
 from kvpack.eval.perplexity import stream
 from kvpack.harness.caches import parse_cache_name
+from kvpack.harness.results import provenance
 from kvpack.models import load_model
 from kvpack.texts import calibration_data_path, load_tokens
 
@@ -97,22 +96,9 @@ def main() -> None:
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}", file=sys.stderr)
 
 
-def versions() -> dict[str, str]:
-    import transformers
-
-    import kvpack
-
-    return {"kvpack": kvpack.__version__, "torch": torch.__version__, "transformers": transformers.__version__}
-
-
 def result_header(script: str) -> dict[str, Any]:
     """What a result of the script `benchmarks/<script>` records first: date, command, machine and versions."""
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "command": f"python benchmarks/{script} " + shlex.join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "device": "cpu"},
-        "versions": versions(),
-    }
+    return provenance(script, command=f"python benchmarks/{script} " + shlex.join(sys.argv[1:]), device="cpu")
 
 
 def write(result: dict[str, Any], out: Path, markdown: Callable[[dict[str, Any]], str]) -> None:
