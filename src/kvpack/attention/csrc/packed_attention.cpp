@@ -24,7 +24,8 @@
 // the items of one head are merged by their log-sum-exp. Within a block, codes are unpacked in registers and
 // multiplied with register-blocked loops of 16 lanes (AVX-512 intrinsics; AVX2 intrinsics, 8 lanes at a time, where
 // the CPU has AVX2 and FMA but not AVX-512; loops the compiler vectorises elsewhere: NEON), or, with
-// `integer_products` on a CPU with AVX-512 VNNI, multiplied as integers (see integer_product). The codes of the next block are prefetched while one is computed.
+// `integer_products` on a CPU with AVX-512 VNNI, multiplied as integers (see integer_product). AVX-512 builds
+// prefetch the codes of the next block while one is computed.
 
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
@@ -55,18 +56,20 @@ constexpr int kItemsPerThread = 4;     // work items per thread (see packed_atte
 constexpr int kMinChunkTokens = 256;   // packed tokens per work item, at least
 constexpr int kPrefetchBlocks = 1;     // packed blocks ahead whose codes are prefetched (1, 2, 4 measured: 1)
 
+// exp_nonpositive's constants, shared with its vector versions below: log2(e), ln 2 as a part exact in float minus
+// a correction, and the polynomial's coefficients (p = ((c0 r + c1) r + ...) r + c5, then exp(r) ~ p r^2 + r + 1).
+constexpr float kLog2e = 1.44269504088896341f, kLn2High = 0.693359375f, kLn2Correction = 2.12194440e-4f;
+constexpr float kExpPoly[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                               4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 // exp(x) for x <= 0 (scores minus their running max), vectorisable: 2^n * p(r), |relative error| < 2e-7.
 // Below -87 (or -inf: a masked score) it is exactly 0.
 inline float exp_nonpositive(float x) {
   const float clamped = std::max(x, -87.0f);
-  const float n = std::floor(clamped * 1.44269504088896341f + 0.5f);
-  const float r = clamped - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  const float n = std::floor(clamped * kLog2e + 0.5f);
+  const float r = clamped - n * kLn2High + n * kLn2Correction;
+  float p = kExpPoly[0];
+  for (int i = 1; i < 6; ++i) p = p * r + kExpPoly[i];
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
@@ -625,16 +628,12 @@ struct Layer {
 // exp_nonpositive on 16 lanes (the same polynomial; vscalefps applies 2^n).
 inline __m512 exp_nonpositive16(__m512 x) {
   const __m512 clamped = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(clamped, _mm512_set1_ps(kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), clamped);
-  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2High), clamped);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(kLn2Correction), r);
+  __m512 p = _mm512_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPoly[i]));
   p = _mm512_add_ps(_mm512_fmadd_ps(_mm512_mul_ps(p, r), r, r), _mm512_set1_ps(1.0f));
   const __mmask16 underflow = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
   return _mm512_maskz_mov_ps(static_cast<__mmask16>(~underflow), _mm512_scalef_ps(p, n));
@@ -645,16 +644,12 @@ inline __m512 exp_nonpositive16(__m512 x) {
 // exp_nonpositive on 8 lanes (the same polynomial; 2^n built in the exponent bits, n in [-126, 0]).
 inline __m256 exp_nonpositive8(__m256 x) {
   const __m256 clamped = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(clamped, _mm256_set1_ps(kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), clamped);
-  r = _mm256_fmadd_ps(n, _mm256_set1_ps(2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2High), clamped);
+  r = _mm256_fmadd_ps(n, _mm256_set1_ps(kLn2Correction), r);
+  __m256 p = _mm256_set1_ps(kExpPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPoly[i]));
   p = _mm256_add_ps(_mm256_fmadd_ps(_mm256_mul_ps(p, r), r, r), _mm256_set1_ps(1.0f));
   const __m256i exponent = _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127));
   const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(exponent, 23));
