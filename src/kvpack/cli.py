@@ -553,27 +553,26 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval_run(args: argparse.Namespace, name: str) -> dict[str, Any]:
+    """What `passkey` and `ruler` record of their run: the model's name and the command line."""
+    from kvpack.models import DEFAULT_MODEL
+
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "json", "markdown", "png")}
+    return {"model_name": args.model or DEFAULT_MODEL, "command": command_line(name, options)}
+
+
 def cmd_passkey(args: argparse.Namespace) -> int:
     """Hide a random 5-digit pass key at several depths of a filler haystack of N tokens and ask for it back, with
     the full-precision cache and with kvpack caches; print the accuracy table and write JSON, Markdown and a heatmap
     PNG."""
-    from kvpack.models import DEFAULT_MODEL, load_model
+    from kvpack.models import load_model
 
     caches = list(passkey.parse_caches(args.caches))
     lengths, depths = parse_int_list(args.lengths, "--lengths"), parse_float_list(args.depths, "--depths")
     passkey.check_settings(lengths, depths, args.trials)
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "json", "markdown", "png")}
-    result = passkey.run_passkey(
-        model,
-        tokenizer,
-        caches=caches,
-        lengths=lengths,
-        depths=depths,
-        **_pick(args, "trials", "seed", "chat"),
-        model_name=args.model or DEFAULT_MODEL,
-        command=command_line("passkey", options),
-    )
+    result = passkey.run_passkey(model, tokenizer, caches=caches, lengths=lengths, depths=depths,
+                                 **_pick(args, "trials", "seed", "chat"), **_eval_run(args, "passkey"))  # fmt: skip
     publish(result, args.json, passkey.to_markdown, passkey.plot_heatmap, markdown_path=args.markdown,
             png_path=args.png, indent=1)  # fmt: skip
     return 0
@@ -585,27 +584,17 @@ def cmd_ruler(args: argparse.Namespace) -> int:
     score tables (mean and 95% interval per task and length) and write JSON, Markdown and a PNG of score vs
     length."""
     from kvpack.harness.caches import load_timed_model
-    from kvpack.models import DEFAULT_MODEL
 
     specs = passkey.parse_caches(args.caches)
-    caches = list(specs)
     tasks, lengths = ruler.parse_tasks(args.tasks), parse_int_list(args.lengths, "--lengths")
     ruler.check_settings(tasks, lengths, args.samples)
     # Through kvpack's attention, as `kvpack generate` decodes: kvpack caches use their fused kernel (dequantizing
     # the whole cache every step costs several times more at 4k-8k tokens); the fp cache still goes through SDPA.
     backends = [spec.backend for spec in specs.values()]
     model, tokenizer = load_timed_model(args.model, backends, dtype=args.dtype, device=args.device)
-    options = {k: v for k, v in vars(args).items() if k not in ("command", "func", "json", "markdown", "png")}
-    result = ruler.run_ruler(
-        model,
-        tokenizer,
-        caches=caches,
-        tasks=tasks,
-        lengths=lengths,
-        **_pick(args, "samples", "seed", "chat", "checkpoint"),
-        model_name=args.model or DEFAULT_MODEL,
-        command=command_line("ruler", options),
-    )
+    settings = _pick(args, "samples", "seed", "chat", "checkpoint")
+    result = ruler.run_ruler(model, tokenizer, caches=list(specs), tasks=tasks, lengths=lengths, **settings,
+                             **_eval_run(args, "ruler"))  # fmt: skip
     publish(result, args.json, ruler.to_markdown, ruler.plot_accuracy, markdown_path=args.markdown,
             png_path=args.png, indent=1)  # fmt: skip
     return 0
@@ -794,37 +783,45 @@ def _calibrate_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _eval_options(parser: argparse.ArgumentParser, name: str, png: str, **settings: tuple[Any, str]) -> None:
+    """`passkey`'s and `ruler`'s options: caches (default from `kvpack.eval.<name>`), `settings`, --chat, the model's
+    options and the result's paths."""
+    module = passkey if name == "passkey" else ruler
+    _options(parser, caches=(",".join(module.DEFAULT_CACHES), "fp, kvpack specs, peers"), **settings)
+    _flags(parser, chat="wrap the prompt in the tokenizer's chat template")
+    add_model_options(parser)
+    path = f"benchmarks/results/{name}"
+    _options(parser, json=(f"{path}.json", "JSON path"), markdown=(f"{path}.md", "Markdown path"))
+    _options(parser, png=(f"{path}.png", png))
+
+
+def _lengths(default: tuple[int, ...]) -> tuple[str, str]:
+    return ",".join(map(str, default)), "total prompt tokens, up to the model's max context"
+
+
 def _passkey_options(parser: argparse.ArgumentParser) -> None:
-    _options(
+    _eval_options(
         parser,
-        caches=(",".join(passkey.DEFAULT_CACHES), "fp, kvpack specs, peers"),
-        lengths=(",".join(map(str, passkey.DEFAULT_LENGTHS)), "total prompt tokens, up to the model's max context"),
+        "passkey",
+        "heatmap PNG path",
+        lengths=_lengths(passkey.DEFAULT_LENGTHS),
         depths=(",".join(map(str, passkey.DEFAULT_DEPTHS)), "needle depths in [0, 1]"),
         trials=(passkey.DEFAULT_TRIALS, "keys per (length, depth) cell"),
         seed=(0, "seed of the random keys"),
     )
-    _flags(parser, chat="wrap the prompt in the tokenizer's chat template")
-    add_model_options(parser)
-    path = "benchmarks/results/passkey"
-    _options(parser, json=(f"{path}.json", "JSON path"), markdown=(f"{path}.md", "Markdown path"))
-    _options(parser, png=(f"{path}.png", "heatmap PNG path"))
 
 
 def _ruler_options(parser: argparse.ArgumentParser) -> None:
-    _options(
+    resume = "JSON Lines file each finished sample is appended to; run again with it to ask only what it lacks"
+    _eval_options(
         parser,
-        caches=(",".join(ruler.DEFAULT_CACHES), "fp, kvpack specs, peers"),
+        "ruler",
+        "score-vs-length PNG path",
         tasks=(",".join(ruler.DEFAULT_TASKS), "RULER tasks, or all"),
-        lengths=(",".join(map(str, ruler.DEFAULT_LENGTHS)), "total prompt tokens, up to the model's max context"),
+        lengths=_lengths(ruler.DEFAULT_LENGTHS),
         samples=(ruler.DEFAULT_SAMPLES, "prompts per (task, length) cell"),
         seed=(0, "seed of the random keys, values and depths"),
     )
-    _flags(parser, chat="wrap the prompt in the tokenizer's chat template")
-    add_model_options(parser)
-    path = "benchmarks/results/ruler"
-    _options(parser, json=(f"{path}.json", "JSON path"), markdown=(f"{path}.md", "Markdown path"))
-    _options(parser, png=(f"{path}.png", "score-vs-length PNG path"))
-    resume = "JSON Lines file each finished sample is appended to; run again with it to ask only what it lacks"
     _options(parser, checkpoint=(None, resume + " (a run cut off, more samples, lengths or caches)"))
 
 

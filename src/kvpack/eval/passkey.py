@@ -40,7 +40,7 @@ import random
 import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -103,13 +103,51 @@ class PasskeyPrompt:
         return len(self.input_ids)
 
 
-def _render(tokenizer: Any, n_sentences: int, depth: float, passkey: str, chat: bool) -> tuple[str, int]:
+def sentence_tokens(tokenizer: Any) -> list[int]:
+    """Tokens of each filler sentence as it appears mid-line, after a space: what places a needle at a depth."""
+    return [len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in FILLER_SENTENCES]
+
+
+def filler_tokens(counts: Sequence[int], n_sentences: int) -> list[int]:
+    """Filler tokens before each sentence boundary 0..n_sentences (`counts`: `sentence_tokens`, repeating)."""
+    return [0, *itertools.accumulate(counts[i % len(counts)] for i in range(n_sentences))]
+
+
+def nearest_boundaries(n_sentences: int, depths: Sequence[float], counts: Sequence[int] = (1,)) -> list[int]:
+    """For each depth, the sentence boundary (0..n_sentences) whose share of the filler's tokens is nearest to it
+    (ties to the earlier one); ascending when `depths` are."""
+    cumulative = filler_tokens(counts, n_sentences)
+    return [min(range(n_sentences + 1), key=lambda k: (abs(cumulative[k] - d * cumulative[-1]), k)) for d in depths]
+
+
+def encode(tokenizer: Any, text: str, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
+    """A prompt's token ids and character offsets. The chat template writes its own special tokens; a raw prompt
+    gets the tokenizer's usual ones (e.g. BOS)."""
+    encoded = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
+
+
+def most_filler(tokenizer: Any, render: Callable[[int], str], n_tokens: int, chat: bool, what: str, advice: str = ""
+                ) -> int:  # fmt: skip
+    """The most filler sentences n whose prompt `render(n)` is at most `n_tokens` tokens. Raises ConfigError (naming
+    `what` and ending with `advice`) when the prompt without filler is longer."""
+
+    def length(n: int) -> int:
+        return len(encode(tokenizer, render(n), chat)[0])
+
+    if (fixed := length(0)) > n_tokens:
+        raise ConfigError(
+            f"{what} needs at least {fixed} tokens (instructions, needles, question); {n_tokens} is too short{advice}."
+        )
+    # The prompt grows with its filler (each sentence at least a token: fewer sentences than tokens), so bisect;
+    # whatever the probes, the index found was probed and fits.
+    return bisect.bisect_right(range(n_tokens), n_tokens, key=length) - 1
+
+
+def _render(tokenizer: Any, n_sentences: int, depth: float, passkey: str, chat: bool, counts: Sequence[int]
+            ) -> tuple[str, int]:  # fmt: skip
     """(prompt text, character offset of the needle) for `n_sentences` of filler."""
-    # Tokens per filler sentence (as it appears mid-text, after a space) decide the boundary nearest the depth.
-    counts = [len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in FILLER_SENTENCES]
-    cumulative = [0, *itertools.accumulate(counts[i % len(counts)] for i in range(n_sentences))]
-    target = depth * cumulative[-1]
-    before = min(range(n_sentences + 1), key=lambda k: (abs(cumulative[k] - target), k))
+    before = nearest_boundaries(n_sentences, [depth], counts)[0]
     sentences = [FILLER_SENTENCES[i % len(FILLER_SENTENCES)] for i in range(n_sentences)]
     prefix, suffix = " ".join(sentences[:before]), " ".join(sentences[before:])
     needle = NEEDLE.format(key=passkey)
@@ -123,12 +161,6 @@ def _render(tokenizer: Any, n_sentences: int, depth: float, passkey: str, chat: 
     return text, text.index(needle)
 
 
-def _encode(tokenizer: Any, text: str, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
-    # The chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones (e.g. BOS).
-    encoded = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
-    return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
-
-
 def build_prompt(tokenizer: Any, n_tokens: int, depth: float, passkey: str, chat: bool = False) -> PasskeyPrompt:
     """Build a passkey prompt of at most `n_tokens` tokens, less than one filler sentence short of it.
 
@@ -140,20 +172,11 @@ def build_prompt(tokenizer: Any, n_tokens: int, depth: float, passkey: str, chat
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"depth {depth} is outside [0, 1]; give depths as fractions, e.g. 0.1,0.5,0.9.")
 
-    def length(n: int) -> int:
-        return len(_encode(tokenizer, _render(tokenizer, n, depth, passkey, chat)[0], chat)[0])
-
-    fixed = length(0)
-    if fixed > n_tokens:
-        raise ConfigError(
-            f"a passkey prompt needs at least {fixed} tokens (instructions, needle and question); "
-            f"{n_tokens} is too short."
-        )
-    # Largest number of filler sentences that fits (fewer than n_tokens: each is at least a token); the prompt's
-    # length grows with it, so bisect.
-    sentences = bisect.bisect_right(range(n_tokens), n_tokens, key=length) - 1
-    text, needle_at = _render(tokenizer, sentences, depth, passkey, chat)
-    ids, offsets = _encode(tokenizer, text, chat)
+    counts = sentence_tokens(tokenizer)
+    render = lambda n: _render(tokenizer, n, depth, passkey, chat, counts)[0]  # noqa: E731
+    sentences = most_filler(tokenizer, render, n_tokens, chat, "a passkey prompt")
+    text, needle_at = _render(tokenizer, sentences, depth, passkey, chat, counts)
+    ids, offsets = encode(tokenizer, text, chat)
     needle_token = next(i for i, (_, end) in enumerate(offsets) if end > needle_at)
     filler_before = _tokens_between(text, offsets, text.index(INTRO) + len(INTRO), needle_at)
     needle_end = needle_at + len(NEEDLE.format(key=passkey))

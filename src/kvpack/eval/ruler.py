@@ -47,7 +47,6 @@ made from the JSON form.
 
 from __future__ import annotations
 
-import bisect
 import itertools
 import json
 import math
@@ -65,11 +64,16 @@ from kvpack.errors import ConfigError
 from kvpack.eval.passkey import (
     FILLER_SENTENCES,
     context_notes,
+    encode,
     filled_cache,
+    filler_tokens,
     fit_lengths,
     generate_answer,
+    most_filler,
+    nearest_boundaries,
     parse_caches,
     prefill,
+    sentence_tokens,
 )
 from kvpack.harness.caches import resolve_auto
 from kvpack.harness.results import markdown_page, markdown_table, parse_list, provenance, timed
@@ -245,7 +249,8 @@ def make_sample(task: str, seed: int, n_tokens: int, sample: int) -> RulerSample
         example_names = _variables(rng, shape.values, 3)
         example_needles = _chain(example_names, example_value)
         example_depths = sorted(rng.sample(DEPTHS, len(example_needles)))
-        context, _ = _haystack(VT_EXAMPLE_SENTENCES, _positions(VT_EXAMPLE_SENTENCES, example_depths), example_needles)
+        boundaries = nearest_boundaries(VT_EXAMPLE_SENTENCES, example_depths)
+        context, _ = _haystack(VT_EXAMPLE_SENTENCES, boundaries, example_needles)
         example = (
             VT_TEMPLATE.format(context=context, query=example_value)
             + VT_ANSWER_PREFIX.format(count=len(example_names), query=example_value)
@@ -274,23 +279,6 @@ def make_sample(task: str, seed: int, n_tokens: int, sample: int) -> RulerSample
     answers = tuple(v for i in asked for v in values[i])
     return RulerSample(task, tuple(needles), depths, query, answers, template.replace("{query}", query),
                        prefix.format(query=query))  # fmt: skip
-
-
-def _sentence_tokens(tokenizer: Any) -> list[int]:
-    # Tokens per filler sentence as it appears mid-line, after a space: what places a needle at a depth.
-    return [len(tokenizer(" " + s, add_special_tokens=False)["input_ids"]) for s in FILLER_SENTENCES]
-
-
-def _cumulative(counts: Sequence[int], n_sentences: int) -> list[int]:
-    return [0, *itertools.accumulate(counts[i % len(counts)] for i in range(n_sentences))]
-
-
-def _positions(n_sentences: int, depths: Sequence[float], counts: Sequence[int] = (1,)) -> list[int]:
-    """For each depth, the sentence boundary (0..n_sentences) whose share of the filler's tokens is nearest to it
-    (ties to the earlier one); ascending when `depths` are."""
-    cumulative = _cumulative(counts, n_sentences)
-    total = cumulative[-1]
-    return [min(range(n_sentences + 1), key=lambda k: (abs(cumulative[k] - d * total), k)) for d in depths]
 
 
 def _haystack(n_sentences: int, positions: Sequence[int], needles: Sequence[str]) -> tuple[str, list[int]]:
@@ -322,7 +310,7 @@ def _render(
     tokenizer: Any, sample: RulerSample, n_sentences: int, chat: bool, counts: Sequence[int]
 ) -> tuple[str, list[int]]:
     """(prompt text, character offset of each needle) with `n_sentences` of filler."""
-    context, offsets = _haystack(n_sentences, _positions(n_sentences, sample.depths, counts), sample.needles)
+    context, offsets = _haystack(n_sentences, nearest_boundaries(n_sentences, sample.depths, counts), sample.needles)
     body = sample.example + sample.template.format(context=context)
     start = len(sample.example) + sample.template.index("{context}")
     if chat:
@@ -335,15 +323,9 @@ def _render(
     return text, [start + offset for offset in offsets]
 
 
-def _encode(tokenizer: Any, text: str, chat: bool) -> tuple[list[int], list[tuple[int, int]]]:
-    # The chat template writes its own special tokens; a raw prompt gets the tokenizer's usual ones (e.g. BOS).
-    encoded = tokenizer(text, add_special_tokens=not chat, return_offsets_mapping=True)
-    return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
-
-
 def fixed_tokens(tokenizer: Any, sample: RulerSample, chat: bool = False) -> int:
     """Tokens of `sample`'s prompt without any filler: the shortest length it can be built to."""
-    return len(_encode(tokenizer, _render(tokenizer, sample, 0, chat, (1,))[0], chat)[0])
+    return len(encode(tokenizer, _render(tokenizer, sample, 0, chat, (1,))[0], chat)[0])
 
 
 def build_prompt(tokenizer: Any, sample: RulerSample, n_tokens: int, chat: bool = False) -> RulerPrompt:
@@ -353,25 +335,17 @@ def build_prompt(tokenizer: Any, sample: RulerSample, n_tokens: int, chat: bool 
     tokenizer: a fast Hugging Face tokenizer (offsets locate the needles), with a chat template when `chat`.
     Raises ConfigError when `n_tokens` cannot hold the prompt without filler.
     """
-    counts = _sentence_tokens(tokenizer)
-
-    def length(n: int) -> int:
-        return len(_encode(tokenizer, _render(tokenizer, sample, n, chat, counts)[0], chat)[0])
-
-    if (fixed := length(0)) > n_tokens:
-        raise ConfigError(
-            f"a {sample.task} prompt needs at least {fixed} tokens (instructions, needles, question); {n_tokens} is "
-            f"too short: use --lengths of at least {fixed} or leave {sample.task} out of --tasks."
-        )
-    # The largest filler that fits (fewer sentences than tokens); the prompt grows with it, so bisect. Whatever the
-    # probes, the index found was probed and fits.
-    sentences = bisect.bisect_right(range(n_tokens), n_tokens, key=length) - 1
+    counts = sentence_tokens(tokenizer)
+    render = lambda n: _render(tokenizer, sample, n, chat, counts)[0]  # noqa: E731
+    advice = f": use longer --lengths or leave {sample.task} out of --tasks"
+    sentences = most_filler(tokenizer, render, n_tokens, chat, f"a {sample.task} prompt", advice)
     text, needle_at = _render(tokenizer, sample, sentences, chat, counts)
-    ids, offsets = _encode(tokenizer, text, chat)
+    ids, offsets = encode(tokenizer, text, chat)
     needle_tokens = tuple(next(i for i, (_, end) in enumerate(offsets) if end > at) for at in needle_at)
-    cumulative = _cumulative(counts, sentences)
+    cumulative = filler_tokens(counts, sentences)
     depths = tuple(
-        cumulative[k] / cumulative[-1] if sentences else 0.0 for k in _positions(sentences, sample.depths, counts)
+        cumulative[k] / cumulative[-1] if sentences else 0.0
+        for k in nearest_boundaries(sentences, sample.depths, counts)
     )
     return RulerPrompt(ids, text, sample, sentences, needle_tokens, depths)
 
