@@ -783,10 +783,10 @@ def _calibrate_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _eval_options(parser: argparse.ArgumentParser, name: str, png: str, **settings: tuple[Any, str]) -> None:
-    """`passkey`'s and `ruler`'s options: caches (default from `kvpack.eval.<name>`), `settings`, --chat, the model's
-    options and the result's paths."""
-    module = passkey if name == "passkey" else ruler
+def _eval_options(parser: argparse.ArgumentParser, module: Any, png: str, **settings: tuple[Any, str]) -> None:
+    """The options of the evaluation `module` (`kvpack.eval.passkey` or `.ruler`): caches (its default), `settings`,
+    --chat, the model's options and the result's paths."""
+    name = module.__name__.rpartition(".")[2]
     _options(parser, caches=(",".join(module.DEFAULT_CACHES), "fp, kvpack specs, peers"), **settings)
     _flags(parser, chat="wrap the prompt in the tokenizer's chat template")
     add_model_options(parser)
@@ -802,7 +802,7 @@ def _lengths(default: tuple[int, ...]) -> tuple[str, str]:
 def _passkey_options(parser: argparse.ArgumentParser) -> None:
     _eval_options(
         parser,
-        "passkey",
+        passkey,
         "heatmap PNG path",
         lengths=_lengths(passkey.DEFAULT_LENGTHS),
         depths=(",".join(map(str, passkey.DEFAULT_DEPTHS)), "needle depths in [0, 1]"),
@@ -815,7 +815,7 @@ def _ruler_options(parser: argparse.ArgumentParser) -> None:
     resume = "JSON Lines file each finished sample is appended to; run again with it to ask only what it lacks"
     _eval_options(
         parser,
-        "ruler",
+        ruler,
         "score-vs-length PNG path",
         tasks=(",".join(ruler.DEFAULT_TASKS), "RULER tasks, or all"),
         lengths=_lengths(ruler.DEFAULT_LENGTHS),

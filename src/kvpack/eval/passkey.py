@@ -42,6 +42,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -127,18 +128,16 @@ def encode(tokenizer: Any, text: str, chat: bool) -> tuple[list[int], list[tuple
     return list(encoded["input_ids"]), [tuple(span) for span in encoded["offset_mapping"]]
 
 
-def most_filler(tokenizer: Any, render: Callable[[int], str], n_tokens: int, chat: bool, what: str, advice: str = ""
-                ) -> int:  # fmt: skip
-    """The most filler sentences n whose prompt `render(n)` is at most `n_tokens` tokens. Raises ConfigError (naming
-    `what` and ending with `advice`) when the prompt without filler is longer."""
+def most_filler(tokenizer: Any, render: Callable[[int], tuple[str, Any]], n_tokens: int, chat: bool, what: str,
+                advice: str = "") -> int:  # fmt: skip
+    """The most filler sentences n whose prompt (the text `render(n)` returns first) is at most `n_tokens` tokens.
+    Raises ConfigError (naming `what` and ending with `advice`) when the prompt without filler is longer."""
 
     def length(n: int) -> int:
-        return len(encode(tokenizer, render(n), chat)[0])
+        return len(encode(tokenizer, render(n)[0], chat)[0])
 
     if (fixed := length(0)) > n_tokens:
-        raise ConfigError(
-            f"{what} needs at least {fixed} tokens (instructions, needles, question); {n_tokens} is too short{advice}."
-        )
+        raise ConfigError(f"{what} needs at least {fixed} tokens without filler; {n_tokens} is too short{advice}.")
     # The prompt grows with its filler (each sentence at least a token: fewer sentences than tokens), so bisect;
     # whatever the probes, the index found was probed and fits.
     return bisect.bisect_right(range(n_tokens), n_tokens, key=length) - 1
@@ -172,10 +171,8 @@ def build_prompt(tokenizer: Any, n_tokens: int, depth: float, passkey: str, chat
     if not 0.0 <= depth <= 1.0:
         raise ConfigError(f"depth {depth} is outside [0, 1]; give depths as fractions, e.g. 0.1,0.5,0.9.")
 
-    counts = sentence_tokens(tokenizer)
-    render = lambda n: _render(tokenizer, n, depth, passkey, chat, counts)[0]  # noqa: E731
-    sentences = most_filler(tokenizer, render, n_tokens, chat, "a passkey prompt")
-    text, needle_at = _render(tokenizer, sentences, depth, passkey, chat, counts)
+    render = partial(_render, tokenizer, depth=depth, passkey=passkey, chat=chat, counts=sentence_tokens(tokenizer))
+    text, needle_at = render(most_filler(tokenizer, render, n_tokens, chat, "a passkey prompt"))
     ids, offsets = encode(tokenizer, text, chat)
     needle_token = next(i for i, (_, end) in enumerate(offsets) if end > needle_at)
     filler_before = _tokens_between(text, offsets, text.index(INTRO) + len(INTRO), needle_at)

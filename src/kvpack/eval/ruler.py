@@ -56,6 +56,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -336,10 +337,10 @@ def build_prompt(tokenizer: Any, sample: RulerSample, n_tokens: int, chat: bool 
     Raises ConfigError when `n_tokens` cannot hold the prompt without filler.
     """
     counts = sentence_tokens(tokenizer)
-    render = lambda n: _render(tokenizer, sample, n, chat, counts)[0]  # noqa: E731
+    render = partial(_render, tokenizer, sample, chat=chat, counts=counts)
     advice = f": use longer --lengths or leave {sample.task} out of --tasks"
     sentences = most_filler(tokenizer, render, n_tokens, chat, f"a {sample.task} prompt", advice)
-    text, needle_at = _render(tokenizer, sample, sentences, chat, counts)
+    text, needle_at = render(sentences)
     ids, offsets = encode(tokenizer, text, chat)
     needle_tokens = tuple(next(i for i, (_, end) in enumerate(offsets) if end > at) for at in needle_at)
     cumulative = filler_tokens(counts, sentences)
